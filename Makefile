@@ -1,0 +1,34 @@
+# Every target installs what it needs into .venv first; nothing has to be installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -qq --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+# Pub/Sub emulator and Beam must only ever talk to loopback here.
+export NO_PROXY := 127.0.0.1,localhost
+export no_proxy := 127.0.0.1,localhost
+
+.PHONY: run test bench lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+## make run: the main job on the bundled example events, no credentials, no network.
+run: $(STAMP)
+	$(PY) -m pipeline demo
+
+## make test: the whole test suite (unit, Beam on the DirectRunner, emulators on loopback).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+## make bench: throughput and memory figures (not a test).
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) out build dist *.egg-info

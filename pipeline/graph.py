@@ -1,0 +1,65 @@
+"""The pipeline graph, from options and a compiled flow. No I/O of its own beyond the
+sources and sinks it wires in; transform names are stable so Dataflow can update a job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import apache_beam as beam
+
+from pipeline.dead_letters import WriteDeadLetters
+from pipeline.sources import ReadEvents
+from transforms.calls import EventCalls
+from transforms.dedup import DeduplicateIdentity
+from transforms.destination import DestinationSpec
+from transforms.sink import DEAD_LETTER_TAG, BatchCalls, Delivery, SendOptions, SendToSegment
+from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, compiled
+
+
+@dataclass
+class Outputs:
+    delivered: beam.PCollection     # Delivery per delivered event
+    dead_letters: beam.PCollection  # DeadLetter per failed input or event
+
+
+def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
+                   read: beam.PTransform | None = None, send_options: SendOptions | None = None,
+                   dead_letter_sink: beam.PTransform | None = None) -> Outputs:
+    """Wire the whole path into ``p``. ``read`` yields raw payloads (default: nothing — tests
+    and the command line always pass one); ``dead_letter_sink`` writes the dead letters."""
+    destination = compiled(spec)  # compiles now: configuration errors surface before the job starts
+    raw = p | "ReadEvents" >> read
+    parsed = raw | "ParseEvents" >> beam.ParDo(ParseEvents(spec.collector, spec.flow_name)).with_outputs(
+        DEAD_LETTER_TAG, main="events")
+    gated = parsed.events | "GateConsent" >> beam.ParDo(GateConsent(spec))
+    mapped = gated | "MapEvents" >> beam.ParDo(MapEvents(spec))
+    planned = mapped | "AssignIdentity" >> beam.ParDo(AssignIdentity(spec)).with_outputs(
+        DEAD_LETTER_TAG, main="calls")
+    if destination.needs_identity_state:
+        deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming)
+    else:
+        # No identify or group anywhere in the flow: nothing to remember per user.
+        deliveries = planned.calls | "NoIdentityState" >> beam.Map(_without_state)
+    batches = deliveries | "BatchCalls" >> BatchCalls(spec.settings.flush_at)
+    sent = batches | "SendToSegment" >> beam.ParDo(
+        SendToSegment(spec.settings, spec.flow_name, send_options)).with_outputs(DEAD_LETTER_TAG, main="delivered")
+    dead = ((parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
+            | "AllDeadLetters" >> beam.Flatten())
+    if dead_letter_sink is not None:
+        dead | "WriteDeadLetters" >> dead_letter_sink
+    return Outputs(delivered=sent.delivered, dead_letters=dead)
+
+
+def _without_state(keyed: tuple[str, EventCalls]) -> Delivery:
+    calls = keyed[1]
+    return Delivery(calls.event, calls.messages(False, False))
+
+
+def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool) -> Outputs:
+    read = ReadEvents(opts.input, opts.input_format, opts.input_subscription, opts.input_topic,
+                      opts.id_label, opts.timestamp_attribute)
+    sink = WriteDeadLetters(opts.dead_letter, opts.dead_letter_format, opts.dead_letter_topic, streaming)
+    send_options = SendOptions(flush_deadline_s=opts.flush_deadline_seconds,
+                               fail_bundle_on_error=opts.fail_bundle_on_delivery_error)
+    return build_pipeline(p, spec, streaming=streaming, read=read, send_options=send_options,
+                          dead_letter_sink=sink)

@@ -1,0 +1,33 @@
+"""Packaging for the walkerOS → Segment Beam pipeline.
+
+Also serves as Dataflow's ``--setup_file``: workers install this distribution, so every
+runtime dependency is listed here, pinned, and nothing else is needed on a worker.
+"""
+import setuptools
+
+RUNTIME = [
+    "apache-beam[gcp]==2.77.0",
+    "segment-analytics-python==2.4.0",
+    "fastavro==1.13.1",
+    "jsonschema==4.26.0",
+    "orjson==3.13.0",
+]
+
+TEST = [
+    "pytest==9.2.0",
+    "hypothesis==6.170.17",
+    "gcp-storage-emulator==2026.7.19",
+]
+
+setuptools.setup(
+    name="walkeros-segment-beam",
+    version="0.1.0",
+    description="Apache Beam pipeline delivering walkerOS events to Segment, as walkerOS's Segment destination does",
+    python_requires=">=3.10",
+    packages=["pipeline", "transforms", "schemas"],
+    # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.
+    package_data={"schemas": ["*.json", "*.avsc"]},
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+    entry_points={"console_scripts": ["walkeros-segment = pipeline.cli:main"]},
+)

@@ -1,0 +1,146 @@
+"""The Segment destination, compiled once from a flow: each step of what happens to one event.
+
+The Beam DoFns call these steps one by one (so each step is its own named transform with its
+own counters); ``explain`` calls :meth:`Destination.process`, which runs the same steps in
+the same order. Nothing here talks to the network or to Beam.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transforms import consent as consent_rules
+from transforms import dead_letter as dl
+from transforms.calls import CallBuilder, EventCalls
+from transforms.dead_letter import DeadLetter, payload_text
+from transforms.identity import IdentityResolver, IdentityState, decide
+from transforms.mapping import DestinationMapping, MappingResult
+from transforms.settings import SegmentSettings
+
+DELIVERED = "delivered"
+IGNORED = "ignored"
+CONSENT_DENIED = "consent_denied"
+DEAD_LETTER = "dead_letter"
+
+DEFAULT_STATE_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class DestinationSpec:
+    """Everything the destination is built from: plain, picklable data (no compiled code)."""
+    flow_name: str
+    settings: SegmentSettings
+    config: dict
+    collector: dict
+    config_path: str = "$.config"
+    namespace: str = ""
+    state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS
+
+    @classmethod
+    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS):
+        return cls(flow_name=flow.name, settings=flow.settings, config=flow.config, collector=flow.collector,
+                   config_path=flow.config_path, namespace=namespace or default_namespace(flow.name),
+                   state_ttl_ms=state_ttl_ms)
+
+    def __repr__(self) -> str:  # config holds the write key
+        return f"DestinationSpec(flow_name={self.flow_name!r}, namespace={self.namespace!r})"
+
+
+def default_namespace(flow_name: str) -> str:
+    return f"walkeros-{flow_name}"
+
+
+@dataclass
+class Outcome:
+    outcome: str
+    reason: str | None = None
+    calls: list[dict] = field(default_factory=list)
+    dead_letter: DeadLetter | None = None
+
+
+class Destination:
+    """Compiled from a :class:`DestinationSpec`; building it is the start-up validation."""
+
+    def __init__(self, spec: DestinationSpec):
+        self.spec = spec
+        settings = spec.settings
+        settings_path = f"{spec.config_path}.settings"
+        self.required_consent = spec.config.get("consent") or None
+        self.mapping = DestinationMapping(spec.config, spec.config_path)
+        self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path)
+        self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
+                                 spec.namespace, settings_path)
+        # With no identify or group anywhere in the flow there is nothing to deduplicate, and
+        # the keyed stateful step can be left out of the pipeline.
+        self.needs_identity_state = settings.identify is not None or settings.group is not None or \
+            _rules_set(spec.config.get("mapping"), ("identify", "group"))
+
+    # -- the steps, in pipeline order -------------------------------------------------------
+    def consent_granted(self, event: dict) -> bool:
+        return consent_rules.is_granted(self.required_consent, event.get("consent") or {})
+
+    def map(self, event: dict) -> MappingResult:
+        return self.mapping.process(event, self.spec.collector)
+
+    def rule_consent_granted(self, mapped: MappingResult) -> bool:
+        if mapped.rule is None:
+            return True
+        return consent_rules.is_granted(mapped.rule.consent, mapped.event.get("consent") or {})
+
+    def plan(self, mapped: MappingResult) -> EventCalls | DeadLetter:
+        """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
+        event = mapped.event
+        context = self._function_context(mapped)
+        identity = self.identity.resolve(event, context)
+        if identity.state_key is None:
+            return DeadLetter(payload=payload_text(event), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
+                              error="neither userId nor anonymousId resolved to a non-empty string "
+                                    f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
+                                    f"{self.spec.settings.anonymous_id!r})",
+                              flow=self.spec.flow_name, event_id=event.get("id"))
+        preferences = consent_rules.category_preferences(self.spec.settings.consent, event.get("consent") or {})
+        return self.calls.build(event, mapped.rule, mapped.data, identity, preferences, context)
+
+    def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:
+        """The messages to send and the new state; ``suppressed`` names identify/group held back."""
+        fire_identify, fire_group, new_state = decide(
+            state, calls.timestamp_ms, calls.identify_signature, calls.group_signature, self.spec.state_ttl_ms)
+        suppressed = []
+        if calls.identify is not None and not fire_identify:
+            suppressed.append("identify")
+        if calls.group is not None and not fire_group:
+            suppressed.append("group")
+        return calls.messages(fire_identify, fire_group), new_state, suppressed
+
+    # -- all steps at once, for explain -----------------------------------------------------
+    def process(self, event: dict, states: dict[str, IdentityState]) -> Outcome:
+        """One normalised event through every step; ``states`` is the per-key memory."""
+        if not self.consent_granted(event):
+            return Outcome(CONSENT_DENIED, "destination_consent")
+        mapped = self.map(event)
+        if mapped.ignored:
+            return Outcome(IGNORED, "ignore_rule")
+        if not self.rule_consent_granted(mapped):
+            return Outcome(CONSENT_DENIED, "rule_consent")
+        planned = self.plan(mapped)
+        if isinstance(planned, DeadLetter):
+            return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
+        messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
+        return Outcome(DELIVERED, None, messages)
+
+    def _function_context(self, mapped: MappingResult) -> dict[str, Any]:
+        return {"event": mapped.event, "mapping": mapped.rule.raw if mapped.rule else None,
+                "collector": self.spec.collector, "consent": mapped.event.get("consent") or {}}
+
+
+def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:
+    """Whether any rule of a mapping has one of ``keys`` in its ``settings``."""
+    if not isinstance(mapping, dict):
+        return False
+    for actions in mapping.values():
+        for rules in (actions.values() if isinstance(actions, dict) else ()):
+            for rule in (rules if isinstance(rules, list) else [rules]):
+                settings = rule.get("settings") if isinstance(rule, dict) else None
+                if isinstance(settings, dict) and any(k in settings for k in keys):
+                    return True
+    return False

@@ -1,0 +1,186 @@
+"""The walkerOS event: envelopes in, validated and normalised events (or dead letters) out.
+
+Accepts what walkerOS server sources accept: one event object, a JSON array of events, or
+``{"batch": [events...]}``. Nothing here raises on bad input: every problem becomes a
+:class:`DeadLetter` with a reason, so one bad line never stops a pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Any, Iterator
+
+import orjson
+
+from transforms import dead_letter as dl
+from transforms.dead_letter import DeadLetter, payload_text
+
+_OBJECT_FIELDS = ("data", "globals", "custom", "user", "source", "context")
+_STRING_FIELDS = ("entity", "action", "trigger")
+_NUMBER_FIELDS = ("timing",)
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_payload(
+    payload: bytes | str | dict | list,
+    *,
+    collector: dict | None = None,
+    default_timestamp_ms: int | None = None,
+    flow: str = "",
+) -> Iterator[dict | DeadLetter]:
+    """Yield each event of an envelope, normalised, or a dead letter for each thing wrong.
+
+    ``payload`` is the raw bytes/text of one input record, or an already-decoded JSON value
+    (from JSON or Avro files). ``default_timestamp_ms`` stands in for a missing event
+    timestamp (the Pub/Sub publish time, say); failing that, the current time.
+    """
+    if isinstance(payload, (bytes, bytearray, memoryview, str)):
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            yield _dead(payload, dl.NOT_JSON, f"not valid UTF-8 JSON: {exc}", flow)
+            return
+    else:
+        document = payload
+
+    for item in _envelope_items(document, payload, flow):
+        if isinstance(item, DeadLetter):
+            yield item
+            continue
+        try:
+            yield normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms)
+        except InvalidEvent as exc:
+            # A lone event keeps its text exactly as received; an envelope item is re-serialised.
+            original = payload if item is document else item
+            yield _dead(original, exc.reason, str(exc), flow, event_id=_given_id(item))
+
+
+def _envelope_items(document: Any, payload, flow: str) -> Iterator[Any]:
+    if isinstance(document, list):
+        items = document
+    elif isinstance(document, dict) and "batch" in document and "name" not in document:
+        items = document["batch"]
+        if not isinstance(items, list):
+            yield _dead(payload, dl.INVALID_ENVELOPE, '"batch" must be a list of events', flow)
+            return
+    elif isinstance(document, dict):
+        yield document
+        return
+    else:
+        yield _dead(payload, dl.NOT_AN_EVENT, f"expected a JSON object, got {_json_type(document)}", flow)
+        return
+    if not items:
+        yield _dead(payload, dl.EMPTY_ENVELOPE, "the envelope holds no events", flow)
+    for item in items:
+        if isinstance(item, dict):
+            yield item
+        else:
+            yield _dead(item, dl.NOT_AN_EVENT, f"expected an event object, got {_json_type(item)}", flow)
+
+
+def normalise(event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None) -> dict:
+    """Validate one event and return a normalised copy (the input is not changed).
+
+    Fills ``entity``/``action`` from ``name``, keeps ``id`` or derives one from the content,
+    fills a missing ``timestamp``, and merges the collector's globals, user and consent under
+    the event's own (the event wins per key), as the walkerOS collector does.
+    """
+    validate(event)
+    out = dict(event)
+    entity, action = event["name"].split(" ")[:2]
+    out.setdefault("entity", entity)
+    out.setdefault("action", action)
+    if not out.get("id"):
+        out["id"] = derive_id(event)
+    if "timestamp" not in out:
+        out["timestamp"] = default_timestamp_ms if default_timestamp_ms is not None else int(time.time() * 1000)
+    for section in ("data", "globals", "custom", "user", "context", "consent"):
+        if section not in out:
+            out[section] = {}
+    if "nested" not in out:
+        out["nested"] = []
+    if collector:
+        for section in ("globals", "user", "consent"):
+            base = collector.get(section)
+            if base:
+                out[section] = {**base, **out[section]}
+    return out
+
+
+def validate(event: dict) -> None:
+    name = event.get("name")
+    if not isinstance(name, str):
+        raise InvalidEvent(dl.INVALID_NAME, f"name must be a string \"entity action\", got {_json_type(name)}")
+    tokens = name.split(" ")
+    if len(tokens) < 2 or not tokens[0] or not tokens[1]:
+        raise InvalidEvent(dl.INVALID_NAME, f"name must be \"entity action\" (two space-separated words), got {name!r}")
+    for key in _OBJECT_FIELDS:
+        if key in event and not isinstance(event[key], dict):
+            raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be an object, got {_json_type(event[key])}")
+    for key in _STRING_FIELDS:
+        if key in event and not isinstance(event[key], str):
+            raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be a string, got {_json_type(event[key])}")
+    if "id" in event and not (isinstance(event["id"], str) and event["id"]):
+        raise InvalidEvent(dl.INVALID_FIELD, f"id must be a non-empty string, got {_json_type(event['id'])}")
+    if "timestamp" in event and not _is_number(event["timestamp"]):
+        raise InvalidEvent(dl.INVALID_FIELD, f"timestamp must be epoch milliseconds (a number), got {_json_type(event['timestamp'])}")
+    for key in _NUMBER_FIELDS:
+        if key in event and not _is_number(event[key]):
+            raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be a number, got {_json_type(event[key])}")
+    if "nested" in event:
+        nested = event["nested"]
+        if not isinstance(nested, list) or not all(isinstance(n, dict) for n in nested):
+            raise InvalidEvent(dl.INVALID_FIELD, "nested must be a list of entity objects")
+    if "consent" in event:
+        consent = event["consent"]
+        if not isinstance(consent, dict) or not all(isinstance(v, bool) for v in consent.values()):
+            raise InvalidEvent(dl.INVALID_FIELD, "consent must be an object of booleans")
+
+
+def derive_id(event: dict) -> str:
+    """A stable id for an event that came without one: the same content gives the same id.
+
+    16 lowercase hex characters, the shape of a walkerOS id. Two events with identical content
+    and no id are taken to be one event sent twice, and share the id (and so the messageIds).
+    """
+    try:
+        canonical = orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # e.g. integers beyond 64 bits from a non-JSON reader
+        canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _given_id(item: dict) -> str | None:
+    value = item.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _dead(payload, reason: str, error: str, flow: str, event_id: str | None = None) -> DeadLetter:
+    return DeadLetter(payload=payload_text(payload), stage=dl.PARSE, reason=reason, error=error, flow=flow, event_id=event_id)
