@@ -7,14 +7,14 @@ the same order. Nothing here talks to the network or to Beam.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from transforms import consent as consent_rules
 from transforms import dead_letter as dl
 from transforms.calls import CallBuilder, EventCalls
 from transforms.dead_letter import DeadLetter, payload_text
 from transforms.identity import IdentityResolver, IdentityState, decide
-from transforms.mapping import DestinationMapping, MappingResult
+from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from transforms.settings import SegmentSettings
 
 DELIVERED = "delivered"
@@ -50,6 +50,14 @@ def default_namespace(flow_name: str) -> str:
     return f"walkeros-{flow_name}"
 
 
+class Mapped(NamedTuple):
+    """A mapped event as it travels between pipeline steps: plain data only (compiled rules
+    hold closures and cannot be encoded), the rule named by its position in the mapping."""
+    event: dict
+    rule_index: int | None
+    data: Any  # the mapped data; None when it resolved to nothing
+
+
 @dataclass
 class Outcome:
     outcome: str
@@ -67,6 +75,11 @@ class Destination:
         settings_path = f"{spec.config_path}.settings"
         self.required_consent = spec.config.get("consent") or None
         self.mapping = DestinationMapping(spec.config, spec.config_path)
+        # Compilation follows the config's key order, so these positions are the same in every
+        # process that compiles the same flow.
+        self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
+                                           for slot in actions.values() for rule in slot]
+        self._rule_index = {id(rule): i for i, rule in enumerate(self._rules)}
         self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path)
         self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
                                  spec.namespace, settings_path)
@@ -82,15 +95,23 @@ class Destination:
     def map(self, event: dict) -> MappingResult:
         return self.mapping.process(event, self.spec.collector)
 
-    def rule_consent_granted(self, mapped: MappingResult) -> bool:
-        if mapped.rule is None:
+    def rule_consent_granted(self, result: MappingResult) -> bool:
+        if result.rule is None:
             return True
-        return consent_rules.is_granted(mapped.rule.consent, mapped.event.get("consent") or {})
+        return consent_rules.is_granted(result.rule.consent, result.event.get("consent") or {})
 
-    def plan(self, mapped: MappingResult) -> EventCalls | DeadLetter:
+    def mapped(self, result: MappingResult) -> Mapped:
+        index = None if result.rule is None else self._rule_index[id(result.rule)]
+        return Mapped(result.event, index, None if result.data is UNDEFINED else result.data)
+
+    def rule(self, index: int | None) -> CompiledRule | None:
+        return None if index is None else self._rules[index]
+
+    def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
         event = mapped.event
-        context = self._function_context(mapped)
+        rule = self.rule(mapped.rule_index)
+        context = self._function_context(event, rule)
         identity = self.identity.resolve(event, context)
         if identity.state_key is None:
             return DeadLetter(payload=payload_text(event), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
@@ -99,7 +120,7 @@ class Destination:
                                     f"{self.spec.settings.anonymous_id!r})",
                               flow=self.spec.flow_name, event_id=event.get("id"))
         preferences = consent_rules.category_preferences(self.spec.settings.consent, event.get("consent") or {})
-        return self.calls.build(event, mapped.rule, mapped.data, identity, preferences, context)
+        return self.calls.build(event, rule, mapped.data, identity, preferences, context)
 
     def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:
         """The messages to send and the new state; ``suppressed`` names identify/group held back."""
@@ -117,20 +138,20 @@ class Destination:
         """One normalised event through every step; ``states`` is the per-key memory."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
-        mapped = self.map(event)
-        if mapped.ignored:
+        result = self.map(event)
+        if result.ignored:
             return Outcome(IGNORED, "ignore_rule")
-        if not self.rule_consent_granted(mapped):
+        if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
-        planned = self.plan(mapped)
+        planned = self.plan(self.mapped(result))
         if isinstance(planned, DeadLetter):
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
         return Outcome(DELIVERED, None, messages)
 
-    def _function_context(self, mapped: MappingResult) -> dict[str, Any]:
-        return {"event": mapped.event, "mapping": mapped.rule.raw if mapped.rule else None,
-                "collector": self.spec.collector, "consent": mapped.event.get("consent") or {}}
+    def _function_context(self, event: dict, rule: CompiledRule | None) -> dict[str, Any]:
+        return {"event": event, "mapping": rule.raw if rule else None,
+                "collector": self.spec.collector, "consent": event.get("consent") or {}}
 
 
 def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:

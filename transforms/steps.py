@@ -100,14 +100,14 @@ class MapEvents(_DestinationStep):
     rule's required consent is not granted (the rule is only known once it has been looked up)."""
 
     def process(self, event: dict):
-        mapped = self.destination.map(event)
-        if mapped.ignored:
+        result = self.destination.map(event)
+        if result.ignored:
             _count("events_ignored")
             return
-        if not self.destination.rule_consent_granted(mapped):
+        if not self.destination.rule_consent_granted(result):
             _count("events_consent_denied")
             return
-        yield mapped
+        yield self.destination.mapped(result)
 
 
 class AssignIdentity(_DestinationStep):
