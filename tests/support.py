@@ -43,7 +43,7 @@ def run_batch(spec: DestinationSpec, payloads: list, send_options: SendOptions |
               read: beam.PTransform | None = None):
     """The whole pipeline on the batch DirectRunner; returns (delivered event ids, dead letters)."""
     collected = {}
-    options = PipelineOptions(runner="FnApiRunner")
+    options = PipelineOptions([], runner="FnApiRunner")  # [] : not sys.argv (pytest's flags)
     with test_pipeline.TestPipeline(options=options, runner="FnApiRunner") as p:
         outputs = build_pipeline(p, spec, streaming=False, read=read or beam.Create(payloads),
                                  send_options=send_options or SendOptions(flush_deadline_s=30))
