@@ -104,11 +104,21 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
 
 
 def _redact(errors: list[str], config: dict) -> list[str]:
-    """Schema messages quote offending values; make sure none of them is the write key."""
-    key = (config.get("settings") or {}).get("writeKey") if isinstance(config.get("settings"), dict) else None
+    """Schema messages quote offending values; make sure none of them is the write key.
+
+    Only quoted occurrences are replaced: a short key must not blank out ordinary words.
+    """
+    settings = config.get("settings")
+    key = settings.get("writeKey") if isinstance(settings, dict) else None
     if not isinstance(key, str) or not key:
         return errors
-    return [e.replace(key, "***") for e in errors]
+    quoted = (repr(key), json.dumps(key))
+    out = []
+    for error in errors:
+        for q in quoted:
+            error = error.replace(q, "'***'")
+        out.append(error)
+    return out
 
 
 def _choose_flow(flows: dict, wanted: str | None) -> str:

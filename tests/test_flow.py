@@ -204,3 +204,16 @@ def test_validate_reports_code_syntax_errors_with_their_path(tmp_path, monkeypat
 def test_bundled_example_flow_is_valid(monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", SECRET)
     assert cli_main(["validate", "--flow", "examples/flow.json"]) == 0
+
+
+def test_a_short_write_key_does_not_blank_out_messages():
+    doc = document({"flushAt": 0})
+    [error] = errors_of(doc, env={"SEGMENT_WRITE_KEY": "e"})
+    assert "less than the minimum" in error
+
+
+def test_the_write_key_never_appears_even_when_it_is_the_bad_value():
+    doc = document()
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["userId"] = {"nope": "$env.SEGMENT_WRITE_KEY"}
+    errors = errors_of(doc)
+    assert errors and all(SECRET not in e for e in errors)
