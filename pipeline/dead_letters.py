@@ -1,27 +1,132 @@
-"""WriteDeadLetters: one record per failed input, to JSON Lines or Avro files, or a Pub/Sub topic.
+"""Dead letters: counted, stamped with their attempt, and written to JSON Lines or Avro files
+(``schemas/dead_letter.avsc``) or a Pub/Sub topic, one record per failed input or event.
 
-Reading them back is ``--input_format dead_letter`` (``pipeline.sources``): the original
-payload goes through the same transforms again.
+Reading them back is ``--input_format dead_letter`` (``pipeline.sources``): each record's
+original ``payload`` goes through the same transforms again (never the record itself, so a
+dead letter is never wrapped inside another). JSON Lines and Avro dead-letter files are told
+apart by their content, so a glob may match both.
+
+Attempts: a record's ``attempts`` says how many runs failed on it. A replay run reads the
+previous records' attempts too (:class:`ReadPreviousAttempts`, a side input); a dead letter
+produced in that run which stands for the same event (same event id) or the same input (same
+payload) gets the previous count plus one. Everything else starts at 1.
 """
 from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+from typing import Any, Iterator
 
 import apache_beam as beam
 import orjson
 from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 
 import schemas
-from transforms.dead_letter import DeadLetter
+from transforms.dead_letter import DeadLetter, replay_keys
+from transforms.sink import NAMESPACE
 
 STREAMING_FILE_WINDOW_S = 60
+AVRO_MAGIC = b"Obj\x01"
 
 
+# -- reading dead-letter files -------------------------------------------------------------------
+def dead_letter_items(f) -> Iterator[Any]:
+    """Each item of one dead-letter file (an open binary file): a record dict for each dead
+    letter, or the raw line for a JSON Lines line that is not one (blank lines skipped)."""
+    head = f.read(len(AVRO_MAGIC))
+    if head == AVRO_MAGIC:
+        import fastavro
+
+        yield from fastavro.reader(io.BytesIO(head + f.read()))
+        return
+    for line in itertools.chain([head + f.readline()], f):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            yield line
+            continue
+        yield record if is_dead_letter_record(record) else line
+
+
+def is_dead_letter_record(record: Any) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("payload"), str) and "reason" in record
+
+
+def dead_letter_records(path: str) -> Iterator[dict]:
+    from pipeline.sources import _open  # the same opening (.gz, gs://) as every input
+
+    with _open(path) as f:
+        for item in dead_letter_items(f):
+            if isinstance(item, dict):
+                yield item
+
+
+class ReadPreviousAttempts(beam.PTransform):
+    """``(replay key, attempts)`` for every dead letter in the files of ``pattern``: the highest
+    count per key. A side input of :class:`CountDeadLetters` in a replay run."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = pattern
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "MatchDeadLetters" >> fileio.MatchFiles(self.pattern)
+                | "Records" >> beam.FlatMap(lambda metadata: dead_letter_records(metadata.path))
+                | "Keys" >> beam.FlatMap(_attempts_by_key)
+                | "Highest" >> beam.CombinePerKey(max))
+
+
+def _attempts_by_key(record: dict):
+    attempts = record.get("attempts")
+    attempts = attempts if isinstance(attempts, int) and attempts > 0 else 1
+    for key in replay_keys(record["payload"], record.get("event_id")):
+        yield key, attempts
+
+
+# -- counting and stamping -----------------------------------------------------------------------
+class _CountAndStamp(beam.DoFn):
+    def process(self, dead: DeadLetter, previous=None):
+        Metrics.counter(NAMESPACE, "dead_letters_total").inc()
+        Metrics.counter(NAMESPACE, f"dead_letters_stage_{dead.stage}").inc()
+        if previous:
+            before = max((previous.get(k, 0) for k in replay_keys(dead.payload, dead.event_id)), default=0)
+            if before:
+                dead = dataclasses.replace(dead, attempts=before + 1)  # never change an input element
+                Metrics.counter(NAMESPACE, "dead_letters_failed_again").inc()
+        yield dead
+
+
+class CountDeadLetters(beam.PTransform):
+    """Every dead letter of the run, counted by stage (``dead_letters_total``,
+    ``dead_letters_stage_<stage>``: the accounting in ``pipeline.summary``) and, in a replay
+    run, given its attempt number (``previous``: :class:`ReadPreviousAttempts`)."""
+
+    def __init__(self, previous: beam.PTransform | None = None):
+        super().__init__()
+        self.previous = previous
+
+    def expand(self, dead_letters):
+        if self.previous is None:
+            return dead_letters | "Count" >> beam.ParDo(_CountAndStamp())
+        previous = dead_letters.pipeline | "PreviousAttempts" >> self.previous
+        return dead_letters | "Count" >> beam.ParDo(_CountAndStamp(), beam.pvalue.AsDict(previous))
+
+
+# -- writing -------------------------------------------------------------------------------------
 class WriteDeadLetters(beam.PTransform):
     def __init__(self, prefix: str | None = None, fmt: str = "jsonl", topic: str | None = None,
                  streaming: bool = False):
         super().__init__()
         if not prefix and not topic:
             raise ValueError("dead letters need a place: --dead_letter PREFIX or --dead_letter_topic TOPIC")
+        if fmt not in ("jsonl", "avro"):
+            raise ValueError(f"unknown dead-letter format {fmt!r}: jsonl or avro")
         self.prefix = prefix
         self.fmt = fmt
         self.topic = topic
@@ -34,13 +139,16 @@ class WriteDeadLetters(beam.PTransform):
                     | "Publish" >> beam.io.WriteToPubSub(self.topic))
         if self.streaming:
             # Unbounded input: close a file every window so records become visible.
-            return (dead_letters
-                    | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S))
-                    | "ToJson" >> beam.Map(DeadLetter.to_json)
-                    | "WriteFiles" >> fileio.WriteToFiles(
-                        path=self.prefix.rstrip("/"),
-                        file_naming=fileio.default_file_naming("dead-letters", ".jsonl"),
-                        shards=1))
+            windowed = dead_letters | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S))
+            if self.fmt == "avro":
+                sink, suffix = _AvroSink, ".avro"
+                records = windowed | "ToRecord" >> beam.Map(DeadLetter.to_dict)
+            else:
+                sink, suffix = None, ".jsonl"  # fileio's default: text, one line a record
+                records = windowed | "ToJson" >> beam.Map(DeadLetter.to_json)
+            return records | "WriteFiles" >> fileio.WriteToFiles(
+                path=self.prefix.rstrip("/"), sink=sink,
+                file_naming=fileio.default_file_naming("dead-letters", suffix), shards=1)
         if self.fmt == "avro":
             return (dead_letters
                     | "ToRecord" >> beam.Map(DeadLetter.to_dict)
@@ -49,3 +157,23 @@ class WriteDeadLetters(beam.PTransform):
         return (dead_letters
                 | "ToJson" >> beam.Map(DeadLetter.to_json)
                 | "WriteJsonl" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl"))
+
+
+class _AvroSink(fileio.FileSink):
+    """One Avro container file per window and shard (streaming dead letters)."""
+
+    def open(self, fh):
+        import fastavro
+
+        self._fh = fh
+        self._schema = fastavro.parse_schema(schemas.load("dead_letter.avsc"))
+        self._records: list[dict] = []
+
+    def write(self, record):
+        self._records.append(record)
+
+    def flush(self):
+        import fastavro
+
+        fastavro.writer(self._fh, self._schema, self._records)
+        self._records = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from pipeline.dead_letters import WriteDeadLetters
+from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
 from pipeline.sources import ReadEvents
 from transforms.calls import EventCalls
 from transforms.dedup import DeduplicateIdentity
@@ -24,7 +24,8 @@ class Outputs:
 
 def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
                    read: beam.PTransform | None = None, send_options: SendOptions | None = None,
-                   dead_letter_sink: beam.PTransform | None = None) -> Outputs:
+                   dead_letter_sink: beam.PTransform | None = None,
+                   previous_attempts: beam.PTransform | None = None) -> Outputs:
     """Wire the whole path into ``p``. ``read`` yields raw payloads (default: nothing — tests
     and the command line always pass one); ``dead_letter_sink`` writes the dead letters."""
     destination = compiled(spec)  # compiles now: configuration errors surface before the job starts
@@ -40,11 +41,13 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     else:
         # No identify or group anywhere in the flow: nothing to remember per user.
         deliveries = planned.calls | "NoIdentityState" >> beam.Map(_without_state)
-    batches = deliveries | "BatchCalls" >> BatchCalls(spec.settings.flush_at)
+    send_options = send_options or SendOptions()
+    batches = deliveries | "BatchCalls" >> BatchCalls(spec.settings, send_options, streaming=streaming)
     sent = batches | "SendToSegment" >> beam.ParDo(
         SendToSegment(spec.settings, spec.flow_name, send_options)).with_outputs(DEAD_LETTER_TAG, main="delivered")
     dead = ((parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
-            | "AllDeadLetters" >> beam.Flatten())
+            | "AllDeadLetters" >> beam.Flatten()
+            | "CountDeadLetters" >> CountDeadLetters(previous_attempts))
     if dead_letter_sink is not None:
         dead | "WriteDeadLetters" >> dead_letter_sink
     return Outputs(delivered=sent.delivered, dead_letters=dead)
@@ -60,6 +63,9 @@ def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming:
                       opts.id_label, opts.timestamp_attribute)
     sink = WriteDeadLetters(opts.dead_letter, opts.dead_letter_format, opts.dead_letter_topic, streaming)
     send_options = SendOptions(flush_deadline_s=opts.flush_deadline_seconds,
-                               fail_bundle_on_error=opts.fail_bundle_on_delivery_error)
+                               fail_bundle_on_error=opts.fail_bundle_on_delivery_error,
+                               shards=opts.delivery_shards, progress_interval_s=opts.progress_interval_seconds)
+    # A replay run: its dead letters that fail again carry the previous attempt count plus one.
+    previous = ReadPreviousAttempts(opts.input) if opts.input and opts.input_format == "dead_letter" else None
     return build_pipeline(p, spec, streaming=streaming, read=read, send_options=send_options,
-                          dead_letter_sink=sink)
+                          dead_letter_sink=sink, previous_attempts=previous)

@@ -8,6 +8,7 @@ same transforms gives the same messageIds.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -29,8 +30,13 @@ INVALID_FIELD = "invalid_field"      # a known field of the wrong type (the erro
 NO_IDENTITY = "no_identity"          # neither userId nor anonymousId resolved to a non-empty string
 MAPPING_FAILED = "mapping_failed"    # the mapping raised where walkerOS would have failed the push
 TOO_LARGE = "too_large"              # a message over Segment's 32 KB limit
+INVALID_CALL = "invalid_call"        # the SDK refuses to build the call (e.g. an id of the wrong type)
 REJECTED = "rejected"                # Segment answered 4xx for the message (after isolating it)
-DELIVERY_FAILED = "delivery_failed"  # retries used up (5xx, 429, timeouts, resets)
+DELIVERY_FAILED = "delivery_failed"  # retries used up (5xx, 429, timeouts, resets), or the flush deadline
+
+# Reasons given while parsing: such a dead letter stands for an input (or an envelope item)
+# that never became an event, which matters for the accounting (pipeline.summary).
+PARSE_REASONS = frozenset({NOT_JSON, NOT_AN_EVENT, INVALID_ENVELOPE, EMPTY_ENVELOPE, INVALID_NAME, INVALID_FIELD})
 
 
 @dataclass(slots=True)
@@ -55,6 +61,15 @@ class DeadLetter:
     def from_dict(cls, record: dict) -> "DeadLetter":
         known = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
         return cls(**known)
+
+
+def replay_keys(payload: str, event_id: str | None) -> list[str]:
+    """How a replayed record is recognised when it fails again: by its event id (an event keeps
+    it through every transform), and by its payload (for inputs that never became an event)."""
+    keys = ["payload:" + hashlib.sha256(payload.encode("utf-8", errors="replace")).hexdigest()]
+    if event_id:
+        keys.append("event:" + event_id)
+    return keys
 
 
 def utc_now_iso() -> str:

@@ -1,233 +1,535 @@
 """Delivery to Segment through segment-analytics-python: batches in, fates out.
 
-The SDK is asynchronous and loses things quietly (full queue, errors reported on its own
-thread, a ``flush`` with no deadline). :class:`SegmentConnection` wraps one SDK ``Client`` so
-that sending a batch is synchronous and every message gets a known fate: accepted, or failed
-with the reason. The Beam DoFn :class:`SendToSegment` sends each batch it receives before
-``process`` returns, so everything of a bundle is settled before the bundle commits.
+Two steps, wired by ``pipeline.graph``:
+
+* :class:`BatchCalls` gathers the calls of many events into request-sized batches **in Beam
+  state** (keyed over a fixed number of shards), so nothing waits only in memory. A batch is
+  flushed when it holds ``flushAt`` calls, before it would pass 2,500 messages or
+  :data:`MAX_BATCH_BYTES`, when a processing-time timer fires ``flushInterval`` ms after its
+  first call, and at the end of the window (the end of a batch run, or a drain). The calls of
+  one event (a :class:`Delivery`) are never split and keep their order.
+* :class:`SendToSegment` sends each batch before ``process`` returns, through
+  :class:`SegmentConnection`, which wraps one SDK ``Client`` so that sending is synchronous
+  and every message gets a known fate: accepted, or failed with the reason.
+
+The SDK is asynchronous and loses things quietly; each of its loss paths is closed here:
+
+* ``track()`` and the others return ``(False, msg)`` when the queue is full: every return value
+  is checked, and a refused call fails its event.
+* ``clean()`` silently drops values it cannot serialise: :func:`to_wire` turns every value into
+  a JSON type first.
+* a message over 32 KB raises (or is dropped by the consumer thread): measured before
+  enqueueing, dead letter ``too_large``.
+* errors arrive on the consumer thread, after its retries: ``on_error`` records the failed
+  messageIds (and never raises), and the batch waits for them before deciding.
+* ``flush()`` has no deadline: it runs on a helper thread joined with a deadline; on overrun
+  the client is abandoned (the next batch gets a new one) and the batch's unsettled events
+  fail (Segment's messageId dedup absorbs a late arrival).
+* one bad message fails its whole request (400): the batch is halved until the bad event
+  stands alone, so its neighbours are delivered.
+* ``atexit`` keeps every Client alive until the process exits: unregistered; connections are
+  pooled per configuration and shut down after a grace period.
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
+import enum
 import hashlib
+import json
 import logging
+import math
+import numbers
 import threading
 import time
+import typing
+import zlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from decimal import Decimal
+from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
-import orjson
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from segment.analytics.version import VERSION as _SDK_VERSION
 
 from transforms import dead_letter as dl
 from transforms.dead_letter import DeadLetter, payload_text
-from transforms.settings import SegmentSettings
+from transforms.settings import INT_SETTINGS, SegmentSettings
 
 log = logging.getLogger(__name__)
+# Progress lines ("N events delivered so far") are meant to be seen during a batch run, even
+# when the application's root logger is at WARNING: this logger says INFO itself.
+progress_log = logging.getLogger(__name__ + ".progress")
+progress_log.setLevel(logging.INFO)
+
+NAMESPACE = "walkeros_segment"
+DEAD_LETTER_TAG = "dead_letter"
 
 MAX_MESSAGE_BYTES = 32 * 1024
-# The SDK cuts a request at 475,000 bytes of messages; keeping each batch below this leaves
-# the SDK no reason to split it (so one batch is one request) and Segment's 500 KB intact.
+# A request must stay under Segment's 500 KB. The SDK cuts its own batches only *after* passing
+# 475,000 bytes (so it can build ~507 KB requests); keeping each batch at or below this, measured
+# as the SDK serialises, leaves the SDK no reason to cut and the request well under 500 KB
+# (plus ~2 bytes of separator a message and ~150 bytes of envelope).
 MAX_BATCH_BYTES = 450_000
 MAX_BATCH_MESSAGES = 2_500
-DEAD_LETTER_TAG = "dead_letter"
-NAMESPACE = "walkeros_segment"
+# What the SDK adds to every message: context.library (our estimate counts it with its separator).
+_LIBRARY_BYTES = len(', "library": ') + len(json.dumps({"name": "analytics-python", "version": _SDK_VERSION}))
+# The fields the SDK writes for each call type, with what it writes when the call has none.
+_SDK_DEFAULTS = {
+    "common": {"integrations": {}, "anonymousId": None, "userId": None, "context": {}},
+    "track": {"properties": {}}, "identify": {"traits": {}}, "group": {"traits": {}},
+    "page": {"properties": {}, "category": None, "name": None},
+    "screen": {"properties": {}, "category": None, "name": None},
+}
+_SDK_DEFAULT_BYTES = {kind: {key: len(json.dumps({key: value})) for key, value in fields.items()}
+                      for kind, fields in _SDK_DEFAULTS.items()}
+DEFAULT_SHARDS = 8
+# How long the SDK's consumer thread gathers one batch. Generous, so that the calls enqueued for
+# one batch leave as one request (the consumer returns as soon as it has ``upload_size`` calls);
+# it only bounds how long a paused consumer thread lingers after shutdown.
+GATHER_WINDOW_S = 5.0
+_RETRYABLE_4XX = (408, 410, 429, 460)
+_BISECT_STATUSES = (400, 413)  # the request was refused for its content: some message in it
 
 
+# -- values ------------------------------------------------------------------------------------
+def to_wire(value: Any) -> Any:
+    """``value`` as plain JSON types, so the SDK keeps it as it is.
+
+    The SDK's ``clean()`` silently drops a dict entry whose value it cannot handle (any object
+    that is not a str/number/bool/None/date/list/dict/Enum/Decimal: with a warning only, and a
+    whole list when one item is such an object); ``bytes`` that are not UTF-8 make it raise;
+    ``json.dumps`` writes NaN and Infinity, which are not JSON; keys that are not strings make it
+    raise on the consumer thread (the message is lost and ``flush()`` never returns). Mapping
+    output is JSON-typed already, but a ``$code:`` function can return anything: every value
+    passes through here before it is enqueued.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return int(value)  # an int subclass (IntEnum, say) as a plain int
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_wire_key(k): to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [to_wire(v) for v in value]
+        try:
+            return sorted(items)  # a stable order, so the same event gives the same message
+        except TypeError:
+            return items
+    if isinstance(value, enum.Enum):
+        return to_wire(value.value)
+    if isinstance(value, Decimal):
+        return to_wire(float(value))
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return to_wire(float(value))
+    return str(value)
+
+
+def _wire_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool) or key is None:
+        return json.dumps(key)  # "true", "false", "null", as json.dumps would write them
+    if isinstance(key, numbers.Number):
+        return str(to_wire(key))  # 2, not np.int64(2)
+    return str(key)
+
+
+def wire_size(message: dict) -> int:
+    """The bytes the SDK counts for ``message`` (JSON-typed, see :func:`to_wire`), never fewer:
+    its ``json.dumps`` (spaces after separators, non-ASCII escaped) plus what the SDK adds to it
+    (``context.library``, and each field the call lacks, written as null or ``{}``), plus 4
+    (a numeric id becomes a string)."""
+    size = len(json.dumps(message)) + _LIBRARY_BYTES + 4
+    for kind in ("common", message.get("type")):
+        for key, n in _SDK_DEFAULT_BYTES.get(kind, {}).items():
+            if key not in message:
+                size += n  # '"key": default' less the braces, plus the ", " before it
+    return size
+
+
+# -- what travels between the steps ------------------------------------------------------------
 @dataclass(slots=True)
 class Delivery:
     """The calls of one event, which travel and succeed or fail together."""
     event: dict                      # normalised event: the dead-letter payload
     messages: list[dict]
-    size: int = 0                    # serialised bytes of the messages (0 = not measured yet)
+    size: int = 0                    # wire_size of the messages (0 = not measured yet)
 
     def measure(self) -> int:
         if not self.size:
-            self.size = sum(len(orjson.dumps(m)) for m in self.messages)
+            self.size = sum(wire_size(to_wire(m)) for m in self.messages)
         return self.size
+
+    def shard_key(self, shards: int) -> str:
+        """A stable shard: by user (the state key: anonymousId, else userId), so one user's
+        calls share a shard and stay in order, else by event id."""
+        first = self.messages[0] if self.messages else {}
+        key = first.get("anonymousId") or first.get("userId") or self.event.get("id") or ""
+        return str(zlib.crc32(str(key).encode()) % max(1, shards))
 
 
 @dataclass
 class SendOptions:
     """How delivery behaves beyond the flow's settings (pipeline options)."""
-    flush_deadline_s: float = 120.0
-    fail_bundle_on_error: bool = False
+    flush_deadline_s: float = 120.0       # longest one batch may take to settle, retries included
+    fail_bundle_on_error: bool = False    # transient failures fail the bundle instead of dead letters
+    shards: int = DEFAULT_SHARDS          # keys of BatchCalls' state: its parallelism
+    progress_interval_s: float = 30.0     # a progress line at most this often (0: never)
+    clock: Callable[[], float] | None = None  # BatchCalls' processing-time clock (tests: TestStream)
 
 
 @dataclass
 class _Failure:
     status: int | None
     error: str
+    reason: str | None = None  # set when the fate is known without the status (too_large, ...)
 
 
 @dataclass
 class BatchResult:
     delivered: list[Delivery] = field(default_factory=list)
     failed: list[tuple[Delivery, DeadLetter]] = field(default_factory=list)
-    requests: int = 0
+    disabled: list[Delivery] = field(default_factory=list)
+    requests: list[tuple[int, int]] = field(default_factory=list)  # (messages, milliseconds) per request
 
 
-class SegmentConnection:
-    """One SDK Client, used for one batch at a time, reporting the fate of each message."""
+class _InvalidCall(ValueError):
+    pass
+
+
+# -- batching rules (shared by BatchCalls and SendToSegment) ------------------------------------
+def exceeds_request_limits(calls: int, size: int, add_calls: int, add_size: int) -> bool:
+    """Whether adding an event to a batch of ``calls``/``size`` would pass a request limit."""
+    return calls + add_calls > MAX_BATCH_MESSAGES or size + add_size > MAX_BATCH_BYTES
+
+
+def split_batches(deliveries: Iterable[Delivery], flush_at: int) -> Iterator[list[Delivery]]:
+    """Batches as BatchCalls cuts them, for a known sequence: ``flush_at`` calls, under the limits."""
+    batch, calls, size = [], 0, 0
+    for delivery in deliveries:
+        n, s = len(delivery.messages), delivery.measure()
+        if batch and exceeds_request_limits(calls, size, n, s):
+            yield batch
+            batch, calls, size = [], 0, 0
+        batch.append(delivery)
+        calls, size = calls + n, size + s
+        if calls >= flush_at:
+            yield batch
+            batch, calls, size = [], 0, 0
+    if batch:
+        yield batch
+
+
+# -- the SDK client ---------------------------------------------------------------------------
+class _ClientSlot:
+    """One SDK Client and the failures its consumer thread reported (by messageId)."""
 
     def __init__(self, settings: SegmentSettings, options: SendOptions):
         from segment.analytics import Client  # not picklable: built where it is used
 
-        self.settings = settings
-        self.options = options
-        self._lock = threading.Lock()
-        self._failures: dict[str, _Failure] = {}
-        self._failures_lock = threading.Lock()
-        # Retries must end inside the flush deadline, or the bundle cannot settle in time.
+        self.failures: dict[str, _Failure] = {}
+        self.lock = threading.Lock()
+        # Retries must end inside the flush deadline, or the batch cannot settle in time.
         budget = max(1.0, options.flush_deadline_s * 0.8)
         self.client = Client(
             settings.write_key,
             host=settings.sdk_host(),
-            send=not settings.disable,
-            on_error=self._record_failure,
+            send=True,
+            on_error=self.record,
             max_queue_size=MAX_BATCH_MESSAGES * 4,
-            upload_size=min(settings.flush_at, MAX_BATCH_MESSAGES),
+            upload_size=MAX_BATCH_MESSAGES,
+            upload_interval=GATHER_WINDOW_S,
             max_retries=settings.max_retries,
             timeout=settings.http_request_timeout_ms / 1000.0,
             thread=1,
             max_total_backoff_duration=budget,
             max_rate_limit_duration=budget,
         )
+        # The SDK registers Client.join at exit, which keeps every Client (and its thread) alive
+        # until the process ends; we flush and shut down ourselves.
+        atexit.unregister(self.client.join)
+        self.consumer = self.client.consumers[0]
+
+    def record(self, exc: BaseException, batch: list) -> None:
+        """``on_error``: runs on the SDK's consumer thread and must never raise, or that thread
+        dies and every later flush hangs."""
+        try:
+            status = getattr(exc, "status", None)
+            status = status if isinstance(status, int) else None
+            failure = _Failure(status, describe_error(exc))
+            with self.lock:
+                for message in batch:
+                    message_id = message.get("messageId") if isinstance(message, dict) else None
+                    if message_id:
+                        self.failures[message_id] = failure
+        except Exception:  # pragma: no cover - defensive
+            pass
+
+    def take(self, ids: Iterable[str]) -> dict[str, _Failure]:
+        with self.lock:
+            return {i: self.failures.pop(i) for i in ids if i in self.failures}
+
+    def forget(self, ids: Iterable[str]) -> None:
+        with self.lock:
+            for i in ids:
+                self.failures.pop(i, None)
+
+    def abandon(self) -> None:
+        """Stop the consumer without waiting: its batch may still be in flight (retrying)."""
+        for consumer in self.client.consumers or ():
+            consumer.pause()
+
+    def shutdown(self) -> None:
+        """``Client.shutdown()`` (flush, then stop the consumer) on a helper thread: everything
+        was flushed already, and the paused consumer ends within GATHER_WINDOW_S."""
+        threading.Thread(target=self.client.shutdown, name="segment-shutdown", daemon=True).start()
+
+
+def describe_error(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        code = getattr(exc, "code", None)
+        message = getattr(exc, "message", None) or str(exc)
+        return f"HTTP {status}" + (f" {code}" if code and code != "unknown" else "") + f": {message}"
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {message}"
+
+
+class SegmentConnection:
+    """One SDK Client, used for one batch at a time, reporting the fate of each event."""
+
+    def __init__(self, settings: SegmentSettings, options: SendOptions):
+        self.settings = settings
+        self.options = options
+        self._lock = threading.Lock()   # one batch at a time: the consumer sends what is queued
+        self._slot: _ClientSlot | None = None
+        self.clients_built = 0
+        self.progress = _Progress()
+        if not settings.disable:
+            settings.sdk_host()  # a path the SDK cannot reach fails now, not at the first batch
+            self._slot = self._new_slot()
+
+    def _new_slot(self) -> _ClientSlot:
+        self.clients_built += 1
+        return _ClientSlot(self.settings, self.options)
 
     def close(self) -> None:
-        try:
-            self.client.shutdown()
-        except Exception:  # teardown is best-effort; nothing may be lost here, all was flushed
-            log.exception("closing the Segment client failed")
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            try:
+                slot.shutdown()
+            except Exception:  # teardown is best-effort; nothing may be lost here, all was flushed
+                log.exception("closing the Segment client failed")
 
-    # -- sending ----------------------------------------------------------------------------
+    # -- sending ------------------------------------------------------------------------------
     def send(self, deliveries: list[Delivery], flow: str) -> BatchResult:
-        """Send one batch; a 400 for it is narrowed down to the event(s) Segment refuses."""
+        """Send one batch and settle every event of it: delivered, failed (with a dead letter),
+        or disabled. A 400 for a request is narrowed down to the event(s) Segment refuses."""
         result = BatchResult()
+        if self.settings.disable:
+            result.disabled.extend(deliveries)  # build every call, send nothing
+            return result
         sendable = []
         for delivery in deliveries:
             if not delivery.messages:  # e.g. a silent rule whose identify did not change
                 result.delivered.append(delivery)
                 continue
-            too_large = next((m for m in delivery.messages if len(orjson.dumps(m)) > MAX_MESSAGE_BYTES - 512), None)
-            if too_large is not None:
-                result.failed.append((delivery, _dead_letter(
-                    delivery, dl.TOO_LARGE, f"a {too_large['type']} message is over Segment's 32 KB limit", flow)))
-            else:
-                sendable.append(delivery)
-        self._send_and_isolate(sendable, flow, result)
+            try:
+                sendable.append((delivery, _prepare(delivery)))
+            except _TooLarge as exc:
+                result.failed.append((delivery, _dead_letter(delivery, dl.TOO_LARGE, str(exc), flow)))
+            except _InvalidCall as exc:
+                result.failed.append((delivery, _dead_letter(delivery, dl.INVALID_CALL, str(exc), flow)))
+        for chunk in _within_limits(sendable):
+            self._send_and_isolate(chunk, flow, result)
         return result
 
-    def _send_and_isolate(self, deliveries: list[Delivery], flow: str, result: BatchResult) -> None:
-        if not deliveries:
+    def _send_and_isolate(self, items: list[tuple[Delivery, list]], flow: str, result: BatchResult) -> None:
+        if not items:
             return
-        failures = self._send_once(deliveries)
-        result.requests += 1
-        rejected: list[Delivery] = []
-        for delivery in deliveries:
+        failures = self._send_once(items, result)
+        rejected = []
+        for delivery, prepared in items:
             failure = next((failures[m["messageId"]] for m in delivery.messages if m["messageId"] in failures), None)
             if failure is None:
                 result.delivered.append(delivery)
-            elif failure.status == 400 and len(deliveries) > 1:
-                rejected.append(delivery)
+            elif failure.reason is None and failure.status in _BISECT_STATUSES and len(items) > 1:
+                rejected.append((delivery, prepared))
             else:
-                reason = dl.REJECTED if failure.status is not None and 400 <= failure.status < 500 \
-                    and failure.status not in (408, 410, 429, 460) else dl.DELIVERY_FAILED
-                result.failed.append((delivery, _dead_letter(delivery, reason, failure.error, flow,
+                result.failed.append((delivery, _dead_letter(delivery, _reason(failure), failure.error, flow,
                                                              status=failure.status)))
         if rejected:
-            # Segment refuses a whole request for one bad message: halve until the bad ones
-            # stand alone, so their neighbours are still delivered.
+            # Segment refuses a whole request for one bad message and does not say which: halve
+            # until the bad ones stand alone, so their neighbours are still delivered.
             middle = len(rejected) // 2
             self._send_and_isolate(rejected[:middle], flow, result)
             self._send_and_isolate(rejected[middle:], flow, result)
 
-    def _send_once(self, deliveries: list[Delivery]) -> dict[str, _Failure]:
-        messages = [m for d in deliveries for m in d.messages]
-        ids = [m["messageId"] for m in messages]
+    def _send_once(self, items: list[tuple[Delivery, list]], result: BatchResult) -> dict[str, _Failure]:
+        """Enqueue the calls of ``items``, flush with a deadline, and return the failed ones."""
+        calls = [call for _, prepared in items for call in prepared]
+        ids = [kwargs["message_id"] for _, kwargs in calls]
+        failures: dict[str, _Failure] = {}
+        started = time.monotonic()
         with self._lock:
-            with self._failures_lock:
+            if self._slot is None:
+                self._slot = self._new_slot()
+            slot = self._slot
+            slot.forget(ids)
+            # The consumer thread gathers until it holds upload_size calls: exactly this batch,
+            # so it leaves as one request.
+            slot.consumer.upload_size = len(calls)
+            for kind, kwargs in calls:
+                problem = _enqueue(slot.client, kind, kwargs)
+                if problem is not None:
+                    failures[kwargs["message_id"]] = problem
+                    slot.consumer.upload_size -= 1
+            if failures and len(failures) == len(calls):
+                flushed = True  # nothing was queued
+            else:
+                flushed = _flush_with_deadline(slot.client, self.options.flush_deadline_s)
+            if not flushed:
+                # The consumer is still busy with this batch (long retries, a hung connection):
+                # abandon that client, so the next batch cannot mix with what it still holds.
+                log.warning("a batch to Segment did not settle within %.0f s; its events are failed and "
+                            "a new client will be used", self.options.flush_deadline_s)
+                slot.abandon()
+                self._slot = None
                 for message_id in ids:
-                    self._failures.pop(message_id, None)
-            consumer = (self.client.consumers or [None])[0]
-            if consumer is not None:
-                # One batch = one request: the consumer thread gathers exactly this many.
-                consumer.upload_size = len(messages)
-            not_queued = {}
-            for message in messages:
-                ok = self._enqueue(message)
-                if not ok:
-                    not_queued[message["messageId"]] = _Failure(None, "the SDK queue refused the message")
-            if not self._flush():
-                return {i: _Failure(None, f"no answer from Segment within the flush deadline "
-                                          f"({self.options.flush_deadline_s:.0f} s)") for i in ids}
-            with self._failures_lock:
-                failures = {i: self._failures.pop(i) for i in ids if i in self._failures}
-        failures.update(not_queued)
+                    failures.setdefault(message_id, _Failure(
+                        None, f"no answer from Segment within the flush deadline ({self.options.flush_deadline_s:g} s)"))
+            else:
+                for message_id, failure in slot.take(ids).items():
+                    failures.setdefault(message_id, failure)
+        result.requests.append((len(calls), int((time.monotonic() - started) * 1000)))
         return failures
 
-    def _enqueue(self, message: dict) -> bool:
-        kind = message["type"]
-        common = dict(
-            user_id=message.get("userId"),
-            anonymous_id=message.get("anonymousId"),
-            # The SDK writes context.library into the dict it gets: give it its own copy.
-            context=dict(message.get("context") or {}),
-            timestamp=_dt.datetime.fromisoformat(message["timestamp"]),
-            integrations=message.get("integrations"),
-            message_id=message["messageId"],
-        )
-        client = self.client
-        if kind == "track":
-            ok, _ = client.track(event=message["event"], properties=message.get("properties"), **common)
-        elif kind == "identify":
-            ok, _ = client.identify(traits=message.get("traits"), **common)
-        elif kind == "group":
-            ok, _ = client.group(group_id=message["groupId"], traits=message.get("traits"), **common)
-        elif kind == "page":
-            ok, _ = client.page(category=message.get("category"), name=message.get("name"),
-                                properties=message.get("properties"), **common)
-        elif kind == "screen":
-            ok, _ = client.screen(category=message.get("category"), name=message.get("name"),
-                                  properties=message.get("properties"), **common)
-        else:
-            raise ValueError(f"unknown call type {kind!r}")
-        return ok
 
-    def _flush(self) -> bool:
-        """``Client.flush`` with a deadline: it has none, and can block for the whole retry budget."""
-        done = threading.Event()
+class _TooLarge(ValueError):
+    pass
 
-        def run():
-            try:
-                self.client.flush()
-            finally:
-                done.set()
 
-        threading.Thread(target=run, name="segment-flush", daemon=True).start()
-        return done.wait(self.options.flush_deadline_s)
+def _prepare(delivery: Delivery) -> list[tuple[str, dict]]:
+    """The SDK calls for a delivery, every value JSON-typed and every check the SDK would make
+    done up front, so an event's calls are either all enqueued or none."""
+    prepared = []
+    for message in delivery.messages:
+        wire = to_wire(message)
+        size = wire_size(wire)
+        if size > MAX_MESSAGE_BYTES:
+            raise _TooLarge(f"a {wire.get('type')} message is about {size} bytes, over Segment's "
+                            f"{MAX_MESSAGE_BYTES}-byte limit")
+        prepared.append(_sdk_call(wire))
+    return prepared
 
-    def _record_failure(self, exc: BaseException, batch: list[dict]) -> None:
-        # Runs on the SDK's consumer thread: must never raise, or that thread dies and
-        # every later flush hangs.
+
+_ID_TYPES = (str, numbers.Number)
+
+
+def _sdk_call(message: dict) -> tuple[str, dict]:
+    """(method, keyword arguments) of the SDK call for one wire message; _InvalidCall for what
+    the SDK's ``require`` checks would refuse."""
+    kind = message.get("type")
+    user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
+    if not ((user_id and isinstance(user_id, _ID_TYPES)) or (anonymous_id and isinstance(anonymous_id, _ID_TYPES))):
+        raise _InvalidCall(f"a {kind} call needs a userId or anonymousId (string or number)")
+    try:
+        timestamp = _dt.datetime.fromisoformat(message["timestamp"])
+    except (KeyError, TypeError, ValueError):
+        raise _InvalidCall(f"a {kind} call needs an ISO 8601 timestamp, got {message.get('timestamp')!r}") from None
+    for name in ("context", "integrations", "properties", "traits"):
+        if message.get(name) is not None and not isinstance(message[name], dict):
+            raise _InvalidCall(f"{name} of a {kind} call must be an object")
+    message_id = message.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        raise _InvalidCall(f"a {kind} call has no messageId")
+    common = dict(user_id=user_id, anonymous_id=anonymous_id, context=dict(message.get("context") or {}),
+                  timestamp=timestamp, integrations=message.get("integrations") or {}, message_id=message_id)
+    if kind == "track":
+        if not isinstance(message.get("event"), str):
+            raise _InvalidCall("a track call needs an event name (string)")
+        return kind, dict(event=message["event"], properties=message.get("properties") or {}, **common)
+    if kind == "identify":
+        return kind, dict(traits=message.get("traits") or {}, **common)
+    if kind == "group":
+        if not isinstance(message.get("groupId"), _ID_TYPES) or message.get("groupId") in ("", None):
+            raise _InvalidCall("a group call needs a groupId (string or number)")
+        return kind, dict(group_id=message["groupId"], traits=message.get("traits") or {}, **common)
+    if kind in ("page", "screen"):
+        for name in ("name", "category"):
+            if message.get(name) and not isinstance(message[name], str):
+                raise _InvalidCall(f"{name} of a {kind} call must be a string")
+        return kind, dict(category=message.get("category"), name=message.get("name"),
+                          properties=message.get("properties") or {}, **common)
+    raise _InvalidCall(f"unknown call type {kind!r}")
+
+
+def _enqueue(client, kind: str, kwargs: dict) -> _Failure | None:
+    """One SDK call; a failure when the SDK raised or refused it (queue full)."""
+    try:
+        ok, _ = getattr(client, kind)(**kwargs)
+    except RuntimeError as exc:  # the SDK's own 32 KB check (ours is stricter: a safety net)
+        return _Failure(None, f"the SDK refused the message: {exc.args[0] if exc.args else exc}", dl.TOO_LARGE)
+    except (AssertionError, TypeError, ValueError) as exc:
+        return _Failure(None, f"the SDK refused the call: {exc}", dl.INVALID_CALL)
+    if not ok:
+        return _Failure(None, "the SDK queue refused the message (queue full)")
+    return None
+
+
+def _flush_with_deadline(client, deadline_s: float) -> bool:
+    """``Client.flush`` with a deadline: it has none, and can block for the whole retry budget."""
+    done = threading.Event()
+
+    def run():
         try:
-            status = getattr(exc, "status", None)
-            status = status if isinstance(status, int) else None
-            text = _describe_error(exc)
-            with self._failures_lock:
-                for message in batch:
-                    message_id = message.get("messageId") if isinstance(message, dict) else None
-                    if message_id:
-                        self._failures[message_id] = _Failure(status, text)
-        except Exception:  # pragma: no cover - defensive
-            pass
+            client.flush()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="segment-flush", daemon=True).start()
+    return done.wait(deadline_s)
 
 
-def _describe_error(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    message = getattr(exc, "message", None) or str(exc)
-    return f"HTTP {status}: {message}" if isinstance(status, int) else f"{type(exc).__name__}: {message}"
+def _within_limits(items: list[tuple[Delivery, list]]) -> Iterator[list[tuple[Delivery, list]]]:
+    """A batch cut to the request limits (BatchCalls already did; this holds for any input)."""
+    chunk, calls, size = [], 0, 0
+    for delivery, prepared in items:
+        n, s = len(prepared), delivery.measure()
+        if chunk and exceeds_request_limits(calls, size, n, s):
+            yield chunk
+            chunk, calls, size = [], 0, 0
+        chunk.append((delivery, prepared))
+        calls, size = calls + n, size + s
+    if chunk:
+        yield chunk
+
+
+def _reason(failure: _Failure) -> str:
+    if failure.reason is not None:
+        return failure.reason
+    status = failure.status
+    if status is not None and 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return dl.REJECTED
+    return dl.DELIVERY_FAILED
 
 
 def _dead_letter(delivery: Delivery, reason: str, error: str, flow: str, status: int | None = None) -> DeadLetter:
@@ -235,74 +537,108 @@ def _dead_letter(delivery: Delivery, reason: str, error: str, flow: str, status:
                       flow=flow, event_id=delivery.event.get("id"), http_status=status)
 
 
-# -- one connection per process and configuration ------------------------------------------
-# The streaming DirectRunner builds a new DoFn (setup + teardown) for every bundle, and each
-# SDK Client lives until the process exits (atexit keeps it). So connections are shared per
-# configuration and counted: the last teardown closes the client after a grace period, which a
-# new setup() in the meantime cancels. On Dataflow, which reuses DoFns, this is one client
-# per DoFn instance's configuration, closed when the worker tears the DoFns down.
+# -- progress -----------------------------------------------------------------------------------
+class _Progress:
+    """Totals of one connection (so of one worker process and configuration), logged at most
+    every ``interval_s``: a long batch run shows it is moving, without a line per event."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.delivered = self.dead = self.disabled = self.requests = 0
+        self._started = self._last = None
+
+    def add(self, result: BatchResult, interval_s: float) -> None:
+        line = None
+        with self._lock:
+            now = time.monotonic()
+            if self._started is None:
+                self._started = self._last = now
+            self.delivered += len(result.delivered)
+            self.dead += len(result.failed)
+            self.disabled += len(result.disabled)
+            self.requests += len(result.requests)
+            if interval_s > 0 and now - self._last >= interval_s:
+                self._last = now
+                rate = self.delivered / max(now - self._started, 1e-9)
+                line = (f"delivery to Segment so far: {self.delivered} events delivered, {self.dead} "
+                        f"dead-lettered" + (f", {self.disabled} not sent (disable)" if self.disabled else "")
+                        + f"; {self.requests} requests, {rate:.0f} events/s")
+        if line:
+            progress_log.info(line)
+
+
+# -- connections, pooled per process and configuration -------------------------------------------
+# The streaming DirectRunner builds a new DoFn (setup + teardown) for every bundle, and each SDK
+# Client costs a thread and an HTTP session. A released connection waits idle for CLOSE_GRACE_S
+# and is handed to the next setup() of the same configuration; concurrent DoFn instances (the
+# threads of a Dataflow worker) each get their own, so sends are not serialised across them.
 CLOSE_GRACE_S = 30.0
-_CONNECTIONS: dict[str, "_Shared"] = {}
-_CONNECTIONS_LOCK = threading.Lock()
+_IDLE: dict[str, list["_Idle"]] = {}
+_POOL_LOCK = threading.Lock()
 
 
-@dataclass
-class _Shared:
+@dataclass(eq=False)
+class _Idle:
     connection: SegmentConnection
-    users: int = 0
     closing: threading.Timer | None = None
 
 
 def acquire_connection(settings: SegmentSettings, options: SendOptions) -> tuple[str, SegmentConnection]:
     key = _fingerprint(settings, options)
-    with _CONNECTIONS_LOCK:
-        shared = _CONNECTIONS.get(key)
-        if shared is None:
-            shared = _CONNECTIONS[key] = _Shared(SegmentConnection(settings, options))
-        if shared.closing is not None:
-            shared.closing.cancel()
-            shared.closing = None
-        shared.users += 1
-        return key, shared.connection
+    with _POOL_LOCK:
+        idle = _IDLE.get(key)
+        if idle:
+            entry = idle.pop()
+            if entry.closing is not None:
+                entry.closing.cancel()
+            return key, entry.connection
+    return key, SegmentConnection(settings, options)
 
 
-def release_connection(key: str, grace_s: float = CLOSE_GRACE_S) -> None:
-    with _CONNECTIONS_LOCK:
-        shared = _CONNECTIONS.get(key)
-        if shared is None:
-            return
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        if grace_s <= 0:
-            del _CONNECTIONS[key]
-        else:
-            timer = threading.Timer(grace_s, _close_if_unused, args=(key, shared))
-            timer.daemon = True
-            shared.closing = timer
-            timer.start()
-            return
-    shared.connection.close()
+def release_connection(key: str, connection: SegmentConnection, grace_s: float = CLOSE_GRACE_S) -> None:
+    if grace_s <= 0:
+        connection.close()
+        return
+    entry = _Idle(connection)
+    with _POOL_LOCK:
+        _IDLE.setdefault(key, []).append(entry)
+        entry.closing = threading.Timer(grace_s, _close_if_idle, args=(key, entry))
+        entry.closing.daemon = True
+        entry.closing.start()
 
 
-def _close_if_unused(key: str, shared: _Shared) -> None:
-    with _CONNECTIONS_LOCK:
-        if shared.users > 0 or _CONNECTIONS.get(key) is not shared:
-            return
-        del _CONNECTIONS[key]
-    shared.connection.close()
+def _close_if_idle(key: str, entry: _Idle) -> None:
+    with _POOL_LOCK:
+        idle = _IDLE.get(key, [])
+        if not any(e is entry for e in idle):
+            return  # taken again meanwhile
+        idle.remove(entry)
+        if not idle:
+            _IDLE.pop(key, None)
+    entry.connection.close()
+
+
+def idle_connections() -> int:
+    with _POOL_LOCK:
+        return sum(len(v) for v in _IDLE.values())
 
 
 def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     # Hashed, so the write key is never a readable dict key in a heap dump or a log.
-    text = repr((settings.write_key, settings.sdk_host(), settings.max_retries, settings.http_request_timeout_ms,
-                 settings.disable, settings.flush_at, options.flush_deadline_s))
+    text = repr((settings.write_key, settings.host, settings.path, settings.max_retries,
+                 settings.http_request_timeout_ms, settings.disable, options.flush_deadline_s))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# -- Beam ---------------------------------------------------------------------------------------
 class SendToSegment(beam.DoFn):
-    """Sink: each input is a batch (a list of :class:`Delivery`); it is sent before ``process``
-    returns. Dead letters leave on the ``dead_letter`` output; delivered events on the main one.
+    """Sink: each input is a batch (a list of :class:`Delivery`), sent before ``process`` returns,
+    so everything of a bundle is settled (accepted by Segment or dead-lettered) before it commits.
+
+    Delivered events leave on the main output, dead letters on ``dead_letter``. With
+    ``fail_bundle_on_error``, events that failed for a transient reason (5xx, 429, timeouts, after
+    the SDK's retries) fail the bundle instead, so the runner retries it; refusals that a retry
+    cannot fix (``too_large``, ``rejected``, ``invalid_call``) are dead-lettered either way.
     """
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
@@ -311,6 +647,8 @@ class SendToSegment(beam.DoFn):
         self.options = options or SendOptions()
         self.delivered_events = Metrics.counter(NAMESPACE, "events_delivered")
         self.failed_events = Metrics.counter(NAMESPACE, "events_dead_lettered_at_send")
+        self.disabled_events = Metrics.counter(NAMESPACE, "events_disabled")
+        self.disabled_calls = Metrics.counter(NAMESPACE, "calls_disabled")
         self.requests = Metrics.counter(NAMESPACE, "requests_to_segment")
         self.batch_messages = Metrics.distribution(NAMESPACE, "messages_per_batch")
         self.request_latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
@@ -324,78 +662,133 @@ class SendToSegment(beam.DoFn):
         deliveries = list(batch)
         if not deliveries:
             return
-        started = time.monotonic()
         result = self.connection.send(deliveries, self.flow)
-        self.request_latency.update(int((time.monotonic() - started) * 1000))
-        self.requests.inc(result.requests)
-        messages = sum(len(d.messages) for d in deliveries)
-        self.batch_messages.update(messages)
+        self.connection.progress.add(result, self.options.progress_interval_s)
+        self.requests.inc(len(result.requests))
+        for messages, millis in result.requests:
+            self.batch_messages.update(messages)
+            self.request_latency.update(millis)
+        if self.options.fail_bundle_on_error:
+            transient = [dead for _, dead in result.failed if dead.reason == dl.DELIVERY_FAILED]
+            if transient:
+                raise RuntimeError(f"{len(transient)} event(s) could not be delivered to Segment; failing the "
+                                   f"bundle so the runner retries it (first: {transient[0].error})")
         for delivery in result.delivered:
             self.delivered_events.inc()
             Metrics.counter(NAMESPACE, "events_delivered_calls").inc(len(delivery.messages))
             for message in delivery.messages:
                 Metrics.counter(NAMESPACE, f"calls_sent_{message['type']}").inc()
             yield delivery
-        if result.failed and self.options.fail_bundle_on_error:
-            raise RuntimeError(f"{len(result.failed)} event(s) could not be delivered to Segment; failing the "
-                               f"bundle so the runner retries it (first: {result.failed[0][1].error})")
+        for delivery in result.disabled:
+            self.disabled_events.inc()
+            self.disabled_calls.inc(len(delivery.messages))
         for _, dead in result.failed:
             self.failed_events.inc()
             Metrics.counter(NAMESPACE, f"dead_letter_{dead.reason}").inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead)
 
     def teardown(self):
-        # Everything was already flushed in process(); this only closes the client (shutdown()).
-        if self._connection_key is not None:
-            release_connection(self._connection_key)
+        # Everything was already sent in process(); this only hands the client back (and, after
+        # the grace period, shuts it down).
+        if self._connection_key is not None and self.connection is not None:
+            release_connection(self._connection_key, self.connection)
             self._connection_key, self.connection = None, None
 
 
-class _BatchInBundle(beam.DoFn):
-    """Gathers deliveries into batches of at most ``flush_at`` calls and the request limits.
+class _BatchInState(beam.DoFn):
+    """Per shard: deliveries buffered in a bag until a flush rule says the batch is complete.
 
-    Batches never outlive the bundle: what is left is emitted in ``finish_bundle``, so it is
-    sent before the bundle commits. The calls of one event are never split.
+    Timers, chosen so every runner flushes everything:
+
+    * ``flush_interval`` (processing time, streaming only) fires ``flushInterval`` ms after a
+      batch's first event. The clock is injectable, because under TestStream processing time
+      starts at 0. Not set in batch: there the FnApiRunner fails the run on a processing-time
+      timer that is not due yet when its work runs out ("time-pending bundles did not
+      execute"), and the bundle-based DirectRunner drops them (losing the batch).
+    * ``end_of_window`` (event time, the window's end) fires when the watermark passes the end
+      of the (global) window: at the end of a batch run on every runner, after a TestStream's
+      last watermark, and when a Dataflow streaming job is drained.
     """
 
-    def __init__(self, flush_at: int):
-        self.flush_at = max(1, min(flush_at, MAX_BATCH_MESSAGES))
+    BUFFER = BagStateSpec("buffer", PickleCoder())
+    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # (calls, bytes, first timestamp)
+    FLUSH = TimerSpec("flush_interval", TimeDomain.REAL_TIME)
+    END = TimerSpec("end_of_window", TimeDomain.WATERMARK)
 
-    def start_bundle(self):
-        self._batch: list[Delivery] = []
-        self._calls = 0
-        self._bytes = 0
-        self._timestamp = None
+    def __init__(self, flush_at: int, flush_interval_ms: int, streaming: bool,
+                 clock: Callable[[], float] | None = None):
+        self.flush_at = max(1, min(int(flush_at), MAX_BATCH_MESSAGES))
+        self.flush_interval_s = max(0, int(flush_interval_ms)) / 1000.0
+        self.streaming = streaming
+        self.clock = clock
 
-    def process(self, delivery: Delivery, timestamp=beam.DoFn.TimestampParam):
-        size = delivery.measure()
-        calls = len(delivery.messages)
-        if self._batch and (self._calls + calls > self.flush_at or self._bytes + size > MAX_BATCH_BYTES):
-            yield self._take()
-        self._batch.append(delivery)
-        self._calls += calls
-        self._bytes += size
-        self._timestamp = timestamp if self._timestamp is None else max(self._timestamp, timestamp)
-        if self._calls >= self.flush_at:
-            yield self._take()
+    def process(self, keyed, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING),
+                flush=beam.DoFn.TimerParam(FLUSH), end=beam.DoFn.TimerParam(END)):
+        _, delivery = keyed
+        calls, size = len(delivery.messages), delivery.measure()
+        state = pending.read()
+        if state is not None and exceeds_request_limits(state[0], state[1], calls, size):
+            yield self._take(buffer, pending, state)
+            state = None
+        if state is None:
+            state = (0, 0, timestamp)
+            if self.streaming:
+                flush.set(Timestamp.of((self.clock or time.time)() + self.flush_interval_s))
+            end.set(window.max_timestamp())
+        buffer.add(delivery)
+        state = (state[0] + calls, state[1] + size, min(state[2], timestamp))
+        if state[0] >= self.flush_at:
+            yield self._take(buffer, pending, state)
+        else:
+            pending.write(state)
 
-    def finish_bundle(self):
-        if self._batch:
-            timestamp = self._timestamp
-            yield beam.utils.windowed_value.WindowedValue(
-                self._take(), timestamp, [beam.transforms.window.GlobalWindow()])
+    @on_timer(FLUSH)
+    def on_flush_interval(self, buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING)):
+        yield from self._flush_on_timer(buffer, pending, "flush_interval")
 
-    def _take(self) -> list[Delivery]:
-        batch, self._batch, self._calls, self._bytes, self._timestamp = self._batch, [], 0, 0, None
+    @on_timer(END)
+    def on_end_of_window(self, buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING)):
+        yield from self._flush_on_timer(buffer, pending, "end_of_window")
+
+    def _flush_on_timer(self, buffer, pending, why: str):
+        state = pending.read()
+        if state is None:
+            return  # flushed by size since the timer was set
+        Metrics.counter(NAMESPACE, f"batches_flushed_by_{why}").inc()
+        # A timer's output carries the timer's time (processing time for flush_interval, which
+        # can be anything): give the batch its first event's time instead, which the timer's
+        # watermark hold protects, so windowed writes downstream do not see it as late.
+        yield TimestampedValue(self._take(buffer, pending, state), state[2])
+
+    @staticmethod
+    def _take(buffer, pending, state) -> list[Delivery]:
+        batch = list(buffer.read())
+        buffer.clear()
+        pending.clear()
         return batch
 
 
 class BatchCalls(beam.PTransform):
-    """Deliveries → batches for one request each (``flushAt`` calls, under 500 KB / 2,500)."""
+    """Deliveries → batches for one request each (``flushAt`` calls or ``flushInterval`` ms,
+    under 2,500 messages and :data:`MAX_BATCH_BYTES`), batched in Beam state over
+    ``options.shards`` keys. ``settings`` may be a bare ``flush_at`` (interval: the default).
+    ``streaming``: flush after ``flushInterval`` (in batch, batches fill up, the rest at the end)."""
 
-    def __init__(self, flush_at: int):
+    def __init__(self, settings: SegmentSettings | int, options: SendOptions | None = None, *,
+                 streaming: bool = False):
         super().__init__()
-        self.flush_at = flush_at
+        self.streaming = streaming
+        if isinstance(settings, int):
+            self.flush_at, self.flush_interval_ms = settings, INT_SETTINGS["flushInterval"]
+        else:
+            self.flush_at, self.flush_interval_ms = settings.flush_at, settings.flush_interval_ms
+        self.options = options or SendOptions()
 
     def expand(self, deliveries):
-        return deliveries | "Gather" >> beam.ParDo(_BatchInBundle(self.flush_at))
+        shards = max(1, int(self.options.shards))
+        return (deliveries
+                | "ShardKey" >> beam.Map(lambda d: (d.shard_key(shards), d)).with_output_types(
+                    typing.Tuple[str, Delivery])
+                | "Gather" >> beam.ParDo(_BatchInState(self.flush_at, self.flush_interval_ms, self.streaming,
+                                                       self.options.clock)))

@@ -1,0 +1,227 @@
+"""SendToSegment / SegmentConnection: the SDK's quiet loss paths closed one by one (values it
+would drop, messages too large, calls it refuses, a full queue, a flush without deadline),
+``disable``, the pooled connection, and progress logging."""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import logging
+import math
+import time
+from decimal import Decimal
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing import test_stream
+
+from pipeline.graph import build_pipeline
+from pipeline.local_segment import delay
+from pipeline.summary import reconcile, render
+from test_delivery_kit import assert_exactly_once, event, fast, lines, planned_calls, run, spec_for
+from support import WRITE_KEY
+from transforms import sink
+from transforms.sink import Delivery, SegmentConnection, to_wire
+
+TS = "2026-01-01T00:00:00.000+00:00"
+
+
+def track(message_id: str, **fields) -> dict:
+    return {"type": "track", "anonymousId": "a-1", "event": "Tested", "messageId": message_id, "timestamp": TS,
+            **fields}
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+class Opaque:
+    def __str__(self):
+        return "opaque!"
+
+
+# -- values the SDK would drop ---------------------------------------------------------------------
+def test_to_wire_turns_everything_into_json_types():
+    value = {
+        "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "day": dt.date(2026, 1, 2),
+        "price": Decimal("9.95"), "tags": {"b", "a"}, "pair": (1, 2), "raw": b"\xffok", "colour": Colour.RED,
+        "nan": math.nan, "inf": -math.inf, "object": Opaque(), "np_int": np.int64(7), "np_float": np.float32(0.5),
+        2: "int key", (1, 2): "tuple key", None: "none key", True: "bool key",
+        "nested": [{"at": dt.time(12, 30)}, [Decimal("1")]],
+    }
+    wire = to_wire(value)
+    json.dumps(wire, allow_nan=False)  # plain JSON: no NaN, no unknown types, string keys only
+    assert wire["when"] == "2026-01-02T03:04:05+00:00" and wire["day"] == "2026-01-02"
+    assert wire["price"] == 9.95 and wire["tags"] == ["a", "b"] and wire["pair"] == [1, 2]
+    assert wire["raw"] == "\ufffdok" and wire["colour"] == "red" and wire["object"] == "opaque!"
+    assert wire["nan"] is None and wire["inf"] is None
+    assert wire["np_int"] == 7 and type(wire["np_int"]) is int and wire["np_float"] == 0.5
+    assert wire["2"] == "int key" and wire["(1, 2)"] == "tuple key" and wire["null"] == "none key"
+    assert wire["true"] == "bool key" and wire["nested"] == [{"at": "12:30:00"}, [1.0]]
+    assert to_wire({"plain": [1, "x", True, None, 2.5, {"k": {}}]}) == {"plain": [1, "x", True, None, 2.5, {"k": {}}]}
+
+
+def test_without_conversion_the_sdk_would_silently_drop_values():
+    from segment.analytics.utils import clean
+
+    value = {"object": Opaque(), "list": [1, Opaque()], "keep": 1}
+    assert clean(value) == {"keep": 1}  # both quietly gone (a warning in the log, nothing else)
+    assert clean(to_wire(value)) == {"object": "opaque!", "list": [1, "opaque!"], "keep": 1}
+
+
+def test_odd_values_arrive_converted(endpoint):
+    spec = spec_for(endpoint.url)
+    connection = SegmentConnection(spec.settings, fast())
+    try:
+        odd = Delivery({"id": "odd"}, [track("odd:1", properties={"at": dt.date(2026, 5, 1), "tags": {"x"},
+                                                                  "obj": Opaque(), "nan": math.nan})])
+        result = connection.send([odd], "default")
+    finally:
+        connection.close()
+    assert result.delivered == [odd] and not result.failed
+    [received] = endpoint.accepted
+    assert received["properties"] == {"at": "2026-05-01", "tags": ["x"], "obj": "opaque!", "nan": None}
+
+
+# -- what never reaches Segment ------------------------------------------------------------------
+def test_a_message_over_32_kb_is_dead_lettered_before_sending(endpoint):
+    spec = spec_for(endpoint.url)
+    events = [event(i) for i in range(5)] + [event(9, data={"blob": "x" * 33_000})]
+    result = run(spec, events)
+
+    assert_exactly_once(endpoint, result, planned_calls(spec, events), dead_ids={events[-1]["id"]})
+    [dead] = result.dead
+    assert (dead.reason, dead.stage, dead.http_status) == ("too_large", "send", None)
+    assert "32768-byte limit" in dead.error
+    assert all(events[-1]["id"] not in str(r.message_ids) for r in endpoint.requests)  # never sent
+    assert not endpoint.counters["rejected_requests"]
+
+
+def test_a_call_the_sdk_refuses_is_dead_lettered_whole(endpoint):
+    spec = spec_for(endpoint.url)
+    connection = SegmentConnection(spec.settings, fast())
+    try:
+        good = Delivery({"id": "good"}, [track("good:1")])
+        # Its identify is fine, its group has no usable groupId: the event fails as a whole,
+        # and its identify is not sent either.
+        bad = Delivery({"id": "bad"}, [{**track("bad:1"), "type": "identify"},
+                                       {**track("bad:2"), "type": "group", "groupId": {"no": "dict"}}])
+        result = connection.send([good, bad], "default")
+    finally:
+        connection.close()
+    assert result.delivered == [good]
+    [(failed, dead)] = result.failed
+    assert failed is bad and dead.reason == "invalid_call" and "groupId" in dead.error
+    assert [m["messageId"] for m in endpoint.accepted] == ["good:1"]
+
+
+def test_a_full_queue_or_an_sdk_exception_fails_the_message():
+    class Refusing:
+        def track(self, **kwargs):
+            return False, kwargs
+
+        def identify(self, **kwargs):
+            raise RuntimeError("Message exceeds %skb limit. (%s)")
+
+        def page(self, **kwargs):
+            raise AssertionError("user_id or anonymous_id must have ...")
+
+    assert "queue full" in sink._enqueue(Refusing(), "track", {}).error
+    assert sink._enqueue(Refusing(), "identify", {}).reason == "too_large"
+    assert sink._enqueue(Refusing(), "page", {}).reason == "invalid_call"
+
+
+def test_disable_sends_nothing_and_counts_it(endpoint):
+    spec = spec_for(endpoint.url, identify=True, disable=True)
+    events = [event(i, user={"session": "s", "email": "e@x"}) for i in range(6)]
+    result = run(spec, events)
+
+    assert not endpoint.requests and not result.delivered and not result.dead
+    assert result.counts["events_disabled"] == 6
+    assert result.counts["calls_disabled"] == 7  # one identify (then unchanged), six tracks
+    check = reconcile(result.counts)
+    assert check.balanced and check.dropped == 6
+    assert "not sent (disable)" in render(result.counts)
+
+
+# -- a flush that does not end ---------------------------------------------------------------------
+def test_a_batch_over_the_flush_deadline_fails_and_a_new_client_takes_over(endpoint):
+    spec = spec_for(endpoint.url, timeout_ms=10_000)
+    connection = SegmentConnection(spec.settings, fast(flush_deadline_s=0.5))
+    try:
+        endpoint.script(delay(2.0))
+        slow = connection.send([Delivery({"id": "slow"}, [track("slow:1")])], "default")
+        [(_, dead)] = slow.failed
+        assert dead.reason == "delivery_failed" and "flush deadline" in dead.error
+        fast_one = connection.send([Delivery({"id": "next"}, [track("next:1")])], "default")
+        assert [d.event["id"] for d in fast_one.delivered] == ["next"]
+        assert connection.clients_built == 2
+        # The abandoned request still lands later: the replay of "slow" will be a duplicate,
+        # absorbed by messageId.
+        assert endpoint.wait_until(2, timeout=5)
+    finally:
+        connection.close()
+
+
+# -- the pooled connection --------------------------------------------------------------------------
+def test_connections_are_pooled_per_configuration(endpoint):
+    settings = spec_for(endpoint.url).settings
+    options = fast()
+    key, first = sink.acquire_connection(settings, options)
+    _, second = sink.acquire_connection(settings, options)
+    assert first is not second  # two DoFn instances at once: a client each
+    sink.release_connection(key, first, grace_s=30)
+    _, again = sink.acquire_connection(settings, options)
+    assert again is first  # the next setup() reuses the idle one
+    other_key, other = sink.acquire_connection(spec_for(endpoint.url, max_retries=3).settings, options)
+    assert other is not first and other_key != key
+    consumer = first._slot.consumer
+    for k, c in ((key, first), (key, second), (other_key, other)):
+        sink.release_connection(k, c, grace_s=0.05)
+    deadline = time.monotonic() + 3
+    while (first._slot is not None or consumer.running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first._slot is None and not consumer.running  # closed after the grace period: shutdown()
+    assert WRITE_KEY not in key  # the pool's key is a hash
+
+
+def test_the_streaming_runner_reuses_one_client_across_bundles(endpoint):
+    spec = spec_for(endpoint.url, flush_at=2, namespace="pooled", timeout_ms=5_000)
+    before = _clients_built()
+    stream = test_stream.TestStream()
+    for i in range(4):  # one bundle per add_elements: setup() and teardown() for each
+        stream = stream.add_elements(lines([event(2 * i), event(2 * i + 1)]))
+    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    build_pipeline(p, spec, streaming=True, read=stream.advance_watermark_to_infinity(),
+                   send_options=fast(clock=lambda: 0.0, flush_deadline_s=4.5))
+    p.run().wait_until_finish()
+    assert len(endpoint.accepted) == 8 and len(endpoint.requests) == 4
+    assert _clients_built() - before == 1
+
+
+def _clients_built() -> int:
+    return getattr(sink, "_test_built", 0)
+
+
+@pytest.fixture(autouse=True)
+def _count_clients(monkeypatch):
+    original = sink._ClientSlot.__init__
+
+    def counting(self, *args, **kwargs):
+        sink._test_built = getattr(sink, "_test_built", 0) + 1
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sink._ClientSlot, "__init__", counting)
+
+
+# -- progress -----------------------------------------------------------------------------------------
+def test_progress_is_logged_while_a_run_delivers(endpoint, caplog):
+    spec = spec_for(endpoint.url, flush_at=5)
+    with caplog.at_level(logging.INFO, logger="transforms.sink.progress"):
+        run(spec, [event(i) for i in range(40)], options=fast(progress_interval_s=1e-6))
+    progress = [r.getMessage() for r in caplog.records if r.name == "transforms.sink.progress"]
+    assert progress and all("delivery to Segment so far" in line for line in progress)
+    assert len(progress) < 10  # a line per batch at most, never per event
+    assert "events delivered" in progress[-1] and "requests" in progress[-1]
