@@ -42,7 +42,7 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     from transforms.destination import Destination, DestinationSpec
     from transforms.mapping import MappingConfigError
 
-    flow = load_flow(flow_path, flow_name, destination_id)
+    flow = _read_flow(flow_path, flow_name, destination_id)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
     spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
     try:
@@ -50,6 +50,29 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     except MappingConfigError as exc:
         raise FlowError([str(exc)]) from None
     return spec
+
+
+def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None):
+    """A local flow file, or one on gs:// (a Flex Template's launcher reads it from there)."""
+    import json
+
+    from pipeline.flow import FlowError, flow_from_document, load_flow
+
+    if not flow_path.startswith("gs://"):
+        return load_flow(flow_path, flow_name, destination_id)
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(flow_path, compression_type="uncompressed") as f:
+            text = f.read()
+    except Exception as exc:  # Beam raises its own IOError/BeamIOError flavours for gs://
+        raise FlowError([f"{flow_path}: cannot read the flow file: {exc}"]) from None
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise FlowError([f"{flow_path}: not valid JSON: {getattr(exc, 'msg', exc)}{where}"]) from None
+    return flow_from_document(document, flow_name, destination_id)
 
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +136,20 @@ def explain(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> int:
-    """Build and run the pipeline; batch runs wait and print the summary."""
+    """Build and run the pipeline. Batch on a local runner: wait and print the summary.
+    Streaming on the local DirectRunner: run until Ctrl-C. On Dataflow: submit and return."""
+    prepared = prepare_run(argv)
+    if isinstance(prepared, int):
+        return prepared
+    options, spec = prepared
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return execute(options, spec, streaming=bool(options.view_as(StandardOptions).streaming))
+
+
+def prepare_run(argv: list[str]):
+    """``run``'s flags → ``(PipelineOptions, DestinationSpec)``, or an exit code after printing
+    every problem. Names the runner when the user did not, and turns streaming on for Pub/Sub."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from pipeline.flow import FlowError
@@ -124,39 +160,92 @@ def run(argv: list[str]) -> int:
     options = PipelineOptions(_with_default_runner(argv))
     opts = options.view_as(WalkerosOptions)
     standard = options.view_as(StandardOptions)
-    problems = _missing_flags(opts)
+    if (opts.input_subscription or opts.input_topic) and not standard.streaming:
+        standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
+    problems = _missing_flags(opts) or _flag_problems(opts, options)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
         return EXIT_CONFIG
-    if (opts.input_subscription or opts.input_topic) and not standard.streaming:
-        standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
     try:
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
                          opts.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
-    return execute(options, spec, streaming=bool(standard.streaming))
+    return options, spec
 
 
-def execute(options, spec, streaming: bool) -> int:
+def launch(options, spec):
+    """Build the graph and start it; returns the runner's PipelineResult at once."""
     import apache_beam as beam
+
+    from apache_beam.options.pipeline_options import StandardOptions
 
     from pipeline.graph import build_from_options
     from pipeline.options import WalkerosOptions
+
+    pipeline = beam.Pipeline(options=options)
+    build_from_options(pipeline, spec, options.view_as(WalkerosOptions),
+                       bool(options.view_as(StandardOptions).streaming))
+    return pipeline.run()
+
+
+def execute(options, spec, streaming: bool) -> int:
     from pipeline.summary import counters, render
 
-    opts = options.view_as(WalkerosOptions)
-    pipeline = beam.Pipeline(options=options)
-    build_from_options(pipeline, spec, opts, streaming)
-    result = pipeline.run()
-    if streaming and not _is_direct(options):
-        print("streaming job submitted; it runs until drained or cancelled")
+    result = launch(options, spec)
+    if not _is_direct(options):
+        # A Flex Template launcher must return once the job is submitted (waiting would block
+        # the launch); follow the job in the console or with `gcloud dataflow jobs`.
+        job_id = getattr(result, "job_id", None)
+        job = f" as job {job_id()}" if callable(job_id) else ""
+        print(f"{'streaming' if streaming else 'batch'} job submitted{job}; "
+              + ("it runs until drained or cancelled" if streaming else "it stops when the input is read"))
         return 0
-    result.wait_until_finish()
+    if streaming:
+        _run_local_streaming(result, options)
+    else:
+        result.wait_until_finish()
     print(f"walkerOS → Segment: run of flow {spec.flow_name!r} finished")
     print(render(counters(result)))
+    if streaming:
+        print("(Beam's counters on the local streaming DirectRunner only count each step's first bundle: "
+              "the numbers above are incomplete)")
     return 0
+
+
+def _run_local_streaming(result, options) -> None:
+    """The streaming DirectRunner never finishes by itself: run until Ctrl-C, then cancel."""
+    from pipeline.options import WalkerosOptions
+
+    opts = options.view_as(WalkerosOptions)
+    print("streaming on the local DirectRunner; Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:
+        print("stopping...", file=sys.stderr, flush=True)
+        stop_local_streaming(result, opts.input_subscription, opts.input_topic)
+
+
+def stop_local_streaming(result, subscription: str | None = None, topic: str | None = None) -> None:
+    """Cancel a streaming pipeline on the DirectRunner without waiting out its idle pull.
+
+    The DirectRunner's Pub/Sub pull blocks up to 30 s on an idle subscription and ``cancel()``
+    waits for it; a heartbeat message (dropped by ReadEvents) makes that pull return at once.
+    The heartbeat reaches every subscription of the topic, so it is only published to the
+    emulator (``PUBSUB_EMULATOR_HOST`` set), never to a real topic other consumers may read.
+    """
+    from pipeline.sources import publish_heartbeat
+
+    if os.environ.get("PUBSUB_EMULATOR_HOST") and (subscription or topic):
+        try:
+            publish_heartbeat(topic=topic, subscription=subscription, timeout_s=5)
+        except Exception as exc:  # then the cancel just takes longer
+            print(f"could not publish a heartbeat ({type(exc).__name__}: {exc}); stopping may take up to 30 s",
+                  file=sys.stderr)
+    else:
+        print("stopping may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
+    result.cancel()
 
 
 def _with_default_runner(argv: list[str]) -> list[str]:
@@ -184,6 +273,48 @@ def _missing_flags(opts) -> list[str]:
         problems.append("give --input PATH (files) or --input_subscription / --input_topic (Pub/Sub)")
     if not (opts.dead_letter or opts.dead_letter_topic):
         problems.append("give --dead_letter PREFIX (files) or --dead_letter_topic TOPIC")
+    return problems
+
+
+def _flag_problems(opts, options) -> list[str]:
+    """Combinations that would fail later, hang, or silently do something else: said now."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipeline.sources import check_pubsub_path
+
+    problems = []
+    inputs = [f for f, v in (("--input", opts.input), ("--input_subscription", opts.input_subscription),
+                             ("--input_topic", opts.input_topic)) if v]
+    if len(inputs) > 1:
+        problems.append(f"give one input, not {' and '.join(inputs)}")
+    if opts.dead_letter and opts.dead_letter_topic:
+        problems.append("give --dead_letter or --dead_letter_topic, not both")
+    for flag, kind, value in (("--input_subscription", "subscription", opts.input_subscription),
+                              ("--input_topic", "topic", opts.input_topic),
+                              ("--dead_letter_topic", "topic", opts.dead_letter_topic)):
+        problem = value and check_pubsub_path(kind, value)
+        if problem:
+            problems.append(f"{flag}: {problem}")
+    pubsub = bool(opts.input_subscription or opts.input_topic)
+    if not pubsub and (opts.id_label or opts.timestamp_attribute):
+        problems.append("--id_label and --timestamp_attribute apply to Pub/Sub input only "
+                        "(--input_subscription / --input_topic)")
+    runner = str(options.view_as(StandardOptions).runner or "")
+    if _is_direct(options):
+        if pubsub and opts.id_label:
+            problems.append(
+                "--id_label is supported on Dataflow only: the local DirectRunner cannot deduplicate on a "
+                "Pub/Sub attribute (Beam's reader raises NotImplementedError once the pipeline runs). "
+                "Drop --id_label to run locally, or run on Dataflow (--runner DataflowRunner).")
+        if pubsub and "FnApiRunner" in runner:
+            problems.append("--runner FnApiRunner cannot read Pub/Sub (the pipeline hangs without an error): "
+                            "use --runner BundleBasedDirectRunner (the default for Pub/Sub input), or Dataflow")
+    else:
+        # Workers only see Cloud Storage, not the disk of the machine that launched the job.
+        for flag, value in (("--input", opts.input), ("--dead_letter", opts.dead_letter)):
+            if value and not value.startswith("gs://"):
+                problems.append(f"{flag} {value}: on {runner or 'this runner'} files must be on gs:// "
+                                "(the workers cannot read this machine's disk)")
     return problems
 
 

@@ -4,6 +4,12 @@ A payload is what one input record holds: one line of JSON Lines, one whole JSON
 Avro record (decoded), one dead letter's original payload, or one Pub/Sub message. Parsing
 them into events is ParseEvents' job. The same readers serve ``explain`` (in file order,
 without Beam) and the pipeline.
+
+Pub/Sub messages are read with their attributes (``PubsubMessage``: data, attributes,
+message_id, publish_time). A message carrying the attribute ``walkeros_heartbeat`` (any value)
+is not an input: it is dropped first thing and counted as ``pubsub_heartbeats``. Publishing one
+wakes up the local streaming DirectRunner, whose pull otherwise blocks for about 30 s on an
+idle subscription (so timers fire late and ``cancel()`` waits); see :func:`publish_heartbeat`.
 """
 from __future__ import annotations
 
@@ -15,8 +21,14 @@ import apache_beam as beam
 import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.sink import NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
+
+# A Pub/Sub message with this attribute is a heartbeat, never an event (see the module doc).
+HEARTBEAT_ATTRIBUTE = "walkeros_heartbeat"
 
 
 def detect_format(path: str, declared: str = "auto") -> str:
@@ -48,7 +60,9 @@ def payloads_of_file(path: str, fmt: str) -> Iterator[Any]:
             yield f.read()
         elif fmt == "avro":
             yield from avro_payloads(f)
-        elif fmt in ("jsonl", "dead_letter"):
+        elif fmt == "dead_letter":
+            yield from dead_letter_payloads(f)
+        elif fmt == "jsonl":
             for line in f:
                 payload = line_payload(line, fmt)
                 if payload is not None:
@@ -70,6 +84,16 @@ def line_payload(line: bytes | str, fmt: str) -> Any:
     if isinstance(record, dict) and isinstance(record.get("payload"), str) and "reason" in record:
         return record["payload"]  # replay the original, never a dead letter wrapped in another
     return line
+
+
+def dead_letter_payloads(f) -> Iterator[Any]:
+    """The original payloads of a dead-letter file, JSON Lines or Avro (told apart by content):
+    replayed as they were received, never a dead letter wrapped in another. A line that is not a
+    dead-letter record is passed on as it is, so it dead-letters with a reason."""
+    from pipeline.dead_letters import dead_letter_items
+
+    for item in dead_letter_items(f):
+        yield item["payload"] if isinstance(item, dict) else item.rstrip(b"\r\n")
 
 
 def avro_payloads(f) -> Iterator[dict]:
@@ -118,13 +142,18 @@ class ReadEvents(beam.PTransform):
 
     def expand(self, pbegin):
         if self.subscription or self.topic:
-            return pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(
-                subscription=self.subscription, topic=None if self.subscription else self.topic,
-                with_attributes=True, id_label=self.id_label, timestamp_attribute=self.timestamp_attribute)
+            if self.subscription and self.topic:
+                raise ValueError("give --input_subscription or --input_topic, not both")
+            return (pbegin
+                    | "ReadPubSub" >> beam.io.ReadFromPubSub(
+                        subscription=self.subscription, topic=None if self.subscription else self.topic,
+                        with_attributes=True, id_label=self.id_label,
+                        timestamp_attribute=self.timestamp_attribute)
+                    | "DropHeartbeats" >> beam.ParDo(_DropHeartbeats()))
         if not self.input_pattern:
             raise ValueError("give --input (files) or --input_subscription / --input_topic (Pub/Sub)")
         fmt = detect_format(self.input_pattern, self.input_format)
-        if fmt in ("jsonl", "dead_letter"):
+        if fmt == "jsonl":
             # ReadFromText splits large files across workers and decompresses .gz by itself.
             return (pbegin
                     | "ReadLines" >> beam.io.ReadFromText(self.input_pattern)
@@ -139,3 +168,53 @@ def _line_payloads(line: str, fmt: str):
     payload = line_payload(line, fmt)
     if payload is not None:
         yield payload
+
+
+# -- Pub/Sub ---------------------------------------------------------------------------------
+def is_heartbeat(message: Any) -> bool:
+    attributes = getattr(message, "attributes", None)
+    return bool(attributes) and HEARTBEAT_ATTRIBUTE in attributes
+
+
+class _DropHeartbeats(beam.DoFn):
+    """Heartbeat messages out, everything else through unchanged (and uncounted: ParseEvents
+    counts inputs)."""
+
+    def process(self, message):
+        if is_heartbeat(message):
+            Metrics.counter(NAMESPACE, "pubsub_heartbeats").inc()
+            return
+        yield message
+
+
+def check_pubsub_path(kind: str, path: str) -> str | None:
+    """None when ``path`` is a valid full Pub/Sub path of ``kind`` ("topic" or
+    "subscription"), else the problem, in Beam's own words (it checks the project id too)."""
+    from apache_beam.io.gcp.pubsub import parse_subscription, parse_topic
+
+    try:
+        (parse_topic if kind == "topic" else parse_subscription)(path)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def publish_heartbeat(*, topic: str | None = None, subscription: str | None = None, timeout_s: float = 10.0) -> str:
+    """Publish one heartbeat message (empty data, attribute ``walkeros_heartbeat``) to ``topic``,
+    or to the topic of ``subscription``; returns the topic. Honours ``PUBSUB_EMULATOR_HOST``."""
+    from google.cloud import pubsub_v1
+
+    if topic is None:
+        if subscription is None:
+            raise ValueError("publish_heartbeat needs a topic or a subscription")
+        subscriber = pubsub_v1.SubscriberClient()
+        try:
+            topic = subscriber.get_subscription(subscription=subscription, timeout=timeout_s).topic
+        finally:
+            subscriber.close()
+    publisher = pubsub_v1.PublisherClient()
+    try:
+        publisher.publish(topic, b"", **{HEARTBEAT_ATTRIBUTE: "1"}).result(timeout=timeout_s)
+    finally:
+        publisher.transport.close()
+    return topic

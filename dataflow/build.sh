@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build the image (Flex Template launcher + Dataflow worker) and the Flex Template spec.
+#
+#   PROJECT=my-project REGION=europe-west1 REPOSITORY=dataflow BUCKET=my-bucket dataflow/build.sh
+#
+# Optional: TAG (default: the git commit, else a timestamp), BUILDER=docker to build and push
+# with a local docker instead of Cloud Build. `dataflow/build.sh context DIR` only assembles the
+# build context into DIR (what the image is built from), and builds nothing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+assemble() {  # the build context: only what the image needs, never .venv or tests
+  local dir=$1
+  mkdir -p "$dir/dataflow"
+  cp -R "$ROOT/setup.py" "$ROOT/constraints.txt" "$ROOT/pipeline" "$ROOT/transforms" "$ROOT/schemas" "$dir/"
+  cp "$ROOT/dataflow/launch.py" "$dir/dataflow/"
+  cp "$ROOT/dataflow/Dockerfile" "$dir/Dockerfile"  # Cloud Build's --tag wants it at the root
+  find "$dir" -name __pycache__ -prune -exec rm -rf {} +
+}
+
+if [ "${1:-}" = context ]; then
+  assemble "${2:?usage: dataflow/build.sh context DIR}"
+  exit 0
+fi
+
+: "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${REPOSITORY:?set REPOSITORY (Artifact Registry, docker)}"
+: "${BUCKET:?set BUCKET (for the template spec)}"
+TAG=${TAG:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || date +%Y%m%d-%H%M%S)}
+IMAGE="$REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/walkeros-segment:$TAG"
+TEMPLATE="gs://$BUCKET/templates/walkeros-segment-$TAG.json"
+
+# The template's parameters must be the pipeline's flags as they are now.
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+if [ -x "$PYTHON" ]; then
+  "$PYTHON" "$ROOT/dataflow/metadata.py" --check
+else
+  echo "warning: $PYTHON not found; dataflow/metadata.json not checked against the flags" >&2
+fi
+
+CONTEXT=$(mktemp -d)
+trap 'rm -rf "$CONTEXT"' EXIT
+assemble "$CONTEXT"
+
+if [ "${BUILDER:-cloudbuild}" = docker ]; then
+  docker build -t "$IMAGE" "$CONTEXT"
+  docker push "$IMAGE"
+else
+  gcloud builds submit "$CONTEXT" --tag "$IMAGE" --project "$PROJECT" --region "$REGION"
+fi
+
+gcloud dataflow flex-template build "$TEMPLATE" \
+  --image "$IMAGE" \
+  --sdk-language PYTHON \
+  --metadata-file "$ROOT/dataflow/metadata.json" \
+  --project "$PROJECT"
+
+echo "image:    $IMAGE"
+echo "template: $TEMPLATE"

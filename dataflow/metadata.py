@@ -1,0 +1,124 @@
+"""Writes dataflow/metadata.json, the Flex Template's parameters, from the pipeline's own flags.
+
+Every flag of ``pipeline.options.WalkerosOptions`` becomes a parameter with its help text; only
+``REQUIRED_FLAGS`` are not optional; each gets validation regexes (from its type or choices, or
+the table below for paths). tests/test_packaging.py fails when the file is out of date.
+
+    python dataflow/metadata.py           # rewrite dataflow/metadata.json
+    python dataflow/metadata.py --check   # exit 1 if it is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+METADATA = HERE / "metadata.json"
+
+LINE = r"^[^\n\r]+$"
+GCS_PATH = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9]/[^\n\r]+$"
+TOPIC = r"^projects/[a-z][-a-z0-9:.]{4,61}[a-z0-9]/topics/[a-zA-Z][-a-zA-Z0-9._~%+]{2,254}$"
+SUBSCRIPTION = r"^projects/[a-z][-a-z0-9:.]{4,61}[a-z0-9]/subscriptions/[a-zA-Z][-a-zA-Z0-9._~%+]{2,254}$"
+ATTRIBUTE = r"^[a-zA-Z0-9_.~%+-]{1,256}$"
+NUMBER = r"^[0-9]+(\.[0-9]+)?$"
+INTEGER = r"^[0-9]+$"
+BOOLEAN = r"^(true|false)$"
+
+# Flags whose type says too little: what Dataflow should accept.
+REGEXES = {
+    # The launcher reads the flow file: on gs://, or a path inside the template image.
+    "flow": [r"^(gs://[a-z0-9][-_.a-z0-9]*[a-z0-9]/|/)[^\n\r]+$"],
+    "input": [GCS_PATH],        # workers cannot read the launcher's disk
+    "dead_letter": [GCS_PATH],
+    "input_subscription": [SUBSCRIPTION],
+    "input_topic": [TOPIC],
+    "dead_letter_topic": [TOPIC],
+    "id_label": [ATTRIBUTE],
+    "timestamp_attribute": [ATTRIBUTE],
+    "message_id_namespace": [r"^[^\s]{1,60}$"],
+}
+LABELS = {
+    "flow": "Flow file",
+    "flow_name": "Flow name",
+    "destination_id": "Destination id",
+    "input": "Input files (batch)",
+    "input_format": "Input format",
+    "input_subscription": "Pub/Sub input subscription (streaming)",
+    "input_topic": "Pub/Sub input topic (streaming)",
+    "id_label": "Pub/Sub id attribute",
+    "timestamp_attribute": "Pub/Sub timestamp attribute",
+    "dead_letter": "Dead-letter files prefix",
+    "dead_letter_format": "Dead-letter file format",
+    "dead_letter_topic": "Dead-letter Pub/Sub topic",
+    "message_id_namespace": "messageId namespace",
+}
+ONE_OF_NOTE = " One of {flags} is required."
+
+
+def parameters() -> list[dict]:
+    from pipeline.options import ONE_OF_FLAGS, REQUIRED_FLAGS, WalkerosOptions, parse_bool
+
+    parser = argparse.ArgumentParser()
+    WalkerosOptions._add_argparse_args(parser)
+    out = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = action.dest
+        help_text = " ".join((action.help or "").split())
+        group = next((g for g in ONE_OF_FLAGS if name in g), None)
+        if group:
+            help_text += ONE_OF_NOTE.format(flags=", ".join(group))
+        if action.choices:
+            regexes = ["^(" + "|".join(action.choices) + ")$"]
+        elif action.type is parse_bool:
+            regexes = [BOOLEAN]
+        elif action.type is float:
+            regexes = [NUMBER]
+        elif action.type is int:
+            regexes = [INTEGER]
+        else:
+            regexes = REGEXES.get(name, [LINE])
+        out.append({
+            "name": name,
+            "label": LABELS.get(name, name.replace("_", " ").capitalize()),
+            "helpText": help_text,
+            "isOptional": name not in REQUIRED_FLAGS,
+            "regexes": regexes,
+        })
+    return out
+
+
+def metadata() -> dict:
+    return {
+        "name": "walkerOS to Segment",
+        "description": (
+            "Delivers walkerOS events to Segment as walkerOS's Segment destination does, mapped by a walkerOS "
+            "flow file: streaming from a Pub/Sub subscription, or a batch backfill from files on GCS. Invalid "
+            "input and undeliverable events go to dead letters (files or a Pub/Sub topic)."),
+        "parameters": parameters(),
+    }
+
+
+def render() -> str:
+    return json.dumps(metadata(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not METADATA.exists() or METADATA.read_text(encoding="utf-8") != text:
+            print(f"{METADATA} is out of date: run python dataflow/metadata.py", file=sys.stderr)
+            return 1
+        return 0
+    METADATA.write_text(text, encoding="utf-8")
+    print(f"wrote {METADATA}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""Fixtures for the emulator tests; a test module imports the ones it uses:
+
+    from conftest_emulators import pubsub, gcs  # noqa: F401  (pytest fixtures)
+
+Each emulator lives for the module that uses it and is stopped (its whole process group) at the
+end; the environment variables that point clients at it are restored afterwards. An emulator
+that cannot start fails the tests with the reason, it never skips them.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+import emulators
+
+GCS_BUCKET = "walkeros-backfill"
+
+
+def _start(start, *args):
+    try:
+        return start(*args), None
+    except emulators.EmulatorError as exc:
+        return None, str(exc)
+
+
+@pytest.fixture(scope="module")
+def pubsub(tmp_path_factory):
+    """A running Pub/Sub emulator and a :class:`emulators.PubSub` client for it."""
+    saved = os.environ.get("PUBSUB_EMULATOR_HOST")
+    process, error = _start(emulators.start_pubsub_emulator, tmp_path_factory.mktemp("pubsub") / "data")
+    if error:
+        pytest.fail(error, pytrace=False)
+    client = None
+    try:
+        client = emulators.PubSub(process.address)
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        process.stop()
+        _restore("PUBSUB_EMULATOR_HOST", saved)
+
+
+@pytest.fixture
+def unique():
+    """A short unique suffix for topic, subscription and object names."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A running GCS emulator with bucket :data:`GCS_BUCKET`, ``STORAGE_EMULATOR_HOST`` set and
+    Beam's credential look-up short-circuited; yields a ``google.cloud.storage`` Bucket."""
+    saved = {name: os.environ.get(name) for name in ("STORAGE_EMULATOR_HOST", "NO_GCE_CHECK")}
+    process, error = _start(emulators.start_gcs_emulator, tmp_path_factory.mktemp("gcs"), GCS_BUCKET)
+    if error:
+        pytest.fail(error, pytrace=False)
+    try:
+        os.environ["STORAGE_EMULATOR_HOST"] = process.url
+        emulators.short_circuit_gcp_credentials()
+        from google.cloud import storage
+
+        client = storage.Client.create_anonymous_client()
+        client.project = emulators.PROJECT
+        yield client.bucket(GCS_BUCKET)
+    finally:
+        process.stop()
+        for name, value in saved.items():
+            _restore(name, value)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
