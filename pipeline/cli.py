@@ -172,6 +172,12 @@ def prepare_run(argv: list[str]):
                          opts.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
+    key = spec.settings.write_key
+    if _is_direct(options) and not key.resolvable_here():
+        # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.
+        print(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... for a local run",
+              file=sys.stderr)
+        return EXIT_CONFIG
     return options, spec
 
 

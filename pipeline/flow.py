@@ -16,6 +16,7 @@ import jsonschema
 from referencing import Registry, Resource
 
 import schemas
+from transforms.secrets import WriteKey
 from transforms.settings import SegmentSettings, coerce_settings
 
 SEGMENT_PACKAGE = "@walkeros/server-destination-segment"
@@ -75,7 +76,8 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
 
     config_path = f"$.flows.{name}.destinations.{dest_id}.config"
     resolver = _References(variables, env)
-    config = resolver.resolve(step.get("config") or {}, config_path)
+    raw_config, deferred_key = _defer_secret_write_key(step.get("config") or {}, env)
+    config = resolver.resolve(raw_config, config_path)
     collector = resolver.resolve(flow_doc.get("collector") or {}, f"$.flows.{name}.collector")
     if resolver.errors:
         raise FlowError(resolver.errors)
@@ -89,7 +91,11 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     if errors:
         raise FlowError(_redact(errors, config))
 
-    settings = SegmentSettings.from_config(config["settings"])
+    write_key = deferred_key or _write_key(step, config["settings"]["writeKey"])
+    settings = SegmentSettings.from_config(config["settings"], write_key)
+    # The resolved key stays in `settings` (which pickles it as a reference); the plain config,
+    # which travels to every worker, does not keep a copy.
+    config["settings"] = {k: v for k, v in config["settings"].items() if k != "writeKey"}
     try:
         settings.sdk_host()
     except ValueError as exc:
@@ -101,6 +107,34 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     }
     return Flow(name=name, destination_id=dest_id, settings=settings, config=config,
                 collector=collector, config_path=config_path)
+
+
+_KEY_REFERENCE = re.compile(r"^\$(?:env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\s\"'}]*))?|secret\.([A-Za-z_][A-Za-z0-9_]*))$")
+
+
+def _defer_secret_write_key(config: dict, env: Mapping[str, str]) -> tuple[dict, WriteKey | None]:
+    """A ``"$secret.NAME"`` write key that this process cannot see is left to the workers.
+
+    A Flex Template launcher has no way to receive a secret; Dataflow workers read it from
+    Secret Manager in ``setup()``. A local run checks it can be resolved before starting.
+    """
+    settings = config.get("settings")
+    raw = settings.get("writeKey") if isinstance(settings, dict) else None
+    match = _KEY_REFERENCE.match(raw) if isinstance(raw, str) else None
+    if match is None or match.group(3) is None or match.group(3) in env:
+        return config, None
+    placeholder = {**config, "settings": {**settings, "writeKey": "deferred-to-workers"}}
+    return placeholder, WriteKey(None, match.group(3))
+
+
+def _write_key(step: dict, resolved: str) -> WriteKey:
+    """The key, with the reference it came from when it was ``$env.NAME`` or ``$secret.NAME``."""
+    raw = ((step.get("config") or {}).get("settings") or {}).get("writeKey")
+    match = _KEY_REFERENCE.match(raw) if isinstance(raw, str) else None
+    if match is None:
+        return WriteKey(resolved)
+    env_name, default, secret_name = match.groups()
+    return WriteKey(resolved, env_name or secret_name, default)
 
 
 def _redact(errors: list[str], config: dict) -> list[str]:

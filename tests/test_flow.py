@@ -42,7 +42,7 @@ def test_defaults_and_references():
                           "flushAt": "$env.FLUSH_AT:20", "path": "/proxy/$env.REGION/v1/batch"}),
                 env={"REGION": "eu"})
     s = flow.settings
-    assert s.write_key == SECRET and s.host == "https://events.eu1.segmentapis.com"
+    assert s.write_key.reveal() == SECRET and s.host == "https://events.eu1.segmentapis.com"
     assert s.max_retries == 5 and s.flush_at == 20                 # $var keeps JSON type; $env coerced
     assert s.path == "/proxy/eu/v1/batch" and s.sdk_host() == "https://events.eu1.segmentapis.com/proxy/eu"
     assert (s.user_id, s.anonymous_id, s.flush_interval_ms, s.http_request_timeout_ms, s.disable) == \
@@ -59,9 +59,7 @@ def test_var_with_a_path_and_inline_var():
 def test_secret_is_read_from_the_environment():
     doc = document()
     doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["writeKey"] = "$secret.SEG_KEY"
-    assert load(doc, env={"SEG_KEY": "from-secret"}).settings.write_key == "from-secret"
-    [error] = errors_of(doc)
-    assert error.startswith(f"{DEST}.settings.writeKey: ") and "SEG_KEY" in error
+    assert load(doc, env={"SEG_KEY": "from-secret"}).settings.write_key.reveal() == "from-secret"
 
 
 def test_missing_env_variable_names_variable_and_path():
@@ -217,3 +215,44 @@ def test_the_write_key_never_appears_even_when_it_is_the_bad_value():
     doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["userId"] = {"nope": "$env.SEGMENT_WRITE_KEY"}
     errors = errors_of(doc)
     assert errors and all(SECRET not in e for e in errors)
+
+
+def test_a_referenced_write_key_pickles_as_its_reference_only(monkeypatch):
+    import pickle
+
+    doc = document()
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["writeKey"] = "$secret.SEG_KEY"
+    flow = load(doc, env={"SEG_KEY": SECRET})
+    assert flow.settings.write_key.reveal() == SECRET
+    assert "writeKey" not in flow.config["settings"]
+    shipped = pickle.dumps((flow.settings, flow.config))
+    assert SECRET.encode() not in shipped
+    monkeypatch.setenv("SEG_KEY", "rotated-key")
+    settings, _ = pickle.loads(shipped)
+    assert settings.write_key.reveal() == "rotated-key"     # a worker reads its own environment
+
+
+def test_a_literal_write_key_travels_as_written():
+    import pickle
+
+    flow = load(document({"writeKey": "literal-key"}))
+    assert pickle.loads(pickle.dumps(flow.settings)).write_key.reveal() == "literal-key"
+
+
+def test_a_secret_write_key_missing_at_launch_is_left_to_the_workers(monkeypatch, tmp_path, capsys):
+    doc = document()
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["writeKey"] = "$secret.SEG_KEY"
+    flow = flow_from_document(doc, env={})       # a Flex Template launcher has no secrets
+    assert flow.settings.write_key.env_name == "SEG_KEY" and not flow.settings.write_key.resolvable_here()
+    # ...but a local run says at once that the key is missing
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.delenv("SEG_KEY", raising=False)
+    assert cli_main(["run", "--flow", str(path), "--input", "x.jsonl", "--dead_letter", str(tmp_path / "d")]) == 2
+    assert "SEG_KEY" in capsys.readouterr().err
+
+
+def test_other_missing_secrets_are_still_start_up_errors():
+    doc = document({"host": "$secret.HOST_SECRET"})
+    [error] = errors_of(doc)
+    assert "HOST_SECRET" in error

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from transforms.secrets import WriteKey
+
 SDK_PATH = "/v1/batch"
 
 # setting -> (type, default). Mapping values (userId, identify, ...) are kept raw here and
@@ -19,7 +21,7 @@ BOOL_SETTINGS = {"disable": False}
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    write_key: str = field(repr=False)
+    write_key: WriteKey = field(repr=False)
     user_id: Any = "user.id"
     anonymous_id: Any = "user.session"
     host: str = "https://api.segment.io"
@@ -35,10 +37,11 @@ class SegmentSettings:
     integrations: dict | None = None
 
     @classmethod
-    def from_config(cls, settings: dict) -> "SegmentSettings":
-        """From an already coerced and schema-validated ``config.settings`` dict."""
+    def from_config(cls, settings: dict, write_key: WriteKey | None = None) -> "SegmentSettings":
+        """From an already coerced and schema-validated ``config.settings`` dict; ``write_key``
+        carries where the key came from (see transforms.secrets), else it is the literal."""
         return cls(
-            write_key=settings["writeKey"],
+            write_key=write_key or WriteKey(settings["writeKey"]),
             user_id=settings.get("userId", "user.id"),
             anonymous_id=settings.get("anonymousId", "user.session"),
             host=settings.get("host", "https://api.segment.io"),

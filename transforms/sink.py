@@ -249,7 +249,7 @@ class _ClientSlot:
         # Retries must end inside the flush deadline, or the batch cannot settle in time.
         budget = max(1.0, options.flush_deadline_s * 0.8)
         self.client = Client(
-            settings.write_key,
+            settings.write_key.reveal(),
             host=settings.sdk_host(),
             send=True,
             on_error=self.record,
@@ -625,7 +625,7 @@ def idle_connections() -> int:
 
 def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     # Hashed, so the write key is never a readable dict key in a heap dump or a log.
-    text = repr((settings.write_key, settings.host, settings.path, settings.max_retries,
+    text = repr((settings.write_key.fingerprint(), settings.host, settings.path, settings.max_retries,
                  settings.http_request_timeout_ms, settings.disable, options.flush_deadline_s))
     return hashlib.sha256(text.encode()).hexdigest()
 
