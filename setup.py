@@ -17,6 +17,7 @@ TEST = [
     "pytest==9.2.0",
     "hypothesis==6.170.17",
     "gcp-storage-emulator==2026.7.19",
+    "wheel==0.45.1",  # lets the packaging test build the wheel offline
 ]
 
 setuptools.setup(
