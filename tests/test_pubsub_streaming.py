@@ -182,7 +182,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     assert reasons["no_identity"]["event_id"] == "e000000000000007" and reasons["no_identity"]["stage"] == "identity"
     assert all(WRITE_KEY not in m.data.decode() for m in dead)
     # (No counter totals here: on the streaming DirectRunner, Beam's counters stop at the first
-    # bundle of each step -- measured, see docs/dataflow.md. The calls and dead letters above
+    # bundle of each step -- measured, see the README's "Running on Dataflow". The calls and dead letters above
     # are the accounting: every input ended delivered, dead-lettered or dropped by policy.)
     assert time.monotonic() - started < 45
 
