@@ -17,6 +17,8 @@ from transforms.mapping import UNDEFINED, CompiledRule, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
 MESSAGE_ID_MAX = 100
+_LONGEST_CALL_TYPE = max(len(t) for t in CALL_ORDER)
+_NO_SETTINGS: dict = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
@@ -47,9 +49,30 @@ def timestamp_datetime(timestamp_ms: int | float) -> _dt.datetime:
     return _EPOCH + _dt.timedelta(milliseconds=int(timestamp_ms))
 
 
+_DAY_MS = 86_400_000
+_DATES: dict[int, str] = {}   # day since the epoch -> "YYYY-MM-DD"; events come from few days
+_DATES_MAX = 4096
+
+
 def format_timestamp(timestamp_ms: int | float) -> str:
-    """As the SDK writes it: ISO 8601, UTC offset, milliseconds."""
-    return timestamp_datetime(timestamp_ms).isoformat(timespec="milliseconds")
+    """As the SDK writes it: ISO 8601, UTC offset, milliseconds.
+
+    The same text as ``timestamp_datetime(ms).isoformat(timespec="milliseconds")`` (and the same
+    error for a date out of range), built without a datetime per call: the date of each day is
+    formatted once, the time of day by arithmetic. It runs once per event.
+    """
+    ms = int(timestamp_ms)
+    day, rest = divmod(ms, _DAY_MS)
+    date = _DATES.get(day)
+    if date is None:
+        date = timestamp_datetime(day * _DAY_MS).date().isoformat()
+        if len(_DATES) >= _DATES_MAX:
+            _DATES.clear()
+        _DATES[day] = date
+    seconds, millis = divmod(rest, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{date}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}+00:00"
 
 
 def make_message_id(namespace: str, event_id: str, call_type: str) -> str:
@@ -81,7 +104,10 @@ class CallBuilder:
         timestamp_ms = int(event["timestamp"])
         common = _common_fields(identity, format_timestamp(timestamp_ms), preferences, self._integrations)
         event_id = event["id"]
-        rule_settings = rule.settings if rule is not None else {}
+        # "<namespace>:<event id>:" once per event; a messageId too long falls back to the digest form
+        prefix = f"{self._namespace}:{event_id}:"
+        long_ids = len(prefix) + _LONGEST_CALL_TYPE > MESSAGE_ID_MAX
+        rule_settings = rule.settings if rule is not None else _NO_SETTINGS
         calls = EventCalls(event=event, key=identity.state_key, timestamp_ms=timestamp_ms)
 
         identify_value = rule_settings.get("identify", self._identify)
@@ -94,7 +120,8 @@ class CallBuilder:
             message = {"type": "identify", **common, "traits": traits or {}}
             if effective:
                 message["userId"] = effective
-            calls.identify = self._finish(message, event_id)
+            message["messageId"] = self._message_id(event_id, "identify") if long_ids else prefix + "identify"
+            calls.identify = message
             calls.identify_signature = (effective or "", canonical_json(traits))
 
         group_value = rule_settings.get("group", self._group)
@@ -103,18 +130,27 @@ class CallBuilder:
             traits = resolved.get("traits")
             traits = traits if isinstance(traits, dict) else None
             message = {"type": "group", **common, "groupId": resolved["groupId"], "traits": traits or {}}
-            calls.group = self._finish(message, event_id)
+            message["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
+            calls.group = message
             calls.group_signature = (resolved["groupId"], canonical_json(traits))
 
-        for call_type in ("page", "screen"):
-            message = self._page_like(call_type, rule_settings.get(call_type), event, context, common)
-            if message is not None:
-                calls.others.append(self._finish(message, event_id))
+        others = calls.others
+        if rule_settings:
+            for call_type in ("page", "screen"):
+                setting = rule_settings.get(call_type)
+                if setting is None or setting is False:
+                    continue
+                message = self._page_like(call_type, setting, event, context, common)
+                if message is not None:
+                    message["messageId"] = (self._message_id(event_id, call_type) if long_ids
+                                            else prefix + call_type)
+                    others.append(message)
 
         if rule is None or not rule.silent:
             properties = data if isinstance(data, dict) else {}
             message = {"type": "track", **common, "event": event["name"], "properties": properties}
-            calls.others.append(self._finish(message, event_id))
+            message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
+            others.append(message)
         return calls
 
     def _page_like(self, call_type: str, setting: Any, event: dict, context: dict, common: dict) -> dict | None:
@@ -133,9 +169,8 @@ class CallBuilder:
         message["properties"] = properties if isinstance(properties, dict) else {}
         return message
 
-    def _finish(self, message: dict, event_id: str) -> dict:
-        message["messageId"] = make_message_id(self._namespace, event_id, message["type"])
-        return message
+    def _message_id(self, event_id: str, call_type: str) -> str:
+        return make_message_id(self._namespace, event_id, call_type)
 
 
 def _resolve(value: Any, event: dict, context: dict) -> Any:

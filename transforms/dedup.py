@@ -24,13 +24,13 @@ from transforms.calls import EventCalls
 from transforms.destination import DestinationSpec
 from transforms.identity import IdentityState
 from transforms.sink import NAMESPACE, Delivery
-from transforms.steps import compiled
+from transforms.steps import compiled, counter
 
 
 def _emit(destination, calls: EventCalls, state: IdentityState | None) -> tuple[Delivery, IdentityState]:
     messages, new_state, suppressed = destination.deduplicate(calls, state)
     for kind in suppressed:
-        Metrics.counter(NAMESPACE, f"{kind}_suppressed").inc()
+        counter(f"{kind}_suppressed").inc()
     return Delivery(calls.event, messages), new_state
 
 

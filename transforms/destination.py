@@ -74,6 +74,9 @@ class Destination:
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
         self.required_consent = spec.config.get("consent") or None
+        # consent_rules.is_granted(self.required_consent, ...), with the required keys found once
+        self._required_keys = tuple(key for key, needed in (self.required_consent or {}).items() if needed)
+        self._consent_map = settings.consent
         self.mapping = DestinationMapping(spec.config, spec.config_path)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
@@ -90,13 +93,20 @@ class Destination:
 
     # -- the steps, in pipeline order -------------------------------------------------------
     def consent_granted(self, event: dict) -> bool:
-        return consent_rules.is_granted(self.required_consent, event.get("consent") or {})
+        keys = self._required_keys
+        if not keys:
+            return True
+        state = event.get("consent") or {}
+        for key in keys:
+            if state.get(key) is True:
+                return True
+        return False
 
     def map(self, event: dict) -> MappingResult:
         return self.mapping.process(event, self.spec.collector)
 
     def rule_consent_granted(self, result: MappingResult) -> bool:
-        if result.rule is None:
+        if result.rule is None or not result.rule.consent:
             return True
         return consent_rules.is_granted(result.rule.consent, result.event.get("consent") or {})
 
@@ -119,7 +129,8 @@ class Destination:
                                     f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
                                     f"{self.spec.settings.anonymous_id!r})",
                               flow=self.spec.flow_name, event_id=event.get("id"))
-        preferences = consent_rules.category_preferences(self.spec.settings.consent, event.get("consent") or {})
+        preferences = consent_rules.category_preferences(self._consent_map, event.get("consent") or {}) \
+            if self._consent_map else None
         return self.calls.build(event, rule, mapped.data, identity, preferences, context)
 
     def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:

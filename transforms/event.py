@@ -50,6 +50,14 @@ def parse_payload(
     else:
         document = payload
 
+    if type(document) is dict and ("name" in document or "batch" not in document):
+        # The common case, one event: no envelope to walk.
+        try:
+            yield normalise(document, collector=collector, default_timestamp_ms=default_timestamp_ms)
+        except InvalidEvent as exc:
+            yield _dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))
+        return
+
     for item in _envelope_items(document, payload, flow):
         if isinstance(item, DeadLetter):
             yield item
@@ -92,29 +100,39 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
     fills a missing ``timestamp``, and merges the collector's globals, user and consent under
     the event's own (the event wins per key), as the walkerOS collector does.
     """
-    validate(event)
+    entity, action = _validate(event)
     out = dict(event)
-    entity, action = event["name"].split(" ")[:2]
-    out.setdefault("entity", entity)
-    out.setdefault("action", action)
+    if "entity" not in out:
+        out["entity"] = entity
+    if "action" not in out:
+        out["action"] = action
     if not out.get("id"):
         out["id"] = derive_id(event)
     if "timestamp" not in out:
         out["timestamp"] = default_timestamp_ms if default_timestamp_ms is not None else int(time.time() * 1000)
-    for section in ("data", "globals", "custom", "user", "context", "consent"):
+    for section in _DEFAULT_SECTIONS:
         if section not in out:
             out[section] = {}
     if "nested" not in out:
         out["nested"] = []
     if collector:
-        for section in ("globals", "user", "consent"):
+        for section in _COLLECTOR_SECTIONS:
             base = collector.get(section)
             if base:
                 out[section] = {**base, **out[section]}
     return out
 
 
+_DEFAULT_SECTIONS = ("data", "globals", "custom", "user", "context", "consent")
+_COLLECTOR_SECTIONS = ("globals", "user", "consent")
+
+
 def validate(event: dict) -> None:
+    _validate(event)
+
+
+def _validate(event: dict) -> tuple[str, str]:
+    """validate(), returning the entity and action the name gives."""
     name = event.get("name")
     if not isinstance(name, str):
         raise InvalidEvent(dl.INVALID_NAME, f"name must be a string \"entity action\", got {_json_type(name)}")
@@ -122,10 +140,10 @@ def validate(event: dict) -> None:
     if len(tokens) < 2 or not tokens[0] or not tokens[1]:
         raise InvalidEvent(dl.INVALID_NAME, f"name must be \"entity action\" (two space-separated words), got {name!r}")
     for key in _OBJECT_FIELDS:
-        if key in event and not isinstance(event[key], dict):
+        if key in event and type(event[key]) is not dict and not isinstance(event[key], dict):
             raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be an object, got {_json_type(event[key])}")
     for key in _STRING_FIELDS:
-        if key in event and not isinstance(event[key], str):
+        if key in event and type(event[key]) is not str and not isinstance(event[key], str):
             raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be a string, got {_json_type(event[key])}")
     if "id" in event and not (isinstance(event["id"], str) and event["id"]):
         raise InvalidEvent(dl.INVALID_FIELD, f"id must be a non-empty string, got {_json_type(event['id'])}")
@@ -142,6 +160,7 @@ def validate(event: dict) -> None:
         consent = event["consent"]
         if not isinstance(consent, dict) or not all(isinstance(v, bool) for v in consent.values()):
             raise InvalidEvent(dl.INVALID_FIELD, "consent must be an object of booleans")
+    return tokens[0], tokens[1]
 
 
 def derive_id(event: dict) -> str:
@@ -158,6 +177,9 @@ def derive_id(event: dict) -> str:
 
 
 def _is_number(value: Any) -> bool:
+    kind = type(value)
+    if kind is int or kind is float:
+        return math.isfinite(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

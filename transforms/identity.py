@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from transforms.mapping import UNDEFINED, compile_value
+from transforms.paths import compile_getter, split_path
 
 
 class Identity(NamedTuple):
@@ -26,10 +27,32 @@ class IdentityResolver:
     def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str):
         self._user_id = compile_value(user_id_spec, f"{settings_path}.userId")
         self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId")
+        # The usual settings ("user.id", "user.session") are plain paths: read them directly.
+        self._read_user_id = _plain_path_reader(user_id_spec) or self._user_id
+        self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id
 
     def resolve(self, event: dict, context: dict) -> Identity:
-        return Identity(_non_empty_string(self._user_id(event, context)),
-                        _non_empty_string(self._anonymous_id(event, context)))
+        return Identity(_non_empty_string(self._read_user_id(event, context)),
+                        _non_empty_string(self._read_anonymous_id(event, context)))
+
+
+def _plain_path_reader(spec: Any):
+    """For a mapping value that is a path string without ``*``: a reader of that path that
+    skips the mapping engine's evaluation context, or None for any other value.
+
+    Only strings are used as ids, and the engine's property check passes every string, so the
+    direct read gives the same id (a path with ``*`` makes a list, never an id, and keeps the
+    general path anyway)."""
+    if not isinstance(spec, str) or not spec:
+        return None
+    keys = split_path(spec)
+    if "*" in keys:
+        return None
+    getter = compile_getter(keys)
+
+    def read(event: Any, _context: Any) -> Any:
+        return getter(event, UNDEFINED)
+    return read
 
 
 def _non_empty_string(value: Any) -> str | None:
