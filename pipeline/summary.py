@@ -103,6 +103,9 @@ def render(counts: dict[str, int]) -> str:
         ("group suppressed", counts.get("group_suppressed", 0), "unchanged since the last group"),
         ("requests to Segment", counts.get("requests_to_segment", 0), ""),
     ]
+    if counts.get("mapping_function_errors"):
+        rows.append(("mapping function errors", counts["mapping_function_errors"],
+                     "a $code function raised; its value was undefined (see the log)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"  {label:<{width}}  {value:>8}" + (f"   ({note})" if note else "") for label, value, note in rows]
     lines.append(f"  {'accounting':<{width}}  {check.line()}")

@@ -93,9 +93,10 @@ class CallBuilder:
     """Compiled once from the destination settings; builds the calls of each event."""
 
     def __init__(self, identify_spec: Any, group_spec: Any, integrations: dict | None,
-                 namespace: str, settings_path: str):
-        self._identify = None if identify_spec is None else compile_value(identify_spec, f"{settings_path}.identify")
-        self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group")
+                 namespace: str, settings_path: str, on_error=None):
+        self._identify = None if identify_spec is None else \
+            compile_value(identify_spec, f"{settings_path}.identify", on_error)
+        self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error)
         self._integrations = integrations or None
         self._namespace = namespace
 

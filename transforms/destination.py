@@ -6,6 +6,7 @@ the same order. Nothing here talks to the network or to Beam.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,6 +17,8 @@ from transforms.dead_letter import DeadLetter, payload_text
 from transforms.identity import IdentityResolver, IdentityState, decide
 from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from transforms.settings import SegmentSettings
+
+log = logging.getLogger(__name__)
 
 DELIVERED = "delivered"
 IGNORED = "ignored"
@@ -66,6 +69,26 @@ class Outcome:
     dead_letter: DeadLetter | None = None
 
 
+class FunctionErrors:
+    """User functions (``$code:``) that raised: the value became undefined, as in walkerOS.
+
+    Counted per place (the JSON path of the function) and logged the first time per place only,
+    never once per event; ``hook`` lets the pipeline count them as a Beam counter too.
+    """
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.hook = None
+
+    def __call__(self, place: str, exc: BaseException) -> None:
+        count = self.counts[place] = self.counts.get(place, 0) + 1
+        if count == 1:
+            log.warning("the function at %s raised %s: %s (its value is undefined; later errors there "
+                        "are only counted)", place, type(exc).__name__, exc)
+        if self.hook is not None:
+            self.hook(place)
+
+
 class Destination:
     """Compiled from a :class:`DestinationSpec`; building it is the start-up validation."""
 
@@ -77,15 +100,17 @@ class Destination:
         # consent_rules.is_granted(self.required_consent, ...), with the required keys found once
         self._required_keys = tuple(key for key, needed in (self.required_consent or {}).items() if needed)
         self._consent_map = settings.consent
-        self.mapping = DestinationMapping(spec.config, spec.config_path)
+        self.function_errors = FunctionErrors()
+        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
         self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
                                            for slot in actions.values() for rule in slot]
         self._rule_index = {id(rule): i for i, rule in enumerate(self._rules)}
-        self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path)
+        self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path,
+                                         self.function_errors)
         self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
-                                 spec.namespace, settings_path)
+                                 spec.namespace, settings_path, self.function_errors)
         # With no identify or group anywhere in the flow there is nothing to deduplicate, and
         # the keyed stateful step can be left out of the pipeline.
         self.needs_identity_state = settings.identify is not None or settings.group is not None or \

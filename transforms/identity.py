@@ -24,9 +24,9 @@ class Identity(NamedTuple):
 
 
 class IdentityResolver:
-    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str):
-        self._user_id = compile_value(user_id_spec, f"{settings_path}.userId")
-        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId")
+    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str, on_error=None):
+        self._user_id = compile_value(user_id_spec, f"{settings_path}.userId", on_error)
+        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId", on_error)
         # The usual settings ("user.id", "user.session") are plain paths: read them directly.
         self._read_user_id = _plain_path_reader(user_id_spec) or self._user_id
         self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id

@@ -12,6 +12,7 @@ from typing import Any
 import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from transforms.dead_letter import DeadLetter
 from transforms.destination import Destination, DestinationSpec
@@ -31,7 +32,12 @@ def compiled(spec: DestinationSpec) -> Destination:
         destination = _COMPILED.get(key)
         if destination is None:
             destination = _COMPILED[key] = Destination(spec)
+            destination.function_errors.hook = _count_function_error
         return destination
+
+
+def _count_function_error(place: str) -> None:
+    _count("mapping_function_errors")
 
 
 def _spec_key(spec: DestinationSpec) -> str:
@@ -76,9 +82,9 @@ class ParseEvents(beam.DoFn):
         self.collector = collector
         self.flow = flow
 
-    def process(self, element: Any):
+    def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
         _count("inputs_read")
-        payload, default_ts = _payload_and_time(element)
+        payload, default_ts = _payload_and_time(element, timestamp)
         for item in parse_payload(payload, collector=self.collector, default_timestamp_ms=default_ts, flow=self.flow):
             if isinstance(item, DeadLetter):
                 _count(f"dead_letter_{item.reason}")
@@ -88,9 +94,13 @@ class ParseEvents(beam.DoFn):
                 yield item
 
 
-def _payload_and_time(element: Any) -> tuple[Any, int | None]:
+def _payload_and_time(element: Any, timestamp=None) -> tuple[Any, int | None]:
+    """The payload, and the time that stands in for a missing event timestamp: for a Pub/Sub
+    message its element time (the publish time, or ``--timestamp_attribute`` when given)."""
     data = getattr(element, "data", None)
     if data is not None and hasattr(element, "attributes"):  # a PubsubMessage
+        if timestamp is not None and MIN_TIMESTAMP < timestamp < MAX_TIMESTAMP:
+            return data, timestamp.micros // 1000
         publish_time = getattr(element, "publish_time", None)
         default_ts = int(publish_time.timestamp() * 1000) if publish_time is not None else None
         return data, default_ts
