@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export NO_PROXY := 127.0.0.1,localhost
 export no_proxy := 127.0.0.1,localhost
 
-.PHONY: run test bench lint venv clean
+.PHONY: run test bench bench-full venv clean
 
 venv: $(STAMP)
 
@@ -26,9 +26,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-## make bench: throughput and memory figures (not a test).
+## make bench: throughput and memory figures at 10k and 100k events (not a test; a few minutes).
 bench: $(STAMP)
 	$(PY) -m bench
+
+## make bench-full: the same with 1,000,000 events as well (about half an hour).
+bench-full: $(STAMP)
+	$(PY) -m bench --full
 
 clean:
 	rm -rf $(VENV) out build dist *.egg-info

@@ -1,0 +1,284 @@
+"""One measured variant, run in its own process so its peak RSS is its own.
+
+``python -m bench.worker MODE --result FILE ...`` writes one JSON object to FILE:
+``work_s`` (wall seconds of the measured work, from just before the first event is read to
+just after the last one is done; interpreter start-up and imports excluded, the variant's own
+set-up -- flow loading, compiling, Beam's runner start -- included), ``cpu_s`` (CPU seconds of
+this process in that span, all threads) and mode-specific counts. Peak RSS is taken by the
+parent from ``wait4`` (and ``VmHWM`` here, as a cross-check).
+
+Modes:
+  transform  a plain loop over the lines: parse → consent → map → rule consent → identity and
+             calls → identify/group dedup, with the project's own functions (the
+             ``Destination`` steps the DoFns call), no Beam, no network, nothing written.
+  calls      the same loop, writing each delivered event's messages as one JSON line (the
+             input of ``send``; not measured).
+  send       the SDK alone: the ``calls`` file through ``transforms.sink.SegmentConnection``
+             (the pipeline's own sink: one Client, one request per batch of ``flushAt`` calls,
+             batches cut like ``BatchCalls``), or with ``--client bare`` a bare SDK ``Client``
+             fed as fast as it takes messages (its consumer thread batching ``upload_size`` =
+             flushAt), for comparison.
+  pipeline   ``walkeros-segment run`` in this process: the Beam batch pipeline on the FnApiRunner
+             reading the file and delivering to ``$BENCH_SEGMENT_HOST``.
+  explain    ``walkeros-segment explain`` in this process, its output written to /dev/null.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+
+import orjson
+
+
+def vm_hwm_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+_PROFILER = None  # a cProfile.Profile with --profile: it covers the measured span only
+
+
+class _Span:
+    def __enter__(self):
+        if _PROFILER is not None:
+            _PROFILER.enable()
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+        if _PROFILER is not None:
+            _PROFILER.disable()
+
+
+# -- transform / calls -------------------------------------------------------------------------
+def _transform(flow: str, path: str, calls_out: str | None) -> dict:
+    from pipeline.cli import load_spec
+    from transforms.calls import EventCalls
+    from transforms.dead_letter import DeadLetter
+    from transforms.event import parse_payload
+    from transforms.steps import compiled
+
+    out = open(calls_out, "wb", buffering=1 << 20) if calls_out else None
+    inputs = events = dead = denied = ignored = delivered = messages_sent = suppressed_calls = 0
+    with _Span() as span:
+        spec = load_spec(flow)
+        destination = compiled(spec)
+        collector, flow_name = spec.collector, spec.flow_name
+        consent_granted, map_event = destination.consent_granted, destination.map
+        rule_consent_granted, mapped, plan = destination.rule_consent_granted, destination.mapped, destination.plan
+        deduplicate = destination.deduplicate
+        states: dict = {}
+        with open(path, "rb") as f:
+            for line in f:
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                inputs += 1
+                for item in parse_payload(line, collector=collector, flow=flow_name):
+                    if isinstance(item, DeadLetter):
+                        dead += 1
+                        continue
+                    events += 1
+                    if not consent_granted(item):
+                        denied += 1
+                        continue
+                    result = map_event(item)
+                    if result.ignored:
+                        ignored += 1
+                        continue
+                    if not rule_consent_granted(result):
+                        denied += 1
+                        continue
+                    planned = plan(mapped(result))
+                    if not isinstance(planned, EventCalls):
+                        dead += 1
+                        continue
+                    key = planned.key
+                    messages, states[key], suppressed = deduplicate(planned, states.get(key))
+                    delivered += 1
+                    messages_sent += len(messages)
+                    suppressed_calls += len(suppressed)
+                    if out is not None:
+                        out.write(orjson.dumps(messages))
+                        out.write(b"\n")
+    if out is not None:
+        out.close()
+    counts = {"inputs": inputs, "events": events, "dead_letters": dead, "consent_denied": denied,
+              "ignored": ignored, "delivered": delivered, "messages": messages_sent,
+              "suppressed": suppressed_calls, "keys": len(states)}
+    return {"work_s": span.wall, "cpu_s": span.cpu, **counts}
+
+
+# -- send --------------------------------------------------------------------------------------
+def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
+    from pipeline.cli import load_spec
+    from transforms.sink import MAX_BATCH_MESSAGES, Delivery, SegmentConnection, SendOptions
+
+    spec = load_spec(flow_path)  # settings (host from $BENCH_SEGMENT_HOST, write key, retries)
+    settings = spec.settings
+    cap = max(1, min(flush_at, MAX_BATCH_MESSAGES))
+    counts = {"delivered": 0, "failed": 0, "messages": 0, "requests": 0, "batches": 0, "not_queued": 0}
+    if client == "bare":
+        return _send_bare(calls_path, cap, settings, counts)
+    with _Span() as span:
+        connection = SegmentConnection(settings, SendOptions(flush_deadline_s=120))
+
+        def deliveries():
+            with open(calls_path, "rb") as f:
+                for line in f:
+                    delivery = Delivery({}, orjson.loads(line))
+                    counts["messages"] += len(delivery.messages)
+                    yield delivery
+
+        for batch in _split_batches(deliveries(), cap):
+            result = connection.send(batch, spec.flow_name)
+            counts["delivered"] += len(result.delivered)
+            counts["failed"] += len(result.failed)
+            requests = result.requests
+            counts["requests"] += requests if isinstance(requests, int) else len(requests)
+            counts["batches"] += 1
+        connection.close()
+    return {"work_s": span.wall, "cpu_s": span.cpu, "client": "SegmentConnection", **counts}
+
+
+def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
+    import datetime as dt
+
+    from segment.analytics import Client
+
+    failures = []
+    with _Span() as span:
+        key = settings.write_key
+        key = key.reveal() if hasattr(key, "reveal") else key  # a WriteKey reference, or the key itself
+        client = Client(key, host=settings.sdk_host(), upload_size=cap, max_queue_size=50_000,
+                        max_retries=settings.max_retries, thread=1,
+                        on_error=lambda exc, batch: failures.append(len(batch)))
+        queue = client.queue
+        with open(calls_path, "rb") as f:
+            for line in f:
+                counts["delivered"] += 1
+                for m in orjson.loads(line):
+                    while queue.qsize() > 40_000:  # keep the SDK's queue from refusing (it drops silently)
+                        time.sleep(0.002)
+                    common = dict(user_id=m.get("userId"), anonymous_id=m.get("anonymousId"),
+                                  context=dict(m.get("context") or {}), integrations=m.get("integrations"),
+                                  timestamp=dt.datetime.fromisoformat(m["timestamp"]), message_id=m["messageId"])
+                    kind = m["type"]
+                    if kind == "track":
+                        ok, _ = client.track(event=m["event"], properties=m.get("properties"), **common)
+                    elif kind == "identify":
+                        ok, _ = client.identify(traits=m.get("traits"), **common)
+                    elif kind == "group":
+                        ok, _ = client.group(group_id=m["groupId"], traits=m.get("traits"), **common)
+                    else:
+                        ok, _ = getattr(client, kind)(category=m.get("category"), name=m.get("name"),
+                                                      properties=m.get("properties"), **common)
+                    counts["messages"] += 1
+                    counts["not_queued"] += 0 if ok else 1
+        client.shutdown()
+    counts["failed"] = sum(failures)
+    return {"work_s": span.wall, "cpu_s": span.cpu, "client": "bare Client", **counts}
+
+
+def _split_batches(deliveries, flush_at: int):
+    """Batches as the pipeline's BatchCalls cuts them (``transforms.sink.split_batches``)."""
+    try:
+        from transforms.sink import split_batches
+    except ImportError:  # an older sink: flushAt calls and MAX_BATCH_BYTES, events whole
+        from transforms.sink import MAX_BATCH_BYTES
+
+        def split_batches(items, cap):
+            batch, calls, size = [], 0, 0
+            for delivery in items:
+                n, b = len(delivery.messages), delivery.measure()
+                if batch and (calls + n > cap or size + b > MAX_BATCH_BYTES):
+                    yield batch
+                    batch, calls, size = [], 0, 0
+                batch.append(delivery)
+                calls, size = calls + n, size + b
+                if calls >= cap:
+                    yield batch
+                    batch, calls, size = [], 0, 0
+            if batch:
+                yield batch
+    return split_batches(deliveries, flush_at)
+
+
+# -- the real commands -------------------------------------------------------------------------
+def _pipeline(flow: str, path: str, dead_letter: str) -> dict:
+    import pipeline.graph  # noqa: F401 - imported before the span: imports are start-up, not work
+    import pipeline.summary  # noqa: F401
+    from pipeline.cli import main as cli_main
+
+    captured = io.StringIO()
+    with _Span() as span, contextlib.redirect_stdout(captured):
+        code = cli_main(["run", "--flow", flow, "--input", path, "--dead_letter", dead_letter])
+    return {"work_s": span.wall, "cpu_s": span.cpu, "exit_code": code, "summary": captured.getvalue()}
+
+
+def _explain(flow: str, path: str) -> dict:
+    import pipeline.explain  # noqa: F401 - imported before the span
+    import pipeline.sources  # noqa: F401
+    import transforms.steps  # noqa: F401
+    from pipeline.cli import main as cli_main
+
+    with open(os.devnull, "w") as devnull:
+        with _Span() as span, contextlib.redirect_stdout(devnull):
+            code = cli_main(["explain", "--flow", flow, "--input", path])
+    return {"work_s": span.wall, "cpu_s": span.cpu, "exit_code": code}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.worker")
+    parser.add_argument("mode", choices=("transform", "calls", "send", "pipeline", "explain"))
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--flow", required=True)
+    parser.add_argument("--input")
+    parser.add_argument("--calls")
+    parser.add_argument("--dead-letter")
+    parser.add_argument("--flush-at", type=int, default=500)
+    parser.add_argument("--client", choices=("connection", "bare"), default="connection")
+    parser.add_argument("--profile", help="write a cProfile of the measured work to this file")
+    args = parser.parse_args(argv)
+
+    import pipeline.flow  # noqa: F401 - jsonschema & co: start-up, not work
+
+    def run() -> dict:
+        if args.mode == "transform":
+            return _transform(args.flow, args.input, None)
+        if args.mode == "calls":
+            return _transform(args.flow, args.input, args.calls)
+        if args.mode == "send":
+            return _send(args.calls, args.flush_at, args.client, args.flow)
+        if args.mode == "pipeline":
+            return _pipeline(args.flow, args.input, args.dead_letter)
+        return _explain(args.flow, args.input)
+
+    global _PROFILER
+    if args.profile:
+        import cProfile
+
+        _PROFILER = cProfile.Profile()
+    result = run()
+    if _PROFILER is not None:
+        _PROFILER.dump_stats(args.profile)
+    result["vm_hwm_kb"] = vm_hwm_kb()
+    with open(args.result, "wb") as f:
+        f.write(orjson.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
