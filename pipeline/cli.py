@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -127,6 +128,7 @@ def explain(argv: list[str]) -> int:
     try:
         payloads = iter_payloads(args.input, args.input_format)
         out = sys.stdout
+        _settle_heap()
         for line in explain_payloads(compiled(spec), payloads):
             out.write(dumps(line) + "\n")
     except (FileNotFoundError, ValueError) as exc:
@@ -193,6 +195,7 @@ def launch(options, spec):
     pipeline = beam.Pipeline(options=options)
     build_from_options(pipeline, spec, options.view_as(WalkerosOptions),
                        bool(options.view_as(StandardOptions).streaming))
+    _settle_heap()
     return pipeline.run()
 
 
@@ -252,6 +255,16 @@ def stop_local_streaming(result, subscription: str | None = None, topic: str | N
     else:
         print("stopping may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
     result.cancel()
+
+
+def _settle_heap() -> None:
+    """Move what start-up built (Beam, the compiled flow) out of the garbage collector's sight.
+
+    The per-event path allocates many short-lived dicts; without this, every collection walks
+    the whole start-up heap again (measured: about a sixth of the local pipeline's CPU time).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _with_default_runner(argv: list[str]) -> list[str]:
