@@ -160,8 +160,7 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
 
     failures = []
     with _Span() as span:
-        key = settings.write_key
-        key = key.reveal() if hasattr(key, "reveal") else key  # a WriteKey reference, or the key itself
+        key = settings.write_key.reveal()
         client = Client(key, host=settings.sdk_host(), upload_size=cap, max_queue_size=50_000,
                         max_retries=settings.max_retries, thread=1,
                         on_error=lambda exc, batch: failures.append(len(batch)))
@@ -193,26 +192,9 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
 
 
 def _split_batches(deliveries, flush_at: int):
-    """Batches as the pipeline's BatchCalls cuts them (``transforms.sink.split_batches``)."""
-    try:
-        from transforms.sink import split_batches
-    except ImportError:  # an older sink: flushAt calls and MAX_BATCH_BYTES, events whole
-        from transforms.sink import MAX_BATCH_BYTES
+    """Batches as the pipeline's BatchCalls cuts them."""
+    from transforms.sink import split_batches
 
-        def split_batches(items, cap):
-            batch, calls, size = [], 0, 0
-            for delivery in items:
-                n, b = len(delivery.messages), delivery.measure()
-                if batch and (calls + n > cap or size + b > MAX_BATCH_BYTES):
-                    yield batch
-                    batch, calls, size = [], 0, 0
-                batch.append(delivery)
-                calls, size = calls + n, size + b
-                if calls >= cap:
-                    yield batch
-                    batch, calls, size = [], 0, 0
-            if batch:
-                yield batch
     return split_batches(deliveries, flush_at)
 
 
