@@ -431,12 +431,16 @@ def _prepare(delivery: Delivery) -> list[tuple[str, dict]]:
     """The SDK calls for a delivery, every value JSON-typed and every check the SDK would make
     done up front, so an event's calls are either all enqueued or none."""
     prepared = []
+    # BatchCalls measured the event already: when all its calls together fit under the
+    # per-message limit, none of them can pass it, and the costly per-message sizing is skipped.
+    check_each = delivery.measure() > MAX_MESSAGE_BYTES
     for message in delivery.messages:
         wire = to_wire(message)
-        size = wire_size(wire)
-        if size > MAX_MESSAGE_BYTES:
-            raise _TooLarge(f"a {wire.get('type')} message is about {size} bytes, over Segment's "
-                            f"{MAX_MESSAGE_BYTES}-byte limit")
+        if check_each:
+            size = wire_size(wire)
+            if size > MAX_MESSAGE_BYTES:
+                raise _TooLarge(f"a {wire.get('type')} message is about {size} bytes, over Segment's "
+                                f"{MAX_MESSAGE_BYTES}-byte limit")
         prepared.append(_sdk_call(wire))
     return prepared
 
