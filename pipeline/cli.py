@@ -38,16 +38,18 @@ def main(argv: list[str] | None = None) -> int:
 # -- shared start-up -------------------------------------------------------------------------
 def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str | None = None,
               namespace: str | None = None, ttl_hours: float | None = 24.0):
-    """Flow file → DestinationSpec, compiled once to surface every configuration error now."""
-    from pipeline.flow import FlowError, load_flow
-    from transforms.destination import Destination, DestinationSpec
+    """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
+    surface every configuration error before anything starts."""
+    from pipeline.flow import FlowError
+    from transforms.destination import DestinationSpec
     from transforms.mapping import MappingConfigError
+    from transforms.steps import compiled
 
     flow = _read_flow(flow_path, flow_name, destination_id)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
     spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
     try:
-        Destination(spec)
+        compiled(spec)
     except MappingConfigError as exc:
         raise FlowError([str(exc)]) from None
     return spec

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 
+def required_keys(required: dict | None) -> tuple[str, ...]:
+    """The keys a requirement such as ``{"analytics": true}`` asks for (worked out once)."""
+    return tuple(key for key, needed in (required or {}).items() if needed)
+
+
+def any_granted(keys: tuple[str, ...], state: dict) -> bool:
+    """walkerOS semantics: no required key passes; otherwise any one granted passes."""
+    if not keys:
+        return True
+    for key in keys:
+        if state.get(key) is True:
+            return True
+    return False
+
+
 def is_granted(required: dict | None, state: dict) -> bool:
-    """walkerOS semantics: no requirement passes; otherwise any required key granted passes."""
-    if not required:
-        return True
-    wanted = [key for key, needed in required.items() if needed]
-    if not wanted:
-        return True
-    return any(state.get(key) is True for key in wanted)
+    return any_granted(required_keys(required), state)
 
 
 def category_preferences(consent_map: dict | None, state: dict) -> dict | None:

@@ -57,11 +57,6 @@ class DeadLetter:
     def to_json(self) -> str:
         return orjson.dumps(asdict(self)).decode()
 
-    @classmethod
-    def from_dict(cls, record: dict) -> "DeadLetter":
-        known = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
-        return cls(**known)
-
 
 def replay_keys(payload: str, event_id: str | None) -> list[str]:
     """How a replayed record is recognised when it fails again: by its event id (an event keeps

@@ -96,9 +96,7 @@ class Destination:
         self.spec = spec
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
-        self.required_consent = spec.config.get("consent") or None
-        # consent_rules.is_granted(self.required_consent, ...), with the required keys found once
-        self._required_keys = tuple(key for key, needed in (self.required_consent or {}).items() if needed)
+        self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
         self._consent_map = settings.consent
         self.function_errors = FunctionErrors()
         self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
@@ -118,14 +116,7 @@ class Destination:
 
     # -- the steps, in pipeline order -------------------------------------------------------
     def consent_granted(self, event: dict) -> bool:
-        keys = self._required_keys
-        if not keys:
-            return True
-        state = event.get("consent") or {}
-        for key in keys:
-            if state.get(key) is True:
-                return True
-        return False
+        return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
     def map(self, event: dict) -> MappingResult:
         return self.mapping.process(event, self.spec.collector)

@@ -50,8 +50,8 @@ def parse_payload(
     else:
         document = payload
 
-    if type(document) is dict and ("name" in document or "batch" not in document):
-        # The common case, one event: no envelope to walk.
+    if isinstance(document, dict) and not _is_batch_envelope(document):
+        # One event, kept as received if it is invalid.
         try:
             yield normalise(document, collector=collector, default_timestamp_ms=default_timestamp_ms)
         except InvalidEvent as exc:
@@ -65,22 +65,22 @@ def parse_payload(
         try:
             yield normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms)
         except InvalidEvent as exc:
-            # A lone event keeps its text exactly as received; an envelope item is re-serialised.
-            original = payload if item is document else item
-            yield _dead(original, exc.reason, str(exc), flow, event_id=_given_id(item))
+            yield _dead(item, exc.reason, str(exc), flow, event_id=_given_id(item))
+
+
+def _is_batch_envelope(document: dict) -> bool:
+    return "batch" in document and "name" not in document
 
 
 def _envelope_items(document: Any, payload, flow: str) -> Iterator[Any]:
+    """The items of a list or ``{"batch": [...]}`` envelope (an event's is handled before)."""
     if isinstance(document, list):
         items = document
-    elif isinstance(document, dict) and "batch" in document and "name" not in document:
+    elif isinstance(document, dict):
         items = document["batch"]
         if not isinstance(items, list):
             yield _dead(payload, dl.INVALID_ENVELOPE, '"batch" must be a list of events', flow)
             return
-    elif isinstance(document, dict):
-        yield document
-        return
     else:
         yield _dead(payload, dl.NOT_AN_EVENT, f"expected a JSON object, got {_json_type(document)}", flow)
         return

@@ -622,11 +622,6 @@ def _close_if_idle(key: str, entry: _Idle) -> None:
     entry.connection.close()
 
 
-def idle_connections() -> int:
-    with _POOL_LOCK:
-        return sum(len(v) for v in _IDLE.values())
-
-
 def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     # Hashed, so the write key is never a readable dict key in a heap dump or a log.
     text = repr((settings.write_key.fingerprint(), settings.host, settings.path, settings.max_retries,
