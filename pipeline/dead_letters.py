@@ -26,7 +26,7 @@ from apache_beam.transforms import window
 
 import schemas
 from transforms.dead_letter import DeadLetter, replay_keys
-from transforms.sink import NAMESPACE
+from transforms.metrics import NAMESPACE
 
 STREAMING_FILE_WINDOW_S = 60
 AVRO_MAGIC = b"Obj\x01"

@@ -12,7 +12,7 @@ from pipeline.sources import ReadEvents
 from transforms.calls import EventCalls
 from transforms.dedup import DeduplicateIdentity
 from transforms.destination import DestinationSpec
-from transforms.sink import DEAD_LETTER_TAG, BatchCalls, Delivery, SendOptions, SendToSegment
+from transforms.sink import DEAD_LETTER_TAG, BatchAndSend, BatchCalls, Delivery, SendOptions, SendToSegment
 from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, compiled
 
 
@@ -42,9 +42,14 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
         # No identify or group anywhere in the flow: nothing to remember per user.
         deliveries = planned.calls | "NoIdentityState" >> beam.Map(_without_state)
     send_options = send_options or SendOptions()
-    batches = deliveries | "BatchCalls" >> BatchCalls(spec.settings, send_options, streaming=streaming)
-    sent = batches | "SendToSegment" >> beam.ParDo(
-        SendToSegment(spec.settings, spec.flow_name, send_options)).with_outputs(DEAD_LETTER_TAG, main="delivered")
+    if streaming:
+        # Streaming bundles are small: batches are gathered across them in Beam state.
+        deliveries = deliveries | "BatchCalls" >> BatchCalls(spec.settings, send_options, streaming=True)
+        sink = SendToSegment(spec.settings, spec.flow_name, send_options)
+    else:
+        # A batch run's bundles are large: batches fill up within them, with no shuffle.
+        sink = BatchAndSend(spec.settings, spec.flow_name, send_options)
+    sent = deliveries | "SendToSegment" >> beam.ParDo(sink).with_outputs(DEAD_LETTER_TAG, main="delivered")
     dead = ((parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> CountDeadLetters(previous_attempts))

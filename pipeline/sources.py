@@ -23,7 +23,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.sink import NAMESPACE
+from transforms.metrics import NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
 

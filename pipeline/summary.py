@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from apache_beam.metrics.metric import MetricsFilter
 
 from transforms.dead_letter import PARSE_REASONS
-from transforms.sink import NAMESPACE
+from transforms.metrics import NAMESPACE
 
 
 def counters(result) -> dict[str, int]:

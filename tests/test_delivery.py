@@ -190,12 +190,13 @@ class _SendAndCheckOnFinish(SendToSegment):
     def start_bundle(self):
         self._seen = []
 
-    def process(self, batch):
+    def process(self, batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         batch = list(batch)
         self._seen.extend(m["messageId"] for d in batch for m in d.messages)
-        yield from super().process(batch)
+        yield from super().process(batch, timestamp, window)
 
     def finish_bundle(self):
+        yield from super().finish_bundle()  # batches still on the wire settle here
         accepted = {m["messageId"] for m in ENDPOINTS[self.settings.host].accepted}
         FINISHED.append((len(self._seen), all(i in accepted for i in self._seen)))
 

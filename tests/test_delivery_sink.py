@@ -14,6 +14,8 @@ from decimal import Decimal
 import apache_beam as beam
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_stream
 
@@ -61,6 +63,40 @@ def test_to_wire_turns_everything_into_json_types():
     assert wire["2"] == "int key" and wire["(1, 2)"] == "tuple key" and wire["null"] == "none key"
     assert wire["true"] == "bool key" and wire["nested"] == [{"at": "12:30:00"}, [1.0]]
     assert to_wire({"plain": [1, "x", True, None, 2.5, {"k": {}}]}) == {"plain": [1, "x", True, None, 2.5, {"k": {}}]}
+
+
+class Label(str):
+    pass
+
+
+_LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(),
+    st.text(max_size=8), st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=2),
+    st.decimals(allow_nan=False), st.sampled_from([Colour.RED, Opaque()]), st.builds(Label, st.text(max_size=4)),
+    st.datetimes(), st.dates(), st.binary(max_size=4),
+)
+_VALUES = st.recursive(_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner, inner), st.frozensets(st.integers(), max_size=3),
+    st.dictionaries(st.one_of(st.text(max_size=6), st.integers(), st.none(), st.booleans()), inner, max_size=4),
+), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES)
+def test_the_fast_path_of_to_wire_gives_what_the_general_one_gives(value):
+    """Plain JSON values take a C round trip through orjson; the result must not depend on it."""
+    fast_result, general = to_wire(value), sink._to_wire_any(value)
+    assert json.dumps(fast_result, sort_keys=False) == json.dumps(general, sort_keys=False)
+
+
+def test_a_delivery_keeps_its_wire_form_out_of_beam_state():
+    import pickle
+
+    delivery = Delivery({"id": "1"}, [track("m:1", properties={"pair": (1, 2)})])
+    assert delivery.measure() > 0 and delivery.wire[0]["properties"] == {"pair": [1, 2]}
+    copy = pickle.loads(pickle.dumps(delivery))
+    assert copy.wire is None and copy.size == delivery.size and copy == delivery
+    assert copy.wire_messages() == delivery.wire
 
 
 def test_without_conversion_the_sdk_would_silently_drop_values():
@@ -163,6 +199,42 @@ def test_a_batch_over_the_flush_deadline_fails_and_a_new_client_takes_over(endpo
         assert endpoint.wait_until(2, timeout=5)
     finally:
         connection.close()
+
+
+# -- sending while the next batch is prepared ------------------------------------------------------
+def test_the_next_batch_is_prepared_while_the_previous_one_is_on_the_wire(endpoint):
+    spec = spec_for(endpoint.url, timeout_ms=10_000)
+    connection = SegmentConnection(spec.settings, fast())
+    sender = sink.PipelinedSender(connection, "default")
+    batches = [[Delivery({"id": f"{b}.{i}"}, [track(f"p:{b}:{i}")]) for i in range(3)] for b in range(4)]
+    try:
+        endpoint.script(delay(0.6), delay(0.6))  # the first two requests answer slowly
+        started = time.monotonic()
+        assert sender.submit(batches[0]) == []  # returns at once: the batch is on the wire
+        assert sender.submit(batches[1]) == []  # one more may wait behind it
+        assert time.monotonic() - started < 0.3
+        settled = sender.submit(batches[2])     # a third waits for the first to settle
+        assert time.monotonic() - started >= 0.5
+        settled += sender.drain()
+        # Every batch settled once, in the order given, each event with its fate.
+        assert [[d.event["id"] for d in result.delivered] for _, result in settled] == [
+            [d.event["id"] for d in batch] for batch in batches[:3]]
+        assert all(sent.deliveries == batch for (sent, _), batch in zip(settled, batches))
+        assert len(endpoint.accepted) == 9 and sender.drain() == []
+    finally:
+        sender.close()
+        connection.close()
+
+
+def test_a_batch_run_batches_within_each_bundle_and_settles_all_of_it(endpoint):
+    """The bundle-based runner makes many small bundles: each sends full batches, then its
+    partial last one when it finishes, and nothing is left behind."""
+    spec = spec_for(endpoint.url, flush_at=4, timeout_ms=5_000)
+    events = [event(i) for i in range(50)]
+    result = run(spec, events, runner="BundleBasedDirectRunner")
+    assert_exactly_once(endpoint, result, planned_calls(spec, events))
+    assert all(n <= 4 for n in (len(r.message_ids) for r in endpoint.requests))
+    assert result.counts["batches_flushed_in_bundle"] == len(endpoint.requests)
 
 
 # -- the pooled connection --------------------------------------------------------------------------

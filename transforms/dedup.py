@@ -15,7 +15,6 @@ import typing
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
@@ -23,8 +22,9 @@ from apache_beam.utils.timestamp import Duration
 from transforms.calls import EventCalls
 from transforms.destination import DestinationSpec
 from transforms.identity import IdentityState
-from transforms.sink import NAMESPACE, Delivery
-from transforms.steps import compiled, counter
+from transforms.sink import Delivery
+from transforms.metrics import counter
+from transforms.steps import compiled
 
 
 def _emit(destination, calls: EventCalls, state: IdentityState | None) -> tuple[Delivery, IdentityState]:
@@ -83,7 +83,7 @@ class _DedupStateful(beam.DoFn):
     def expire(self, identity=beam.DoFn.StateParam(IDENTITY), expires=beam.DoFn.StateParam(EXPIRES)):
         identity.clear()
         expires.clear()
-        Metrics.counter(NAMESPACE, "identity_state_expired").inc()
+        counter("identity_state_expired").inc()
 
 
 class DeduplicateIdentity(beam.PTransform):

@@ -44,22 +44,26 @@ import threading
 import time
 import typing
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
+import orjson
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from segment.analytics.version import VERSION as _SDK_VERSION
 
 from transforms import dead_letter as dl
 from transforms.dead_letter import DeadLetter, payload_text
+from transforms.metrics import NAMESPACE, counter
 from transforms.settings import INT_SETTINGS, SegmentSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,6 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger(__name__ + ".progress")
 progress_log.setLevel(logging.INFO)
 
-NAMESPACE = "walkeros_segment"
 DEAD_LETTER_TAG = "dead_letter"
 
 MAX_MESSAGE_BYTES = 32 * 1024
@@ -110,6 +113,21 @@ def to_wire(value: Any) -> Any:
     output is JSON-typed already, but a ``$code:`` function can return anything: every value
     passes through here before it is enqueued.
     """
+    try:
+        # Plain JSON types, the mapping's usual output, round-trip through orjson in C (NaN and
+        # Infinity become null, tuples lists, enums their values); anything else makes it raise
+        # and takes the general path.
+        return orjson.loads(orjson.dumps(value, option=_JSON_NATIVE))
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _to_wire_any(value)
+
+
+# What orjson must refuse rather than write its own way: datetimes (isoformat here), dataclasses
+# (str here) and subclasses of str/int/dict/list (turned into their plain types here).
+_JSON_NATIVE = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def _to_wire_any(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, int):
@@ -117,19 +135,19 @@ def to_wire(value: Any) -> Any:
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {_wire_key(k): to_wire(v) for k, v in value.items()}
+        return {_wire_key(k): _to_wire_any(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_wire(v) for v in value]
+        return [_to_wire_any(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        items = [to_wire(v) for v in value]
+        items = [_to_wire_any(v) for v in value]
         try:
             return sorted(items)  # a stable order, so the same event gives the same message
         except TypeError:
             return items
     if isinstance(value, enum.Enum):
-        return to_wire(value.value)
+        return _to_wire_any(value.value)
     if isinstance(value, Decimal):
-        return to_wire(float(value))
+        return _to_wire_any(float(value))
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -137,7 +155,7 @@ def to_wire(value: Any) -> Any:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        return to_wire(float(value))
+        return _to_wire_any(float(value))
     return str(value)
 
 
@@ -171,11 +189,26 @@ class Delivery:
     event: dict                      # normalised event: the dead-letter payload
     messages: list[dict]
     size: int = 0                    # wire_size of the messages (0 = not measured yet)
+    # to_wire of the messages, kept from measuring to sending (not pickled: it would double
+    # what a Delivery costs in Beam state).
+    wire: list[dict] | None = field(default=None, compare=False, repr=False)
 
     def measure(self) -> int:
         if not self.size:
-            self.size = sum(wire_size(to_wire(m)) for m in self.messages)
+            self.size = sum(wire_size(m) for m in self.wire_messages())
         return self.size
+
+    def wire_messages(self) -> list[dict]:
+        if self.wire is None:
+            self.wire = [to_wire(m) for m in self.messages]
+        return self.wire
+
+    def __getstate__(self):
+        return self.event, self.messages, self.size
+
+    def __setstate__(self, state):
+        self.event, self.messages, self.size = state
+        self.wire = None
 
     def shard_key(self, shards: int) -> str:
         """A stable shard: by user (the state key: anonymousId, else userId), so one user's
@@ -434,8 +467,7 @@ def _prepare(delivery: Delivery) -> list[tuple[str, dict]]:
     # BatchCalls measured the event already: when all its calls together fit under the
     # per-message limit, none of them can pass it, and the costly per-message sizing is skipped.
     check_each = delivery.measure() > MAX_MESSAGE_BYTES
-    for message in delivery.messages:
-        wire = to_wire(message)
+    for wire in delivery.wire_messages():
         if check_each:
             size = wire_size(wire)
             if size > MAX_MESSAGE_BYTES:
@@ -629,41 +661,93 @@ def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# -- sending while the next batch is prepared ---------------------------------------------------
+@dataclass
+class _Sent:
+    """One batch handed to the sender: its deliveries, what each output carries (the input's
+    timestamp and window), and the result once settled."""
+    deliveries: list[Delivery]
+    stamps: list[tuple[Any, Any]]
+    future: Future
+
+
+class PipelinedSender:
+    """Sends batches through one :class:`SegmentConnection` on a background thread, so the caller
+    prepares (maps, batches) the next batch while the previous one is on the wire.
+
+    At most one batch is sent at a time and one more waits: ``submit`` returns the batches settled
+    meanwhile, blocking only when two are already queued, and ``drain`` waits for all of them, so
+    a caller that drains before its bundle commits loses nothing. The connection's Python work (the
+    SDK's ``clean`` and serialisation) still shares the GIL with the caller; what overlaps is the
+    request's round trip and the answer from Segment.
+    """
+
+    def __init__(self, connection: SegmentConnection, flow: str):
+        self.connection = connection
+        self.flow = flow
+        self._queued: list[_Sent] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-send")
+
+    def submit(self, deliveries: list[Delivery], stamps: list[tuple[Any, Any]] | None = None
+               ) -> list[tuple[_Sent, BatchResult]]:
+        stamps = stamps if stamps is not None else [(None, None)] * len(deliveries)
+        future = self._executor.submit(self.connection.send, deliveries, self.flow)
+        self._queued.append(_Sent(deliveries, stamps, future))
+        settled = []
+        # Keep one batch waiting behind the one in flight, no more: memory stays at two batches.
+        while len(self._queued) > 2 or (self._queued and self._queued[0].future.done()):
+            settled.append(self._settle_oldest())
+        return settled
+
+    def drain(self) -> list[tuple[_Sent, BatchResult]]:
+        return [self._settle_oldest() for _ in range(len(self._queued))]
+
+    def _settle_oldest(self) -> tuple[_Sent, BatchResult]:
+        sent = self._queued.pop(0)
+        return sent, sent.future.result()
+
+    def close(self) -> None:
+        # Nothing is queued when a bundle ended normally (it drained); after a failed bundle
+        # the queued sends still finish on the thread, and the runner retries the bundle.
+        self._queued.clear()
+        self._executor.shutdown(wait=False)
+
+
 # -- Beam ---------------------------------------------------------------------------------------
-class SendToSegment(beam.DoFn):
-    """Sink: each input is a batch (a list of :class:`Delivery`), sent before ``process`` returns,
-    so everything of a bundle is settled (accepted by Segment or dead-lettered) before it commits.
+class _SegmentSink(beam.DoFn):
+    """What both sinks share: a pooled connection, a :class:`PipelinedSender`, and the outputs
+    and counters of a settled batch. Everything of a bundle is settled (accepted by Segment or
+    dead-lettered) in ``finish_bundle`` at the latest, so before the bundle commits.
 
     Delivered events leave on the main output, dead letters on ``dead_letter``. With
     ``fail_bundle_on_error``, events that failed for a transient reason (5xx, 429, timeouts, after
     the SDK's retries) fail the bundle instead, so the runner retries it; refusals that a retry
     cannot fix (``too_large``, ``rejected``, ``invalid_call``) are dead-lettered either way.
+    Counters are incremented here, on the bundle's thread: Beam's metrics belong to the thread
+    that runs the bundle, not to the sender's.
     """
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
         self.settings = settings
         self.flow = flow
         self.options = options or SendOptions()
-        self.delivered_events = Metrics.counter(NAMESPACE, "events_delivered")
-        self.failed_events = Metrics.counter(NAMESPACE, "events_dead_lettered_at_send")
-        self.disabled_events = Metrics.counter(NAMESPACE, "events_disabled")
-        self.disabled_calls = Metrics.counter(NAMESPACE, "calls_disabled")
-        self.requests = Metrics.counter(NAMESPACE, "requests_to_segment")
         self.batch_messages = Metrics.distribution(NAMESPACE, "messages_per_batch")
         self.request_latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
         self.connection: SegmentConnection | None = None
+        self.sender: PipelinedSender | None = None
         self._connection_key: str | None = None
 
     def setup(self):
         self._connection_key, self.connection = acquire_connection(self.settings, self.options)
+        self.sender = PipelinedSender(self.connection, self.flow)
 
-    def process(self, batch: Iterable[Delivery]):
-        deliveries = list(batch)
-        if not deliveries:
-            return
-        result = self.connection.send(deliveries, self.flow)
+    def _outputs(self, settled: list[tuple[_Sent, BatchResult]]) -> Iterator:
+        for sent, result in settled:
+            yield from self._outputs_of(sent, result)
+
+    def _outputs_of(self, sent: _Sent, result: BatchResult) -> Iterator:
         self.connection.progress.add(result, self.options.progress_interval_s)
-        self.requests.inc(len(result.requests))
+        counter("requests_to_segment").inc(len(result.requests))
         for messages, millis in result.requests:
             self.batch_messages.update(messages)
             self.request_latency.update(millis)
@@ -672,26 +756,99 @@ class SendToSegment(beam.DoFn):
             if transient:
                 raise RuntimeError(f"{len(transient)} event(s) could not be delivered to Segment; failing the "
                                    f"bundle so the runner retries it (first: {transient[0].error})")
+        stamp_of = {id(d): stamp for d, stamp in zip(sent.deliveries, sent.stamps)}
+        calls_by_type: dict[str, int] = {}
+        delivered_calls = 0
         for delivery in result.delivered:
-            self.delivered_events.inc()
-            Metrics.counter(NAMESPACE, "events_delivered_calls").inc(len(delivery.messages))
+            delivered_calls += len(delivery.messages)
             for message in delivery.messages:
-                Metrics.counter(NAMESPACE, f"calls_sent_{message['type']}").inc()
-            yield delivery
-        for delivery in result.disabled:
-            self.disabled_events.inc()
-            self.disabled_calls.inc(len(delivery.messages))
-        for _, dead in result.failed:
-            self.failed_events.inc()
-            Metrics.counter(NAMESPACE, f"dead_letter_{dead.reason}").inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead)
+                calls_by_type[message["type"]] = calls_by_type.get(message["type"], 0) + 1
+            yield _stamped(delivery, stamp_of[id(delivery)])
+        counter("events_delivered").inc(len(result.delivered))
+        counter("events_delivered_calls").inc(delivered_calls)
+        for kind, n in calls_by_type.items():
+            counter(f"calls_sent_{kind}").inc(n)
+        if result.disabled:
+            counter("events_disabled").inc(len(result.disabled))
+            counter("calls_disabled").inc(sum(len(d.messages) for d in result.disabled))
+        for delivery, dead in result.failed:
+            counter("events_dead_lettered_at_send").inc()
+            counter(f"dead_letter_{dead.reason}").inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, _stamped(dead, stamp_of[id(delivery)]))
+
+    def finish_bundle(self):
+        yield from self._outputs(self.sender.drain())
 
     def teardown(self):
-        # Everything was already sent in process(); this only hands the client back (and, after
-        # the grace period, shuts it down).
+        # Everything was already settled before each bundle ended; this only hands the client
+        # back (and, after the grace period, shuts it down).
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
         if self._connection_key is not None and self.connection is not None:
             release_connection(self._connection_key, self.connection)
             self._connection_key, self.connection = None, None
+
+
+def _stamped(value, stamp: tuple[Any, Any]):
+    """``value`` as an output of the input it came from: outputs of an earlier element, and all
+    of ``finish_bundle``'s, need their timestamp and window said explicitly."""
+    timestamp, window = stamp
+    if window is None:
+        return value
+    return WindowedValue(value, timestamp, (window,))
+
+
+class SendToSegment(_SegmentSink):
+    """Sink for batches made upstream (:class:`BatchCalls`, streaming): each input is a list of
+    :class:`Delivery`, one request's worth."""
+
+    def process(self, batch: Iterable[Delivery], timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam):
+        deliveries = list(batch)
+        if deliveries:
+            yield from self._outputs(self.sender.submit(deliveries, [(timestamp, window)] * len(deliveries)))
+
+
+class BatchAndSend(_SegmentSink):
+    """Sink for a batch run: each input is one :class:`Delivery`; batches are cut within the
+    bundle by the rules of :func:`split_batches` (``flushAt`` calls, under the request limits,
+    an event's calls never split) and the last, partial one is sent in ``finish_bundle``.
+
+    A batch run's bundles are large, so batches fill up without Beam state: no shuffle, and the
+    next batch is mapped while the previous one is on the wire. (Streaming bundles are small:
+    there :class:`BatchCalls` gathers across bundles in state.)
+    """
+
+    def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
+        super().__init__(settings, flow, options)
+        self.flush_at = max(1, min(int(settings.flush_at), MAX_BATCH_MESSAGES))
+
+    def start_bundle(self):
+        self._batch: list[Delivery] = []
+        self._stamps: list[tuple[Any, Any]] = []
+        self._calls = self._size = 0
+
+    def process(self, delivery: Delivery, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        calls, size = len(delivery.messages), delivery.measure()
+        if self._batch and exceeds_request_limits(self._calls, self._size, calls, size):
+            yield from self._submit()
+        self._batch.append(delivery)
+        self._stamps.append((timestamp, window))
+        self._calls, self._size = self._calls + calls, self._size + size
+        if self._calls >= self.flush_at:
+            yield from self._submit()
+
+    def _submit(self) -> Iterator:
+        batch, stamps = self._batch, self._stamps
+        self.start_bundle()
+        counter("batches_flushed_in_bundle").inc()
+        yield from self._outputs(self.sender.submit(batch, stamps))
+
+    def finish_bundle(self):
+        if self._batch:
+            yield from self._submit()
+        yield from super().finish_bundle()
 
 
 class _BatchInState(beam.DoFn):
@@ -754,7 +911,7 @@ class _BatchInState(beam.DoFn):
         state = pending.read()
         if state is None:
             return  # flushed by size since the timer was set
-        Metrics.counter(NAMESPACE, f"batches_flushed_by_{why}").inc()
+        counter(f"batches_flushed_by_{why}").inc()
         # A timer's output carries the timer's time (processing time for flush_interval, which
         # can be anything): give the batch its first event's time instead, which the timer's
         # watermark hold protects, so windowed writes downstream do not see it as late.

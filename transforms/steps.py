@@ -11,13 +11,13 @@ from typing import Any
 
 import apache_beam as beam
 import orjson
-from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from transforms.dead_letter import DeadLetter
 from transforms.destination import Destination, DestinationSpec
 from transforms.event import parse_payload
-from transforms.sink import DEAD_LETTER_TAG, NAMESPACE
+from transforms.metrics import count as _count
+from transforms.sink import DEAD_LETTER_TAG
 
 # -- a compiled destination per process and flow ---------------------------------------------
 # Compiling the mapping costs far more than a bundle of events on the streaming DirectRunner,
@@ -44,23 +44,6 @@ def _spec_key(spec: DestinationSpec) -> str:
     text = orjson.dumps([spec.flow_name, spec.config, spec.collector, spec.namespace, spec.state_ttl_ms,
                          spec.config_path], option=orjson.OPT_SORT_KEYS, default=repr)
     return hashlib.sha256(text).hexdigest()
-
-
-# Counters by name, made once: Metrics.counter() builds and validates a MetricName on every
-# call (a few microseconds per event and counter). A counter only names the metric; each inc()
-# goes to the step and bundle running at that moment, so one object serves every DoFn and bundle.
-_COUNTERS: dict[str, Any] = {}
-
-
-def counter(name: str):
-    found = _COUNTERS.get(name)
-    if found is None:
-        found = _COUNTERS[name] = Metrics.counter(NAMESPACE, name)
-    return found
-
-
-def _count(name: str, n: int = 1) -> None:
-    counter(name).inc(n)
 
 
 class _DestinationStep(beam.DoFn):
