@@ -5,9 +5,10 @@ go through four variants, each in its own process (so peak RSS is per variant):
 
 1. transform  the transform limit: a plain loop with the project's own functions, no Beam,
               no network;
-2. send       the send limit: the SDK alone sending the same messages to the local endpoint,
-              through the pipeline's own ``SegmentConnection`` (``send-bare``: a bare SDK
-              ``Client``, for comparison);
+2. send       the send limit: a bare SDK ``Client`` alone sending the same messages to the
+              local endpoint as fast as it takes them (``send-sink``: the same messages through
+              the pipeline's own sink, ``PipelinedSender`` over ``SegmentConnection``, for
+              comparison);
 3. pipeline   ``walkeros-segment run``: the Beam batch pipeline (FnApiRunner) reading the file
               and delivering to the local endpoint;
 4. explain    ``walkeros-segment explain`` over the same file, in-process, output to /dev/null.
@@ -41,15 +42,15 @@ WRITE_KEY = "bench-write-key"
 N0 = 1_000
 GENERATOR_VERSION = 1
 
-VARIANTS = ("transform", "send", "send-bare", "pipeline", "explain")
+VARIANTS = ("transform", "send", "send-sink", "pipeline", "explain")
 LABELS = {
     "transform": "1 transform limit (plain loop)",
-    "send": "2 send limit (SegmentConnection)",
-    "send-bare": "2b send, bare SDK Client",
+    "send": "2 send limit (SDK Client alone)",
+    "send-sink": "2b send, the pipeline's sink",
     "pipeline": "3 Beam pipeline (FnApiRunner)",
     "explain": "4 explain (in-process)",
 }
-NEEDS_ENDPOINT = {"send", "send-bare", "pipeline"}
+NEEDS_ENDPOINT = {"send", "send-sink", "pipeline"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +177,9 @@ def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
     try:
         if variant == "transform":
             result = _spawn("transform", workdir, [*flow, "--input", str(paths["events"][n])], env, profile)
-        elif variant in ("send", "send-bare"):
+        elif variant in ("send", "send-sink"):
             result = _spawn("send", workdir, [*flow, "--calls", str(paths["calls"][n]), "--flush-at", str(flush_at),
-                                              "--client", "bare" if variant == "send-bare" else "connection"],
+                                              "--client", "sink" if variant == "send-sink" else "bare"],
                             env, profile)
         elif variant == "pipeline":
             dead = workdir / f"dead-letters-{n}" / "dl"
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = {}
     for n in all_sizes:
         paths["events"][n] = ensure_events(workdir, n, seed)
-        if {"send", "send-bare"} & set(variants) or "pipeline" in variants:
+        if {"send", "send-sink"} & set(variants) or "pipeline" in variants:
             paths["calls"][n], expected[n] = ensure_calls(workdir, flow, paths["events"][n], n)
 
     runs = []
@@ -565,10 +566,11 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "1. **transform limit**: a plain Python loop over the file doing what the pipeline does per event "
         "(parse, consent, map, identity, calls, identify/group dedup) with the project's own functions, "
         "no Beam, no network.",
-        "2. **send limit**: the same messages sent by the SDK alone to the local endpoint "
-        "(`pipeline.local_segment`), through the pipeline's own `SegmentConnection` (one request per batch "
-        "of flushAt calls, batches cut like `BatchCalls`). *2b* feeds a bare SDK `Client` as fast as it "
-        "takes messages, for comparison.",
+        "2. **send limit**: the same messages sent by a bare SDK `Client` alone to the local endpoint "
+        "(`pipeline.local_segment`), fed as fast as it takes them (its consumer thread batching "
+        "flushAt calls a request). *2b* sends them through the pipeline's own sink instead "
+        "(`PipelinedSender` over `SegmentConnection`: batches cut like the sink cuts them, every value "
+        "converted and every call checked, each batch settled with its fate), for comparison.",
         "3. **pipeline**: `walkeros-segment run` (Beam, FnApiRunner) reading the file and delivering to "
         "the local endpoint, dead letters to files.",
         "4. **explain**: `walkeros-segment explain` over the file, in-process, output to /dev/null.",

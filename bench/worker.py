@@ -13,11 +13,11 @@ Modes:
              ``Destination`` steps the DoFns call), no Beam, no network, nothing written.
   calls      the same loop, writing each delivered event's messages as one JSON line (the
              input of ``send``; not measured).
-  send       the SDK alone: the ``calls`` file through ``transforms.sink.SegmentConnection``
-             (the pipeline's own sink: one Client, one request per batch of ``flushAt`` calls,
-             batches cut like ``BatchCalls``), or with ``--client bare`` a bare SDK ``Client``
-             fed as fast as it takes messages (its consumer thread batching ``upload_size`` =
-             flushAt), for comparison.
+  send       the SDK alone: the ``calls`` file into a bare SDK ``Client`` fed as fast as it
+             takes messages (its consumer thread batching ``upload_size`` = flushAt), or with
+             ``--client sink`` through the pipeline's own sink (``PipelinedSender`` over
+             ``SegmentConnection``: one request per batch of ``flushAt`` calls, batches cut as
+             the sink cuts them, each settled with its fate), for comparison.
   pipeline   ``walkeros-segment run`` in this process: the Beam batch pipeline on the FnApiRunner
              reading the file and delivering to ``$BENCH_SEGMENT_HOST``.
   explain    ``walkeros-segment explain`` in this process, its output written to /dev/null.
@@ -124,7 +124,7 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
 # -- send --------------------------------------------------------------------------------------
 def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
     from pipeline.cli import load_spec
-    from transforms.sink import MAX_BATCH_MESSAGES, Delivery, SegmentConnection, SendOptions
+    from transforms.sink import MAX_BATCH_MESSAGES, Delivery, PipelinedSender, SegmentConnection, SendOptions
 
     spec = load_spec(flow_path)  # settings (host from $BENCH_SEGMENT_HOST, write key, retries)
     settings = spec.settings
@@ -142,15 +142,21 @@ def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
                     counts["messages"] += len(delivery.messages)
                     yield delivery
 
+        sender = PipelinedSender(connection, spec.flow_name)
+
+        def tally(settled):
+            for _, result in settled:
+                counts["delivered"] += len(result.delivered)
+                counts["failed"] += len(result.failed)
+                counts["requests"] += len(result.requests)
+                counts["batches"] += 1
+
         for batch in _split_batches(deliveries(), cap):
-            result = connection.send(batch, spec.flow_name)
-            counts["delivered"] += len(result.delivered)
-            counts["failed"] += len(result.failed)
-            requests = result.requests
-            counts["requests"] += requests if isinstance(requests, int) else len(requests)
-            counts["batches"] += 1
+            tally(sender.submit(batch))
+        tally(sender.drain())
+        sender.close()
         connection.close()
-    return {"work_s": span.wall, "cpu_s": span.cpu, "client": "SegmentConnection", **counts}
+    return {"work_s": span.wall, "cpu_s": span.cpu, "client": "PipelinedSender", **counts}
 
 
 def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
@@ -192,7 +198,7 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
 
 
 def _split_batches(deliveries, flush_at: int):
-    """Batches as the pipeline's BatchCalls cuts them."""
+    """Batches as the pipeline's sink cuts them."""
     from transforms.sink import split_batches
 
     return split_batches(deliveries, flush_at)
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls")
     parser.add_argument("--dead-letter")
     parser.add_argument("--flush-at", type=int, default=500)
-    parser.add_argument("--client", choices=("connection", "bare"), default="connection")
+    parser.add_argument("--client", choices=("bare", "sink"), default="bare")
     parser.add_argument("--profile", help="write a cProfile of the measured work to this file")
     args = parser.parse_args(argv)
 
