@@ -85,7 +85,8 @@ class WalkerosOptions(PipelineOptions):
                               help="Fail the bundle (the runner retries it) instead of dead-lettering events "
                                    "Segment did not accept after retries.")
         delivery.add_argument("--delivery_shards", type=int, default=8,
-                              help="Keys over which calls are batched in Beam state (flushAt / flushInterval): "
-                                   "at most this many batches fill, and are sent, in parallel.")
+                              help="Streaming: keys over which calls are batched in Beam state (flushAt / flushInterval): "
+                                   "at most this many batches fill, and are sent, in parallel. Batch runs "
+                                   "batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")

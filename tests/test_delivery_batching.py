@@ -1,6 +1,7 @@
-"""BatchCalls: batches in Beam state, flushed at flushAt, before the request limits (2,500
-messages, 450 KB as the SDK serialises), after flushInterval (streaming), and at the end of the
-window; the calls of one event never split and in order."""
+"""Batching: cut at flushAt, before the request limits (2,500 messages, 450 KB as the SDK
+serialises), the calls of one event never split and in order. Batch runs cut batches within the
+bundle (BatchAndSend, the last one in finish_bundle); streaming gathers them in Beam state
+(BatchCalls), flushed after flushInterval and at the end of the window."""
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def test_flush_at_is_respected_with_a_saturating_input(endpoint):
     assert_exactly_once(endpoint, result, planned_calls(spec, events))
     sizes = request_sizes(endpoint)
     assert max(sizes) == 10 and sum(sizes) == 300
-    assert len(sizes) <= 30 + 4  # full batches, plus at most one partial batch per shard
+    assert len(sizes) <= 30 + 4  # full batches, plus at most a few partial ones (one per bundle)
     assert statistics.mean(sizes) >= 300 / 34
     assert result.counts["requests_to_segment"] == len(sizes)
 
@@ -124,7 +125,7 @@ def test_the_calls_of_one_event_are_never_split_and_stay_in_order(endpoint):
 
 
 def test_the_bundle_based_runner_flushes_everything_at_the_end(endpoint):
-    """It drops processing-time timers in batch: the end-of-window timer flushes instead."""
+    """Its bundles are small: each bundle's partial last batch is sent when the bundle finishes."""
     spec = spec_for(endpoint.url, flush_at=7)
     events = [event(i) for i in range(30)]
     result = run(spec, events, options=fast(shards=2), runner="BundleBasedDirectRunner")

@@ -1,16 +1,19 @@
 """Delivery to Segment through segment-analytics-python: batches in, fates out.
 
-Two steps, wired by ``pipeline.graph``:
+How events become batches depends on the run (``pipeline.graph`` wires one or the other):
 
-* :class:`BatchCalls` gathers the calls of many events into request-sized batches **in Beam
-  state** (keyed over a fixed number of shards), so nothing waits only in memory. A batch is
-  flushed when it holds ``flushAt`` calls, before it would pass 2,500 messages or
-  :data:`MAX_BATCH_BYTES`, when a processing-time timer fires ``flushInterval`` ms after its
-  first call, and at the end of the window (the end of a batch run, or a drain). The calls of
-  one event (a :class:`Delivery`) are never split and keep their order.
-* :class:`SendToSegment` sends each batch before ``process`` returns, through
-  :class:`SegmentConnection`, which wraps one SDK ``Client`` so that sending is synchronous
-  and every message gets a known fate: accepted, or failed with the reason.
+* batch runs: :class:`BatchAndSend` cuts batches within each bundle (a batch run's bundles are
+  large) and sends the last, partial one in ``finish_bundle``: no shuffle, no state;
+* streaming: :class:`BatchCalls` gathers calls across bundles **in Beam state** (keyed over a
+  fixed number of shards), so nothing waits only in memory, flushed after ``flushInterval`` ms
+  and at the end of the window (a drain); :class:`SendToSegment` sends each batch.
+
+Either way a batch is cut at ``flushAt`` calls and before it would pass 2,500 messages or
+:data:`MAX_BATCH_BYTES`; the calls of one event (a :class:`Delivery`) are never split and keep
+their order. Both sinks send through a :class:`PipelinedSender` (the next batch is prepared while
+the previous one is on the wire) over a :class:`SegmentConnection`, which wraps one SDK
+``Client`` so that every message gets a known fate: accepted, or failed with the reason; all of
+a bundle's batches are settled before the bundle commits.
 
 The SDK is asynchronous and loses things quietly; each of its loss paths is closed here:
 
