@@ -237,6 +237,20 @@ def test_a_batch_run_batches_within_each_bundle_and_settles_all_of_it(endpoint):
     assert result.counts["batches_flushed_in_bundle"] == len(endpoint.requests)
 
 
+def test_sdk_debug_logging_never_shows_the_write_key(endpoint, caplog):
+    """At DEBUG the SDK logs every request body, write key included: the sink's filter redacts it."""
+    spec = spec_for(endpoint.url)
+    connection = SegmentConnection(spec.settings, fast())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="segment"):
+            result = connection.send([Delivery({"id": "logged"}, [track("log:1")])], "default")
+        assert [d.event["id"] for d in result.delivered] == ["logged"]
+        assert "making request" in caplog.text and "[write key redacted]" in caplog.text
+        assert WRITE_KEY not in caplog.text
+    finally:
+        connection.close()
+
+
 # -- the pooled connection --------------------------------------------------------------------------
 def test_connections_are_pooled_per_configuration(endpoint):
     settings = spec_for(endpoint.url).settings

@@ -80,3 +80,40 @@ def _from_secret_manager(name: str) -> str:
             f"set and Secret Manager secret {name!r} could not be read ({type(exc).__name__}). On Dataflow, "
             f"create the secret and grant the worker service account roles/secretmanager.secretAccessor."
         ) from None
+
+
+# -- the SDK's own logging ------------------------------------------------------------------------
+class _RedactKeys:
+    """A filter on the SDK's ``segment`` logger: at DEBUG it logs each request body, write key
+    included. Records are filtered only once the level lets them through, so this costs nothing
+    at the usual levels."""
+
+    REDACTED = "[write key redacted]"
+
+    def __init__(self):
+        self.keys: set[str] = set()
+
+    def filter(self, record) -> bool:
+        if self.keys:
+            text = record.getMessage()
+            redacted = text
+            for key in self.keys:
+                redacted = redacted.replace(key, self.REDACTED)
+            if redacted != text:
+                record.msg, record.args = redacted, ()
+        return True
+
+
+_SDK_LOG_FILTER = _RedactKeys()
+
+
+def redact_in_sdk_logs(key: str) -> None:
+    """Keep ``key`` out of whatever the SDK logs (before a Client is built with it)."""
+    import logging
+
+    if not key:
+        return
+    logger = logging.getLogger("segment")
+    if _SDK_LOG_FILTER not in logger.filters:
+        logger.addFilter(_SDK_LOG_FILTER)
+    _SDK_LOG_FILTER.keys.add(key)

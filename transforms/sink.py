@@ -67,6 +67,7 @@ from segment.analytics.version import VERSION as _SDK_VERSION
 from transforms import dead_letter as dl
 from transforms.dead_letter import DeadLetter, payload_text
 from transforms.metrics import NAMESPACE, counter
+from transforms.secrets import redact_in_sdk_logs
 from transforms.settings import INT_SETTINGS, SegmentSettings
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,10 @@ class _ClientSlot:
         self.lock = threading.Lock()
         # Retries must end inside the flush deadline, or the batch cannot settle in time.
         budget = max(1.0, options.flush_deadline_s * 0.8)
+        write_key = settings.write_key.reveal()
+        redact_in_sdk_logs(write_key)
         self.client = Client(
-            settings.write_key.reveal(),
+            write_key,
             host=settings.sdk_host(),
             send=True,
             on_error=self.record,
