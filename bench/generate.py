@@ -127,8 +127,14 @@ def rule_count(document: dict) -> int:
                for actions in mapping.values() for slot in actions.values())
 
 
-def write_flow(path: Path, flush_at: int) -> Path:
-    path.write_text(json.dumps(flow_document(flush_at), indent=2) + "\n")
+def write_flow(path: Path, flush_at: int, disable: bool = False) -> Path:
+    """The bench flow; ``disable``: the same with ``settings.disable`` (everything but sending)."""
+    document = flow_document(flush_at)
+    if disable:
+        for flow in document["flows"].values():
+            for destination in flow.get("destinations", {}).values():
+                destination["config"]["settings"]["disable"] = True
+    path.write_text(json.dumps(document, indent=2) + "\n")
     return path
 
 

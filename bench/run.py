@@ -10,7 +10,8 @@ go through four variants, each in its own process (so peak RSS is per variant):
               the pipeline's own sink, ``PipelinedSender`` over ``SegmentConnection``, for
               comparison);
 3. pipeline   ``walkeros-segment run``: the Beam batch pipeline (FnApiRunner) reading the file
-              and delivering to the local endpoint;
+              and delivering to the local endpoint (``pipeline-nosend``: the same with the
+              destination's ``disable: true``, to see what Beam costs without the sending);
 4. explain    ``walkeros-segment explain`` over the same file, in-process, output to /dev/null.
 
 The local endpoint (``pipeline.local_segment.LocalSegment``) runs in this, the parent,
@@ -42,12 +43,13 @@ WRITE_KEY = "bench-write-key"
 N0 = 1_000
 GENERATOR_VERSION = 1
 
-VARIANTS = ("transform", "send", "send-sink", "pipeline", "explain")
+VARIANTS = ("transform", "send", "send-sink", "pipeline", "pipeline-nosend", "explain")
 LABELS = {
     "transform": "1 transform limit (plain loop)",
     "send": "2 send limit (SDK Client alone)",
     "send-sink": "2b send, the pipeline's sink",
     "pipeline": "3 Beam pipeline (FnApiRunner)",
+    "pipeline-nosend": "3b the same, not sending (disable)",
     "explain": "4 explain (in-process)",
 }
 NEEDS_ENDPOINT = {"send", "send-sink", "pipeline"}
@@ -181,8 +183,10 @@ def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
             result = _spawn("send", workdir, [*flow, "--calls", str(paths["calls"][n]), "--flush-at", str(flush_at),
                                               "--client", "sink" if variant == "send-sink" else "bare"],
                             env, profile)
-        elif variant == "pipeline":
+        elif variant in ("pipeline", "pipeline-nosend"):
             dead = workdir / f"dead-letters-{n}" / "dl"
+            if variant == "pipeline-nosend":
+                flow = ["--flow", str(paths["flow-nosend"])]
             result = _spawn("pipeline", workdir, [*flow, "--input", str(paths["events"][n]),
                                                   "--dead-letter", str(dead)], env, profile)
         else:
@@ -409,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
           f"variants: {', '.join(variants)}; flushAt {args.flush_at}", flush=True)
     flow = generate.write_flow(workdir / "flow.json", args.flush_at)
     all_sizes = [N0, *sizes]
-    paths = {"flow": flow, "events": {}, "calls": {}}
+    paths = {"flow": flow, "flow-nosend": generate.write_flow(workdir / "flow-nosend.json", args.flush_at, disable=True),
+             "events": {}, "calls": {}}
     expected = {}
     for n in all_sizes:
         paths["events"][n] = ensure_events(workdir, n, seed)
@@ -573,6 +578,8 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "converted and every call checked, each batch settled with its fate), for comparison.",
         "3. **pipeline**: `walkeros-segment run` (Beam, FnApiRunner) reading the file and delivering to "
         "the local endpoint, dead letters to files.",
+        "   *3b* is the same run with the destination's `disable: true`: every step but the sending, so "
+        "3b − 1 is what Beam itself costs per event, and 3 − 3b what sending costs inside the pipeline.",
         "4. **explain**: `walkeros-segment explain` over the file, in-process, output to /dev/null.",
         "",
         "Method: every variant runs in its own process; peak RSS is that process's (`wait4`). Time is the "

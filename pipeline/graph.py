@@ -13,7 +13,7 @@ from transforms.calls import EventCalls
 from transforms.dedup import DeduplicateIdentity
 from transforms.destination import DestinationSpec
 from transforms.sink import DEAD_LETTER_TAG, BatchAndSend, BatchCalls, Delivery, SendOptions, SendToSegment
-from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, compiled
+from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime, compiled
 
 
 @dataclass
@@ -30,7 +30,8 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     and the command line always pass one); ``dead_letter_sink`` writes the dead letters."""
     destination = compiled(spec)  # compiles now: configuration errors surface before the job starts
     raw = p | "ReadEvents" >> read
-    parsed = raw | "ParseEvents" >> beam.ParDo(ParseEvents(spec.collector, spec.flow_name)).with_outputs(
+    parse = ParseEventsAtElementTime if streaming else ParseEvents
+    parsed = raw | "ParseEvents" >> beam.ParDo(parse(spec.collector, spec.flow_name)).with_outputs(
         DEAD_LETTER_TAG, main="events")
     gated = parsed.events | "GateConsent" >> beam.ParDo(GateConsent(spec))
     mapped = gated | "MapEvents" >> beam.ParDo(MapEvents(spec))

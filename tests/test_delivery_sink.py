@@ -206,23 +206,36 @@ def test_the_next_batch_is_prepared_while_the_previous_one_is_on_the_wire(endpoi
     spec = spec_for(endpoint.url, timeout_ms=10_000)
     connection = SegmentConnection(spec.settings, fast())
     sender = sink.PipelinedSender(connection, "default")
-    batches = [[Delivery({"id": f"{b}.{i}"}, [track(f"p:{b}:{i}")]) for i in range(3)] for b in range(4)]
+    batches = [[Delivery({"id": f"{b}.{i}"}, [track(f"p:{b}:{i}")]) for i in range(3)] for b in range(3)]
     try:
-        endpoint.script(delay(0.6), delay(0.6))  # the first two requests answer slowly
+        endpoint.script(delay(0.6))  # the first request answers slowly
         started = time.monotonic()
-        assert sender.submit(batches[0]) == []  # returns at once: the batch is on the wire
-        assert sender.submit(batches[1]) == []  # one more may wait behind it
-        assert time.monotonic() - started < 0.3
-        settled = sender.submit(batches[2])     # a third waits for the first to settle
+        assert sender.submit(batches[0]) == []  # returns at once: the batch is on the wire ...
+        assert time.monotonic() - started < 0.3  # ... and the caller prepares the next one meanwhile
+        settled = sender.submit(batches[1])     # the next waits for the first to settle
         assert time.monotonic() - started >= 0.5
-        settled += sender.drain()
+        assert [sent.deliveries for sent, _ in settled] == [batches[0]]
+        settled += sender.submit(batches[2]) + sender.drain()
         # Every batch settled once, in the order given, each event with its fate.
         assert [[d.event["id"] for d in result.delivered] for _, result in settled] == [
-            [d.event["id"] for d in batch] for batch in batches[:3]]
-        assert all(sent.deliveries == batch for (sent, _), batch in zip(settled, batches))
+            [d.event["id"] for d in batch] for batch in batches]
         assert len(endpoint.accepted) == 9 and sender.drain() == []
+        assert [len(r.message_ids) for r in endpoint.requests] == [3, 3, 3]  # one request a batch
     finally:
         sender.close()
+        connection.close()
+
+
+def test_a_connection_takes_one_batch_at_a_time(endpoint):
+    connection = SegmentConnection(spec_for(endpoint.url).settings, fast())
+    try:
+        first = connection.start([Delivery({"id": "1"}, [track("one:1")])], "default")
+        with pytest.raises(RuntimeError, match="still in flight"):
+            connection.start([Delivery({"id": "2"}, [track("two:1")])], "default")
+        assert [d.event["id"] for d in connection.finish(first).delivered] == ["1"]
+        assert [d.event["id"] for d in connection.send([Delivery({"id": "2"}, [track("two:1")])],
+                                                       "default").delivered] == ["2"]
+    finally:
         connection.close()
 
 

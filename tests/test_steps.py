@@ -10,7 +10,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from pipeline.explain import explain_payloads
 from pipeline.summary import counters
-from transforms.steps import ParseEvents, compiled
+from transforms.steps import ParseEvents, ParseEventsAtElementTime, compiled
 
 from support import flow_document, make_spec
 
@@ -23,9 +23,19 @@ def test_a_pubsub_event_without_timestamp_takes_its_element_time():
     with test_pipeline.TestPipeline(options=options, runner="FnApiRunner") as p:
         events = (p | beam.Create(messages)
                   | beam.Map(lambda m: TimestampedValue(m, 1_700_000_000.123))
-                  | beam.ParDo(ParseEvents({}, "f")).with_outputs("dead_letter", main="events"))
+                  | beam.ParDo(ParseEventsAtElementTime({}, "f")).with_outputs("dead_letter", main="events"))
         assert_that(events.events | beam.Map(lambda e: (e["id"], e["timestamp"])),
                     equal_to([("a", 1_700_000_000_123), ("b", 5)]))
+
+
+def test_without_an_element_time_a_pubsub_event_takes_its_publish_time():
+    # Batch runs parse with the plain ParseEvents, which does not ask Beam for the element time.
+    import datetime as dt
+
+    message = PubsubMessage(b'{"name": "page view", "id": "c"}', {},
+                            publish_time=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    [event] = list(ParseEvents({}, "f").process(message))
+    assert event["timestamp"] == 1_767_225_600_000
 
 
 def test_a_raising_function_makes_its_value_undefined_counted_and_logged_once(caplog):

@@ -47,7 +47,6 @@ import threading
 import time
 import typing
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator
@@ -58,7 +57,7 @@ from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -357,7 +356,8 @@ class SegmentConnection:
     def __init__(self, settings: SegmentSettings, options: SendOptions):
         self.settings = settings
         self.options = options
-        self._lock = threading.Lock()   # one batch at a time: the consumer sends what is queued
+        self._lock = threading.Lock()
+        self._in_flight = False         # one batch at a time: the consumer sends what is queued
         self._slot: _ClientSlot | None = None
         self.clients_built = 0
         self.progress = _Progress()
@@ -382,29 +382,47 @@ class SegmentConnection:
     def send(self, deliveries: list[Delivery], flow: str) -> BatchResult:
         """Send one batch and settle every event of it: delivered, failed (with a dead letter),
         or disabled. A 400 for a request is narrowed down to the event(s) Segment refuses."""
-        result = BatchResult()
+        return self.finish(self.start(deliveries, flow))
+
+    def start(self, deliveries: list[Delivery], flow: str) -> "_Batch":
+        """Check and enqueue one batch, and return while it is on the wire: :meth:`finish`
+        waits for Segment's answer. One batch at a time: finish it before starting the next."""
+        batch = _Batch(flow)
         if self.settings.disable:
-            result.disabled.extend(deliveries)  # build every call, send nothing
-            return result
+            batch.result.disabled.extend(deliveries)  # build every call, send nothing
+            return batch
         sendable = []
         for delivery in deliveries:
             if not delivery.messages:  # e.g. a silent rule whose identify did not change
-                result.delivered.append(delivery)
+                batch.result.delivered.append(delivery)
                 continue
             try:
                 sendable.append((delivery, _prepare(delivery)))
             except _TooLarge as exc:
-                result.failed.append((delivery, _dead_letter(delivery, dl.TOO_LARGE, str(exc), flow)))
+                batch.result.failed.append((delivery, _dead_letter(delivery, dl.TOO_LARGE, str(exc), flow)))
             except _InvalidCall as exc:
-                result.failed.append((delivery, _dead_letter(delivery, dl.INVALID_CALL, str(exc), flow)))
-        for chunk in _within_limits(sendable):
-            self._send_and_isolate(chunk, flow, result)
-        return result
+                batch.result.failed.append((delivery, _dead_letter(delivery, dl.INVALID_CALL, str(exc), flow)))
+        batch.chunks = list(_within_limits(sendable))
+        if batch.chunks:
+            batch.request = self._enqueue_request(batch.chunks[0])
+        return batch
+
+    def finish(self, batch: "_Batch") -> BatchResult:
+        """Wait for the batch :meth:`start` put on the wire, and settle each of its events."""
+        if batch.request is not None:
+            first, request, batch.request = batch.chunks[0], batch.request, None
+            self._isolate(first, self._settle(request, batch.result), batch.flow, batch.result)
+        for chunk in batch.chunks[1:]:  # only when a batch passed the request limits: one by one
+            self._send_and_isolate(chunk, batch.flow, batch.result)
+        batch.chunks = []
+        return batch.result
 
     def _send_and_isolate(self, items: list[tuple[Delivery, list]], flow: str, result: BatchResult) -> None:
-        if not items:
-            return
-        failures = self._send_once(items, result)
+        if items:
+            self._isolate(items, self._settle(self._enqueue_request(items), result), flow, result)
+
+    def _isolate(self, items: list[tuple[Delivery, list]], failures: dict[str, _Failure], flow: str,
+                 result: BatchResult) -> None:
         rejected = []
         for delivery, prepared in items:
             failure = next((failures[m["messageId"]] for m in delivery.messages if m["messageId"] in failures), None)
@@ -422,44 +440,76 @@ class SegmentConnection:
             self._send_and_isolate(rejected[:middle], flow, result)
             self._send_and_isolate(rejected[middle:], flow, result)
 
-    def _send_once(self, items: list[tuple[Delivery, list]], result: BatchResult) -> dict[str, _Failure]:
-        """Enqueue the calls of ``items``, flush with a deadline, and return the failed ones."""
+    def _enqueue_request(self, items: list[tuple[Delivery, list]]) -> "_Request":
+        """Enqueue the calls of ``items`` as one request and start flushing them."""
         calls = [call for _, prepared in items for call in prepared]
-        ids = [kwargs["message_id"] for _, kwargs in calls]
-        failures: dict[str, _Failure] = {}
-        started = time.monotonic()
+        request = _Request(ids=[kwargs["message_id"] for _, kwargs in calls], calls=len(calls),
+                           started=time.monotonic())
         with self._lock:
+            if self._in_flight:
+                raise RuntimeError("SegmentConnection: a batch is still in flight; finish it first")
             if self._slot is None:
                 self._slot = self._new_slot()
-            slot = self._slot
-            slot.forget(ids)
-            # The consumer thread gathers until it holds upload_size calls: exactly this batch,
-            # so it leaves as one request.
-            slot.consumer.upload_size = len(calls)
-            for kind, kwargs in calls:
-                problem = _enqueue(slot.client, kind, kwargs)
-                if problem is not None:
-                    failures[kwargs["message_id"]] = problem
-                    slot.consumer.upload_size -= 1
-            if failures and len(failures) == len(calls):
-                flushed = True  # nothing was queued
-            else:
-                flushed = _flush_with_deadline(slot.client, self.options.flush_deadline_s)
-            if not flushed:
+            slot = request.slot = self._slot
+            self._in_flight = True
+        slot.forget(request.ids)
+        # The consumer thread gathers until it holds upload_size calls: exactly this batch,
+        # so it leaves as one request.
+        slot.consumer.upload_size = len(calls)
+        for kind, kwargs in calls:
+            problem = _enqueue(slot.client, kind, kwargs)
+            if problem is not None:
+                request.failures[kwargs["message_id"]] = problem
+                slot.consumer.upload_size -= 1
+        if len(request.failures) < len(calls):  # else nothing was queued
+            request.flushed = _start_flush(slot.client)
+        return request
+
+    def _settle(self, request: "_Request", result: BatchResult) -> dict[str, _Failure]:
+        """Wait (up to the flush deadline) for ``request``; the failed messageIds."""
+        failures, slot = request.failures, request.slot
+        try:
+            remaining = self.options.flush_deadline_s - (time.monotonic() - request.started)
+            if request.flushed is not None and not request.flushed.wait(max(0.0, remaining)):
                 # The consumer is still busy with this batch (long retries, a hung connection):
                 # abandon that client, so the next batch cannot mix with what it still holds.
                 log.warning("a batch to Segment did not settle within %.0f s; its events are failed and "
                             "a new client will be used", self.options.flush_deadline_s)
                 slot.abandon()
-                self._slot = None
-                for message_id in ids:
+                with self._lock:
+                    if self._slot is slot:
+                        self._slot = None
+                for message_id in request.ids:
                     failures.setdefault(message_id, _Failure(
                         None, f"no answer from Segment within the flush deadline ({self.options.flush_deadline_s:g} s)"))
             else:
-                for message_id, failure in slot.take(ids).items():
+                for message_id, failure in slot.take(request.ids).items():
                     failures.setdefault(message_id, failure)
-        result.requests.append((len(calls), int((time.monotonic() - started) * 1000)))
+        finally:
+            with self._lock:
+                self._in_flight = False
+        result.requests.append((request.calls, int((time.monotonic() - request.started) * 1000)))
         return failures
+
+
+@dataclass
+class _Request:
+    """One request's calls, enqueued in a client and being flushed."""
+    ids: list[str]
+    calls: int
+    started: float
+    slot: _ClientSlot | None = None
+    flushed: threading.Event | None = None   # set when the client's flush returned
+    failures: dict[str, _Failure] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """A batch between :meth:`SegmentConnection.start` and :meth:`SegmentConnection.finish`."""
+    flow: str
+    result: BatchResult = field(default_factory=BatchResult)
+    chunks: list[list[tuple[Delivery, list]]] = field(default_factory=list)
+    request: _Request | None = None           # the first chunk, on the wire
 
 
 class _TooLarge(ValueError):
@@ -537,8 +587,9 @@ def _enqueue(client, kind: str, kwargs: dict) -> _Failure | None:
     return None
 
 
-def _flush_with_deadline(client, deadline_s: float) -> bool:
-    """``Client.flush`` with a deadline: it has none, and can block for the whole retry budget."""
+def _start_flush(client) -> threading.Event:
+    """``Client.flush`` on a helper thread, so the caller can wait with a deadline (flush has
+    none, and can block for the whole retry budget) or do other work meanwhile."""
     done = threading.Event()
 
     def run():
@@ -548,7 +599,7 @@ def _flush_with_deadline(client, deadline_s: float) -> bool:
             done.set()
 
     threading.Thread(target=run, name="segment-flush", daemon=True).start()
-    return done.wait(deadline_s)
+    return done
 
 
 def _within_limits(items: list[tuple[Delivery, list]]) -> Iterator[list[tuple[Delivery, list]]]:
@@ -670,53 +721,51 @@ def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
 # -- sending while the next batch is prepared ---------------------------------------------------
 @dataclass
 class _Sent:
-    """One batch handed to the sender: its deliveries, what each output carries (the input's
-    timestamp and window), and the result once settled."""
+    """One batch handed to the sender: its deliveries, and the timestamp and window its outputs
+    carry (None: the global window, as in a batch run)."""
     deliveries: list[Delivery]
-    stamps: list[tuple[Any, Any]]
-    future: Future
+    stamp: tuple[Any, Any] | None
+    batch: "_Batch | None" = None
 
 
 class PipelinedSender:
-    """Sends batches through one :class:`SegmentConnection` on a background thread, so the caller
-    prepares (maps, batches) the next batch while the previous one is on the wire.
+    """Sends batches through one :class:`SegmentConnection` so that the caller prepares (maps,
+    batches) the next batch while the previous one is on the wire.
 
-    At most one batch is sent at a time and one more waits: ``submit`` returns the batches settled
-    meanwhile, blocking only when two are already queued, and ``drain`` waits for all of them, so
-    a caller that drains before its bundle commits loses nothing. The connection's Python work (the
-    SDK's ``clean`` and serialisation) still shares the GIL with the caller; what overlaps is the
-    request's round trip and the answer from Segment.
+    ``submit`` checks and enqueues a batch and returns at once; the SDK's consumer thread sends
+    it meanwhile. The next ``submit`` first waits for that batch's answer and returns it settled,
+    so one batch is on the wire at a time and one more is being filled; ``drain`` waits for the
+    last one, so a caller that drains before its bundle commits loses nothing. No thread of its
+    own: the enqueueing stays on the caller's thread (a second Python thread doing it would only
+    fight the caller for the GIL); what overlaps is the SDK's sending and Segment's answer.
     """
 
     def __init__(self, connection: SegmentConnection, flow: str):
         self.connection = connection
         self.flow = flow
-        self._queued: list[_Sent] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-send")
+        self._on_wire: _Sent | None = None
 
-    def submit(self, deliveries: list[Delivery], stamps: list[tuple[Any, Any]] | None = None
+    def submit(self, deliveries: list[Delivery], stamp: tuple[Any, Any] | None = None
                ) -> list[tuple[_Sent, BatchResult]]:
-        stamps = stamps if stamps is not None else [(None, None)] * len(deliveries)
-        future = self._executor.submit(self.connection.send, deliveries, self.flow)
-        self._queued.append(_Sent(deliveries, stamps, future))
-        settled = []
-        # Keep one batch waiting behind the one in flight, no more: memory stays at two batches.
-        while len(self._queued) > 2 or (self._queued and self._queued[0].future.done()):
-            settled.append(self._settle_oldest())
+        settled = self.drain()
+        sent = _Sent(deliveries, stamp)
+        sent.batch = self.connection.start(deliveries, self.flow)
+        self._on_wire = sent
         return settled
 
     def drain(self) -> list[tuple[_Sent, BatchResult]]:
-        return [self._settle_oldest() for _ in range(len(self._queued))]
-
-    def _settle_oldest(self) -> tuple[_Sent, BatchResult]:
-        sent = self._queued.pop(0)
-        return sent, sent.future.result()
+        sent, self._on_wire = self._on_wire, None
+        if sent is None:
+            return []
+        return [(sent, self.connection.finish(sent.batch))]
 
     def close(self) -> None:
-        # Nothing is queued when a bundle ended normally (it drained); after a failed bundle
-        # the queued sends still finish on the thread, and the runner retries the bundle.
-        self._queued.clear()
-        self._executor.shutdown(wait=False)
+        """After a failed bundle a batch may still be on the wire: wait for it (bounded by the
+        flush deadline) so the pooled connection is free; its events' bundle is retried."""
+        try:
+            self.drain()
+        except Exception:  # best-effort: the bundle already failed
+            log.exception("settling the last batch after a failed bundle failed")
 
 
 # -- Beam ---------------------------------------------------------------------------------------
@@ -747,11 +796,11 @@ class _SegmentSink(beam.DoFn):
         self._connection_key, self.connection = acquire_connection(self.settings, self.options)
         self.sender = PipelinedSender(self.connection, self.flow)
 
-    def _outputs(self, settled: list[tuple[_Sent, BatchResult]]) -> Iterator:
+    def _outputs(self, settled: list[tuple[_Sent, BatchResult]], finishing: bool = False) -> Iterator:
         for sent, result in settled:
-            yield from self._outputs_of(sent, result)
+            yield from self._outputs_of(sent, result, finishing)
 
-    def _outputs_of(self, sent: _Sent, result: BatchResult) -> Iterator:
+    def _outputs_of(self, sent: _Sent, result: BatchResult, finishing: bool) -> Iterator:
         self.connection.progress.add(result, self.options.progress_interval_s)
         counter("requests_to_segment").inc(len(result.requests))
         for messages, millis in result.requests:
@@ -762,14 +811,13 @@ class _SegmentSink(beam.DoFn):
             if transient:
                 raise RuntimeError(f"{len(transient)} event(s) could not be delivered to Segment; failing the "
                                    f"bundle so the runner retries it (first: {transient[0].error})")
-        stamp_of = {id(d): stamp for d, stamp in zip(sent.deliveries, sent.stamps)}
         calls_by_type: dict[str, int] = {}
         delivered_calls = 0
         for delivery in result.delivered:
             delivered_calls += len(delivery.messages)
             for message in delivery.messages:
                 calls_by_type[message["type"]] = calls_by_type.get(message["type"], 0) + 1
-            yield _stamped(delivery, stamp_of[id(delivery)])
+            yield _stamped(delivery, sent.stamp, finishing)
         counter("events_delivered").inc(len(result.delivered))
         counter("events_delivered_calls").inc(delivered_calls)
         for kind, n in calls_by_type.items():
@@ -780,10 +828,10 @@ class _SegmentSink(beam.DoFn):
         for delivery, dead in result.failed:
             counter("events_dead_lettered_at_send").inc()
             counter(f"dead_letter_{dead.reason}").inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, _stamped(dead, stamp_of[id(delivery)]))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, _stamped(dead, sent.stamp, finishing))
 
     def finish_bundle(self):
-        yield from self._outputs(self.sender.drain())
+        yield from self._outputs(self.sender.drain(), finishing=True)
 
     def teardown(self):
         # Everything was already settled before each bundle ended; this only hands the client
@@ -796,13 +844,13 @@ class _SegmentSink(beam.DoFn):
             self._connection_key, self.connection = None, None
 
 
-def _stamped(value, stamp: tuple[Any, Any]):
+def _stamped(value, stamp: tuple[Any, Any] | None, finishing: bool):
     """``value`` as an output of the input it came from: outputs of an earlier element, and all
-    of ``finish_bundle``'s, need their timestamp and window said explicitly."""
-    timestamp, window = stamp
-    if window is None:
-        return value
-    return WindowedValue(value, timestamp, (window,))
+    of ``finish_bundle``'s, need their timestamp and window said explicitly; in the global window
+    (a batch run) only ``finish_bundle``'s do."""
+    if stamp is not None:
+        return WindowedValue(value, stamp[0], (stamp[1],))
+    return GlobalWindows.windowed_value(value) if finishing else value
 
 
 class SendToSegment(_SegmentSink):
@@ -813,7 +861,7 @@ class SendToSegment(_SegmentSink):
                 window=beam.DoFn.WindowParam):
         deliveries = list(batch)
         if deliveries:
-            yield from self._outputs(self.sender.submit(deliveries, [(timestamp, window)] * len(deliveries)))
+            yield from self._outputs(self.sender.submit(deliveries, (timestamp, window)))
 
 
 class BatchAndSend(_SegmentSink):
@@ -824,6 +872,10 @@ class BatchAndSend(_SegmentSink):
     A batch run's bundles are large, so batches fill up without Beam state: no shuffle, and the
     next batch is mapped while the previous one is on the wire. (Streaming bundles are small:
     there :class:`BatchCalls` gathers across bundles in state.)
+
+    For the global window only, as in a batch run: ``process`` takes no timestamp or window
+    (asking for them costs ~10 µs an element in Beam's Python SDK), so its outputs carry the
+    global window.
     """
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
@@ -831,29 +883,30 @@ class BatchAndSend(_SegmentSink):
         self.flush_at = max(1, min(int(settings.flush_at), MAX_BATCH_MESSAGES))
 
     def start_bundle(self):
+        self._reset()
+
+    def _reset(self):
         self._batch: list[Delivery] = []
-        self._stamps: list[tuple[Any, Any]] = []
         self._calls = self._size = 0
 
-    def process(self, delivery: Delivery, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    def process(self, delivery: Delivery):
         calls, size = len(delivery.messages), delivery.measure()
         if self._batch and exceeds_request_limits(self._calls, self._size, calls, size):
             yield from self._submit()
         self._batch.append(delivery)
-        self._stamps.append((timestamp, window))
         self._calls, self._size = self._calls + calls, self._size + size
         if self._calls >= self.flush_at:
             yield from self._submit()
 
-    def _submit(self) -> Iterator:
-        batch, stamps = self._batch, self._stamps
-        self.start_bundle()
+    def _submit(self, finishing: bool = False) -> Iterator:
+        batch = self._batch
+        self._reset()
         counter("batches_flushed_in_bundle").inc()
-        yield from self._outputs(self.sender.submit(batch, stamps))
+        yield from self._outputs(self.sender.submit(batch), finishing)
 
     def finish_bundle(self):
         if self._batch:
-            yield from self._submit()
+            yield from self._submit(finishing=True)
         yield from super().finish_bundle()
 
 

@@ -65,7 +65,10 @@ class ParseEvents(beam.DoFn):
         self.collector = collector
         self.flow = flow
 
-    def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
+    def process(self, element: Any):
+        return self._parse(element, None)
+
+    def _parse(self, element: Any, timestamp):
         _count("inputs_read")
         payload, default_ts = _payload_and_time(element, timestamp)
         for item in parse_payload(payload, collector=self.collector, default_timestamp_ms=default_ts, flow=self.flow):
@@ -75,6 +78,15 @@ class ParseEvents(beam.DoFn):
             else:
                 _count("events_parsed")
                 yield item
+
+
+class ParseEventsAtElementTime(ParseEvents):
+    """ParseEvents for streaming: a Pub/Sub message's element time (its publish time, or
+    ``--timestamp_attribute``) stands in for a missing event timestamp. Batch runs use the plain
+    ParseEvents: asking Beam for the timestamp costs ~10 µs an element in the Python SDK."""
+
+    def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
+        return self._parse(element, timestamp)
 
 
 def _payload_and_time(element: Any, timestamp=None) -> tuple[Any, int | None]:
