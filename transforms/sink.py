@@ -172,12 +172,31 @@ def _wire_key(key: Any) -> str:
     return str(key)
 
 
+def json_dumps_size(value: Any) -> int:
+    """``len(json.dumps(value))`` for a JSON-typed value, or a little more; never less.
+
+    Measured on orjson's output, several times faster: json.dumps adds a space after each
+    separator (counted as every ',' and ':', those inside strings too), escapes each non-ASCII
+    character as ``\\uXXXX`` (at most 4 bytes more than its UTF-8 for each byte it has beyond
+    the first) and DEL as ``\\u007f``; orjson writes floats as Python does, or longer (0.00001
+    for 1e-05). What orjson refuses (a lone surrogate) is measured by json.dumps itself.
+    """
+    try:
+        data = orjson.dumps(value)
+    except TypeError:
+        return len(json.dumps(value))
+    size = len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f")
+    if not data.isascii():
+        size += 4 * (len(data) - len(data.decode()))
+    return size
+
+
 def wire_size(message: dict) -> int:
     """The bytes the SDK counts for ``message`` (JSON-typed, see :func:`to_wire`), never fewer:
     its ``json.dumps`` (spaces after separators, non-ASCII escaped) plus what the SDK adds to it
     (``context.library``, and each field the call lacks, written as null or ``{}``), plus 4
     (a numeric id becomes a string)."""
-    size = len(json.dumps(message)) + _LIBRARY_BYTES + 4
+    size = json_dumps_size(message) + _LIBRARY_BYTES + 4
     for kind in ("common", message.get("type")):
         for key, n in _SDK_DEFAULT_BYTES.get(kind, {}).items():
             if key not in message:
