@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transforms.identity import Identity, Signature, canonical_json
-from transforms.mapping import UNDEFINED, CompiledRule, compile_value
+from transforms.mapping import CompiledRule, CompiledValue, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
 MESSAGE_ID_MAX = 100
@@ -52,6 +52,11 @@ def timestamp_datetime(timestamp_ms: int | float) -> _dt.datetime:
 _DAY_MS = 86_400_000
 _DATES: dict[int, str] = {}   # day since the epoch -> "YYYY-MM-DD"; events come from few days
 _DATES_MAX = 4096
+# second since the epoch -> "YYYY-MM-DDTHH:MM:SS."; events mostly arrive in time order, so
+# neighbours share their second and only the milliseconds are new.
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 4096
+_MILLIS_SUFFIX = tuple(f"{millis:03d}+00:00" for millis in range(1000))
 
 
 def format_timestamp(timestamp_ms: int | float) -> str:
@@ -61,18 +66,28 @@ def format_timestamp(timestamp_ms: int | float) -> str:
     error for a date out of range), built without a datetime per call: the date of each day is
     formatted once, the time of day by arithmetic. It runs once per event.
     """
-    ms = int(timestamp_ms)
-    day, rest = divmod(ms, _DAY_MS)
+    second, millis = divmod(int(timestamp_ms), 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = _second_prefix(second)
+    return prefix + _MILLIS_SUFFIX[millis]
+
+
+def _second_prefix(second: int) -> str:
+    day, rest = divmod(second, 86_400)
     date = _DATES.get(day)
     if date is None:
         date = timestamp_datetime(day * _DAY_MS).date().isoformat()
         if len(_DATES) >= _DATES_MAX:
             _DATES.clear()
         _DATES[day] = date
-    seconds, millis = divmod(rest, 1000)
-    minutes, second = divmod(seconds, 60)
+    minutes, second_of_minute = divmod(rest, 60)
     hour, minute = divmod(minutes, 60)
-    return f"{date}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}+00:00"
+    prefix = f"{date}T{hour:02d}:{minute:02d}:{second_of_minute:02d}."
+    if len(_SECONDS) >= _SECONDS_MAX:
+        _SECONDS.clear()
+    _SECONDS[second] = prefix
+    return prefix
 
 
 def make_message_id(namespace: str, event_id: str, call_type: str) -> str:
@@ -99,70 +114,109 @@ class CallBuilder:
         self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error)
         self._integrations = integrations or None
         self._namespace = namespace
+        # What each rule's settings make of the calls, worked out on the rule's first event.
+        self._plans: dict[CompiledRule | None, _CallPlan] = {}
+
+    def __getstate__(self) -> dict:
+        # Plans hold compiled closures and are only a cache: they are worked out again.
+        return {**self.__dict__, "_plans": {}}
 
     def build(self, event: dict, rule: CompiledRule | None, data: Any, identity: Identity,
               preferences: dict | None, context: dict) -> EventCalls:
+        plan = self._plans.get(rule)
+        if plan is None:
+            plan = self._plans[rule] = self._plan(rule)
+        identify_value, group_value, page_likes, track = plan
         timestamp_ms = int(event["timestamp"])
-        common = _common_fields(identity, format_timestamp(timestamp_ms), preferences, self._integrations)
+        user_id, anonymous_id = identity
+        # The fields every call shares; each message starts as a copy ("type" is first in
+        # every message, so it has its place here and each copy fills it in).
+        common: dict[str, Any] = {"type": None}
+        if user_id:
+            common["userId"] = user_id
+        if anonymous_id:
+            common["anonymousId"] = anonymous_id
+        common["timestamp"] = format_timestamp(timestamp_ms)
+        if preferences:
+            common["context"] = {"consent": {"categoryPreferences": preferences}}
+        if self._integrations:
+            common["integrations"] = self._integrations
         event_id = event["id"]
         # "<namespace>:<event id>:" once per event; a messageId too long falls back to the digest form
         prefix = f"{self._namespace}:{event_id}:"
         long_ids = len(prefix) + _LONGEST_CALL_TYPE > MESSAGE_ID_MAX
-        rule_settings = rule.settings if rule is not None else _NO_SETTINGS
-        calls = EventCalls(event=event, key=identity.state_key, timestamp_ms=timestamp_ms)
 
-        identify_value = rule_settings.get("identify", self._identify)
-        resolved = _resolve(identify_value, event, context)
-        if isinstance(resolved, dict):
-            override = resolved.get("userId")
-            effective = override if isinstance(override, str) and override else identity.user_id
-            traits = resolved.get("traits")
-            traits = traits if isinstance(traits, dict) else None
-            message = {"type": "identify", **common, "traits": traits or {}}
-            if effective:
-                message["userId"] = effective
-            message["messageId"] = self._message_id(event_id, "identify") if long_ids else prefix + "identify"
-            calls.identify = message
-            calls.identify_signature = (effective or "", canonical_json(traits))
+        identify = identify_signature = None
+        if identify_value is not None:
+            resolved = identify_value(event, context)
+            if isinstance(resolved, dict):
+                override = resolved.get("userId")
+                effective = override if isinstance(override, str) and override else user_id
+                traits = resolved.get("traits")
+                traits = traits if isinstance(traits, dict) else None
+                identify = common.copy()
+                identify["type"] = "identify"
+                identify["traits"] = traits or {}
+                if effective:
+                    identify["userId"] = effective
+                identify["messageId"] = self._message_id(event_id, "identify") if long_ids else prefix + "identify"
+                identify_signature = (effective or "", canonical_json(traits))
 
-        group_value = rule_settings.get("group", self._group)
-        resolved = _resolve(group_value, event, context)
-        if isinstance(resolved, dict) and isinstance(resolved.get("groupId"), str) and resolved["groupId"]:
-            traits = resolved.get("traits")
-            traits = traits if isinstance(traits, dict) else None
-            message = {"type": "group", **common, "groupId": resolved["groupId"], "traits": traits or {}}
-            message["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
-            calls.group = message
-            calls.group_signature = (resolved["groupId"], canonical_json(traits))
+        group = group_signature = None
+        if group_value is not None:
+            resolved = group_value(event, context)
+            if isinstance(resolved, dict):
+                group_id = resolved.get("groupId")
+                if isinstance(group_id, str) and group_id:
+                    traits = resolved.get("traits")
+                    traits = traits if isinstance(traits, dict) else None
+                    group = common.copy()
+                    group["type"] = "group"
+                    group["groupId"] = group_id
+                    group["traits"] = traits or {}
+                    group["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
+                    group_signature = (group_id, canonical_json(traits))
 
-        others = calls.others
-        if rule_settings:
-            for call_type in ("page", "screen"):
-                setting = rule_settings.get(call_type)
-                if setting is None or setting is False:
-                    continue
-                message = self._page_like(call_type, setting, event, context, common)
-                if message is not None:
-                    message["messageId"] = (self._message_id(event_id, call_type) if long_ids
-                                            else prefix + call_type)
-                    others.append(message)
+        others = []
+        for call_type, setting in page_likes:
+            message = self._page_like(call_type, setting, event, context, common)
+            if message is not None:
+                message["messageId"] = (self._message_id(event_id, call_type) if long_ids
+                                        else prefix + call_type)
+                others.append(message)
 
-        if rule is None or not rule.silent:
-            properties = data if isinstance(data, dict) else {}
-            message = {"type": "track", **common, "event": event["name"], "properties": properties}
+        if track:
+            message = common.copy()
+            message["type"] = "track"
+            message["event"] = event["name"]
+            message["properties"] = data if isinstance(data, dict) else {}
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
-        return calls
+        # anonymous_id or user_id is the identity's state key
+        return EventCalls(event, anonymous_id or user_id, timestamp_ms, identify, identify_signature,
+                          group, group_signature, others)
+
+    def _plan(self, rule: CompiledRule | None) -> "_CallPlan":
+        """A rule's settings override the destination's identify and group (a literal null or
+        boolean there means none); page and screen come from the rule only."""
+        settings = rule.settings if rule is not None else _NO_SETTINGS
+        page_likes = tuple((call_type, True if settings[call_type] is True else _evaluator(settings[call_type]))
+                           for call_type in ("page", "screen")
+                           if settings.get(call_type) is not None and settings[call_type] is not False)
+        return (_evaluator(settings.get("identify", self._identify)),
+                _evaluator(settings.get("group", self._group)),
+                page_likes, rule is None or not rule.silent)
 
     def _page_like(self, call_type: str, setting: Any, event: dict, context: dict, common: dict) -> dict | None:
-        if setting is None or setting is False:
-            return None
+        """``setting`` is True or the function of the configured value."""
+        message = common.copy()
+        message["type"] = call_type
         if setting is True:
-            return {"type": call_type, **common, "properties": {}}
-        resolved = _resolve(setting, event, context)
+            message["properties"] = {}
+            return message
+        resolved = setting(event, context)
         if not isinstance(resolved, dict):
             return None
-        message = {"type": call_type, **common}
         for key in ("category", "name"):
             if isinstance(resolved.get(key), str):
                 message[key] = resolved[key]
@@ -174,24 +228,15 @@ class CallBuilder:
         return make_message_id(self._namespace, event_id, call_type)
 
 
-def _resolve(value: Any, event: dict, context: dict) -> Any:
+# (identify value, group value, ((page/screen, setting), ...), whether track is sent)
+_CallPlan = tuple[Any, Any, tuple[tuple[str, Any], ...], bool]
+
+
+def _evaluator(value: Any) -> Any:
+    """The function to run for a setting, or None when it never yields a call."""
     if value is None or isinstance(value, bool):
-        return UNDEFINED
-    return value(event, context)
-
-
-def _common_fields(identity: Identity, timestamp: str, preferences: dict | None, integrations: dict | None) -> dict:
-    common: dict[str, Any] = {}
-    if identity.user_id:
-        common["userId"] = identity.user_id
-    if identity.anonymous_id:
-        common["anonymousId"] = identity.anonymous_id
-    common["timestamp"] = timestamp
-    if preferences:
-        common["context"] = {"consent": {"categoryPreferences": preferences}}
-    if integrations:
-        common["integrations"] = integrations
-    return common
+        return None
+    return value.evaluator() if isinstance(value, CompiledValue) else value
 
 
 def strip_sdk_fields(wire_message: dict) -> dict:

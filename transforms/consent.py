@@ -29,6 +29,9 @@ def category_preferences(consent_map: dict | None, state: dict) -> dict | None:
     """
     if not consent_map:
         return None
-    prefs = {segment_key: state[walker_key] is True
-             for walker_key, segment_key in consent_map.items() if walker_key in state}
+    prefs = {}
+    # A plain loop: a comprehension costs more, and this runs for every event.
+    for walker_key, segment_key in consent_map.items():
+        if walker_key in state:
+            prefs[segment_key] = state[walker_key] is True
     return prefs or None

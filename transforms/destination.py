@@ -26,6 +26,8 @@ CONSENT_DENIED = "consent_denied"
 DEAD_LETTER = "dead_letter"
 
 DEFAULT_STATE_TTL_MS = 24 * 3600 * 1000
+# Makes the same tuple as calling a NamedTuple class, without its Python-level __new__.
+_new_tuple = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,15 @@ class Destination:
         settings_path = f"{spec.config_path}.settings"
         self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
         self._consent_map = settings.consent
+        self._collector = spec.collector
         self.function_errors = FunctionErrors()
         self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
         self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
                                            for slot in actions.values() for rule in slot]
-        self._rule_index = {id(rule): i for i, rule in enumerate(self._rules)}
+        self._rule_index: dict[CompiledRule | None, int | None] = {rule: i for i, rule in enumerate(self._rules)}
+        self._rule_index[None] = None  # no rule: no index
         self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path,
                                          self.function_errors)
         self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
@@ -119,7 +123,7 @@ class Destination:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
     def map(self, event: dict) -> MappingResult:
-        return self.mapping.process(event, self.spec.collector)
+        return self.mapping.process(event, self._collector)
 
     def rule_consent_granted(self, result: MappingResult) -> bool:
         if result.rule is None or not result.rule.consent:
@@ -127,17 +131,21 @@ class Destination:
         return consent_rules.is_granted(result.rule.consent, result.event.get("consent") or {})
 
     def mapped(self, result: MappingResult) -> Mapped:
-        index = None if result.rule is None else self._rule_index[id(result.rule)]
-        return Mapped(result.event, index, None if result.data is UNDEFINED else result.data)
+        data = result.data
+        return _new_tuple(Mapped, (result.event, self._rule_index[result.rule],
+                                   None if data is UNDEFINED else data))
 
     def rule(self, index: int | None) -> CompiledRule | None:
         return None if index is None else self._rules[index]
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
-        event = mapped.event
-        rule = self.rule(mapped.rule_index)
-        context = self._function_context(event, rule)
+        event, index, data = mapped
+        rule = None if index is None else self._rules[index]
+        consent = event.get("consent") or {}
+        # What user functions get as their context argument.
+        context = {"event": event, "mapping": rule.raw if rule else None,
+                   "collector": self._collector, "consent": consent}
         identity = self.identity.resolve(event, context)
         if identity.state_key is None:
             return DeadLetter(payload=payload_text(event), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
@@ -145,9 +153,9 @@ class Destination:
                                     f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
                                     f"{self.spec.settings.anonymous_id!r})",
                               flow=self.spec.flow_name, event_id=event.get("id"))
-        preferences = consent_rules.category_preferences(self._consent_map, event.get("consent") or {}) \
+        preferences = consent_rules.category_preferences(self._consent_map, consent) \
             if self._consent_map else None
-        return self.calls.build(event, rule, mapped.data, identity, preferences, context)
+        return self.calls.build(event, rule, data, identity, preferences, context)
 
     def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:
         """The messages to send and the new state; ``suppressed`` names identify/group held back."""
@@ -175,10 +183,6 @@ class Destination:
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
         return Outcome(DELIVERED, None, messages)
-
-    def _function_context(self, event: dict, rule: CompiledRule | None) -> dict[str, Any]:
-        return {"event": event, "mapping": rule.raw if rule else None,
-                "collector": self.spec.collector, "consent": event.get("consent") or {}}
 
 
 def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:

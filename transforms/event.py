@@ -106,7 +106,7 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
         out["entity"] = entity
     if "action" not in out:
         out["action"] = action
-    if not out.get("id"):
+    if "id" not in out:  # a present id was validated as a non-empty string
         out["id"] = derive_id(event)
     if "timestamp" not in out:
         out["timestamp"] = default_timestamp_ms if default_timestamp_ms is not None else int(time.time() * 1000)
@@ -134,6 +134,67 @@ def validate(event: dict) -> None:
 def _validate(event: dict) -> tuple[str, str]:
     """validate(), returning the entity and action the name gives."""
     name = event.get("name")
+    # Nearly every event is plainly valid, which a quick look says. Anything else takes the
+    # checks in their documented order, so the first fault is the one named.
+    if type(name) is str:
+        tokens = name.split(" ", 2)  # only the first two words count
+        if len(tokens) >= 2 and tokens[0] and tokens[1] and _plainly_valid(event):
+            return tokens[0], tokens[1]
+    return _validate_in_order(event, name)
+
+
+# Defaults standing in for absent fields in the quick check: values that pass. Never changed.
+_ABSENT_OBJECT: dict = {}
+_ABSENT_LIST: list = []
+# math.isfinite converts ints to float, which overflows beyond this; the quick check
+# leaves such ints to the ordered checks (which raise as they always did).
+_FLOAT_SAFE = 2.0 ** 1023
+
+
+def _plainly_valid(event: dict) -> bool:
+    """Whether every checked field certainly passes; never raises. False means "not sure".
+
+    Exact JSON types only (what a JSON parser makes); subclasses go to the ordered checks.
+    Written out field by field: it runs for every event."""
+    get = event.get
+    if (type(get("data", _ABSENT_OBJECT)) is not dict
+            or type(get("globals", _ABSENT_OBJECT)) is not dict
+            or type(get("custom", _ABSENT_OBJECT)) is not dict
+            or type(get("user", _ABSENT_OBJECT)) is not dict
+            or type(get("source", _ABSENT_OBJECT)) is not dict
+            or type(get("context", _ABSENT_OBJECT)) is not dict
+            or type(get("entity", "")) is not str
+            or type(get("action", "")) is not str
+            or type(get("trigger", "")) is not str):
+        return False
+    event_id = get("id", "-")
+    if type(event_id) is not str or not event_id:
+        return False
+    # Numbers: float or int (bool is neither here); inf and NaN fail the comparison.
+    timestamp = get("timestamp", 0)
+    kind = type(timestamp)
+    if (kind is not int and kind is not float) or not -_FLOAT_SAFE < timestamp < _FLOAT_SAFE:
+        return False
+    timing = get("timing", 0)
+    kind = type(timing)
+    if (kind is not float and kind is not int) or not -_FLOAT_SAFE < timing < _FLOAT_SAFE:
+        return False
+    nested = get("nested", _ABSENT_LIST)
+    if type(nested) is not list:
+        return False
+    for entity in nested:
+        if type(entity) is not dict:
+            return False
+    consent = get("consent", _ABSENT_OBJECT)
+    if type(consent) is not dict:
+        return False
+    for granted in consent.values():
+        if granted is not True and granted is not False:
+            return False
+    return True
+
+
+def _validate_in_order(event: dict, name: Any) -> tuple[str, str]:
     if not isinstance(name, str):
         raise InvalidEvent(dl.INVALID_NAME, f"name must be a string \"entity action\", got {_json_type(name)}")
     tokens = name.split(" ")

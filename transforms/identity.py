@@ -10,7 +10,12 @@ from typing import Any, NamedTuple
 import orjson
 
 from transforms.mapping import UNDEFINED, compile_value
-from transforms.paths import compile_getter, split_path
+from transforms.paths import compile_checked_getter, split_path
+
+
+# Makes the same tuple as calling a NamedTuple class, without that class's Python-level
+# __new__: for the tuples made once per event.
+_new_tuple = tuple.__new__
 
 
 class Identity(NamedTuple):
@@ -32,8 +37,11 @@ class IdentityResolver:
         self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id
 
     def resolve(self, event: dict, context: dict) -> Identity:
-        return Identity(_non_empty_string(self._read_user_id(event, context)),
-                        _non_empty_string(self._read_anonymous_id(event, context)))
+        user_id = self._read_user_id(event, context)
+        anonymous_id = self._read_anonymous_id(event, context)
+        # walkerOS uses an id only when it is a non-empty string: numbers are not ids.
+        return _new_tuple(Identity, (user_id if isinstance(user_id, str) and user_id else None,
+                                     anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None))
 
 
 def _plain_path_reader(spec: Any):
@@ -42,22 +50,17 @@ def _plain_path_reader(spec: Any):
 
     Only strings are used as ids, and the engine's property check passes every string, so the
     direct read gives the same id (a path with ``*`` makes a list, never an id, and keeps the
-    general path anyway)."""
+    general path anyway). Whatever else it finds it may turn into undefined: not an id either."""
     if not isinstance(spec, str) or not spec:
         return None
     keys = split_path(spec)
     if "*" in keys:
         return None
-    getter = compile_getter(keys)
-
-    def read(event: Any, _context: Any) -> Any:
-        return getter(event, UNDEFINED)
-    return read
+    return compile_checked_getter(keys, _never, UNDEFINED, UNDEFINED)
 
 
-def _non_empty_string(value: Any) -> str | None:
-    # walkerOS uses an id only when it is a non-empty string: numbers are not ids.
-    return value if isinstance(value, str) and value else None
+def _never(_value: Any) -> bool:
+    return False
 
 
 def canonical_json(value: Any) -> str:
@@ -87,14 +90,16 @@ def decide(state: IdentityState | None, timestamp_ms: int, identify: Signature |
     older than ``ttl_ms`` (by event time) counts as gone, as if the expiry timer had cleared it,
     so batch, streaming and explain agree.
     """
-    if state is None or (ttl_ms is not None and state.last_seen_ms is not None
-                         and timestamp_ms - state.last_seen_ms > ttl_ms):
-        state = IdentityState()
-    fire_identify = identify is not None and identify != state.identify
-    fire_group = group is not None and group != state.group
-    last_seen = timestamp_ms if state.last_seen_ms is None else max(state.last_seen_ms, timestamp_ms)
-    return fire_identify, fire_group, IdentityState(
-        identify=identify if fire_identify else state.identify,
-        group=group if fire_group else state.group,
-        last_seen_ms=last_seen,
-    )
+    if state is None:
+        sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
+    else:
+        sent_identify, sent_group, last_seen_ms = state
+        if ttl_ms is not None and last_seen_ms is not None and timestamp_ms - last_seen_ms > ttl_ms:
+            sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
+    fire_identify = identify is not None and identify != sent_identify
+    fire_group = group is not None and group != sent_group
+    return fire_identify, fire_group, _new_tuple(IdentityState, (
+        identify if fire_identify else sent_identify,
+        group if fire_group else sent_group,
+        timestamp_ms if last_seen_ms is None else max(last_seen_ms, timestamp_ms),
+    ))

@@ -260,6 +260,10 @@ class _Node:
     checked: bool     # the result is UNDEFINED or a valid property (no raw static passes through)
     holes: bool       # the result may hold UNDEFINED inside lists (needs `to_plain` for output)
     contextual: bool  # it reads the context (functions, consent): build one before running it
+    # When `run` is just a read of a path without `*`: (keys, fallback), where the fallback
+    # (UNDEFINED or a valid property) stands in for a missing value or one that is no property.
+    # Containers use it to do the read inline rather than through a call.
+    read: tuple[tuple[str, ...], Any] | None = None
 
 
 def _undefined_run(_value: Any, _ctx: _Ctx | None) -> Any:
@@ -369,8 +373,9 @@ class _Compiler:
     def path_item(source: str) -> _Node:
         """A string is `{key: source}`: a path read and the Property check."""
         keys = split_path(source)
+        starred = "*" in keys
         return _Node(compile_checked_getter(keys, _is_property_type, UNDEFINED, UNDEFINED),
-                     True, "*" in keys, False)
+                     True, starred, False, None if starred else (keys, UNDEFINED))
 
     def function(self, spec: dict, name: str, path: str) -> Callable | None:
         """A guarded user function: its exceptions are reported and turn into `failed`."""
@@ -454,7 +459,15 @@ class _ConfigCompiler:
         returns_raw_static = (self.consent_keys is not None and self.has_static
                               and not self.static_valid)
         return _Node(self._lean_run() or self._full_run(), not returns_raw_static, holes,
-                     contextual)
+                     contextual, self._plain_read())
+
+    def _plain_read(self) -> tuple[tuple[str, ...], Any] | None:
+        """(keys, fallback) when `_lean_run` made this config a checked read of its key."""
+        if (self.condition or self.fn or self.validate or self.consent_keys is not None
+                or self.container is not None or self.getter is None
+                or isinstance(self.static, (dict, list)) or "*" in self.keys):
+            return None
+        return self.keys, self.static if self.static_valid else UNDEFINED
 
     def _static_result(self) -> Callable[[], Any]:
         """The static value as handed out: containers copied, so callers may change results."""
@@ -591,7 +604,8 @@ class _ConfigCompiler:
                     mapped[key] = result
             return mapped
         children = [node for _, node in entries]
-        return _Container(run_map, children, any(n.holes for n in children), True)
+        return _Container(_specialised_map(entries, run_map, path), children,
+                          any(n.holes for n in children), True)
 
     def _set(self, items_spec: Any, path: str) -> _Container:
         if not isinstance(items_spec, list):
@@ -604,6 +618,72 @@ class _ConfigCompiler:
         def run_set(value: Any, ctx: _Ctx | None) -> Any:
             return [run(value, ctx) for run in runs]  # undefined results stay, as holes
         return _Container(run_set, items, True, True)
+
+
+def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) -> Run:
+    """`general` (a map's run) as straight-line code, with the path reads of its values
+    written out inline. Maps are most of a mapping's work per event and their values mostly
+    plain reads ("data.id"); a call and a loop step per value cost more than the read itself.
+
+    The generated function gives what `general` gives. It hands anything but an object input
+    to `general`. When every value is a read, each section (the first key of two) is read
+    once, and any section that is not an object also sends the input to `general`; otherwise
+    (other values run user code, which might replace a section) each read starts afresh, and
+    one that cannot be done inline is left to that value's own run. Names and keys go into
+    the source as literals (`repr` of a str is always one)."""
+    reads = [_inline_read(node) for _, node in entries]
+    all_reads = all(k0 is not None for k0, _, _ in reads)
+    namespace: dict[str, Any] = {"UNDEFINED": UNDEFINED, "accept": _is_property_type,
+                                 "general": general}
+    lines = ["def run_map(value, ctx):",
+             "    if type(value) is not dict:",
+             "        return general(value, ctx)"]
+    sections: dict[str, str] = {}
+    if all_reads:
+        for k0, k1, _ in reads:
+            if k1 is not None and k0 not in sections:
+                sections[k0] = name = f"section{len(sections)}"
+                lines.append(f"    {name} = value.get({k0!r}, UNDEFINED)")
+        if sections:
+            not_objects = " or ".join(f"type({name}) is not dict" for name in sections.values())
+            lines += [f"    if {not_objects}:", "        return general(value, ctx)"]
+    lines.append("    mapped = {}")
+    for i, ((key, node), (k0, k1, fallback)) in enumerate(zip(entries, reads)):
+        namespace[f"run{i}"] = node.run
+        if k0 is None:
+            lines += [f"    found = run{i}(value, ctx)",
+                      "    if found is not UNDEFINED:",
+                      f"        mapped[{key!r}] = found"]
+            continue
+        if k1 is None:
+            lines.append(f"    found = value.get({k0!r}, UNDEFINED)")
+        elif all_reads:
+            lines.append(f"    found = {sections[k0]}.get({k1!r}, UNDEFINED)")
+        else:
+            # run's result is already checked: the check below leaves it as it is
+            lines += [f"    found = value.get({k0!r}, UNDEFINED)",
+                      f"    found = found.get({k1!r}, UNDEFINED) if type(found) is dict"
+                      f" else run{i}(value, ctx)"]
+        # the property check of the read, its common cases first
+        lines += ["    kind = type(found)",
+                  "    if (kind is str or kind is int or kind is bool or (kind is float and found == found)",
+                  "            or (found is not UNDEFINED and accept(found))):",
+                  f"        mapped[{key!r}] = found"]
+        if fallback is not UNDEFINED:
+            namespace[f"fallback{i}"] = fallback
+            lines += ["    else:", f"        mapped[{key!r}] = fallback{i}"]
+    lines.append("    return mapped")
+    exec(compile("\n".join(lines), f"<map at {path}>", "exec"), namespace)
+    return namespace["run_map"]
+
+
+def _inline_read(node: _Node) -> tuple[str | None, str | None, Any]:
+    """(first key, second key or None, fallback) of a node that reads a path of one or two
+    keys, for containers to read inline; (None, None, None) for any other node."""
+    if node.read is None or len(node.read[0]) > 2:
+        return None, None, None
+    keys, fallback = node.read
+    return keys[0], keys[1] if len(keys) == 2 else None, fallback
 
 
 def _entering(node: _Node) -> Run:
@@ -647,8 +727,21 @@ class CompiledValue:
         return self._node.run(value, ctx)
 
     def __call__(self, value: Any, context: dict | None = None) -> Any:
-        result = self.raw(value, context)
-        return to_plain(result) if self._node.holes else result
+        if value is UNDEFINED:
+            return UNDEFINED
+        node = self._node
+        result = node.run(value, _context_for(value, context) if node.contextual else None)
+        return to_plain(result) if node.holes else result
+
+    def evaluator(self) -> Callable[[Any, dict | None], Any]:
+        """A function `f(value, context)` doing what calling this value does, for a value
+        that is never UNDEFINED (an event, say), with the steps that cannot apply to this
+        value left out: for callers that run it on every event."""
+        node = self._node
+        if node.contextual or node.holes:
+            return self
+        # A node that reads no context never looks at its second argument.
+        return node.run
 
     @property
     def error_counts(self) -> dict[str, int]:
@@ -820,6 +913,7 @@ class MappingResult:
 
 
 _RuleTable = dict[str, dict[str, tuple[CompiledRule, ...]]]
+_CANDIDATES_MAX = 4096
 
 
 class DestinationMapping:
@@ -845,6 +939,9 @@ class DestinationMapping:
         self.rules = self._compile_rules(compiler, config.get("mapping"),
                                          _child_path(path, "mapping"))
         self._plain_event, self._plain_data = self._holes_possible()
+        # Rule lookup by event name: the rules getMappingEvent would try, in order, up to
+        # the first that has no condition. Names repeat, so this is worked out once per name.
+        self._candidates: dict[str, tuple[CompiledRule, ...]] = {}
 
     def _compile_rules(self, compiler: _Compiler, mapping: Any, path: str) -> _RuleTable:
         if mapping is None:
@@ -880,16 +977,20 @@ class DestinationMapping:
             compiled.append(CompiledRule(rule, key, rule_path, compiler))
         return tuple(compiled)
 
-    def _holes_possible(self) -> tuple[bool, bool]:
-        """Whether results can hold UNDEFINED holes and so need `to_plain` before output.
-        Known at compile time, so plain configs pay nothing per event."""
+    def _holes_possible(self) -> tuple[bool, dict[CompiledRule | None, bool]]:
+        """Whether results can hold UNDEFINED holes and so need `to_plain` before output: for
+        the event, and for the data by the rule that made it (None: no rule). Known at compile
+        time, so plain configs and rules pay nothing per event."""
         rules = [rule for actions in self.rules.values() for slot in actions.values()
                  for rule in slot]
         policies = list(self._policy) + [entry for rule in rules for entry in rule._policy]
         # A policy may write holes into the event (a `*` path, or an index past a list's end).
         event_holes = any(node.holes or any(_is_index(k) for k in keys) for keys, node in policies)
-        data_nodes = [self._data_node] + [rule._data for rule in rules]
-        data_holes = event_holes or any(node is not None and node.holes for node in data_nodes)
+        # Include flattens event sections and remove only deletes: neither adds holes.
+        base = event_holes or (self._data_node is not None and self._data_node.holes)
+        data_holes: dict[CompiledRule | None, bool] = {None: base}
+        for rule in rules:
+            data_holes[rule] = base or (rule._data is not None and rule._data.holes)
         return event_holes, data_holes
 
     # -- per event --
@@ -904,23 +1005,39 @@ class DestinationMapping:
         name = event.get("name")
         if not isinstance(name, str):
             return None
+        candidates = self._candidates.get(name)
+        if candidates is None:
+            candidates = self._candidates_for(name)
+        for rule in candidates:
+            if rule._condition is None or rule.matches(event, collector):
+                return rule
+        return None
+
+    def _candidates_for(self, name: str) -> tuple[CompiledRule, ...]:
+        """The rules to try for an event name, in getMappingEvent's order: the entity's (else
+        "*") slot for the action (else "*"), then "* *"; none after one without a condition."""
+        candidates: tuple[CompiledRule, ...] = ()
         parts = name.split(" ")  # one space exactly: "a  b" has an empty action
-        if len(parts) < 2 or not parts[0] or not parts[1]:
-            return None
-        entity, action = parts[0], parts[1]
-        actions = self.rules.get(entity)
-        if actions is None:
-            actions = self.rules.get("*")
-        found = None
-        if actions is not None:
-            slot = actions.get(action)
-            if slot is None:
-                slot = actions.get("*")
-            found = _first_matching(slot, event, collector)
-        if found is None:
+        if len(parts) >= 2 and parts[0] and parts[1]:
+            entity, action = parts[0], parts[1]
+            actions = self.rules.get(entity)
+            if actions is None:
+                actions = self.rules.get("*")
+            if actions is not None:
+                slot = actions.get(action)
+                if slot is None:
+                    slot = actions.get("*")
+                candidates = slot or ()
             # Straight to "* *": walkerOS does not try mapping["*"][action] here.
-            found = _first_matching(self.rules.get("*", {}).get("*"), event, collector)
-        return found
+            candidates += self.rules.get("*", {}).get("*") or ()
+            for position, rule in enumerate(candidates):
+                if rule._condition is None:
+                    candidates = candidates[:position + 1]
+                    break
+        if len(self._candidates) >= _CANDIDATES_MAX:
+            self._candidates.clear()  # arbitrary names: keep the memory bounded
+        self._candidates[name] = candidates
+        return candidates
 
     def process(self, event: dict, collector: dict | None = None) -> MappingResult:
         """walkerOS processEventMapping: config policy → rule → rule policy → config data →
@@ -933,15 +1050,17 @@ class DestinationMapping:
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
         data = self._data_literal
-        if self._data_node is not None:
-            data = self._data_node.run(event, self._context_if(self._data_node, event, collector))
+        node = self._data_node
+        if node is not None:
+            data = node.run(event, _event_context(event, collector) if node.contextual else None)
         if rule is not None:
             if rule.ignore:
                 return self._result(event, rule, True, data)
             if rule.name:  # a str or None: JS truthiness is plain truthiness here
                 event["name"] = rule.name  # on our copy; context.event is this same object
-            if rule._data is not None:
-                rule_data = rule._data.run(event, self._context_if(rule._data, event, collector))
+            node = rule._data
+            if node is not None:
+                rule_data = node.run(event, _event_context(event, collector) if node.contextual else None)
                 both_objects = isinstance(data, dict) and isinstance(rule_data, dict)
                 data = _assign(data, rule_data) if both_objects else rule_data
         data = self._include_sections(rule, event, data)
@@ -949,10 +1068,6 @@ class DestinationMapping:
             for keys in rule._remove:
                 data = delete_by_path(data, keys)
         return self._result(event, rule, False, data)
-
-    @staticmethod
-    def _context_if(node: _Node, event: dict, collector: dict) -> _Ctx | None:
-        return _event_context(event, collector) if node.contextual else None
 
     def _include_sections(self, rule: CompiledRule | None, event: dict, data: Any) -> Any:
         """Rule `include` replaces the config's (even an empty list does); flattened sections
@@ -972,9 +1087,9 @@ class DestinationMapping:
                 data: Any) -> MappingResult:
         if self._plain_event:
             event = to_plain(event)
-        if self._plain_data and data is not UNDEFINED:
+        if data is not UNDEFINED and self._plain_data[rule]:
             data = to_plain(data)
-        return MappingResult(event=event, rule=rule, ignored=ignored, data=data)
+        return MappingResult(event, rule, ignored, data)
 
     @property
     def error_counts(self) -> dict[str, int]:
@@ -983,16 +1098,6 @@ class DestinationMapping:
 
     def __reduce__(self) -> tuple:
         return (DestinationMapping, (self._config, self._path, self._on_error))
-
-
-def _first_matching(slot: tuple[CompiledRule, ...] | None, event: dict,
-                    collector: dict) -> CompiledRule | None:
-    if not slot:
-        return None
-    for rule in slot:
-        if rule.matches(event, collector):
-            return rule
-    return None
 
 
 def _is_index(key: str) -> bool:
