@@ -9,7 +9,7 @@ import statistics
 
 import apache_beam as beam
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_stream
@@ -81,8 +81,10 @@ _JSON_VALUES = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_JSON_VALUES)
+@example(1e-09)
+@example([1.5e-07, 1e-05, 1e+22, "\x7f", "é✓😀", {"a:b": "c,d"}])
 def test_the_fast_json_size_is_never_below_json_dumps(value):
     """Batches are cut on this measure: below the truth, a request could pass Segment's 500 KB."""
     exact = len(json.dumps(value))

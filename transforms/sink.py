@@ -178,14 +178,16 @@ def json_dumps_size(value: Any) -> int:
     Measured on orjson's output, several times faster: json.dumps adds a space after each
     separator (counted as every ',' and ':', those inside strings too), escapes each non-ASCII
     character as ``\\uXXXX`` (at most 4 bytes more than its UTF-8 for each byte it has beyond
-    the first) and DEL as ``\\u007f``; orjson writes floats as Python does, or longer (0.00001
-    for 1e-05). What orjson refuses (a lone surrogate) is measured by json.dumps itself.
+    the first) and DEL as ``\\u007f``; orjson writes floats as Python does, longer (0.00001 for
+    1e-05), or one byte shorter (1e-9 for 1e-09: counted as every "e-"). What orjson refuses
+    (a lone surrogate) is measured by json.dumps itself.
     """
     try:
         data = orjson.dumps(value)
     except TypeError:
         return len(json.dumps(value))
-    size = len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f")
+    size = (len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f")
+            + data.count(b"e-"))  # orjson writes 1e-9 where Python writes 1e-09
     if not data.isascii():
         size += 4 * (len(data) - len(data.decode()))
     return size
