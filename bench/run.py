@@ -42,6 +42,7 @@ DOCS = ROOT / "docs" / "bench.md"
 WRITE_KEY = "bench-write-key"
 N0 = 1_000
 GENERATOR_VERSION = 1
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by python -m bench -->"
 
 VARIANTS = ("transform", "send", "send-sink", "pipeline", "pipeline-nosend", "explain")
 LABELS = {
@@ -608,4 +609,11 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
             lines += [f"- **{variant}** (N = {report['n']:,}, full report `{report['file']}`): {top}."]
         lines += [""]
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text("\n".join(lines))
+    # The analysis below the marker is written by hand (it reads the figures; a run cannot):
+    # keep it across runs.
+    kept = ""
+    if DOCS.exists():
+        previous = DOCS.read_text()
+        if ANALYSIS_MARKER in previous:
+            kept = previous[previous.index(ANALYSIS_MARKER):]
+    DOCS.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
