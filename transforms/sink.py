@@ -800,7 +800,7 @@ class _SegmentSink(beam.DoFn):
     the SDK's retries) fail the bundle instead, so the runner retries it; refusals that a retry
     cannot fix (``too_large``, ``rejected``, ``invalid_call``) are dead-lettered either way.
     Counters are incremented here, on the bundle's thread: Beam's metrics belong to the thread
-    that runs the bundle, not to the sender's.
+    that runs the bundle (the SDK's consumer thread reports failures, never counts).
     """
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
