@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import time
 from typing import Any, Iterator
 
 import apache_beam as beam
@@ -138,8 +139,13 @@ class WriteDeadLetters(beam.PTransform):
                     | "ToBytes" >> beam.Map(lambda d: orjson.dumps(d.to_dict())).with_output_types(bytes)
                     | "Publish" >> beam.io.WriteToPubSub(self.topic))
         if self.streaming:
-            # Unbounded input: close a file every window so records become visible.
-            windowed = dead_letters | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S))
+            # Unbounded input: close a file every window so records become visible. Windows by the
+            # time each record is written: a dead letter's own time can already be behind the
+            # watermark (its batch waited flushInterval and the flush deadline), and a window past
+            # its end would drop it as late data.
+            windowed = (dead_letters
+                        | "StampWritten" >> beam.Map(lambda dead: window.TimestampedValue(dead, time.time()))
+                        | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S)))
             if self.fmt == "avro":
                 sink, suffix = _AvroSink, ".avro"
                 records = windowed | "ToRecord" >> beam.Map(DeadLetter.to_dict)

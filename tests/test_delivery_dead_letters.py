@@ -112,6 +112,26 @@ def test_streaming_dead_letters_are_written_as_avro(tmp_path):
     assert sorted(r["payload"] for r in records) == ["p0", "p1", "p2"]
 
 
+def test_streaming_dead_letters_behind_the_watermark_are_still_written(tmp_path):
+    """A batch can wait in BatchCalls for flushInterval (and its send for the flush deadline)
+    while the watermark moves on: its dead letters then carry a time whose file window has
+    closed. They must still be written, not dropped as late data."""
+    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
+
+    def letter(name: str, at: float):
+        return TimestampedValue(DeadLetter(payload=name, stage="send", reason="rejected", error="e", flow="f"), at)
+
+    (p | test_stream.TestStream()
+        .add_elements([letter("on-time", 10)])
+        .advance_watermark_to(300)                 # the window [0, 60) has closed
+        .add_elements([letter("behind", 20)])      # e.g. from a batch flushed by the interval timer
+        .advance_watermark_to_infinity()
+       | WriteDeadLetters(str(tmp_path / "out"), "jsonl", streaming=True))
+    p.run().wait_until_finish()
+    written = [json.loads(line)["payload"] for path in tmp_path.glob("out/*.jsonl") for line in open(path)]
+    assert sorted(written) == ["behind", "on-time"]
+
+
 # -- the summary ----------------------------------------------------------------------------------
 def test_the_summary_flags_a_mismatch():
     counts = {"inputs_read": 5, "events_parsed": 4, "dead_letters_total": 2, "dead_letters_stage_parse": 1,
