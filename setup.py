@@ -28,6 +28,8 @@ setuptools.setup(
     packages=["pipeline", "transforms", "schemas"],
     # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.
     package_data={"schemas": ["*.json", "*.avsc"]},
+    # The bundled example flow and events, so `walkeros-segment demo` runs from an installed wheel.
+    data_files=[("share/walkeros-segment/examples", ["examples/flow.json", "examples/events.jsonl"])],
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     entry_points={"console_scripts": ["walkeros-segment = pipeline.cli:main"]},

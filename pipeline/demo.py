@@ -10,12 +10,21 @@ import argparse
 import glob
 import os
 import secrets
+import sysconfig
 from collections import Counter
 from pathlib import Path
 
 from pipeline.local_segment import LocalSegment
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+def _examples() -> Path:
+    """examples/ of a checkout, else where the wheel installed them (setup.py's data_files)."""
+    checkout = Path(__file__).resolve().parent.parent / "examples"
+    if (checkout / "flow.json").exists():
+        return checkout
+    return Path(sysconfig.get_path("data")) / "share" / "walkeros-segment" / "examples"
+
+
+EXAMPLES = _examples()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,7 +269,11 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     # validate needs the JSON Schemas: they must have shipped inside the wheel.
     assert _run([str(command), "validate", "--flow", str(flow)], cwd=tmp_path,
                 env={"SEGMENT_WRITE_KEY": "k"}).strip() == "ok"
-    assert time.monotonic() - started < 90
+    # demo finds the example flow and events the wheel installed (no checkout here).
+    demo = _run([str(command), "demo", "--out", str(tmp_path / "demo")], cwd=tmp_path, timeout=120)
+    assert "the endpoint accepted" in demo
+    assert "share/walkeros-segment/examples/flow.json" in demo
+    assert time.monotonic() - started < 120
 
 
 def _can_build_wheels() -> bool:
