@@ -277,21 +277,43 @@ def exceeds_request_limits(calls: int, size: int, add_calls: int, add_size: int)
     return calls + add_calls > MAX_BATCH_MESSAGES or size + add_size > MAX_BATCH_BYTES
 
 
+class Batcher:
+    """Cuts a sequence of deliveries into batches: ``flush_at`` calls, cut before a request
+    limit would pass, an event's calls never split. (BatchCalls applies the same rules to
+    batches kept in Beam state.)"""
+
+    def __init__(self, flush_at: int):
+        self.flush_at = max(1, min(int(flush_at), MAX_BATCH_MESSAGES))
+        self._batch: list[Delivery] = []
+        self._calls = self._size = 0
+
+    def add(self, delivery: Delivery) -> list[list[Delivery]]:
+        """The batches that ``delivery`` completes (none, one, or two)."""
+        done = []
+        calls, size = len(delivery.messages), delivery.measure()
+        if self._batch and exceeds_request_limits(self._calls, self._size, calls, size):
+            done.append(self.take())
+        self._batch.append(delivery)
+        self._calls, self._size = self._calls + calls, self._size + size
+        if self._calls >= self.flush_at:
+            done.append(self.take())
+        return done
+
+    def take(self) -> list[Delivery]:
+        """The batch so far (maybe partial, maybe empty), and start a new one."""
+        batch = self._batch
+        self._batch, self._calls, self._size = [], 0, 0
+        return batch
+
+
 def split_batches(deliveries: Iterable[Delivery], flush_at: int) -> Iterator[list[Delivery]]:
-    """Batches as BatchCalls cuts them, for a known sequence: ``flush_at`` calls, under the limits."""
-    batch, calls, size = [], 0, 0
+    """Batches as the sinks cut them, for a known sequence."""
+    batcher = Batcher(flush_at)
     for delivery in deliveries:
-        n, s = len(delivery.messages), delivery.measure()
-        if batch and exceeds_request_limits(calls, size, n, s):
-            yield batch
-            batch, calls, size = [], 0, 0
-        batch.append(delivery)
-        calls, size = calls + n, size + s
-        if calls >= flush_at:
-            yield batch
-            batch, calls, size = [], 0, 0
-    if batch:
-        yield batch
+        yield from batcher.add(delivery)
+    rest = batcher.take()
+    if rest:
+        yield rest
 
 
 # -- the SDK client ---------------------------------------------------------------------------
@@ -901,33 +923,23 @@ class BatchAndSend(_SegmentSink):
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
         super().__init__(settings, flow, options)
-        self.flush_at = max(1, min(int(settings.flush_at), MAX_BATCH_MESSAGES))
+        self.flush_at = settings.flush_at
 
     def start_bundle(self):
-        self._reset()
-
-    def _reset(self):
-        self._batch: list[Delivery] = []
-        self._calls = self._size = 0
+        self.batcher = Batcher(self.flush_at)
 
     def process(self, delivery: Delivery):
-        calls, size = len(delivery.messages), delivery.measure()
-        if self._batch and exceeds_request_limits(self._calls, self._size, calls, size):
-            yield from self._submit()
-        self._batch.append(delivery)
-        self._calls, self._size = self._calls + calls, self._size + size
-        if self._calls >= self.flush_at:
-            yield from self._submit()
+        for batch in self.batcher.add(delivery):
+            yield from self._submit(batch)
 
-    def _submit(self, finishing: bool = False) -> Iterator:
-        batch = self._batch
-        self._reset()
+    def _submit(self, batch: list[Delivery], finishing: bool = False) -> Iterator:
         counter("batches_flushed_in_bundle").inc()
         yield from self._outputs(self.sender.submit(batch), finishing)
 
     def finish_bundle(self):
-        if self._batch:
-            yield from self._submit(finishing=True)
+        rest = self.batcher.take()
+        if rest:
+            yield from self._submit(rest, finishing=True)
         yield from super().finish_bundle()
 
 
