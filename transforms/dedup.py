@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import Duration
 from transforms.calls import EventCalls
 from transforms.destination import DestinationSpec
 from transforms.identity import IdentityState
-from transforms.sink import Delivery
+from transforms.sink import JSON_NATIVE, Delivery
 from transforms.metrics import counter
 from transforms.steps import compiled
 
@@ -97,7 +97,6 @@ class _DedupStateful(beam.DoFn):
 # dicts, and the value coder's work is a copy. JSON via orjson is also several times faster than
 # the default pickling, both ways.
 _JSON, _PICKLED = b"j", b"p"
-_JSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 def encode_calls(calls: EventCalls) -> bytes:
@@ -108,7 +107,7 @@ def encode_calls(calls: EventCalls) -> bytes:
     fields = [calls.event, calls.key, calls.timestamp_ms, calls.identify, calls.identify_signature,
               calls.group, calls.group_signature, calls.others]
     try:
-        return _JSON + orjson.dumps(fields, option=_JSON_OPTIONS)
+        return _JSON + orjson.dumps(fields, option=JSON_NATIVE)
     except TypeError:  # orjson.JSONEncodeError is one
         return _PICKLED + pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL)
 

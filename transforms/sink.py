@@ -120,14 +120,14 @@ def to_wire(value: Any) -> Any:
         # Plain JSON types, the mapping's usual output, round-trip through orjson in C (NaN and
         # Infinity become null, tuples lists, enums their values); anything else makes it raise
         # and takes the general path.
-        return orjson.loads(orjson.dumps(value, option=_JSON_NATIVE))
+        return orjson.loads(orjson.dumps(value, option=JSON_NATIVE))
     except TypeError:  # orjson.JSONEncodeError is one
         return _to_wire_any(value)
 
 
 # What orjson must refuse rather than write its own way: datetimes (isoformat here), dataclasses
 # (str here) and subclasses of str/int/dict/list (turned into their plain types here).
-_JSON_NATIVE = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+JSON_NATIVE = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 def _to_wire_any(value: Any) -> Any:
@@ -768,7 +768,7 @@ class _Sent:
     carry (None: the global window, as in a batch run)."""
     deliveries: list[Delivery]
     stamp: tuple[Any, Any] | None
-    batch: "_Batch | None" = None
+    batch: "_Batch"
 
 
 class PipelinedSender:
@@ -791,9 +791,7 @@ class PipelinedSender:
     def submit(self, deliveries: list[Delivery], stamp: tuple[Any, Any] | None = None
                ) -> list[tuple[_Sent, BatchResult]]:
         settled = self.drain()
-        sent = _Sent(deliveries, stamp)
-        sent.batch = self.connection.start(deliveries, self.flow)
-        self._on_wire = sent
+        self._on_wire = _Sent(deliveries, stamp, self.connection.start(deliveries, self.flow))
         return settled
 
     def drain(self) -> list[tuple[_Sent, BatchResult]]:
