@@ -108,7 +108,7 @@ def validate(argv: list[str]) -> int:
 def explain(argv: list[str]) -> int:
     from pipeline.explain import dumps, explain_payloads
     from pipeline.flow import FlowError
-    from pipeline.options import INPUT_FORMATS
+    from pipeline.options import INPUT_FORMATS, range_problems
     from pipeline.sources import iter_payloads
     from transforms.steps import compiled
 
@@ -122,13 +122,18 @@ def explain(argv: list[str]) -> int:
     parser.add_argument("--message_id_namespace", default=None)
     parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
     args = parser.parse_args(argv)
+    problems = range_problems(args)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return EXIT_CONFIG
     try:
         spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
                          args.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
+    damaged = []
     try:
-        payloads = iter_payloads(args.input, args.input_format)
+        payloads = iter_payloads(args.input, args.input_format, on_damage=damaged.append)
         out = sys.stdout
         _settle_heap()
         for line in explain_payloads(compiled(spec), payloads):
@@ -136,7 +141,9 @@ def explain(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
-    return 0
+    for damage in damaged:
+        print(damage.line(), file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def run(argv: list[str]) -> int:
@@ -157,7 +164,7 @@ def prepare_run(argv: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from pipeline.flow import FlowError
-    from pipeline.options import WalkerosOptions
+    from pipeline.options import WalkerosOptions, range_problems
 
     if any(a in ("-h", "--help") for a in argv):
         WalkerosOptions(["--help"])  # argparse prints the help and exits
@@ -166,7 +173,7 @@ def prepare_run(argv: list[str]):
     standard = options.view_as(StandardOptions)
     if (opts.input_subscription or opts.input_topic) and not standard.streaming:
         standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
-    problems = _missing_flags(opts) or _flag_problems(opts, options)
+    problems = _missing_flags(opts) or _flag_problems(opts, options) + range_problems(opts)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -218,11 +225,12 @@ def execute(options, spec, streaming: bool) -> int:
     else:
         result.wait_until_finish()
     print(f"walkerOS → Segment: run of flow {spec.flow_name!r} finished")
-    print(render(counters(result)))
+    counts = counters(result)
+    print(render(counts))
     if streaming:
         print("(Beam's counters on the local streaming DirectRunner only count each step's first bundle: "
               "the numbers above are incomplete)")
-    return 0
+    return 1 if counts.get("input_files_damaged") else 0  # a file not read to its end: the run failed
 
 
 def _run_local_streaming(result, options) -> None:

@@ -59,12 +59,12 @@ def is_dead_letter_record(record: Any) -> bool:
 
 
 def dead_letter_records(path: str) -> Iterator[dict]:
-    from pipeline.sources import _open  # the same opening (.gz, gs://) as every input
+    """The records of one dead-letter file, up to any damage (the payload reader reports it)."""
+    from pipeline.sources import payloads_of_file  # the same reading (.gz, gs://, damage) as every input
 
-    with _open(path) as f:
-        for item in dead_letter_items(f):
-            if isinstance(item, dict):
-                yield item
+    for item in payloads_of_file(path, "dead_letter_records", on_damage=lambda damage: None):
+        if isinstance(item, dict):
+            yield item
 
 
 class ReadPreviousAttempts(beam.PTransform):

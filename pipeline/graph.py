@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
-from pipeline.sources import ReadEvents
+from pipeline.sources import ReadEvents, ReadLimits
 from transforms.calls import EventCalls
 from transforms.dedup import DeduplicateIdentity
 from transforms.destination import DestinationSpec
@@ -66,7 +66,8 @@ def _without_state(keyed: tuple[str, EventCalls]) -> Delivery:
 
 def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool) -> Outputs:
     read = ReadEvents(opts.input, opts.input_format, opts.input_subscription, opts.input_topic,
-                      opts.id_label, opts.timestamp_attribute)
+                      opts.id_label, opts.timestamp_attribute,
+                      ReadLimits(opts.max_inflation_ratio, opts.max_inflated_mb * 1024 ** 2))
     sink = WriteDeadLetters(opts.dead_letter, opts.dead_letter_format, opts.dead_letter_topic, streaming)
     send_options = SendOptions(flush_deadline_s=opts.flush_deadline_seconds,
                                fail_bundle_on_error=opts.fail_bundle_on_delivery_error,

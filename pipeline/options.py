@@ -1,6 +1,9 @@
 """The pipeline's own flags, as Beam PipelineOptions (so Dataflow templates see them too)."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 INPUT_FORMATS = ("auto", "jsonl", "json", "avro", "dead_letter")
@@ -9,6 +12,51 @@ DEAD_LETTER_FORMATS = ("jsonl", "avro")
 # group. dataflow/metadata.json marks exactly REQUIRED_FLAGS as not optional.
 REQUIRED_FLAGS = ("flow",)
 ONE_OF_FLAGS = (("input", "input_subscription", "input_topic"), ("dead_letter", "dead_letter_topic"))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values of a numeric flag that make sense; anything else is a usage error."""
+    low: float
+    high: float
+    low_included: bool = True
+    unit: str = ""
+    note: str = ""
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None
+        if (isinstance(value, float) and not math.isfinite(value)) or value > self.high or \
+                value < self.low or (value == self.low and not self.low_included):
+            low = f"at least {self.low:g}" if self.low_included else f"more than {self.low:g}"
+            unit = f" {self.unit}" if self.unit else ""
+            note = f" ({self.note})" if self.note else ""
+            return f"{low} and at most {self.high:g}{unit}{note}"
+        return None
+
+
+# Every numeric flag, and what it may be. An identity memory that never expires (a TTL of 0
+# once meant that) grows without bound in a stream; a deadline of 0 fails every batch.
+RANGES = {
+    "identity_state_ttl_hours": Range(0, 24 * 366, low_included=False, unit="hours",
+                                      note="the identity memory must expire: state would grow forever"),
+    "flush_deadline_seconds": Range(0, 3600, low_included=False, unit="seconds"),
+    "delivery_shards": Range(1, 1024),
+    "progress_interval_seconds": Range(0, 86400, unit="seconds", note="0: never"),
+    "max_inflation_ratio": Range(1, 1_000_000),
+    "max_inflated_mb": Range(1, 1024 ** 3, unit="MB"),
+}
+
+
+def range_problems(opts) -> list[str]:
+    """One line for each numeric flag whose value makes no sense."""
+    problems = []
+    for name, allowed in RANGES.items():
+        value = getattr(opts, name, None)
+        problem = allowed.problem(value)
+        if problem:
+            problems.append(f"--{name} {value:g}: must be {problem}")
+    return problems
 
 
 def parse_bool(text: str) -> bool:
@@ -90,3 +138,11 @@ class WalkerosOptions(PipelineOptions):
                                    "batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")
+
+        source.add_argument("--max_inflation_ratio", type=float, default=100.0,
+                            help="A compressed input file (.gz) that inflates beyond this many times its size "
+                                 "(once past 64 MB) is refused as damaged: a decompression bomb never "
+                                 "exhausts memory.")
+        source.add_argument("--max_inflated_mb", type=int, default=16384,
+                            help="A compressed input file (.gz) that inflates beyond this many MB is refused "
+                                 "as damaged.")

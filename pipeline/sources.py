@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import apache_beam as beam
@@ -23,6 +27,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.dead_letter import decode_payload
 from transforms.metrics import NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
@@ -45,30 +50,100 @@ def detect_format(path: str, declared: str = "auto") -> str:
 
 
 # -- plain readers (explain, tests, and the per-file Beam readers) --------------------------
-def iter_payloads(pattern: str, fmt: str = "auto") -> Iterator[Any]:
-    """Every payload of every file matching ``pattern``, in file-name order then file order."""
+@dataclass(frozen=True)
+class ReadLimits:
+    """How far a compressed file may inflate before it is refused (a decompression bomb would
+    otherwise exhaust memory or disk): beyond ``max_inflation_ratio`` times its compressed size
+    (once past ``inflation_floor_bytes``), or ``max_inflated_bytes``."""
+    max_inflation_ratio: float = 100.0
+    max_inflated_bytes: int = 16 * 1024 ** 3
+    # Below this, any ratio is fine: a small file of repeated events inflates far, and harmlessly.
+    inflation_floor_bytes: int = 64 * 1024 ** 2
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A file that could not be read to its end: where reading stopped, and why."""
+    path: str
+    records: int          # payloads read (and processed) before the damage
+    bytes_read: int       # bytes read before the damage (decompressed, for a compressed file)
+    size: int | None      # the file's size on disk
+    problem: str
+
+    def line(self) -> str:
+        size = f" of {self.size}" if self.size is not None and not _is_compressed(self.path) else ""
+        what = "decompressed bytes" if _is_compressed(self.path) else "bytes"
+        return (f"input file damaged: {self.path}: {self.problem}; read {self.records} records "
+                f"({self.bytes_read}{size} {what}) before it; those were processed, the rest of the file was not")
+
+
+class DamagedFile(Exception):
+    def __init__(self, damage: Damage):
+        super().__init__(damage.line())
+        self.damage = damage
+
+
+class _InflationRefused(Exception):
+    pass
+
+
+def iter_payloads(pattern: str, fmt: str = "auto", limits: ReadLimits = ReadLimits(),
+                  on_damage=None) -> Iterator[Any]:
+    """Every payload of every file matching ``pattern``, in file-name order then file order.
+    A damaged file gives what was read before the damage, then ``on_damage(Damage)`` (default:
+    raise DamagedFile); the next files are read either way."""
     matches = FileSystems.match([pattern])[0].metadata_list
     if not matches:
         raise FileNotFoundError(f"no file matches {pattern!r}")
-    for path in sorted(m.path for m in matches):
-        yield from payloads_of_file(path, detect_format(path, fmt))
+    for metadata in sorted(matches, key=lambda m: m.path):
+        path = metadata.path
+        yield from payloads_of_file(path, detect_format(path, fmt), limits=limits, size=metadata.size_in_bytes,
+                                    on_damage=on_damage)
 
 
-def payloads_of_file(path: str, fmt: str) -> Iterator[Any]:
-    with _open(path) as f:
-        if fmt == "json":
-            yield f.read()
-        elif fmt == "avro":
-            yield from avro_payloads(f)
-        elif fmt == "dead_letter":
-            yield from dead_letter_payloads(f)
-        elif fmt == "jsonl":
-            for line in f:
-                payload = line_payload(line, fmt)
-                if payload is not None:
-                    yield payload
-        else:
-            raise ValueError(f"unknown input format {fmt!r}")
+def payloads_of_file(path: str, fmt: str, *, limits: ReadLimits = ReadLimits(), size: int | None = None,
+                     on_damage=None) -> Iterator[Any]:
+    """The payloads of one file. Reading stops at the first damage (a truncated or corrupt
+    file, one that is not what its name says, one that inflates too far): what was read
+    before it is given, then ``on_damage(Damage)`` is called (or DamagedFile raised)."""
+    if fmt not in ("json", "avro", "dead_letter", "dead_letter_records", "jsonl"):
+        raise ValueError(f"unknown input format {fmt!r}")
+    records = 0
+    counted = None
+    try:
+        counted = _open_counted(path, limits, size)
+        with counted.stream as f:
+            if fmt == "json":
+                payloads = iter([f.read()])
+            elif fmt == "avro":
+                payloads = avro_payloads(f)
+            elif fmt == "dead_letter":
+                payloads = dead_letter_payloads(f)
+            elif fmt == "dead_letter_records":  # the records themselves (ReadPreviousAttempts)
+                from pipeline.dead_letters import dead_letter_items
+
+                payloads = dead_letter_items(f)
+            else:
+                payloads = (p for p in map(lambda line: line_payload(line, fmt), f) if p is not None)
+            for payload in payloads:
+                records += 1
+                yield payload
+    except _InflationRefused as exc:
+        _damaged(Damage(path, records, counted.inflated if counted else 0, size, str(exc)), on_damage)
+    except _DAMAGE_ERRORS as exc:
+        problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        _damaged(Damage(path, records, counted.inflated if counted else 0, size, problem), on_damage)
+
+
+def _damaged(damage: Damage, on_damage) -> None:
+    if on_damage is None:
+        raise DamagedFile(damage)
+    on_damage(damage)
+
+
+# What a truncated, corrupt or mislabelled file raises while it is read and decoded (gzip,
+# zlib, fastavro, the file system); errors of the pipeline's own logic are not among them.
+_DAMAGE_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, IndexError, StopIteration)
 
 
 def line_payload(line: bytes | str, fmt: str) -> Any:
@@ -82,7 +157,7 @@ def line_payload(line: bytes | str, fmt: str) -> Any:
     except orjson.JSONDecodeError:
         return line  # not a dead-letter record: parse it as it is, so it dead-letters with a reason
     if isinstance(record, dict) and isinstance(record.get("payload"), str) and "reason" in record:
-        return record["payload"]  # replay the original, never a dead letter wrapped in another
+        return decode_payload(record)  # replay the original, never a dead letter wrapped in another
     return line
 
 
@@ -93,7 +168,7 @@ def dead_letter_payloads(f) -> Iterator[Any]:
     from pipeline.dead_letters import dead_letter_items
 
     for item in dead_letter_items(f):
-        yield item["payload"] if isinstance(item, dict) else item.rstrip(b"\r\n")
+        yield decode_payload(item) if isinstance(item, dict) else item.rstrip(b"\r\n")
 
 
 def avro_payloads(f) -> Iterator[dict]:
@@ -120,9 +195,54 @@ def avro_record_to_event(record: dict) -> dict:
 
 def _open(path: str):
     raw = FileSystems.open(path, compression_type="uncompressed")
-    if path.lower().endswith(".gz"):
+    if _is_compressed(path):
         return gzip.GzipFile(fileobj=raw)
     return io.BufferedReader(raw) if not hasattr(raw, "readline") else raw
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+class _Counted(io.RawIOBase):
+    """A file's (decompressed) bytes, counted as they are read, and refused once they inflate
+    beyond ``limits``: checked on every read, before a line or record is assembled in memory."""
+
+    def __init__(self, inner, limits: ReadLimits, compressed_size: int | None, compressed: bool):
+        super().__init__()
+        self.inner = inner
+        self.inflated = 0
+        self.limit = None
+        if compressed:
+            by_ratio = limits.max_inflation_ratio * (compressed_size or 0)
+            self.limit = min(limits.max_inflated_bytes, max(by_ratio, limits.inflation_floor_bytes))
+            self.limits = limits
+        self.stream = io.BufferedReader(self, 1 << 16)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.inner.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.inflated += n
+        if self.limit is not None and self.inflated > self.limit:
+            raise _InflationRefused(
+                f"refused: it inflates beyond {self.limit} bytes (--max_inflation_ratio "
+                f"{self.limits.max_inflation_ratio:g} times its compressed size, at most --max_inflated_mb "
+                f"{self.limits.max_inflated_bytes // 1024 ** 2})")
+        return n
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            super().close()
+
+
+def _open_counted(path: str, limits: ReadLimits, size: int | None) -> _Counted:
+    return _Counted(_open(path), limits, size, _is_compressed(path))
 
 
 # -- Beam ------------------------------------------------------------------------------------
@@ -131,7 +251,8 @@ class ReadEvents(beam.PTransform):
 
     def __init__(self, input_pattern: str | None = None, input_format: str = "auto",
                  subscription: str | None = None, topic: str | None = None,
-                 id_label: str | None = None, timestamp_attribute: str | None = None):
+                 id_label: str | None = None, timestamp_attribute: str | None = None,
+                 limits: ReadLimits = ReadLimits()):
         super().__init__()
         self.input_pattern = input_pattern
         self.input_format = input_format
@@ -139,6 +260,7 @@ class ReadEvents(beam.PTransform):
         self.topic = topic
         self.id_label = id_label
         self.timestamp_attribute = timestamp_attribute
+        self.limits = limits
 
     def expand(self, pbegin):
         if self.subscription or self.topic:
@@ -153,18 +275,47 @@ class ReadEvents(beam.PTransform):
         if not self.input_pattern:
             raise ValueError("give --input (files) or --input_subscription / --input_topic (Pub/Sub)")
         fmt = detect_format(self.input_pattern, self.input_format)
+        files = pbegin | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
+        whole_files = files
         if fmt == "jsonl":
-            # ReadFromText splits large files across workers and decompresses .gz by itself.
-            return (pbegin
-                    | "ReadLines" >> beam.io.ReadFromText(self.input_pattern)
-                    | "Payloads" >> beam.FlatMap(_line_payloads, fmt))
-        return (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
-                | "ReadMatches" >> fileio.ReadMatches()
-                | "Payloads" >> beam.FlatMap(lambda readable, f: payloads_of_file(readable.metadata.path, f), fmt))
+            # Plain JSON Lines files are split across workers, read as bytes (a line that is not
+            # UTF-8 is a dead letter, not a crash). Compressed ones cannot be split, and are read
+            # by the file reader below, which notices a truncated or corrupt stream (Beam's text
+            # reader stops at the cut as if the file ended there).
+            lines = (files
+                     | "PlainFiles" >> beam.Filter(lambda metadata: not _is_compressed(metadata.path))
+                     | "Paths" >> beam.Map(lambda metadata: metadata.path)
+                     | "ReadLines" >> beam.io.ReadAllFromText(coder=beam.coders.BytesCoder())
+                     | "Payloads" >> beam.FlatMap(_line_payloads, fmt))
+            whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: _is_compressed(metadata.path))
+        payloads = (whole_files
+                    | "ReadMatches" >> fileio.ReadMatches()
+                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits)))
+        if fmt != "jsonl":
+            return payloads
+        return (lines, payloads) | "AllPayloads" >> beam.Flatten()
 
 
-def _line_payloads(line: str, fmt: str):
+class _FilePayloads(beam.DoFn):
+    """Each payload of one whole file; a damaged file counts once in ``input_files_damaged``
+    and is logged with how far it was read (its payloads before the damage go on)."""
+
+    def __init__(self, fmt: str, limits: ReadLimits):
+        self.fmt = fmt
+        self.limits = limits
+
+    def process(self, readable):
+        metadata = readable.metadata
+        yield from payloads_of_file(metadata.path, detect_format(metadata.path, self.fmt), limits=self.limits,
+                                    size=metadata.size_in_bytes, on_damage=report_damage)
+
+
+def report_damage(damage: Damage) -> None:
+    Metrics.counter(NAMESPACE, "input_files_damaged").inc()
+    logging.getLogger(__name__).error(damage.line())
+
+
+def _line_payloads(line: bytes, fmt: str):
     payload = line_payload(line, fmt)
     if payload is not None:
         yield payload

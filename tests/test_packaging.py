@@ -51,6 +51,8 @@ SAMPLES = {
     "fail_bundle_on_delivery_error": "true",
     "delivery_shards": "16",
     "progress_interval_seconds": "30",
+    "max_inflation_ratio": "100",
+    "max_inflated_mb": "16384",
 }
 # Values Dataflow must refuse before launching.
 REFUSED = {

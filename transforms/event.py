@@ -15,11 +15,23 @@ from typing import Any, Iterator
 import orjson
 
 from transforms import dead_letter as dl
-from transforms.dead_letter import DeadLetter, payload_text
+from transforms.dead_letter import DeadLetter, encode_payload
 
 _OBJECT_FIELDS = ("data", "globals", "custom", "user", "source", "context")
 _STRING_FIELDS = ("entity", "action", "trigger")
 _NUMBER_FIELDS = ("timing",)
+
+# The valid event time: epoch milliseconds from 1970-01-01 to 9999-12-31 (UTC). walkerOS makes
+# a JavaScript Date of it (about ±275,000 years), Segment takes ISO 8601 with a four-digit
+# year, and the pipeline must format it as one: the narrower of the two. A collector stamps
+# Date.now(), so a time before 1970 is a producer's bug, not history.
+MIN_TIMESTAMP_MS = 0
+MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+# Levels of objects and lists an event may nest, the event itself being level 1. Real events
+# stay within ten; far deeper input would break pickling between steps (RecursionError) and the
+# JSON encoders of the calls, so it is refused here, before anything else sees it.
+MAX_DEPTH = 64
 
 
 class InvalidEvent(ValueError):
@@ -100,6 +112,8 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
     fills a missing ``timestamp``, and merges the collector's globals, user and consent under
     the event's own (the event wins per key), as the walkerOS collector does.
     """
+    if _too_deep(event):
+        raise InvalidEvent(dl.TOO_DEEP, f"the event nests objects and lists deeper than {MAX_DEPTH} levels")
     entity, action = _validate(event)
     out = dict(event)
     if "entity" not in out:
@@ -109,7 +123,13 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
     if "id" not in out:  # a present id was validated as a non-empty string
         out["id"] = derive_id(event)
     if "timestamp" not in out:
-        out["timestamp"] = default_timestamp_ms if default_timestamp_ms is not None else int(time.time() * 1000)
+        if default_timestamp_ms is None:
+            out["timestamp"] = int(time.time() * 1000)
+        elif MIN_TIMESTAMP_MS <= default_timestamp_ms <= MAX_TIMESTAMP_MS:
+            out["timestamp"] = default_timestamp_ms
+        else:
+            raise InvalidEvent(dl.INVALID_FIELD, "no timestamp, and the record's own time (e.g. the Pub/Sub "
+                                                 f"timestamp attribute) is out of range: {_timestamp_problem(default_timestamp_ms)}")
     for section in _DEFAULT_SECTIONS:
         if section not in out:
             out[section] = {}
@@ -173,7 +193,7 @@ def _plainly_valid(event: dict) -> bool:
     # Numbers: float or int (bool is neither here); inf and NaN fail the comparison.
     timestamp = get("timestamp", 0)
     kind = type(timestamp)
-    if (kind is not int and kind is not float) or not -_FLOAT_SAFE < timestamp < _FLOAT_SAFE:
+    if (kind is not int and kind is not float) or not MIN_TIMESTAMP_MS <= timestamp <= MAX_TIMESTAMP_MS:
         return False
     timing = get("timing", 0)
     kind = type(timing)
@@ -208,8 +228,11 @@ def _validate_in_order(event: dict, name: Any) -> tuple[str, str]:
             raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be a string, got {_json_type(event[key])}")
     if "id" in event and not (isinstance(event["id"], str) and event["id"]):
         raise InvalidEvent(dl.INVALID_FIELD, f"id must be a non-empty string, got {_json_type(event['id'])}")
-    if "timestamp" in event and not _is_number(event["timestamp"]):
-        raise InvalidEvent(dl.INVALID_FIELD, f"timestamp must be epoch milliseconds (a number), got {_json_type(event['timestamp'])}")
+    if "timestamp" in event:
+        if not _is_number(event["timestamp"]):
+            raise InvalidEvent(dl.INVALID_FIELD, f"timestamp must be epoch milliseconds (a number), got {_json_type(event['timestamp'])}")
+        if not MIN_TIMESTAMP_MS <= event["timestamp"] <= MAX_TIMESTAMP_MS:
+            raise InvalidEvent(dl.INVALID_FIELD, _timestamp_problem(event["timestamp"]))
     for key in _NUMBER_FIELDS:
         if key in event and not _is_number(event[key]):
             raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be a number, got {_json_type(event[key])}")
@@ -222,6 +245,29 @@ def _validate_in_order(event: dict, name: Any) -> tuple[str, str]:
         if not isinstance(consent, dict) or not all(isinstance(v, bool) for v in consent.values()):
             raise InvalidEvent(dl.INVALID_FIELD, "consent must be an object of booleans")
     return tokens[0], tokens[1]
+
+
+def _timestamp_problem(timestamp: int | float) -> str:
+    text = f"timestamp must be epoch milliseconds from 1970-01-01 to 9999-12-31, got {timestamp!r}"
+    if 1e14 < timestamp < 1e17:
+        return text + " (microseconds? divide by 1000)"
+    if 1e17 <= timestamp < 1e20:
+        return text + " (nanoseconds? divide by 1,000,000)"
+    return text
+
+
+def _too_deep(event: dict) -> bool:
+    """Whether objects and lists nest deeper than MAX_DEPTH; iterative, so any depth is safe."""
+    pending = [(event, 1)]
+    while pending:
+        container, depth = pending.pop()
+        children = container.values() if isinstance(container, dict) else container
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_DEPTH:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def derive_id(event: dict) -> str:
@@ -266,4 +312,6 @@ def _json_type(value: Any) -> str:
 
 
 def _dead(payload, reason: str, error: str, flow: str, event_id: str | None = None) -> DeadLetter:
-    return DeadLetter(payload=payload_text(payload), stage=dl.PARSE, reason=reason, error=error, flow=flow, event_id=event_id)
+    text, encoding = encode_payload(payload)
+    return DeadLetter(payload=text, payload_encoding=encoding, stage=dl.PARSE, reason=reason, error=error, flow=flow,
+                      event_id=event_id)

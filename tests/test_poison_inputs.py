@@ -1,0 +1,125 @@
+"""Poison inputs: whatever an input holds, it ends as an event or a dead letter with a reason,
+in parsing, in explain and in the Beam pipeline; nothing in it can stop a run."""
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pipeline.explain import explain_payloads
+from transforms import dead_letter as dl
+from transforms.dead_letter import DeadLetter
+from transforms.event import MAX_DEPTH, MAX_TIMESTAMP_MS, parse_payload
+from transforms.steps import compiled
+
+from support import flow_document, make_spec, run_batch
+
+GOOD = {"name": "page view", "id": "0000000000000001", "timestamp": 1700000000000, "user": {"session": "s1"}}
+
+
+def parse(payload, **kw):
+    return list(parse_payload(payload, flow="f", **kw))
+
+
+# -- timestamps ---------------------------------------------------------------------------------
+OUT_OF_RANGE = [1700000000000000, 1e20, -1, -1700000000000, 2**62, -(2**62), 2**64, MAX_TIMESTAMP_MS + 1, 1e300]
+
+
+@pytest.mark.parametrize("timestamp", OUT_OF_RANGE)
+def test_a_timestamp_outside_the_valid_range_is_an_invalid_field(timestamp):
+    [dead] = parse({**GOOD, "timestamp": timestamp})
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == dl.INVALID_FIELD and "timestamp" in dead.error
+    assert dead.event_id == GOOD["id"]
+
+
+@pytest.mark.parametrize("timestamp", [0, 1, 1700000000000, 1700000000000.7, MAX_TIMESTAMP_MS])
+def test_a_timestamp_inside_the_range_is_kept(timestamp):
+    [event] = parse({**GOOD, "timestamp": timestamp})
+    assert event["timestamp"] == timestamp
+
+
+def test_a_microsecond_epoch_is_named_as_such():
+    [dead] = parse({**GOOD, "timestamp": 1700000000000000})
+    assert "microseconds" in dead.error
+
+
+def test_a_record_time_outside_the_range_does_not_stand_in_for_a_missing_timestamp():
+    event = {k: v for k, v in GOOD.items() if k != "timestamp"}
+    [dead] = parse(event, default_timestamp_ms=2**62)
+    assert isinstance(dead, DeadLetter) and dead.reason == dl.INVALID_FIELD and "timestamp" in dead.error
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True)))
+def test_every_numeric_timestamp_is_explained_without_an_exception(timestamp):
+    destination = compiled(make_spec(flow_document()))
+    [line] = explain_payloads(destination, [{**GOOD, "timestamp": timestamp}])
+    assert line["outcome"] in ("delivered", "dead_letter")
+    if line["outcome"] == "dead_letter":
+        assert line["reason"] == "invalid_field"
+
+
+def test_bad_timestamps_cost_their_event_only_in_a_batch_run(endpoint):
+    spec = make_spec(flow_document(host=endpoint.url))
+    payloads = [orjson.dumps({**GOOD, "id": f"{i:016x}", "timestamp": t}) for i, t in enumerate(OUT_OF_RANGE[:5])]
+    payloads.append(orjson.dumps(GOOD))
+    delivered, dead = run_batch(spec, payloads)
+    assert delivered == [GOOD["id"]]
+    assert sorted(d.reason for d in dead) == ["invalid_field"] * 5
+    assert len(endpoint.accepted) == 1
+
+
+# -- depth --------------------------------------------------------------------------------------
+def nested(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_an_event_nested_beyond_the_limit_is_a_too_deep_dead_letter():
+    payload = orjson.dumps({**GOOD, "data": nested(MAX_DEPTH)})
+    [dead] = parse(payload)
+    assert isinstance(dead, DeadLetter) and dead.reason == dl.TOO_DEEP
+    assert str(MAX_DEPTH) in dead.error and dead.payload == payload.decode()
+
+
+def test_an_event_at_the_limit_passes():
+    # The event object is level 1, its data level 2.
+    [event] = parse({**GOOD, "data": nested(MAX_DEPTH - 2)})
+    assert event["data"] == nested(MAX_DEPTH - 2)
+
+
+def test_a_too_deep_event_in_an_envelope_costs_itself_only_and_keeps_its_text():
+    deep = {**GOOD, "id": "0000000000000002", "data": {"x": [nested(900)]}}
+    items = parse(b'{"batch": [' + orjson.dumps(GOOD) + b"," + _dumps_deep(deep) + b"]}")
+    assert isinstance(items[0], dict)
+    dead = items[1]
+    assert dead.reason == dl.TOO_DEEP and dead.event_id == "0000000000000002"
+    assert _loads_deep(dead.payload) == deep
+
+
+def _dumps_deep(value) -> bytes:
+    import json
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        return json.dumps(value).encode()
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _loads_deep(text):
+    return orjson.loads(text)
+
+
+def test_deeply_nested_input_through_the_pipeline_is_dead_lettered_not_a_crash(endpoint):
+    mapping = {"page": {"view": {"data": {"map": {"deep": "data"}}}}}
+    spec = make_spec(flow_document(host=endpoint.url, mapping=mapping))
+    deep = {**GOOD, "id": "0000000000000002", "data": nested(400)}
+    delivered, dead = run_batch(spec, [orjson.dumps(GOOD), _dumps_deep(deep)])
+    assert delivered == [GOOD["id"]]
+    assert [d.reason for d in dead] == [dl.TOO_DEEP]
