@@ -27,7 +27,11 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.dead_letter import decode_payload
+from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.dead_letter import INVALID_FIELD, decode_payload
+from transforms.event import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, RejectedInput
 from transforms.metrics import NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
@@ -266,12 +270,16 @@ class ReadEvents(beam.PTransform):
         if self.subscription or self.topic:
             if self.subscription and self.topic:
                 raise ValueError("give --input_subscription or --input_topic, not both")
-            return (pbegin
-                    | "ReadPubSub" >> beam.io.ReadFromPubSub(
-                        subscription=self.subscription, topic=None if self.subscription else self.topic,
-                        with_attributes=True, id_label=self.id_label,
-                        timestamp_attribute=self.timestamp_attribute)
-                    | "DropHeartbeats" >> beam.ParDo(_DropHeartbeats()))
+            # The timestamp attribute is read here, not by Beam's reader: there one bad value fails
+            # the whole pull it came in (and, acknowledged or not, every retry of it).
+            messages = (pbegin
+                        | "ReadPubSub" >> beam.io.ReadFromPubSub(
+                            subscription=self.subscription, topic=None if self.subscription else self.topic,
+                            with_attributes=True, id_label=self.id_label)
+                        | "DropHeartbeats" >> beam.ParDo(_DropHeartbeats()))
+            if self.timestamp_attribute:
+                messages = messages | "EventTime" >> beam.ParDo(_TimestampFromAttribute(self.timestamp_attribute))
+            return messages
         if not self.input_pattern:
             raise ValueError("give --input (files) or --input_subscription / --input_topic (Pub/Sub)")
         fmt = detect_format(self.input_pattern, self.input_format)
@@ -336,6 +344,40 @@ class _DropHeartbeats(beam.DoFn):
             Metrics.counter(NAMESPACE, "pubsub_heartbeats").inc()
             return
         yield message
+
+
+class _TimestampFromAttribute(beam.DoFn):
+    """A message's element time from its attribute (milliseconds since the epoch, or RFC 3339,
+    as Beam's own reader takes it); without the attribute, its publish time. A value that is not
+    a time, or out of range, makes that message (only) an ``invalid_field`` dead letter."""
+
+    def __init__(self, attribute: str):
+        self.attribute = attribute
+
+    def process(self, message):
+        value = (message.attributes or {}).get(self.attribute)
+        if value is None:
+            yield message
+            return
+        millis = attribute_millis(value)
+        if millis is None:
+            yield RejectedInput(message.data, INVALID_FIELD,
+                                f"Pub/Sub attribute {self.attribute}={value[:100]!r} (--timestamp_attribute) is "
+                                "not a time: milliseconds since the epoch (1970 to 9999) or RFC 3339")
+            return
+        yield window.TimestampedValue(message, Timestamp(micros=millis * 1000))
+
+
+def attribute_millis(value: str) -> int | None:
+    """Milliseconds since the epoch from a timestamp attribute, or None when it is not a valid time."""
+    try:
+        millis = int(value)
+    except ValueError:
+        try:
+            millis = Timestamp.from_rfc3339(value).nanos // 1_000_000
+        except (ValueError, OverflowError):
+            return None
+    return millis if MIN_TIMESTAMP_MS <= millis <= MAX_TIMESTAMP_MS else None
 
 
 def check_pubsub_path(kind: str, path: str) -> str | None:

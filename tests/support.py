@@ -40,13 +40,14 @@ def make_spec(document: dict, namespace: str = "test", ttl_ms: int | None = 24 *
 
 
 def run_batch(spec: DestinationSpec, payloads: list, send_options: SendOptions | None = None,
-              read: beam.PTransform | None = None):
+              read: beam.PTransform | None = None, dead_letter_sink: beam.PTransform | None = None):
     """The whole pipeline on the batch DirectRunner; returns (delivered event ids, dead letters)."""
     collected = {}
     options = PipelineOptions([], runner="FnApiRunner")  # [] : not sys.argv (pytest's flags)
     with test_pipeline.TestPipeline(options=options, runner="FnApiRunner") as p:
         outputs = build_pipeline(p, spec, streaming=False, read=read or beam.Create(payloads),
-                                 send_options=send_options or SendOptions(flush_deadline_s=30))
+                                 send_options=send_options or SendOptions(flush_deadline_s=30),
+                                 dead_letter_sink=dead_letter_sink)
         _collect(outputs.delivered | "IdsDelivered" >> beam.Map(lambda d: d.event["id"]), collected, "delivered")
         _collect(outputs.dead_letters, collected, "dead")
     return collected.get("delivered", []), collected.get("dead", [])

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import orjson
@@ -34,6 +35,15 @@ MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_DEPTH = 64
 
 
+@dataclass(frozen=True)
+class RejectedInput:
+    """An input its reader already found unusable (e.g. a Pub/Sub message whose timestamp
+    attribute is not a time): parsing makes it the dead letter it describes."""
+    payload: bytes | str
+    reason: str
+    error: str
+
+
 class InvalidEvent(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -53,6 +63,9 @@ def parse_payload(
     (from JSON or Avro files). ``default_timestamp_ms`` stands in for a missing event
     timestamp (the Pub/Sub publish time, say); failing that, the current time.
     """
+    if isinstance(payload, RejectedInput):
+        yield _dead(payload.payload, payload.reason, payload.error, flow)
+        return
     if isinstance(payload, (bytes, bytearray, memoryview, str)):
         try:
             document = orjson.loads(payload)

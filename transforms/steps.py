@@ -15,7 +15,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from transforms.dead_letter import DeadLetter
 from transforms.destination import Destination, DestinationSpec
-from transforms.event import parse_payload
+from transforms.event import RejectedInput, parse_payload
 from transforms.metrics import count as _count
 from transforms.sink import DEAD_LETTER_TAG
 
@@ -93,6 +93,8 @@ def _payload_and_time(element: Any, timestamp=None) -> tuple[Any, int | None]:
     """The payload, and the time that stands in for a missing event timestamp: for a Pub/Sub
     message its element time (the publish time, or ``--timestamp_attribute`` when given)."""
     data = getattr(element, "data", None)
+    if isinstance(element, RejectedInput):
+        return element, None
     if data is not None and hasattr(element, "attributes"):  # a PubsubMessage
         if timestamp is not None and MIN_TIMESTAMP < timestamp < MAX_TIMESTAMP:
             return data, timestamp.micros // 1000
