@@ -84,6 +84,18 @@ def _flow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--destination_id", default=None, help="destination id (default: the Segment one)")
 
 
+def _replay_refused(pattern: str | None, input_format: str, spec) -> bool:
+    """Dead letters are replayed by the flow and namespace that wrote them (pipeline.replay)."""
+    if not pattern or input_format != "dead_letter":
+        return False
+    from pipeline.replay import replay_problem
+
+    problem = replay_problem(pattern, spec.flow_name, spec.namespace)
+    if problem:
+        print(problem, file=sys.stderr)
+    return bool(problem)
+
+
 def _report_flow_errors(exc) -> int:
     for error in exc.errors:
         print(error, file=sys.stderr)
@@ -131,6 +143,8 @@ def explain(argv: list[str]) -> int:
                          args.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
+    if _replay_refused(args.input, args.input_format, spec):
+        return EXIT_CONFIG
     damaged = []
     try:
         payloads = iter_payloads(args.input, args.input_format, on_damage=damaged.append)
@@ -183,6 +197,8 @@ def prepare_run(argv: list[str]):
                          opts.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
+    if _replay_refused(opts.input, opts.input_format, spec):
+        return EXIT_CONFIG
     key = spec.settings.write_key
     if _is_direct(options) and not key.resolvable_here():
         # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.

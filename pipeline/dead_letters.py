@@ -92,7 +92,12 @@ def _attempts_by_key(record: dict):
 
 # -- counting and stamping -----------------------------------------------------------------------
 class _CountAndStamp(beam.DoFn):
+    def __init__(self, namespace: str | None = None):
+        self.namespace = namespace
+
     def process(self, dead: DeadLetter, previous=None):
+        if self.namespace and dead.namespace is None:
+            dead = dataclasses.replace(dead, namespace=self.namespace)  # never change an input element
         Metrics.counter(NAMESPACE, "dead_letters_total").inc()
         Metrics.counter(NAMESPACE, f"dead_letters_stage_{dead.stage}").inc()
         if previous:
@@ -108,15 +113,16 @@ class CountDeadLetters(beam.PTransform):
     ``dead_letters_stage_<stage>``: the accounting in ``pipeline.summary``) and, in a replay
     run, given its attempt number (``previous``: :class:`ReadPreviousAttempts`)."""
 
-    def __init__(self, previous: beam.PTransform | None = None):
+    def __init__(self, previous: beam.PTransform | None = None, namespace: str | None = None):
         super().__init__()
         self.previous = previous
+        self.namespace = namespace
 
     def expand(self, dead_letters):
         if self.previous is None:
-            return dead_letters | "Count" >> beam.ParDo(_CountAndStamp())
+            return dead_letters | "Count" >> beam.ParDo(_CountAndStamp(self.namespace))
         previous = dead_letters.pipeline | "PreviousAttempts" >> self.previous
-        return dead_letters | "Count" >> beam.ParDo(_CountAndStamp(), beam.pvalue.AsDict(previous))
+        return dead_letters | "Count" >> beam.ParDo(_CountAndStamp(self.namespace), beam.pvalue.AsDict(previous))
 
 
 # -- writing -------------------------------------------------------------------------------------

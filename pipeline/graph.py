@@ -53,7 +53,7 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     sent = deliveries | "SendToSegment" >> beam.ParDo(sink).with_outputs(DEAD_LETTER_TAG, main="delivered")
     dead = ((parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
             | "AllDeadLetters" >> beam.Flatten()
-            | "CountDeadLetters" >> CountDeadLetters(previous_attempts))
+            | "CountDeadLetters" >> CountDeadLetters(previous_attempts, spec.namespace))
     if dead_letter_sink is not None:
         dead | "WriteDeadLetters" >> dead_letter_sink
     return Outputs(delivered=sent.delivered, dead_letters=dead)

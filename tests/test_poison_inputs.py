@@ -86,9 +86,9 @@ def test_an_event_nested_beyond_the_limit_is_a_too_deep_dead_letter():
 
 
 def test_an_event_at_the_limit_passes():
-    # The event object is level 1, its data level 2.
-    [event] = parse({**GOOD, "data": nested(MAX_DEPTH - 2)})
-    assert event["data"] == nested(MAX_DEPTH - 2)
+    # The event object is level 1: its data's innermost object is level MAX_DEPTH.
+    [event] = parse({**GOOD, "data": nested(MAX_DEPTH - 1)})
+    assert event["data"] == nested(MAX_DEPTH - 1)
 
 
 def test_a_too_deep_event_in_an_envelope_costs_itself_only_and_keeps_its_text():
@@ -123,3 +123,14 @@ def test_deeply_nested_input_through_the_pipeline_is_dead_lettered_not_a_crash(e
     delivered, dead = run_batch(spec, [orjson.dumps(GOOD), _dumps_deep(deep)])
     assert delivered == [GOOD["id"]]
     assert [d.reason for d in dead] == [dl.TOO_DEEP]
+
+
+def test_an_event_at_the_depth_limit_is_delivered_with_all_its_properties(endpoint):
+    """What passes the limit is sent whole: never pickling errors, never properties: {}."""
+    mapping = {"page": {"view": {"data": {"map": {"deep": "data"}}}}}
+    spec = make_spec(flow_document(host=endpoint.url, mapping=mapping))
+    data = nested(MAX_DEPTH - 1)  # the event is level 1: its data reaches the limit
+    delivered, dead = run_batch(spec, [orjson.dumps({**GOOD, "data": data})])
+    assert delivered == [GOOD["id"]] and not dead
+    [message] = endpoint.accepted
+    assert message["properties"] == {"deep": data}

@@ -66,6 +66,9 @@ class DeadLetter:
     # The payload's size in bytes as received, when it was cut to MAX_PAYLOAD_BYTES (the
     # payload is then a prefix, not replayable as it was). None: the payload is whole.
     payload_truncated_from: int | None = None
+    # The messageId namespace of the run that wrote it (stamped as the record is counted): a
+    # replay must use the same, or Segment cannot deduplicate what was already delivered.
+    namespace: str | None = None
 
     def __post_init__(self):
         if len(self.payload) * 6 > MAX_PAYLOAD_BYTES:  # JSON escapes take at most 6 bytes a character
