@@ -14,6 +14,7 @@ from pathlib import Path
 import fastavro
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import schemas
 from pipeline.cli import main as cli_main
@@ -191,3 +192,23 @@ def test_max_inflated_mb_refuses_a_file_in_a_run(run, tmp_path):
     path.write_bytes(gzip.compress(jsonl(events(1)) * 9000))  # about 3 MB inflated
     code, summary = run(path, "--max_inflated_mb", "1")
     assert code != 0 and damaged_count(summary) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["jsonl.gz", "json.gz", "avro", "avro.gz", "dead_letter", "jsonl"]),
+       st.one_of(st.binary(max_size=400),
+                 st.builds(lambda n, cut: gzip.compress(jsonl(events(n)))[:cut], st.integers(1, 20),
+                           st.integers(0, 3000))))
+def test_any_bytes_in_any_file_give_payloads_or_a_damage_never_an_exception(kind, content):
+    import tempfile
+
+    suffix = {"dead_letter": ".jsonl"}.get(kind, "." + kind)
+    fmt = {"jsonl.gz": "jsonl", "json.gz": "json", "avro.gz": "avro"}.get(kind, kind)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"input{suffix}"
+        path.write_bytes(content)
+        damages = []
+        payloads = list(payloads_of_file(str(path), fmt, on_damage=damages.append))
+    assert len(damages) <= 1
+    if damages:
+        assert damages[0].records == len(payloads) and str(path) in damages[0].line()

@@ -153,7 +153,8 @@ def test_the_launcher_runs_on_dataflow_unless_told_otherwise(monkeypatch):
 
 def test_the_pubsub_read_dataflow_receives(monkeypatch):
     """What the job graph says about the Pub/Sub read: subscription, attributes on, id_label
-    and timestamp_attribute passed through (Dataflow's own reader implements them)."""
+    passed through (Dataflow's own reader implements it). The timestamp attribute is read by the
+    pipeline's own step (ReadEvents/EventTime): in a reader, one bad value fails the whole pull."""
     import apache_beam as beam
     from apache_beam.portability.api import beam_runner_api_pb2
 
@@ -176,7 +177,8 @@ def test_the_pubsub_read_dataflow_receives(monkeypatch):
     payload = beam_runner_api_pb2.PubSubReadPayload.FromString(read.spec.payload)
     assert read.unique_name == "ReadEvents/ReadPubSub/Read"
     assert (payload.subscription, payload.id_attribute, payload.timestamp_attribute, payload.with_attributes) == \
-        (subscription, "event_id", "event_ts", True)
+        (subscription, "event_id", "", True)
+    assert "ReadEvents/EventTime" in {t.unique_name for t in graph.components.transforms.values()}
     # The README's "Running on Dataflow" lists the step names an update matches on: they must be these.
     docs = (ROOT / "README.md").read_text()
     names = {t.unique_name for t in graph.components.transforms.values() if t.unique_name}

@@ -78,6 +78,16 @@ def nested(depth: int) -> dict:
     return value
 
 
+@pytest.mark.parametrize("as_text", [False, True])
+def test_a_decoded_event_or_a_list_nested_beyond_the_limit_is_too_deep(as_text):
+    deep_list: list = [1]
+    for _ in range(MAX_DEPTH):
+        deep_list = [deep_list]
+    event = {**GOOD, "data": {"x": deep_list}}
+    [dead] = parse(orjson.dumps(event).decode() if as_text else event)
+    assert isinstance(dead, DeadLetter) and dead.reason == dl.TOO_DEEP
+
+
 def test_an_event_nested_beyond_the_limit_is_a_too_deep_dead_letter():
     payload = orjson.dumps({**GOOD, "data": nested(MAX_DEPTH)})
     [dead] = parse(payload)

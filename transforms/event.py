@@ -66,19 +66,25 @@ def parse_payload(
     if isinstance(payload, RejectedInput):
         yield _dead(payload.payload, payload.reason, payload.error, flow)
         return
+    check_depth = True
     if isinstance(payload, (bytes, bytearray, memoryview, str)):
         try:
             document = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             yield _dead(payload, dl.NOT_JSON, f"not valid UTF-8 JSON: {exc}", flow)
             return
+        # Nesting needs containers: text with no more brackets than the limit cannot nest beyond
+        # it (brackets inside strings only make the count larger), and counting them is far
+        # cheaper than walking the decoded event.
+        check_depth = _brackets(payload) > MAX_DEPTH
     else:
         document = payload
 
     if isinstance(document, dict) and not _is_batch_envelope(document):
         # One event, kept as received if it is invalid.
         try:
-            yield normalise(document, collector=collector, default_timestamp_ms=default_timestamp_ms)
+            yield normalise(document, collector=collector, default_timestamp_ms=default_timestamp_ms,
+                            check_depth=check_depth)
         except InvalidEvent as exc:
             yield _dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))
         return
@@ -88,7 +94,8 @@ def parse_payload(
             yield item
             continue
         try:
-            yield normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms)
+            yield normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms,
+                            check_depth=check_depth)
         except InvalidEvent as exc:
             yield _dead(item, exc.reason, str(exc), flow, event_id=_given_id(item))
 
@@ -118,14 +125,15 @@ def _envelope_items(document: Any, payload, flow: str) -> Iterator[Any]:
             yield _dead(item, dl.NOT_AN_EVENT, f"expected an event object, got {_json_type(item)}", flow)
 
 
-def normalise(event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None) -> dict:
+def normalise(event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None,
+              check_depth: bool = True) -> dict:
     """Validate one event and return a normalised copy (the input is not changed).
 
     Fills ``entity``/``action`` from ``name``, keeps ``id`` or derives one from the content,
     fills a missing ``timestamp``, and merges the collector's globals, user and consent under
     the event's own (the event wins per key), as the walkerOS collector does.
     """
-    if _too_deep(event):
+    if check_depth and not _within_depth(event, MAX_DEPTH - 1):
         raise InvalidEvent(dl.TOO_DEEP, f"the event nests objects and lists deeper than {MAX_DEPTH} levels")
     entity, action = _validate(event)
     out = dict(event)
@@ -269,18 +277,22 @@ def _timestamp_problem(timestamp: int | float) -> str:
     return text
 
 
-def _too_deep(event: dict) -> bool:
-    """Whether objects and lists nest deeper than MAX_DEPTH; iterative, so any depth is safe."""
-    pending = [(event, 1)]
-    while pending:
-        container, depth = pending.pop()
-        children = container.values() if isinstance(container, dict) else container
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth >= MAX_DEPTH:
-                    return True
-                pending.append((child, depth + 1))
-    return False
+def _brackets(text: bytes | bytearray | memoryview | str) -> int:
+    if isinstance(text, str):
+        return text.count("{") + text.count("[")
+    raw = bytes(text) if isinstance(text, memoryview) else text
+    return raw.count(b"{") + raw.count(b"[")
+
+
+def _within_depth(container: dict | list, levels_below: int) -> bool:
+    """Whether no object or list nests more than ``levels_below`` levels under ``container``.
+    Recursive, but never deeper than the limit: it stops at the first container beyond it."""
+    for child in (container.values() if type(container) is dict else container):
+        kind = type(child)
+        if kind is dict or kind is list or isinstance(child, (dict, list)):
+            if not levels_below or not _within_depth(child, levels_below - 1):
+                return False
+    return True
 
 
 def derive_id(event: dict) -> str:
