@@ -283,13 +283,17 @@ class ReadEvents(beam.PTransform):
         if not self.input_pattern:
             raise ValueError("give --input (files) or --input_subscription / --input_topic (Pub/Sub)")
         fmt = detect_format(self.input_pattern, self.input_format)
+        # Plain JSON Lines files are split across workers and read as bytes (a line that is not
+        # UTF-8 is a dead letter, not a crash). Compressed ones cannot be split, and are read by
+        # the file reader, which notices a truncated or corrupt stream (Beam's text reader stops
+        # at the cut as if the file ended there).
+        if fmt == "jsonl" and not self._matches_compressed_files():
+            return (pbegin
+                    | "ReadLines" >> beam.io.ReadFromText(self.input_pattern, coder=beam.coders.BytesCoder())
+                    | "Payloads" >> beam.FlatMap(_line_payloads, fmt))
         files = pbegin | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
         whole_files = files
         if fmt == "jsonl":
-            # Plain JSON Lines files are split across workers, read as bytes (a line that is not
-            # UTF-8 is a dead letter, not a crash). Compressed ones cannot be split, and are read
-            # by the file reader below, which notices a truncated or corrupt stream (Beam's text
-            # reader stops at the cut as if the file ended there).
             lines = (files
                      | "PlainFiles" >> beam.Filter(lambda metadata: not _is_compressed(metadata.path))
                      | "Paths" >> beam.Map(lambda metadata: metadata.path)
@@ -302,6 +306,17 @@ class ReadEvents(beam.PTransform):
         if fmt != "jsonl":
             return payloads
         return (lines, payloads) | "AllPayloads" >> beam.Flatten()
+
+
+    def _matches_compressed_files(self) -> bool:
+        """Whether the input matches a compressed file now (as the graph is built: Beam's text
+        reader checks its pattern then too). Only plain files: the plain text reader, as fast
+        as it gets; else the general graph (ReadAllFromText of the plain ones costs a shuffle)."""
+        try:
+            matched = FileSystems.match([self.input_pattern])[0].metadata_list
+        except Exception:  # noqa: BLE001 - whatever the file system says, the general graph copes
+            return True
+        return any(_is_compressed(metadata.path) for metadata in matched)
 
 
 class _FilePayloads(beam.DoFn):

@@ -212,3 +212,15 @@ def test_any_bytes_in_any_file_give_payloads_or_a_damage_never_an_exception(kind
     assert len(damages) <= 1
     if damages:
         assert damages[0].records == len(payloads) and str(path) in damages[0].line()
+
+
+def test_a_glob_of_plain_and_compressed_files_reads_both_and_reports_the_damaged_one(run, endpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(jsonl(events(3)))
+    whole = gzip.compress(jsonl(events(400)[3:]))
+    (folder / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    code, summary = run(folder / "*", "--input_format", "jsonl")
+    assert code != 0 and damaged_count(summary) == 1
+    ids = {m["messageId"].split(":")[1] for m in endpoint.accepted if m["type"] == "page"}
+    assert {e["id"] for e in events(3)} <= ids and len(ids) > 3
