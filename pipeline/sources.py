@@ -172,7 +172,21 @@ def dead_letter_payloads(f) -> Iterator[Any]:
     from pipeline.dead_letters import dead_letter_items
 
     for item in dead_letter_items(f):
-        yield decode_payload(item) if isinstance(item, dict) else item.rstrip(b"\r\n")
+        if not isinstance(item, dict):
+            yield item.rstrip(b"\r\n")
+        elif item.get("payload_truncated_from"):
+            yield _unreplayable(item)
+        else:
+            yield decode_payload(item)
+
+
+def _unreplayable(record: dict) -> RejectedInput:
+    """A dead letter whose payload was cut to fit its sink: only its beginning is left, which
+    must not pass for the input. It stays a dead letter, with its reason, marked as before."""
+    return RejectedInput(decode_payload(record), record["reason"],
+                         f"not replayable: only the first part of its payload was kept (it had "
+                         f"{record['payload_truncated_from']} bytes); {record.get('error', '')}",
+                         event_id=record.get("event_id"), payload_truncated_from=record["payload_truncated_from"])
 
 
 def avro_payloads(f) -> Iterator[dict]:

@@ -224,3 +224,23 @@ def test_a_glob_of_plain_and_compressed_files_reads_both_and_reports_the_damaged
     assert code != 0 and damaged_count(summary) == 1
     ids = {m["messageId"].split(":")[1] for m in endpoint.accepted if m["type"] == "page"}
     assert {e["id"] for e in events(3)} <= ids and len(ids) > 3
+
+
+def test_a_truncated_dead_letter_is_never_replayed_as_if_whole(run, endpoint, tmp_path):
+    path = tmp_path / "events.jsonl"
+    # An invalid event far over the dead-letter limit: cut, its beginning is not the input it was.
+    big = orjson.dumps({**events(1)[0], "name": "pageview", "data": {"blob": "y" * 9_000_000}})
+    path.write_bytes(big + b"\n")
+    run(path)
+    [first] = (tmp_path / "out").glob("dead*")
+    [record] = [json.loads(l) for l in first.read_text().splitlines()]
+    assert record["payload_truncated_from"] == len(big) and big.decode().startswith(record["payload"])
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    first = first.rename(replay / first.name)
+    code, summary = run(first, "--input_format", "dead_letter")
+    [again] = (tmp_path / "out").glob("dead*")
+    [record2] = [json.loads(l) for l in again.read_text().splitlines()]
+    assert record2["reason"] == record["reason"] and record2["payload"] == record["payload"]
+    assert record2["payload_truncated_from"] == len(big) and record2["attempts"] == 2
+    assert "not replayable" in record2["error"] and not endpoint.accepted

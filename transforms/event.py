@@ -42,6 +42,8 @@ class RejectedInput:
     payload: bytes | str
     reason: str
     error: str
+    event_id: str | None = None
+    payload_truncated_from: int | None = None
 
 
 class InvalidEvent(ValueError):
@@ -64,7 +66,9 @@ def parse_payload(
     timestamp (the Pub/Sub publish time, say); failing that, the current time.
     """
     if isinstance(payload, RejectedInput):
-        yield _dead(payload.payload, payload.reason, payload.error, flow)
+        dead = _dead(payload.payload, payload.reason, payload.error, flow, event_id=payload.event_id)
+        dead.payload_truncated_from = payload.payload_truncated_from
+        yield dead
         return
     check_depth = True
     if isinstance(payload, (bytes, bytearray, memoryview, str)):
