@@ -144,3 +144,23 @@ def test_an_event_at_the_depth_limit_is_delivered_with_all_its_properties(endpoi
     assert delivered == [GOOD["id"]] and not dead
     [message] = endpoint.accepted
     assert message["properties"] == {"deep": data}
+
+
+def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_batch(tmp_path, endpoint):
+    import json
+
+    import fastavro
+
+    import schemas
+    from pipeline.sources import ReadEvents, iter_payloads
+
+    records = [{**GOOD, "user": json.dumps(GOOD["user"]), "id": "0000000000000009", "timestamp": 2**62 - 1},
+               {**GOOD, "user": json.dumps(GOOD["user"])}]
+    path = tmp_path / "events.avro"
+    with open(path, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(schemas.load("event.avsc")), records)
+    spec = make_spec(flow_document(host=endpoint.url))
+    lines = list(explain_payloads(compiled(spec), iter_payloads(str(path))))
+    assert [(l["outcome"], l["reason"]) for l in lines] == [("dead_letter", "invalid_field"), ("delivered", None)]
+    delivered, dead = run_batch(spec, [], read=ReadEvents(str(path)))
+    assert delivered == [GOOD["id"]] and [d.event_id for d in dead] == ["0000000000000009"]
