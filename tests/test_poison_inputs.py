@@ -33,7 +33,12 @@ def test_a_timestamp_outside_the_valid_range_is_an_invalid_field(timestamp):
     assert dead.event_id == GOOD["id"]
 
 
-@pytest.mark.parametrize("timestamp", [0, 1, 1700000000000, 1700000000000.7, MAX_TIMESTAMP_MS])
+def test_a_zero_timestamp_counts_as_absent_as_in_walkeros():
+    [event] = parse({**GOOD, "timestamp": 0}, default_timestamp_ms=1767225600000)
+    assert event["timestamp"] == 1767225600000
+
+
+@pytest.mark.parametrize("timestamp", [1, 1700000000000, 1700000000000.7, MAX_TIMESTAMP_MS])
 def test_a_timestamp_inside_the_range_is_kept(timestamp):
     [event] = parse({**GOOD, "timestamp": timestamp})
     assert event["timestamp"] == timestamp

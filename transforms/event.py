@@ -25,7 +25,8 @@ _NUMBER_FIELDS = ("timing",)
 # The valid event time: epoch milliseconds from 1970-01-01 to 9999-12-31 (UTC). walkerOS makes
 # a JavaScript Date of it (about ±275,000 years), Segment takes ISO 8601 with a four-digit
 # year, and the pipeline must format it as one: the narrower of the two. A collector stamps
-# Date.now(), so a time before 1970 is a producer's bug, not history.
+# Date.now(), so a time before 1970 is a producer's bug, not history. 0 counts as absent, as in
+# walkerOS (a falsy timestamp means "now"): the record's own time stands in.
 MIN_TIMESTAMP_MS = 0
 MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
@@ -147,7 +148,7 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
         out["action"] = action
     if "id" not in out:  # a present id was validated as a non-empty string
         out["id"] = derive_id(event)
-    if "timestamp" not in out:
+    if not out.get("timestamp", 0):  # absent, or 0: walkerOS takes a falsy timestamp for "now"
         if default_timestamp_ms is None:
             out["timestamp"] = int(time.time() * 1000)
         elif MIN_TIMESTAMP_MS <= default_timestamp_ms <= MAX_TIMESTAMP_MS:
