@@ -26,7 +26,6 @@ import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 
@@ -320,7 +319,6 @@ class ReadEvents(beam.PTransform):
         if fmt != "jsonl":
             return payloads
         return (lines, payloads) | "AllPayloads" >> beam.Flatten()
-
 
     def _matches_compressed_files(self) -> bool:
         """Whether the input matches a compressed file now (as the graph is built: Beam's text

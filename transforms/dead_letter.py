@@ -77,7 +77,7 @@ class DeadLetter:
             self.error = self.error[:MAX_ERROR_CHARS] + f"... [{len(self.error) - MAX_ERROR_CHARS} characters cut]"
 
     def _cut_payload(self) -> None:
-        encoded = len(orjson.dumps(self.payload))
+        encoded = _json_size(self.payload)
         if encoded <= MAX_PAYLOAD_BYTES:
             return
         if self.payload_truncated_from is None:
@@ -88,7 +88,7 @@ class DeadLetter:
             keep = int(keep * MAX_PAYLOAD_BYTES / encoded * 0.98)
             if self.payload_encoding == BASE64:
                 keep -= keep % 4  # whole base64 quanta: the prefix still decodes
-            encoded = len(orjson.dumps(self.payload[:keep]))
+            encoded = _json_size(self.payload[:keep])
         self.payload = self.payload[:keep]
 
     def to_dict(self) -> dict:
@@ -96,6 +96,13 @@ class DeadLetter:
 
     def to_json(self) -> str:
         return orjson.dumps(asdict(self)).decode()
+
+
+def _json_size(text: str) -> int:
+    try:
+        return len(orjson.dumps(text))
+    except TypeError:  # a lone surrogate: json writes it escaped
+        return len(json.dumps(text))
 
 
 def replay_keys(payload: str, event_id: str | None) -> list[str]:
