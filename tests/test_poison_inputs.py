@@ -2,6 +2,8 @@
 in parsing, in explain and in the Beam pipeline; nothing in it can stop a run."""
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -169,3 +171,21 @@ def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_bat
     assert [(l["outcome"], l["reason"]) for l in lines] == [("dead_letter", "invalid_field"), ("delivered", None)]
     delivered, dead = run_batch(spec, [], read=ReadEvents(str(path)))
     assert delivered == [GOOD["id"]] and [d.event_id for d in dead] == ["0000000000000009"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["a", "\x01", "é", '"', "😀", "\\"]), st.integers(0, 12_000_000), st.booleans())
+def test_a_dead_letter_record_always_fits_a_pubsub_message(char, size, as_bytes):
+    text = char * (size // len(char.encode()))
+    raw = text.encode()
+    if as_bytes:
+        raw = raw[:-1] + b"\xff" if raw else b"\xff"  # not UTF-8: stored as base64
+    [dead] = parse(raw)
+    record = orjson.dumps(dead.to_dict())
+    assert len(record) <= 10_000_000
+    original = base64.b64decode(dead.payload) if dead.payload_encoding == "base64" else dead.payload.encode()
+    assert raw.startswith(original)
+    assert (dead.payload_truncated_from is None) == (original == raw)
+    if dead.payload_truncated_from is not None:
+        # Cut to fit, not to nothing: most of the room is used.
+        assert dead.payload_truncated_from == len(raw) and len(orjson.dumps(dead.payload)) > 7_000_000
