@@ -90,3 +90,14 @@ class WalkerosOptions(PipelineOptions):
                                    "batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")
+
+        run = parser.add_argument_group("run outcome")
+        run.add_argument("--max_dead_letter_ratio", type=float, default=0.0,
+                         help="Share of the run's inputs (0 to 1) that may end as dead letters while the run "
+                              "still exits 0; above it the run exits 3. Default 0: any dead letter exits 3.")
+        run.add_argument("--summary_json", default=None,
+                         help="Also write the end-of-run summary as JSON to this path (local or gs://): counts "
+                              "by reason, the accounting, the exit status and the run's options.")
+        run.add_argument("--run_id", default=None,
+                         help="Names this run's dead-letter files (after the --dead_letter prefix and the start "
+                              "time) and its summary, e.g. a scheduler's run id. Default: random.")
