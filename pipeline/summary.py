@@ -143,15 +143,15 @@ def dead_letter_ratio(dead_lettered: int, units: int) -> float:
     return dead_lettered / units if units else 0.0
 
 
-def decide(dead_lettered: int, units: int, max_ratio: float = 0.0) -> Outcome:
-    """Everything ended: 0 unless the dead letters are more than the tolerated share."""
+def decide(dead_lettered: int, units: int, max_ratio: float = 0.0, done: str = "ended as") -> Outcome:
+    """Everything ended: 0 unless the dead letters are more than the tolerated share of the
+    units (events, and inputs that never were one)."""
     if not dead_lettered:
-        return Outcome(EXIT_OK, "every input was delivered or dropped by policy")
+        return Outcome(EXIT_OK, f"all {units} {done} delivered or dropped by policy")
     ratio = dead_letter_ratio(dead_lettered, units)
-    share = f"{dead_lettered} dead letter{'s' if dead_lettered != 1 else ''} of {units} ({ratio:.2%})"
+    share = f"{dead_lettered} of {units} {done} dead letters ({ratio:.2%})"
     if ratio > max_ratio:
-        return Outcome(EXIT_DEAD_LETTERS,
-                       f"the run finished but wrote {share}, more than --max_dead_letter_ratio {max_ratio:g}")
+        return Outcome(EXIT_DEAD_LETTERS, f"{share}, more than --max_dead_letter_ratio {max_ratio:g}")
     return Outcome(EXIT_OK, f"{share}, within --max_dead_letter_ratio {max_ratio:g}")
 
 
