@@ -248,23 +248,30 @@ def prepare_run(argv: list[str]):
     standard = options.view_as(StandardOptions)
     if (opts.input_subscription or opts.input_topic) and not standard.streaming:
         standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
-    problems = _missing_flags(opts) or _flag_problems(opts, options) or _input_problems(opts)
+    problems = _missing_flags(opts) or _flag_problems(opts, options)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return EXIT_CONFIG
+    # The flow file and the input are checked together: every mistake is said at once.
+    problems = []
+    spec = None
+    try:
+        spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
+                         opts.identity_state_ttl_hours)
+    except FlowError as exc:
+        problems += exc.errors
+    key = spec.settings.write_key if spec is not None else None
+    if key is not None and _is_direct(options) and not key.resolvable_here():
+        # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.
+        problems.append(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... "
+                        "for a local run")
+    problems += _input_problems(opts)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
         return EXIT_CONFIG
     _name_this_run(opts)
-    try:
-        spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours)
-    except FlowError as exc:
-        return _report_flow_errors(exc)
-    key = spec.settings.write_key
-    if _is_direct(options) and not key.resolvable_here():
-        # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.
-        print(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... for a local run",
-              file=sys.stderr)
-        return EXIT_CONFIG
     return options, spec
 
 
@@ -432,8 +439,9 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _is_user_facing(exc: BaseException) -> bool:
-    # Errors the product raises on purpose speak for themselves; a bare KeyError does not.
-    return type(exc).__module__.split(".")[0] in ("transforms", "pipeline")
+    # Most errors speak for themselves; a bare KeyError('x') or TypeError does not without its name.
+    return not isinstance(exc, (LookupError, AttributeError, TypeError, NameError, ArithmeticError,
+                                AssertionError))
 
 
 class _DropStepTracebacks:

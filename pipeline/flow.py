@@ -85,12 +85,13 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     if isinstance(config.get("settings"), dict):
         config["settings"], coerce_errors = coerce_settings(config["settings"], f"{config_path}.settings")
         errors += coerce_errors
+    value_errors = list(errors)  # values that could not be resolved or coerced: not checked again
     schema_errors = _schema_errors(config, "flow.schema.json#/$defs/segmentDestinationConfig", config_path)
     schema_errors += _schema_errors(collector, "flow.schema.json#/$defs/collector", f"$.flows.{name}.collector")
-    errors += [e for e in schema_errors if not _already_reported(e, errors)]
+    errors += [e for e in schema_errors if not _already_reported(e, value_errors)]
     if isinstance(config.get("settings"), dict):
         errors += [e for e in _endpoint_errors(config["settings"], f"{config_path}.settings")
-                   if not _already_reported(e, errors)]
+                   if not _already_reported(e, value_errors)]
     if errors:
         raise FlowError(_redact(errors, config))
 

@@ -89,7 +89,13 @@ def input_problem(pattern: str, fmt: str = "auto", format_by_file: bool = False)
     except ValueError as exc:
         return f"--input {pattern}: {exc}"
     if local:
-        for path in files:
+        import glob as globbing
+
+        # Beam's local match skips entries it cannot stat (a broken link): they are inputs the
+        # user meant, so they are checked too.
+        for path in sorted(set(files) | set(globbing.glob(pattern))):
+            if os.path.isdir(path):
+                continue
             try:
                 with open(path, "rb"):
                     pass
