@@ -485,9 +485,12 @@ def _run_local_streaming(result, opts) -> bool:
     previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
     print("streaming on the local DirectRunner; Ctrl-C stops it (after sending what it holds)",
           file=sys.stderr, flush=True)
+    # The runner is waited for on another thread: a KeyboardInterrupt inside the DirectRunner's
+    # own wait shuts its workers down at once, which is the loss a drain is there to avoid.
+    finished = _Waiter(result)
     try:
         try:
-            result.wait_until_finish()
+            finished.wait()
             return True
         except KeyboardInterrupt:
             pass
@@ -496,7 +499,7 @@ def _run_local_streaming(result, opts) -> bool:
         local_streaming.drain()
         _wake_the_reader(opts.input_subscription, opts.input_topic)
         try:
-            result.wait_until_finish()
+            finished.wait()
             return True
         except KeyboardInterrupt:
             print("stopping without draining...", file=sys.stderr, flush=True)
@@ -506,6 +509,33 @@ def _run_local_streaming(result, opts) -> bool:
         local_streaming.start()  # the next pipeline in this process reads again
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _Waiter:
+    """``result.wait_until_finish()`` on a daemon thread; :meth:`wait` returns when it did
+    (re-raising its error) and stays interruptible by signals meanwhile."""
+
+    def __init__(self, result):
+        import threading
+
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result = result
+        threading.Thread(target=self._run, name="wait-until-finish", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result.wait_until_finish()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        while not self.done.wait(0.2):
+            pass
+        if self.error is not None:
+            raise self.error
 
 
 def _main_thread() -> bool:
