@@ -17,7 +17,6 @@ import pytest
 
 import schemas
 from pipeline.cli import main as cli_main
-from pipeline.local_segment import status
 from pipeline.summary import EXIT_DEAD_LETTERS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_outcome
 from support import WRITE_KEY, flow_document
 
@@ -90,21 +89,22 @@ def test_dead_letters_exit_3_unless_tolerated(example_env, tmp_path, capsys):
     assert "within --max_dead_letter_ratio 0.25" in result_line(capsys.readouterr().out)
 
 
-def test_a_failed_pipeline_exits_1_with_one_line_and_no_traceback(endpoint, tmp_path, monkeypatch):
-    """Segment keeps answering 503 and the run is told to fail rather than dead-letter: the
-    step's own error, in one line on stderr, in a real subprocess."""
-    endpoint.fail_randomly(1.0, status(503))
+def test_a_failed_pipeline_exits_1_with_one_line_and_no_traceback(endpoint, tmp_path):
+    """The dead letters cannot be written (a file stands where the prefix's folder should be):
+    the run fails, and says so in one line on stderr, with the step and the error's own text.
+    A real subprocess, as a scheduler runs it."""
+    (tmp_path / "taken").write_text("a file, not a folder")
     flow = tmp_path / "flow.json"
-    flow.write_text(json.dumps(flow_document({"maxRetries": 0}, host=endpoint.url)))
+    flow.write_text(json.dumps(flow_document(host=endpoint.url)))
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--flow", str(flow), "--input",
-         write_lines(tmp_path / "good.jsonl", GOOD), "--dead_letter", str(tmp_path / "dead"),
-         "--fail_bundle_on_delivery_error", "--summary_json", str(tmp_path / "summary.json")],
+         write_lines(tmp_path / "events.jsonl", ["not json"]), "--dead_letter", str(tmp_path / "taken" / "dead"),
+         "--summary_json", str(tmp_path / "summary.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == EXIT_FAILED, proc.stderr
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.returncode == EXIT_FAILED, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     [failure] = [l for l in proc.stderr.splitlines() if l.startswith("run failed: ")]
-    assert "could not be delivered to Segment" in failure and "(in step " in failure
+    assert "(in step 'WriteDeadLetters" in failure and str(tmp_path / "taken") in failure, failure
     assert result_line(proc.stdout).startswith("exit status 1 (failed): the run failed: ")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == EXIT_FAILED
 
