@@ -326,7 +326,7 @@ def execute(options, spec, streaming: bool) -> int:
     if not _is_direct(options):
         return _submit(options, spec, streaming)
     result, failure, stopped = None, None, False
-    with _one_line_failures():
+    with _one_line_failures(), _sigterm_as_interrupt():
         try:
             if streaming:
                 from pipeline import local_streaming
@@ -341,7 +341,10 @@ def execute(options, spec, streaming: bool) -> int:
         except KeyboardInterrupt:
             stopped = True
         except Exception as exc:  # the pipeline failed: said in one line below
-            failure = describe_failure(exc)
+            if _caused_by_interrupt(exc):  # a runner re-raised the Ctrl-C/SIGTERM as a step's error
+                stopped = True
+            else:
+                failure = describe_failure(exc)
     counts = counters(result) if result is not None else {}
     outcome = run_outcome(counts, opts.max_dead_letter_ratio, failure, stopped)
     ended = "failed" if failure else "was stopped" if stopped else "finished"
@@ -438,6 +441,16 @@ def describe_failure(exc: BaseException) -> str:
     return f"{message} (in step {steps[-1]!r})" if steps else message
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _is_user_facing(exc: BaseException) -> bool:
     # Most errors speak for themselves; a bare KeyError('x') or TypeError does not without its name.
     return not isinstance(exc, (LookupError, AttributeError, TypeError, NameError, ArithmeticError,
@@ -475,14 +488,8 @@ def _run_local_streaming(result, opts) -> bool:
     """The streaming DirectRunner never finishes by itself: run until Ctrl-C (or SIGTERM), then
     drain. True when it drained (everything read was delivered or dead-lettered), False when it
     was stopped without draining (a second Ctrl-C)."""
-    import signal
-
     from pipeline import local_streaming
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
     print("streaming on the local DirectRunner; Ctrl-C stops it (after sending what it holds)",
           file=sys.stderr, flush=True)
     # The runner is waited for on another thread: a KeyboardInterrupt inside the DirectRunner's
@@ -507,8 +514,27 @@ def _run_local_streaming(result, opts) -> bool:
             return False
     finally:
         local_streaming.start()  # the next pipeline in this process reads again
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a scheduler's timeout, ``kill``) stops a local run as Ctrl-C does: a batch run
+    reports that it was stopped (exit 1), a streaming run drains. Main thread only (signals)."""
+
+    def __enter__(self):
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        self.previous = signal.signal(signal.SIGTERM, interrupt) if _main_thread() else None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 class _Waiter:

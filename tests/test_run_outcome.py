@@ -255,3 +255,35 @@ def test_validate_reports_every_error_including_a_host_with_the_api_path(tmp_pat
         settings, f"{settings}.host"]
     assert "'https://events.eu1.segmentapis.com/v1/batch/' already ends in /v1/batch" in errors[-1]
     assert "give the base URL only, 'https://events.eu1.segmentapis.com'" in errors[-1]
+
+
+def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
+    """SIGTERM (a scheduler's timeout) while the run waits for Segment: the summary says the run
+    was stopped, exit 1, no traceback."""
+    import signal
+    import time
+
+    from pipeline.local_segment import delay
+
+    endpoint.fail_next(50, delay(60))
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps(flow_document({"maxRetries": 0, "httpRequestTimeout": 90_000}, host=endpoint.url)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--flow", str(flow), "--input",
+         write_lines(tmp_path / "good.jsonl", GOOD), "--dead_letter", str(tmp_path / "dead")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 90
+        while not endpoint._connections and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the run is sending (private: the endpoint's open connections)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_FAILED, out + err
+    assert result_line(out).startswith("exit status 1 (failed): the run was stopped before it finished")
+    assert "Traceback" not in err, err
