@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # usage and configuration errors: pipeline.summary.EXIT_USAGE (not imported: no Beam here)
 
 USAGE = """walkeros-segment COMMAND [options]
 
@@ -125,7 +125,8 @@ def unknown_flag_problems(unknown: list[str], known: list[str]) -> list[str]:
         elif value_of_unknown:
             value_of_unknown = False
         else:
-            problems.append(f"unexpected argument {arg!r}: every value needs its flag, e.g. --input {arg}")
+            problems.append(f"unexpected argument {arg!r}: give each value after its flag (--name value or "
+                            "--name=value); a flag such as --streaming takes none")
     return problems
 
 
@@ -402,12 +403,39 @@ def _write_summary(opts, options, spec, counts, outcome, where: str) -> bool:
 
     document = summary_document(counts, outcome, command="run", run_id=opts.run_id, flow=spec.flow_name,
                                 dead_letters=where, options=run_options(options))
+    document = _without_key(document, spec.settings.write_key)
     try:
         write_summary_json(opts.summary_json, document)
     except Exception as exc:  # noqa: BLE001 - the summary is lost, the run is not
         print(f"--summary_json {opts.summary_json}: cannot write the summary: {exc}", file=sys.stderr)
         return False
     return True
+
+
+def _without_key(value, key):
+    """Defence in depth: no flag holds the write key, but should a value equal it (a key pasted
+    into --run_id, say), the summary file must still not carry it."""
+    try:
+        secret = key.reveal() if key.resolvable_here() else None
+    except Exception:  # noqa: BLE001 - no key here, nothing to hide
+        secret = None
+    if not secret:
+        return value
+
+    def scrub(item):
+        if isinstance(item, dict):
+            return {k: scrub(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [scrub(v) for v in item]
+        if item == secret:
+            return "***"
+        # Inside longer text only a key long enough not to be an ordinary word (Segment's are
+        # 32 characters): a one-letter test key must not blank out every "x".
+        if isinstance(item, str) and len(secret) >= 16 and secret in item:
+            return item.replace(secret, "***")
+        return item
+
+    return scrub(value)
 
 
 def run_options(options) -> dict:

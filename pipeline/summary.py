@@ -103,6 +103,9 @@ def render(counts: dict[str, int]) -> str:
         ("group suppressed", counts.get("group_suppressed", 0), "unchanged since the last group"),
         ("requests to Segment", counts.get("requests_to_segment", 0), ""),
     ]
+    if counts.get("input_files_damaged"):
+        rows.append(("input files damaged", counts["input_files_damaged"],
+                     "truncated or corrupt, not read whole; see the log"))
     if counts.get("mapping_function_errors"):
         rows.append(("mapping function errors", counts["mapping_function_errors"],
                      "a $code function raised; its value was undefined (see the log)"))
