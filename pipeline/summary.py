@@ -149,6 +149,8 @@ def dead_letter_ratio(dead_lettered: int, units: int) -> float:
 def decide(dead_lettered: int, units: int, max_ratio: float = 0.0, done: str = "ended as") -> Outcome:
     """Everything ended: 0 unless the dead letters are more than the tolerated share of the
     units (events, and inputs that never were one)."""
+    if not units:
+        return Outcome(EXIT_OK, "the input held no event (empty files or lines only)")
     if not dead_lettered:
         return Outcome(EXIT_OK, f"all {units} {done} delivered or dropped by policy")
     ratio = dead_letter_ratio(dead_lettered, units)
