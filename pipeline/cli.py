@@ -90,9 +90,24 @@ def _report_flow_errors(exc) -> int:
     return EXIT_CONFIG
 
 
+class _UsageError(Exception):
+    pass
+
+
+def _one_line_errors(parser_class: type) -> type:
+    """``parser_class`` whose errors are one line (raised as :class:`_UsageError`), not argparse's
+    usage block (Beam's lists every option it has: 150 lines for one bad value)."""
+
+    class OneLine(parser_class):
+        def error(self, message):
+            raise _UsageError(message)
+
+    return OneLine
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     # No abbreviations: a prefix of a flag would silently stand for it (Beam's parser refuses them too).
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    return _one_line_errors(argparse.ArgumentParser)(prog=prog, description=description, allow_abbrev=False)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]):
@@ -105,7 +120,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]):
         for problem in problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    return parser.parse_args(argv)
+    try:
+        return parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{parser.prog}: {exc} (see --help)", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def unknown_flag_problems(unknown: list[str], known: list[str]) -> list[str]:
@@ -136,13 +155,16 @@ def beam_flag_problems(argv: list[str]) -> list[str]:
     ours or one of Beam's."""
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
+    parser = _one_line_errors(_BeamArgumentParser)(prog="walkeros-segment run", allow_abbrev=False)
     classes: dict[str, type] = {}
     for cls in PipelineOptions.__subclasses__():
         classes.setdefault(str(cls), cls)
     for cls in classes.values():
         cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options does
-    _, unknown = parser.parse_known_args(argv)
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except _UsageError as exc:  # a known flag with a value it refuses
+        return [f"walkeros-segment run: {exc}"]
     return unknown_flag_problems(unknown, [o for a in parser._actions for o in a.option_strings])
 
 

@@ -287,3 +287,16 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
     assert proc.returncode == EXIT_FAILED, out + err
     assert result_line(out).startswith("exit status 1 (failed): the run was stopped before it finished")
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--input_format", "bogus"]),
+    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--num_workers", "many"]),
+    ("explain", []),  # --input missing
+    ("explain", ["--input", str(EXAMPLE_EVENTS), "--max_dead_letter_ratio", "most"]),
+])
+def test_a_bad_flag_value_is_one_line_not_a_usage_block(command, argv, monkeypatch, capsys):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    assert cli_main([command, "--flow", EXAMPLE_FLOW, *argv]) == EXIT_USAGE
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"walkeros-segment {command}: ") and "usage:" not in line
