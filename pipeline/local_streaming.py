@@ -8,10 +8,10 @@ Two things the DirectRunner (Beam 2.77) does not do, added here for local runs o
   both. Draining instead stops the reader (it reports its watermark as final), so the
   end-of-window timers flush every batch held in state and the pipeline finishes by itself.
   The pull in flight, if any, completes and its messages are processed as usual.
-* **Counters.** Each executor thread caches a step's metrics scope from the step's first bundle,
-  so every later bundle's counts go to a container that was already committed: the counters
-  stop at each step's first bundle. Clearing that cache before each bundle gives every bundle
-  its own container again.
+* **Counters.** Each executor thread's state sampler caches a step's metrics scope from the
+  step's first bundle, so every later bundle's counts go to a container that was already
+  committed: the counters stop at each step's first bundle. Each bundle gets a sampler of its
+  own instead, and with it its own container.
 
 Both patch private classes of Beam's DirectRunner; :func:`install` checks they are still there
 and refuses (an error, not a silent loss) when a Beam upgrade moved them.
@@ -34,6 +34,8 @@ def install() -> None:
     if _installed:
         return
     from apache_beam.runners.direct import executor, transform_evaluator
+    from apache_beam.runners.worker import statesampler
+    from apache_beam.utils import counters
     from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
     reader = getattr(transform_evaluator, "_PubSubReadEvaluator", None)
@@ -53,10 +55,14 @@ def install() -> None:
         return read_bundle(self)
 
     def call(self, state_sampler):
-        states = getattr(state_sampler, "_states_by_name", None)
-        if states is not None:
-            states.clear()
-        return run_bundle(self, state_sampler)
+        # A sampler of its own per bundle (then dropped: the thread's sampler would also keep
+        # every scope it ever made), so the bundle's counters go to the bundle's container.
+        fresh = statesampler.StateSampler("", counters.CounterFactory())
+        statesampler.set_current_tracker(fresh)
+        try:
+            return run_bundle(self, fresh)
+        finally:
+            statesampler.set_current_tracker(state_sampler)
 
     reader.finish_bundle = finish_bundle
     transform_executor.call = call
