@@ -408,10 +408,11 @@ def _submit(options, spec, streaming: bool) -> int:
     job = f" as job {job_id()}" if callable(job_id) else ""
     text = (f"{'streaming' if streaming else 'batch'} job submitted{job}; "
             + ("it runs until drained or cancelled" if streaming else "it stops when the input is read"))
-    print(text)
+    outcome = Outcome(EXIT_OK, text)
+    print(outcome.line())
     if opts.summary_json:
-        _write_summary(opts, options, spec, {}, Outcome(EXIT_OK, text), _dead_letter_location(opts))
-    return EXIT_OK
+        _write_summary(opts, options, spec, {}, outcome, _dead_letter_location(opts))
+    return outcome.status
 
 
 def _dead_letter_location(opts) -> str:
