@@ -42,6 +42,7 @@ REGEXES = {
     "message_id_namespace": [r"^[^\s]{1,60}$"],
     "summary_json": [GCS_PATH],  # the launcher's disk is gone once the job is submitted
     "run_id": [r"^[A-Za-z0-9._=+:-]{1,100}$"],
+    "max_dead_letter_ratio": [r"^(0(\.[0-9]+)?|1(\.0+)?)$"],  # a share, 0 to 1
 }
 LABELS = {
     "flow": "Flow file",

@@ -188,7 +188,7 @@ def validate(argv: list[str]) -> int:
 def explain(argv: list[str]) -> int:
     from pipeline.explain import dumps, explain_payloads, stdin_payloads
     from pipeline.flow import FlowError
-    from pipeline.options import INPUT_FORMATS
+    from pipeline.options import INPUT_FORMATS, parse_ratio
     from pipeline.sources import input_problem, iter_payloads
     from pipeline.summary import EXIT_USAGE, decide
     from transforms.destination import DEAD_LETTER
@@ -204,7 +204,7 @@ def explain(argv: list[str]) -> int:
     parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
     parser.add_argument("--message_id_namespace", default=None)
     parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
-    parser.add_argument("--max_dead_letter_ratio", type=float, default=0.0,
+    parser.add_argument("--max_dead_letter_ratio", type=parse_ratio, default=0.0,
                         help="share of events that may be dead-lettered while the exit status stays 0")
     args = _parse(parser, argv)
     if isinstance(args, int):

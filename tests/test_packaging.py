@@ -65,6 +65,7 @@ REFUSED = {
     "input_format": ["csv"],
     "fail_bundle_on_delivery_error": ["yes please"],
     "identity_state_ttl_hours": ["-1", "a day"],
+    "max_dead_letter_ratio": ["1.5", "-0.1", "all"],
 }
 
 

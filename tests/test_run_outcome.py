@@ -294,6 +294,7 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
     ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--num_workers", "many"]),
     ("explain", []),  # --input missing
     ("explain", ["--input", str(EXAMPLE_EVENTS), "--max_dead_letter_ratio", "most"]),
+    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--max_dead_letter_ratio", "1.5"]),
 ])
 def test_a_bad_flag_value_is_one_line_not_a_usage_block(command, argv, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
