@@ -66,8 +66,26 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     env = os.environ if env is None else env
     errors = _schema_errors(document, "flow.schema.json", "$")
     if errors:
-        raise FlowError(errors)
+        raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors))
+    return _flow_from_checked_document(document, flow_name, destination_id, env)
 
+
+def _later_errors(document: Any, flow_name: str | None, destination_id: str | None, env: Mapping[str, str],
+                  reported: list[str]) -> list[str]:
+    """What the destination's own checks say about a file whose outline is already faulty, so
+    that one run of ``validate`` lists every error; nothing when the outline is too broken to
+    find the destination."""
+    try:
+        _flow_from_checked_document(document, flow_name, destination_id, env)
+    except FlowError as exc:
+        return [e for e in exc.errors if e not in reported]
+    except Exception:  # noqa: BLE001 - the outline's errors already say why
+        return []
+    return []
+
+
+def _flow_from_checked_document(document: Any, flow_name: str | None, destination_id: str | None,
+                                env: Mapping[str, str]) -> Flow:
     name = _choose_flow(document["flows"], flow_name)
     flow_doc = document["flows"][name]
     dest_id = _choose_destination(flow_doc.get("destinations") or {}, destination_id, name)

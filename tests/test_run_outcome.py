@@ -301,3 +301,15 @@ def test_a_bad_flag_value_is_one_line_not_a_usage_block(command, argv, monkeypat
     assert cli_main([command, "--flow", EXAMPLE_FLOW, *argv]) == EXIT_USAGE
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"walkeros-segment {command}: ") and "usage:" not in line
+
+
+def test_validate_lists_the_destinations_errors_even_when_the_outline_is_wrong_too(tmp_path, capsys):
+    document = flow_document({"flushAt": "fifteen"}, mapping={"page": {"view": {"nmae": "x"}}})
+    document["version"] = 3
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps(document))
+    assert cli_main(["validate", "--flow", str(flow)]) == EXIT_USAGE
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == "$.version: 4 was expected"
+    assert any(".settings.flushAt: expected an integer" in e for e in errors)
+    assert any(".mapping.page.view: Additional properties are not allowed ('nmae'" in e for e in errors)
