@@ -40,6 +40,9 @@ REGEXES = {
     "id_label": [ATTRIBUTE],
     "timestamp_attribute": [ATTRIBUTE],
     "message_id_namespace": [r"^[^\s]{1,60}$"],
+    "summary_json": [GCS_PATH],  # the launcher's disk is gone once the job is submitted
+    "run_id": [r"^[A-Za-z0-9._=+:-]{1,100}$"],
+    "max_dead_letter_ratio": [r"^(0(\.[0-9]+)?|1(\.0+)?)$"],  # a share, 0 to 1
 }
 LABELS = {
     "flow": "Flow file",
@@ -55,6 +58,9 @@ LABELS = {
     "dead_letter_format": "Dead-letter file format",
     "dead_letter_topic": "Dead-letter Pub/Sub topic",
     "message_id_namespace": "messageId namespace",
+    "max_dead_letter_ratio": "Tolerated share of dead letters",
+    "summary_json": "Run summary JSON (gs://)",
+    "run_id": "Run id",
 }
 ONE_OF_NOTE = " One of {flags} is required."
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # usage and configuration errors: pipeline.summary.EXIT_USAGE (not imported: no Beam here)
 
 USAGE = """walkeros-segment COMMAND [options]
 
@@ -102,13 +102,93 @@ def _report_flow_errors(exc) -> int:
     return EXIT_CONFIG
 
 
+class _UsageError(Exception):
+    pass
+
+
+def _one_line_errors(parser_class: type) -> type:
+    """``parser_class`` whose errors are one line (raised as :class:`_UsageError`), not argparse's
+    usage block (Beam's lists every option it has: 150 lines for one bad value)."""
+
+    class OneLine(parser_class):
+        def error(self, message):
+            raise _UsageError(message)
+
+    return OneLine
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    # No abbreviations: a prefix of a flag would silently stand for it (Beam's parser refuses them too).
+    return _one_line_errors(argparse.ArgumentParser)(prog=prog, description=description, allow_abbrev=False)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]):
+    """The parsed flags, or the usage exit status after saying which flags are unknown (before
+    argparse's own complaints: a misspelt required flag is first of all misspelt)."""
+    known = [o for a in parser._actions for o in a.option_strings]
+    unknown = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+    problems = unknown_flag_problems(unknown, known)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{parser.prog}: {exc} (see --help)", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def unknown_flag_problems(unknown: list[str], known: list[str]) -> list[str]:
+    """One line for each flag no parser knows, with the closest known flag when there is one;
+    the value that follows an unknown flag is not reported again."""
+    import difflib
+
+    problems = []
+    value_of_unknown = False
+    for arg in unknown:
+        if arg.startswith("-") and arg != "-":
+            name = arg.split("=", 1)[0]
+            guess = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+            problems.append(f"unknown flag {name}" + (f": did you mean {guess[0]}?" if guess else
+                                                       " (see --help for the flags)"))
+            value_of_unknown = "=" not in arg
+        elif value_of_unknown:
+            value_of_unknown = False
+        else:
+            problems.append(f"unexpected argument {arg!r}: give each value after its flag (--name value or "
+                            "--name=value); a flag such as --streaming takes none")
+    return problems
+
+
+def beam_flag_problems(argv: list[str]) -> list[str]:
+    """``run`` passes unknown flags on to Beam, which only logs a warning for the ones it does not
+    know either (a misspelt --num_workers would silently run with the default): every flag must be
+    ours or one of Beam's."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _one_line_errors(_BeamArgumentParser)(prog="walkeros-segment run", allow_abbrev=False)
+    classes: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options does
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except _UsageError as exc:  # a known flag with a value it refuses
+        return [f"walkeros-segment run: {exc}"]
+    return unknown_flag_problems(unknown, [o for a in parser._actions for o in a.option_strings])
+
+
 # -- commands --------------------------------------------------------------------------------
 def validate(argv: list[str]) -> int:
     from pipeline.flow import FlowError
 
-    parser = argparse.ArgumentParser(prog="walkeros-segment validate", description="Check a flow file.")
+    parser = _parser("walkeros-segment validate", "Check a flow file.")
     _flow_arguments(parser)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
         load_spec(args.flow, args.flow_name, args.destination_id)
     except FlowError as exc:
@@ -118,46 +198,66 @@ def validate(argv: list[str]) -> int:
 
 
 def explain(argv: list[str]) -> int:
-    from pipeline.explain import dumps, explain_payloads
+    from pipeline.explain import dumps, explain_payloads, stdin_payloads
     from pipeline.flow import FlowError
-    from pipeline.options import INPUT_FORMATS, range_problems
-    from pipeline.sources import iter_payloads
+    from pipeline.options import INPUT_FORMATS, parse_ratio, range_problems
+    from pipeline.sources import input_problem, iter_payloads
+    from pipeline.summary import EXIT_FAILED, EXIT_USAGE, Outcome, decide
+    from transforms.destination import DEAD_LETTER
     from transforms.steps import compiled
 
-    parser = argparse.ArgumentParser(
-        prog="walkeros-segment explain",
-        description="Each input event through the pipeline's functions, in input order, no network: "
-                    "one JSON object per event.")
+    parser = _parser(
+        "walkeros-segment explain",
+        "Each input event through the pipeline's functions, in input order, no network: "
+        "one JSON object per event. Exit status as for run: 3 when an event would be dead-lettered.")
     _flow_arguments(parser)
-    parser.add_argument("--input", required=True, help="events file or glob (local or gs://)")
+    parser.add_argument("--input", required=True,
+                        help="events file or glob (local or gs://), or - for standard input")
     parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
     parser.add_argument("--message_id_namespace", default=None)
     parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max_dead_letter_ratio", type=parse_ratio, default=0.0,
+                        help="share of events that may be dead-lettered while the exit status stays 0")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
     problems = range_problems(args)
+    if args.input != "-":
+        problems += [p for p in [input_problem(args.input, args.input_format, format_by_file=True)] if p]
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     try:
         spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
                          args.identity_state_ttl_hours)
     except FlowError as exc:
         return _report_flow_errors(exc)
-    if _replay_refused(args.input, args.input_format, spec):
-        return EXIT_CONFIG
+    if args.input != "-" and _replay_refused(args.input, args.input_format, spec):
+        return EXIT_USAGE
+    events = dead = 0
     damaged = []
     try:
-        payloads = iter_payloads(args.input, args.input_format, on_damage=damaged.append)
+        if args.input == "-":
+            payloads = stdin_payloads(sys.stdin.buffer, args.input_format)
+        else:
+            payloads = iter_payloads(args.input, args.input_format, on_damage=damaged.append)
         out = sys.stdout
         _settle_heap()
         for line in explain_payloads(compiled(spec), payloads):
+            events += 1
+            dead += line["outcome"] == DEAD_LETTER
             out.write(dumps(line) + "\n")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     for damage in damaged:
         print(damage.line(), file=sys.stderr)
-    return 1 if damaged else 0
+    if damaged:  # a file not read to its end: what it held past the damage was never explained
+        outcome = Outcome(EXIT_FAILED, f"{len(damaged)} input file(s) truncated or corrupt, read up to the damage")
+    else:
+        outcome = decide(dead, events, args.max_dead_letter_ratio, done="would end as")
+    print(f"explain: {outcome.line()}", file=sys.stderr)
+    return outcome.status
 
 
 def run(argv: list[str]) -> int:
@@ -182,6 +282,11 @@ def prepare_run(argv: list[str]):
 
     if any(a in ("-h", "--help") for a in argv):
         WalkerosOptions(["--help"])  # argparse prints the help and exits
+    unknown = beam_flag_problems(argv)
+    if unknown:
+        for problem in unknown:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     options = PipelineOptions(_with_default_runner(argv))
     opts = options.view_as(WalkerosOptions)
     standard = options.view_as(StandardOptions)
@@ -192,20 +297,52 @@ def prepare_run(argv: list[str]):
         for p in problems:
             print(p, file=sys.stderr)
         return EXIT_CONFIG
+    # The flow file and the input are checked together: every mistake is said at once.
+    problems = []
+    spec = None
     try:
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
                          opts.identity_state_ttl_hours)
     except FlowError as exc:
-        return _report_flow_errors(exc)
-    if _replay_refused(opts.input, opts.input_format, spec):
+        problems += exc.errors
+    if spec is not None and _replay_refused(opts.input, opts.input_format, spec):
         return EXIT_CONFIG
-    key = spec.settings.write_key
-    if _is_direct(options) and not key.resolvable_here():
+    key = spec.settings.write_key if spec is not None else None
+    if key is not None and _is_direct(options) and not key.resolvable_here():
         # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.
-        print(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... for a local run",
-              file=sys.stderr)
+        problems.append(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... "
+                        "for a local run")
+    problems += _input_problems(opts)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
         return EXIT_CONFIG
+    _name_this_run(opts)
     return options, spec
+
+
+def _input_problems(opts) -> list[str]:
+    """Inputs that match nothing, or that cannot be read, are the user's mistake: said now, in
+    one line, rather than as a Beam traceback (or a run that "succeeds" on no input)."""
+    from pipeline.sources import input_problem
+
+    if not opts.input:
+        return []
+    if opts.input == "-":
+        return ["--input -: standard input is read by explain only; run reads files (or Pub/Sub)"]
+    problem = input_problem(opts.input, opts.input_format)
+    return [problem] if problem else []
+
+
+def _name_this_run(opts) -> None:
+    """Give the run its id (the start time, then --run_id or a random suffix), and its
+    dead-letter files their own name under the prefix: a run never replaces the dead letters of
+    an earlier run at the same prefix, and a glob on the prefix finds every run's."""
+    from pipeline.dead_letters import new_run_id, run_prefix
+
+    opts.run_id = new_run_id(opts.run_id)
+    if opts.dead_letter:
+        opts.dead_letter = run_prefix(opts.dead_letter, opts.run_id)
 
 
 def launch(options, spec):
@@ -225,41 +362,301 @@ def launch(options, spec):
 
 
 def execute(options, spec, streaming: bool) -> int:
-    from pipeline.summary import counters, render
-
-    result = launch(options, spec)
-    if not _is_direct(options):
-        # A Flex Template launcher must return once the job is submitted (waiting would block
-        # the launch); follow the job in the console or with `gcloud dataflow jobs`.
-        job_id = getattr(result, "job_id", None)
-        job = f" as job {job_id()}" if callable(job_id) else ""
-        print(f"{'streaming' if streaming else 'batch'} job submitted{job}; "
-              + ("it runs until drained or cancelled" if streaming else "it stops when the input is read"))
-        return 0
-    if streaming:
-        _run_local_streaming(result, options)
-    else:
-        result.wait_until_finish()
-    print(f"walkerOS → Segment: run of flow {spec.flow_name!r} finished")
-    counts = counters(result)
-    print(render(counts))
-    if streaming:
-        print("(Beam's counters on the local streaming DirectRunner only count each step's first bundle: "
-              "the numbers above are incomplete)")
-    return 1 if counts.get("input_files_damaged") else 0  # a file not read to its end: the run failed
-
-
-def _run_local_streaming(result, options) -> None:
-    """The streaming DirectRunner never finishes by itself: run until Ctrl-C, then cancel."""
+    """Run, then say how it ended: the summary, one line with the exit status that applies (README
+    "Exit status and summary"), and the same as JSON with --summary_json. A pipeline failure is
+    one line (the error's own message and the step), never a traceback."""
     from pipeline.options import WalkerosOptions
+    from pipeline.summary import EXIT_FAILED, EXIT_OK, counters, render, run_outcome
 
     opts = options.view_as(WalkerosOptions)
-    print("streaming on the local DirectRunner; Ctrl-C stops it", file=sys.stderr, flush=True)
+    if not _is_direct(options):
+        return _submit(options, spec, streaming)
+    result, failure, stopped = None, None, False
+    with _one_line_failures(), _sigterm_as_interrupt():
+        try:
+            if streaming:
+                from pipeline import local_streaming
+
+                local_streaming.install()
+                local_streaming.start()
+            result = launch(options, spec)
+            if streaming:
+                stopped = not _run_local_streaming(result, opts)
+            else:
+                result.wait_until_finish()
+        except KeyboardInterrupt:
+            stopped = True
+        except Exception as exc:  # the pipeline failed: said in one line below
+            if _caused_by_interrupt(exc):  # a runner re-raised the Ctrl-C/SIGTERM as a step's error
+                stopped = True
+            else:
+                failure = describe_failure(exc)
+    counts = counters(result) if result is not None else {}
+    outcome = run_outcome(counts, opts.max_dead_letter_ratio, failure, stopped)
+    ended = "failed" if failure else "was stopped" if stopped else "finished"
+    print(f"walkerOS → Segment: run {opts.run_id} of flow {spec.flow_name!r} {ended}")
+    if result is not None:
+        print(render(counts))
+    where = _dead_letter_location(opts)
+    print(f"  {'dead letters in':<23}{where}")
+    print(outcome.line())
+    if failure:
+        print(f"run failed: {failure}", file=sys.stderr)
+    if opts.summary_json:
+        written = _write_summary(opts, options, spec, counts, outcome, where)
+        if not written and outcome.status == EXIT_OK:
+            return EXIT_FAILED  # a scheduler that reads the summary would find none
+    return outcome.status
+
+
+def _submit(options, spec, streaming: bool) -> int:
+    """On Dataflow: submit and return. A Flex Template launcher must return once the job is
+    submitted (waiting would block the launch); the job is followed in the console."""
+    from pipeline.options import WalkerosOptions
+    from pipeline.summary import EXIT_FAILED, EXIT_OK, Outcome
+
+    opts = options.view_as(WalkerosOptions)
     try:
-        result.wait_until_finish()
-    except KeyboardInterrupt:
-        print("stopping...", file=sys.stderr, flush=True)
-        stop_local_streaming(result, opts.input_subscription, opts.input_topic)
+        with _one_line_failures():
+            result = launch(options, spec)
+    except Exception as exc:  # the service refused the job: one line, not a traceback
+        failure = describe_failure(exc)
+        print(f"run failed: {failure}", file=sys.stderr)
+        outcome = Outcome(EXIT_FAILED, f"the job was not submitted: {failure}")
+        print(outcome.line())
+        if opts.summary_json:
+            _write_summary(opts, options, spec, {}, outcome, _dead_letter_location(opts))
+        return outcome.status
+    job_id = getattr(result, "job_id", None)
+    job = f" as job {job_id()}" if callable(job_id) else ""
+    text = (f"{'streaming' if streaming else 'batch'} job submitted{job}; "
+            + ("it runs until drained or cancelled" if streaming else "it stops when the input is read"))
+    outcome = Outcome(EXIT_OK, text)
+    print(outcome.line())
+    if opts.summary_json:
+        _write_summary(opts, options, spec, {}, outcome, _dead_letter_location(opts))
+    return outcome.status
+
+
+def _dead_letter_location(opts) -> str:
+    if opts.dead_letter_topic:
+        return f"Pub/Sub topic {opts.dead_letter_topic}"
+    return f"{opts.dead_letter}*"
+
+
+def _write_summary(opts, options, spec, counts, outcome, where: str) -> bool:
+    from pipeline.summary import summary_document, write_summary_json
+
+    document = summary_document(counts, outcome, command="run", run_id=opts.run_id, flow=spec.flow_name,
+                                dead_letters=where, options=run_options(options))
+    document = _without_key(document, spec.settings.write_key)
+    try:
+        write_summary_json(opts.summary_json, document)
+    except Exception as exc:  # noqa: BLE001 - the summary is lost, the run is not
+        print(f"--summary_json {opts.summary_json}: cannot write the summary: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _without_key(value, key):
+    """Defence in depth: no flag holds the write key, but should a value equal it (a key pasted
+    into --run_id, say), the summary file must still not carry it."""
+    try:
+        secret = key.reveal() if key.resolvable_here() else None
+    except Exception:  # noqa: BLE001 - no key here, nothing to hide
+        secret = None
+    if not secret:
+        return value
+
+    def scrub(item):
+        if isinstance(item, dict):
+            return {k: scrub(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [scrub(v) for v in item]
+        if item == secret:
+            return "***"
+        # Inside longer text only a key long enough not to be an ordinary word (Segment's are
+        # 32 characters): a one-letter test key must not blank out every "x".
+        if isinstance(item, str) and len(secret) >= 16 and secret in item:
+            return item.replace(secret, "***")
+        return item
+
+    return scrub(value)
+
+
+def run_options(options) -> dict:
+    """The run's options as given (defaults included for ours), for the JSON summary. The write
+    key is never a flag (it comes from the flow file's $env/$secret), so none of these holds it."""
+    from pipeline.options import WalkerosOptions
+
+    ours = options.view_as(WalkerosOptions).get_all_options(current_only=True)
+    given = options.get_all_options(drop_default=True)
+    return {**{k: v for k, v in given.items() if v is not None}, **ours}
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The error a pipeline step raised, as one line: its own message and the step.
+
+    Runners re-raise a step's exception with ``[while running 'Step']`` appended (the original
+    is the ``__context__``); the innermost one with the same message is the real error."""
+    import re
+
+    steps = re.findall(r"\[while running '([^']+)'\]", str(exc))
+    inner = exc
+    for _ in range(10):
+        nxt = inner.__cause__ or inner.__context__
+        if nxt is None or not str(nxt) or str(nxt) not in str(inner):
+            break
+        inner = nxt
+    message = re.sub(r"\s*\[while running '[^']+'\]", "", str(inner)).strip()
+    message = " ".join(message.split())  # one line, whatever the exception held
+    if not message or not _is_user_facing(inner):
+        message = f"{type(inner).__name__}: {message}" if message else type(inner).__name__
+    return f"{message} (in step {steps[-1]!r})" if steps else message
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _is_user_facing(exc: BaseException) -> bool:
+    # Most errors speak for themselves; a bare KeyError('x') or TypeError does not without its name.
+    return not isinstance(exc, (LookupError, AttributeError, TypeError, NameError, ArithmeticError,
+                                AssertionError))
+
+
+class _DropStepTracebacks:
+    """Beam logs a failing step's traceback before re-raising it; the command reports the error
+    in one line instead. WALKEROS_SEGMENT_DEBUG=1 keeps Beam's tracebacks."""
+
+    def filter(self, record) -> bool:
+        return not (record.exc_info or "Traceback (most recent call last)" in str(record.msg)
+                    or "Traceback (most recent call last)" in "".join(map(str, record.args or ())))
+
+
+class _one_line_failures:
+    def __enter__(self):
+        self.filter = _DropStepTracebacks()
+        self.loggers = [] if os.environ.get("WALKEROS_SEGMENT_DEBUG") else [
+            logging.getLogger(name) for name in
+            ("apache_beam.runners.common", "apache_beam.runners.direct.executor",
+             "apache_beam.runners.worker.sdk_worker", "apache_beam.runners.worker.bundle_processor",
+             "apache_beam.runners.portability.fn_api_runner.fn_runner")]
+        for logger in self.loggers:
+            logger.addFilter(self.filter)
+        return self
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeFilter(self.filter)
+        return False
+
+
+def _run_local_streaming(result, opts) -> bool:
+    """The streaming DirectRunner never finishes by itself: run until Ctrl-C (or SIGTERM), then
+    drain. True when it drained (everything read was delivered or dead-lettered), False when it
+    was stopped without draining (a second Ctrl-C)."""
+    from pipeline import local_streaming
+
+    print("streaming on the local DirectRunner; Ctrl-C stops it (after sending what it holds)",
+          file=sys.stderr, flush=True)
+    # The runner is waited for on another thread: a KeyboardInterrupt inside the DirectRunner's
+    # own wait shuts its workers down at once, which is the loss a drain is there to avoid.
+    finished = _Waiter(result)
+    try:
+        try:
+            finished.wait()
+            return True
+        except KeyboardInterrupt:
+            pass
+        print("draining: no more reading; sending or dead-lettering what is buffered "
+              "(Ctrl-C again stops at once and loses it)...", file=sys.stderr, flush=True)
+        local_streaming.drain()
+        _wake_the_reader(opts.input_subscription, opts.input_topic)
+        try:
+            finished.wait()
+            return True
+        except KeyboardInterrupt:
+            print("stopping without draining...", file=sys.stderr, flush=True)
+            result.cancel()
+            return False
+    finally:
+        local_streaming.start()  # the next pipeline in this process reads again
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a scheduler's timeout, ``kill``) stops a local run as Ctrl-C does: a batch run
+    reports that it was stopped (exit 1), a streaming run drains. Main thread only (signals)."""
+
+    def __enter__(self):
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        self.previous = signal.signal(signal.SIGTERM, interrupt) if _main_thread() else None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+class _Waiter:
+    """``result.wait_until_finish()`` on a daemon thread; :meth:`wait` returns when it did
+    (re-raising its error) and stays interruptible by signals meanwhile."""
+
+    def __init__(self, result):
+        import threading
+
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result = result
+        threading.Thread(target=self._run, name="wait-until-finish", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result.wait_until_finish()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        while not self.done.wait(0.2):
+            pass
+        if self.error is not None:
+            raise self.error
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _wake_the_reader(subscription: str | None, topic: str | None) -> None:
+    """The DirectRunner's Pub/Sub pull blocks up to 30 s on an idle subscription; a heartbeat
+    (dropped by ReadEvents) makes it return at once. Only on the emulator: on a real topic every
+    other subscriber would see it."""
+    from pipeline.sources import publish_heartbeat
+
+    if os.environ.get("PUBSUB_EMULATOR_HOST") and (subscription or topic):
+        try:
+            publish_heartbeat(topic=topic, subscription=subscription, timeout_s=5)
+            return
+        except Exception as exc:  # noqa: BLE001 - then the drain just takes longer
+            print(f"could not publish a heartbeat ({type(exc).__name__}: {exc})", file=sys.stderr)
+    print("the drain may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
 
 
 def stop_local_streaming(result, subscription: str | None = None, topic: str | None = None) -> None:

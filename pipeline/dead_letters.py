@@ -125,6 +125,42 @@ class CountDeadLetters(beam.PTransform):
         return dead_letters | "Count" >> beam.ParDo(_CountAndStamp(self.namespace), beam.pvalue.AsDict(previous))
 
 
+# -- naming: one name per run ---------------------------------------------------------------------
+def new_run_id(given: str | None = None, now: float | None = None) -> str:
+    """``<UTC start time>-<given id, or a random one>``: sorts by time, and two runs never share
+    it (a scheduler retrying a task reuses its own run id; the time still differs)."""
+    import re
+    import secrets
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    # Glob characters or a slash in a file name would break replaying with a glob.
+    suffix = re.sub(r"[^A-Za-z0-9._=+-]", "_", given) if given else secrets.token_hex(4)
+    return f"{stamp}-{suffix}"
+
+
+def run_prefix(prefix: str, run_id: str) -> str:
+    """Where one run's dead-letter files go: the user's prefix plus the run id. Writing never
+    touches files of another run (Beam's file sink clears only files of its own prefix)."""
+    if prefix.endswith("/"):
+        return f"{prefix}dead-letters-{run_id}"
+    return f"{prefix}-{run_id}"
+
+
+def pubsub_attributes(dead: DeadLetter) -> dict[str, str]:
+    """What a subscription can filter dead letters on; an unknown event id is left out (a
+    filter tests it with ``attributes:event_id``)."""
+    attributes = {"reason": dead.reason, "stage": dead.stage, "flow": dead.flow or ""}
+    if dead.event_id:
+        attributes["event_id"] = str(dead.event_id)
+    return attributes
+
+
+def _to_pubsub_message(dead: DeadLetter):
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    return PubsubMessage(orjson.dumps(dead.to_dict()), pubsub_attributes(dead))
+
+
 # -- writing -------------------------------------------------------------------------------------
 class WriteDeadLetters(beam.PTransform):
     def __init__(self, prefix: str | None = None, fmt: str = "jsonl", topic: str | None = None,
@@ -142,8 +178,8 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead_letters):
         if self.topic:
             return (dead_letters
-                    | "ToBytes" >> beam.Map(lambda d: orjson.dumps(d.to_dict())).with_output_types(bytes)
-                    | "Publish" >> beam.io.WriteToPubSub(self.topic))
+                    | "ToMessage" >> beam.Map(_to_pubsub_message)
+                    | "Publish" >> beam.io.WriteToPubSub(self.topic, with_attributes=True))
         if self.streaming:
             # Unbounded input: close a file every window so records become visible. Windows by the
             # time each record is written: a dead letter's own time can already be behind the

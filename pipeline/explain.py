@@ -27,6 +27,39 @@ def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Itera
             index += 1
 
 
+def stdin_payloads(stream, fmt: str = "auto") -> Iterator[Any]:
+    """Payloads from standard input (``explain --input -``). ``auto``: the whole text when it is
+    one JSON document (an event, an array, or a ``{"batch": ...}`` envelope, pasted over several
+    lines), else one payload per line (JSON Lines); ``dead_letter`` and ``avro`` read the bytes as
+    such a file would be read."""
+    import io
+
+    from pipeline.sources import avro_payloads, dead_letter_payloads, line_payload
+
+    data = stream.read()
+    if fmt == "avro":
+        yield from avro_payloads(io.BytesIO(data))
+        return
+    if fmt == "dead_letter":
+        yield from dead_letter_payloads(io.BytesIO(data))
+        return
+    if fmt == "json" or (fmt == "auto" and _is_one_document(data)):
+        yield data
+        return
+    for line in data.splitlines():
+        payload = line_payload(line, "jsonl")
+        if payload is not None:
+            yield payload
+
+
+def _is_one_document(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _line(index: int, event_id: str | None, outcome: str, reason: str | None, calls: list[dict]) -> dict:
     return {"index": index, "id": event_id, "outcome": outcome, "reason": reason, "calls": calls}
 

@@ -66,8 +66,26 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     env = os.environ if env is None else env
     errors = _schema_errors(document, "flow.schema.json", "$")
     if errors:
-        raise FlowError(errors)
+        raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors))
+    return _flow_from_checked_document(document, flow_name, destination_id, env)
 
+
+def _later_errors(document: Any, flow_name: str | None, destination_id: str | None, env: Mapping[str, str],
+                  reported: list[str]) -> list[str]:
+    """What the destination's own checks say about a file whose outline is already faulty, so
+    that one run of ``validate`` lists every error; nothing when the outline is too broken to
+    find the destination."""
+    try:
+        _flow_from_checked_document(document, flow_name, destination_id, env)
+    except FlowError as exc:
+        return [e for e in exc.errors if e not in reported]
+    except Exception:  # noqa: BLE001 - the outline's errors already say why
+        return []
+    return []
+
+
+def _flow_from_checked_document(document: Any, flow_name: str | None, destination_id: str | None,
+                                env: Mapping[str, str]) -> Flow:
     name = _choose_flow(document["flows"], flow_name)
     flow_doc = document["flows"][name]
     dest_id = _choose_destination(flow_doc.get("destinations") or {}, destination_id, name)
@@ -79,15 +97,19 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     raw_config, deferred_key = _defer_secret_write_key(step.get("config") or {}, env)
     config = resolver.resolve(raw_config, config_path)
     collector = resolver.resolve(flow_doc.get("collector") or {}, f"$.flows.{name}.collector")
-    if resolver.errors:
-        raise FlowError(resolver.errors)
-
+    # Every error of the file at once (a user fixes them in one go): each check runs even when
+    # an earlier one failed, and a value already reported is not reported again by a later one.
+    errors = list(resolver.errors)
     if isinstance(config.get("settings"), dict):
         config["settings"], coerce_errors = coerce_settings(config["settings"], f"{config_path}.settings")
-        if coerce_errors:
-            raise FlowError(coerce_errors)
-    errors = _schema_errors(config, "flow.schema.json#/$defs/segmentDestinationConfig", config_path)
-    errors += _schema_errors(collector, "flow.schema.json#/$defs/collector", f"$.flows.{name}.collector")
+        errors += coerce_errors
+    value_errors = list(errors)  # values that could not be resolved or coerced: not checked again
+    schema_errors = _schema_errors(config, "flow.schema.json#/$defs/segmentDestinationConfig", config_path)
+    schema_errors += _schema_errors(collector, "flow.schema.json#/$defs/collector", f"$.flows.{name}.collector")
+    errors += [e for e in schema_errors if not _already_reported(e, value_errors)]
+    if isinstance(config.get("settings"), dict):
+        errors += [e for e in _endpoint_errors(config["settings"], f"{config_path}.settings")
+                   if not _already_reported(e, value_errors)]
     if errors:
         raise FlowError(_redact(errors, config))
 
@@ -96,10 +118,6 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     # The resolved key stays in `settings` (which pickles it as a reference); the plain config,
     # which travels to every worker, does not keep a copy.
     config["settings"] = {k: v for k, v in config["settings"].items() if k != "writeKey"}
-    try:
-        settings.sdk_host()
-    except ValueError as exc:
-        raise FlowError([f"{config_path}.settings.path: {exc}"]) from None
     collector = {
         "globals": collector.get("globals") or {},
         "consent": collector.get("consent") or {},
@@ -110,6 +128,30 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
 
 
 _KEY_REFERENCE = re.compile(r"^\$(?:env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\s\"'}]*))?|secret\.([A-Za-z_][A-Za-z0-9_]*))$")
+
+
+def _already_reported(error: str, reported: list[str]) -> bool:
+    """A schema error about a value that resolving or coercing already reported (the same JSON
+    path, or inside it)."""
+    where = error.split(": ", 1)[0]
+    return any(where == r.split(": ", 1)[0] or where.startswith(r.split(": ", 1)[0] + ".") for r in reported)
+
+
+_SDK_PATH = "/v1/batch"
+
+
+def _endpoint_errors(settings: dict, path: str) -> list[str]:
+    """``host`` and ``path`` as the SDK will combine them: it always posts to ``<host>/v1/batch``."""
+    errors = []
+    host, api_path = settings.get("host"), settings.get("path", _SDK_PATH)
+    if isinstance(host, str) and host.rstrip("/").endswith(_SDK_PATH):
+        base = host.rstrip("/")[: -len(_SDK_PATH)] or "https://api.segment.io"
+        errors.append(f"{path}.host: {host!r} already ends in {_SDK_PATH}, and the SDK adds {_SDK_PATH} itself "
+                      f"(it would post to {host.rstrip('/')}{_SDK_PATH}): give the base URL only, {base!r}")
+    if isinstance(api_path, str) and not api_path.endswith(_SDK_PATH):
+        errors.append(f"{path}.path: settings.path {api_path!r}: segment-analytics-python always posts to "
+                      f"<host>{_SDK_PATH}, so the path must end with {_SDK_PATH} (a prefix before it is fine)")
+    return errors
 
 
 def _defer_secret_write_key(config: dict, env: Mapping[str, str]) -> tuple[dict, WriteKey | None]:

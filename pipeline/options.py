@@ -71,6 +71,16 @@ def parse_bool(text: str) -> bool:
 parse_bool.__name__ = "boolean"  # argparse names the type in its error message
 
 
+def parse_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
+parse_ratio.__name__ = "ratio (0 to 1)"
+
+
 class WalkerosOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -146,3 +156,13 @@ class WalkerosOptions(PipelineOptions):
         source.add_argument("--max_inflated_mb", type=int, default=16384,
                             help="A compressed input file (.gz) that inflates beyond this many MB is refused "
                                  "as damaged.")
+        run = parser.add_argument_group("run outcome")
+        run.add_argument("--max_dead_letter_ratio", type=parse_ratio, default=0.0,
+                         help="Share of the run's inputs (0 to 1) that may end as dead letters while the run "
+                              "still exits 0; above it the run exits 3. Default 0: any dead letter exits 3.")
+        run.add_argument("--summary_json", default=None,
+                         help="Also write the end-of-run summary as JSON to this path (local or gs://): counts "
+                              "by reason, the accounting, the exit status and the run's options.")
+        run.add_argument("--run_id", default=None,
+                         help="Names this run's dead-letter files (after the --dead_letter prefix and the start "
+                              "time) and its summary, e.g. a scheduler's run id. Default: random.")

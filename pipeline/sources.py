@@ -147,6 +147,58 @@ def _damaged(damage: Damage, on_damage) -> None:
 # What a truncated, corrupt or mislabelled file raises while it is read and decoded (gzip,
 # zlib, fastavro, the file system); errors of the pipeline's own logic are not among them.
 _DAMAGE_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, IndexError, StopIteration)
+def input_problem(pattern: str, fmt: str = "auto", format_by_file: bool = False) -> str | None:
+    """None when ``pattern`` matches at least one readable file whose format is known, else the
+    problem in one line (a usage error: a run on no input must not "succeed").
+
+    Checked before anything starts, for every format, local or gs://: the pattern matches
+    nothing, names a directory, or a matched local file cannot be opened. Every matched local
+    file is opened once (cheap); on gs:// a match is an object the listing could see.
+    ``format_by_file``: the format is told by each file's name (``explain``), not the pattern's
+    (the pipeline's readers)."""
+    import os
+
+    local = "://" not in pattern
+    if local and os.path.isdir(pattern):
+        return (f"--input {pattern}: is a directory; give files or a glob, "
+                f"e.g. {pattern.rstrip('/')}/*.jsonl")
+    try:
+        for name in ([] if format_by_file else [pattern]):
+            detect_format(name, fmt)
+    except ValueError as exc:
+        return f"--input {pattern}: {exc}"
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as exc:  # noqa: BLE001 - Beam's BeamIOError and the cloud clients' own errors
+        return f"--input {pattern}: cannot list it: {_one_line(exc)}"
+    # Folder placeholders (gs://b/dir/) and local directories are not inputs.
+    files = [m.path for m in matched if not m.path.endswith("/") and not (local and os.path.isdir(m.path))]
+    if not files:
+        what = "only directories" if matched else "no file"
+        return f"--input {pattern}: {what} matches (check the path and the glob)"
+    try:
+        for path in (files if format_by_file else []):
+            detect_format(path, fmt)
+    except ValueError as exc:
+        return f"--input {pattern}: {exc}"
+    if local:
+        import glob as globbing
+
+        # Beam's local match skips entries it cannot stat (a broken link): they are inputs the
+        # user meant, so they are checked too.
+        for path in sorted(set(files) | set(globbing.glob(pattern))):
+            if os.path.isdir(path):
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                return f"--input {path}: cannot read it: {exc.strerror or exc}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def line_payload(line: bytes | str, fmt: str) -> Any:

@@ -113,3 +113,129 @@ def render(counts: dict[str, int]) -> str:
     lines = [f"  {label:<{width}}  {value:>8}" + (f"   ({note})" if note else "") for label, value, note in rows]
     lines.append(f"  {'accounting':<{width}}  {check.line()}")
     return "\n".join(lines)
+
+
+# -- the run's outcome and exit status -------------------------------------------------------
+# The same codes for every command (README "Exit status and summary"). 1 is also what Python
+# exits with on an unexpected crash, which is indeed a failed run.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DEAD_LETTERS = 3
+STATUS_NAMES = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_DEAD_LETTERS: "dead_letters"}
+
+# Counted by the file readers when an input file is truncated or corrupt: the input was not
+# read whole, so the run failed even if every record read was delivered.
+DAMAGED_FILES_COUNTER = "input_files_damaged"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    text: str  # what applies, in words
+
+    @property
+    def name(self) -> str:
+        return STATUS_NAMES[self.status]
+
+    def line(self) -> str:
+        return f"exit status {self.status} ({self.name}): {self.text}"
+
+
+def dead_letter_ratio(dead_lettered: int, units: int) -> float:
+    return dead_lettered / units if units else 0.0
+
+
+def decide(dead_lettered: int, units: int, max_ratio: float = 0.0, done: str = "ended as") -> Outcome:
+    """Everything ended: 0 unless the dead letters are more than the tolerated share of the
+    units (events, and inputs that never were one)."""
+    if not units:
+        return Outcome(EXIT_OK, "the input held no event (empty files or lines only)")
+    if not dead_lettered:
+        return Outcome(EXIT_OK, f"all {units} {done} delivered or dropped by policy")
+    ratio = dead_letter_ratio(dead_lettered, units)
+    share = f"{dead_lettered} of {units} {done} dead letters ({ratio:.2%})"
+    if ratio > max_ratio:
+        return Outcome(EXIT_DEAD_LETTERS, f"{share}, more than --max_dead_letter_ratio {max_ratio:g}")
+    return Outcome(EXIT_OK, f"{share}, within --max_dead_letter_ratio {max_ratio:g}")
+
+
+def run_outcome(counts: dict[str, int], max_ratio: float = 0.0, failure: str | None = None,
+                stopped: bool = False) -> Outcome:
+    """The exit status of a run from its counters and how it ended."""
+    if failure:
+        return Outcome(EXIT_FAILED, f"the run failed: {failure}")
+    if stopped:
+        return Outcome(EXIT_FAILED, "the run was stopped before it finished; run it again (messageIds are "
+                                    "deterministic: what was already delivered is deduplicated)")
+    damaged = counts.get(DAMAGED_FILES_COUNTER, 0)
+    if damaged:
+        return Outcome(EXIT_FAILED, f"the run failed: {damaged} input file{'s were' if damaged != 1 else ' was'} "
+                                    "truncated or corrupt and not read whole (see the log)")
+    check = reconcile(counts)
+    if not check.balanced:
+        return Outcome(EXIT_FAILED, f"the run failed: the accounting does not balance "
+                                    f"(outcomes {check.outcomes}, units {check.units})")
+    return decide(check.dead_lettered, check.units, max_ratio)
+
+
+def by_prefix(counts: dict[str, int], prefix: str) -> dict[str, int]:
+    return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix) and v}
+
+
+def summary_document(counts: dict[str, int], outcome: Outcome, **about) -> dict:
+    """The printed summary as data (``--summary_json``): counts by reason, the accounting
+    identity, the exit status, and whatever ``about`` adds (run id, options, where the dead
+    letters are)."""
+    check = reconcile(counts)
+    return {
+        **about,
+        "status": outcome.status,
+        "status_name": outcome.name,
+        "result": outcome.text,
+        "counts": {
+            "inputs_read": counts.get("inputs_read", 0),
+            "events_parsed": counts.get("events_parsed", 0),
+            "events_delivered": check.delivered,
+            "events_ignored": counts.get("events_ignored", 0),
+            "events_consent_denied": counts.get("events_consent_denied", 0),
+            "events_disabled": counts.get("events_disabled", 0),
+            "dead_letters": check.dead_lettered,
+            "identify_suppressed": counts.get("identify_suppressed", 0),
+            "group_suppressed": counts.get("group_suppressed", 0),
+            "requests_to_segment": counts.get("requests_to_segment", 0),
+            DAMAGED_FILES_COUNTER: counts.get(DAMAGED_FILES_COUNTER, 0),
+        },
+        "dead_letters_by_reason": by_prefix(counts, "dead_letter_"),
+        "dead_letters_by_stage": by_prefix(counts, "dead_letters_stage_"),
+        "calls_sent_by_type": by_prefix(counts, "calls_sent_"),
+        "accounting": {
+            "identity": "delivered + dead_lettered + dropped = events_parsed + parse_dead_letters",
+            "delivered": check.delivered,
+            "dead_lettered": check.dead_lettered,
+            "dropped": check.dropped,
+            "outcomes": check.outcomes,
+            "events_parsed": check.events_parsed,
+            "parse_dead_letters": check.parse_dead_letters,
+            "units": check.units,
+            "inputs": check.inputs,
+            "balanced": check.balanced,
+            "dead_letter_ratio": round(dead_letter_ratio(check.dead_lettered, check.units), 6),
+        },
+        "counters": dict(sorted(counts.items())),
+    }
+
+
+def write_summary_json(path: str, document: dict) -> None:
+    """Local or gs:// (Beam's file systems)."""
+    import json
+    import os
+
+    from apache_beam.io.filesystems import FileSystems
+
+    data = (json.dumps(document, indent=2, sort_keys=False, default=str) + "\n").encode()
+    if not path.startswith("gs://"):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+    with FileSystems.create(path, mime_type="application/json", compression_type="uncompressed") as f:
+        f.write(data)

@@ -86,13 +86,13 @@ def test_the_run_command_replays_and_counts_attempts(endpoint, tmp_path, capsys)
     (tmp_path / "events.jsonl").write_text("\n".join(lines([*EVENTS, "oops"])) + "\n")
     common = ["--flush_deadline_seconds", "5", "--delivery_shards", "2", "--progress_interval_seconds", "0"]
     assert cli.main(["run", "--flow", flow(dead_url()), "--input", str(tmp_path / "events.jsonl"),
-                     "--dead_letter", str(tmp_path / "run1/dead"), *common]) == 0
+                     "--dead_letter", str(tmp_path / "run1/dead"), *common]) == 3  # 3: dead letters
     out = capsys.readouterr().out
     assert "dead-lettered 7" in out and "balanced" in out
 
     assert cli.main(["run", "--flow", flow(endpoint.url), "--input", str(tmp_path / "run1/dead*"),
                      "--input_format", "dead_letter", "--dead_letter", str(tmp_path / "run2/dead"),
-                     "--dead_letter_format", "avro", *common]) == 0
+                     "--dead_letter_format", "avro", *common]) == 3
     out = capsys.readouterr().out
     assert "delivered 6 + dead-lettered 1 + dropped 0 = 7" in out and "balanced" in out
     assert len(endpoint.accepted) == 6

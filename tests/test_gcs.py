@@ -67,7 +67,7 @@ def test_backfill_from_gcs_delivers_and_dead_letters_to_gcs(backfill, endpoint, 
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
     code = cli_main(["run", "--flow", f"{GS}/flows/flow.json", "--input", f"{GS}/events/2026/*/*/*.jsonl",
                      "--dead_letter", f"{GS}/dead/run-1/dead-letters", "--message_id_namespace", "example"])
-    assert code == 0, capsys.readouterr().err
+    assert code == 3, capsys.readouterr().err  # finished, with dead letters
     took = time.monotonic() - started
     assert took < 15, f"the backfill took {took:.0f} s: is the credential look-up short-circuited?"
 
@@ -89,7 +89,7 @@ def test_backfill_from_gcs_delivers_and_dead_letters_to_gcs(backfill, endpoint, 
     code = cli_main(["run", "--flow", f"{GS}/flows/flow.json", "--input", f"{GS}/dead/run-1/*.jsonl",
                      "--input_format", "dead_letter", "--dead_letter", f"{GS}/dead/run-2/dead-letters",
                      "--message_id_namespace", "example"])
-    assert code == 0, capsys.readouterr().err
+    assert code == 3, capsys.readouterr().err
     again = [r for b in backfill.list_blobs(prefix="dead/run-2/") for r in dead_letter_records(f"{GS}/{b.name}")]
     assert sorted(r["reason"] for r in again) == ["invalid_name", "no_identity", "not_json"]
     assert sorted(r["payload"] for r in again) == sorted(r["payload"] for r in records)
@@ -132,3 +132,27 @@ def test_no_match_on_gcs_is_a_clear_error(backfill, monkeypatch, capsys):
     assert cli_main(["explain", "--flow", str(EXAMPLE_FLOW), "--input", f"{GS}/nothing/*.jsonl"]) == 2
     assert "no file matches" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("command", ["run", "explain"])
+@pytest.mark.parametrize("pattern", ["nothing/*.jsonl", "nothing/*.json", "nothing/*.avro", "nothing/*.jsonl.gz",
+                                     "formats/*.ndjson", "no-such-object.jsonl"])
+def test_an_empty_glob_on_gcs_is_a_usage_error(backfill, command, pattern, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    monkeypatch.setenv("SEGMENT_HOST", "http://127.0.0.1:9")  # never reached: the run does not start
+    extra = ["--dead_letter", f"{GS}/dead/empty/dead-letters"] if command == "run" else []
+    assert cli_main([command, "--flow", str(EXAMPLE_FLOW), "--input", f"{GS}/{pattern}", *extra]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"--input {GS}/{pattern}: no file matches (check the path and the glob)"]
+    assert not list(backfill.list_blobs(prefix="dead/empty/"))
+
+
+def test_summary_json_on_gcs(backfill, endpoint, monkeypatch, capsys):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
+    code = cli_main(["run", "--flow", str(EXAMPLE_FLOW), "--input", f"{GS}/formats/array.json",
+                     "--dead_letter", f"{GS}/dead/summary/dead-letters", "--summary_json", f"{GS}/reports/run.json"])
+    assert code == 0, capsys.readouterr().err
+    document = json.loads(backfill.blob("reports/run.json").download_as_text())
+    assert document["status"] == 0 and document["counts"]["events_delivered"] == 5
+    assert document["accounting"]["balanced"] and WRITE_KEY not in json.dumps(document)

@@ -53,6 +53,9 @@ SAMPLES = {
     "progress_interval_seconds": "30",
     "max_inflation_ratio": "100",
     "max_inflated_mb": "16384",
+    "max_dead_letter_ratio": "0.01",
+    "summary_json": "gs://my-bucket/reports/walkeros-run.json",
+    "run_id": "scheduled__2026-01-01T00_00_00",
 }
 # Values Dataflow must refuse before launching.
 REFUSED = {
@@ -64,6 +67,7 @@ REFUSED = {
     "input_format": ["csv"],
     "fail_bundle_on_delivery_error": ["yes please"],
     "identity_state_ttl_hours": ["-1", "a day"],
+    "max_dead_letter_ratio": ["1.5", "-0.1", "all"],
 }
 
 
@@ -138,9 +142,12 @@ def test_a_template_launch_with_every_batch_parameter_runs(endpoint, monkeypatch
                         f"--input={EXAMPLE_EVENTS}", "--input_format=jsonl", f"--dead_letter={tmp_path / 'dead'}",
                         "--dead_letter_format=jsonl", "--message_id_namespace=example",
                         "--identity_state_ttl_hours=24", "--flush_deadline_seconds=60",
-                        "--fail_bundle_on_delivery_error=false", "--runner=FnApiRunner"])
-    assert code == 0, capsys.readouterr().err
-    assert endpoint.accepted and list(tmp_path.glob("dead*.jsonl"))
+                        "--fail_bundle_on_delivery_error=false", "--max_dead_letter_ratio=0.5",
+                        f"--summary_json={tmp_path / 'summary.json'}", "--run_id=template-test",
+                        "--runner=FnApiRunner"])
+    assert code == 0, capsys.readouterr().err  # the example's 3 dead letters of 13 are within 0.5
+    assert endpoint.accepted and list(tmp_path.glob("dead-*-template-test*.jsonl"))
+    assert (tmp_path / "summary.json").exists()
 
 
 def test_the_launcher_runs_on_dataflow_unless_told_otherwise(monkeypatch):

@@ -71,8 +71,9 @@ def test_message_ids_are_stable_across_runs(endpoint, monkeypatch):
 
 def test_explain_matches_the_frozen_example(monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    # 3: the example holds three inputs that would be dead-lettered (README "Exit status and summary").
     assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS,
-                     "--message_id_namespace", "example"]) == 0
+                     "--message_id_namespace", "example"]) == 3
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert lines == load_json("pipeline/example_explained.json")
     assert [l["index"] for l in lines] == list(range(len(lines)))
@@ -120,7 +121,8 @@ def test_run_command_writes_dead_letters(endpoint, monkeypatch, tmp_path, capsys
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
     prefix = tmp_path / "dead"
-    assert cli_main(["run", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS, "--dead_letter", str(prefix)]) == 0
+    # 3: the run finished, and wrote dead letters.
+    assert cli_main(["run", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS, "--dead_letter", str(prefix)]) == 3
     out = capsys.readouterr().out
     assert "events delivered" in out and "dead letters" in out
     [dead_file] = tmp_path.glob("dead*.jsonl")

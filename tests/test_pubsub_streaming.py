@@ -181,6 +181,13 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     assert json.loads(reasons["invalid_name"]["payload"]) == {"name": "broken", "id": "e000000000000006"}
     assert reasons["no_identity"]["event_id"] == "e000000000000007" and reasons["no_identity"]["stage"] == "identity"
     assert all(WRITE_KEY not in m.data.decode() for m in dead)
+    # Each carries what a subscription filters on: reason, stage, flow, and the event id when known.
+    attributes = {orjson.loads(m.data)["reason"]: dict(m.attributes) for m in dead}
+    assert attributes["invalid_name"] == {"reason": "invalid_name", "stage": "parse", "flow": "default",
+                                          "event_id": "e000000000000006"}
+    assert attributes["no_identity"] == {"reason": "no_identity", "stage": "identity", "flow": "default",
+                                         "event_id": "e000000000000007"}
+    assert attributes["not_json"] == {"reason": "not_json", "stage": "parse", "flow": "default"}
     # (No counter totals here: on the streaming DirectRunner, Beam's counters stop at the first
     # bundle of each step -- measured, see the README's "Running on Dataflow". The calls and dead letters above
     # are the accounting: every input ended delivered, dead-lettered or dropped by policy.)
@@ -290,3 +297,51 @@ def _instant(text: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_stopping_a_local_streaming_run_drains_it(stop, pubsub, unique, endpoint, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C (or SIGTERM) on ``walkeros-segment run`` in streaming: it stops reading, sends
+    what waits in Beam state (here only a drain would: flushInterval is 10 minutes), prints a
+    balanced summary and exits with the status that applies. A real subprocess, as a user runs it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    topic = pubsub.topic(f"events-{unique}")
+    subscription = pubsub.subscription(topic, f"events-{unique}")
+    dead_topic = pubsub.topic(f"dead-{unique}")
+    dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
+    events = PHASE_1[:2] + [PHASE_1[4]]  # 3 events of Anna and Ben, and one without identity
+    for payload in events:
+        pubsub.publish(topic, payload)
+    flow = json.loads(Path(EXAMPLE_FLOW).read_text())
+    flow["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["flushInterval"] = 600_000
+    (tmp_path / "flow.json").write_text(json.dumps(flow))
+    env = {**os.environ, "SEGMENT_WRITE_KEY": WRITE_KEY, "SEGMENT_HOST": endpoint.url,
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--flow", str(tmp_path / "flow.json"),
+         "--input_subscription", subscription, "--dead_letter_topic", dead_topic,
+         "--message_id_namespace", NAMESPACE],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The dead letter is out once the messages were read; the events wait in state.
+        dead = pubsub.pull(dead_subscription, count=1, timeout_s=90)
+        assert [orjson.loads(m.data)["reason"] for m in dead] == ["no_identity"], proc.poll()
+        assert not endpoint.accepted
+        proc.send_signal(getattr(signal, stop))
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    spec = cli.load_spec(str(tmp_path / "flow.json"), namespace=NAMESPACE)
+    expected = [call for line in explain_payloads(compiled(spec), events) for call in line["calls"]]
+    assert sorted(m["messageId"] for m in endpoint.accepted) == sorted(m["messageId"] for m in expected), out + err
+    assert "draining" in err and "Traceback" not in err
+    assert "(from 3 inputs): balanced" in out, out
+    assert "exit status 3 (dead_letters): 1 of 4 ended as dead letters" in out
+    assert proc.returncode == 3
