@@ -90,3 +90,8 @@ class WalkerosOptions(PipelineOptions):
                                    "batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")
+        delivery.add_argument("--write_key_secret", default=None,
+                              help="Secret Manager secret version holding the Segment write key, "
+                                   "projects/PROJECT/secrets/NAME/versions/VERSION (any project; VERSION a "
+                                   "number or latest). Workers read it; the launcher never does. Replaces "
+                                   "the flow's $secret/$env writeKey. Never pass the key itself.")
