@@ -49,8 +49,9 @@ TEMPLATE="gs://$BUCKET/templates/walkeros-segment-$TAG.json"
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 if [ -x "$PYTHON" ]; then
   "$PYTHON" "$ROOT/dataflow/metadata.py" --check
+  "$PYTHON" "$ROOT/dataflow/lock.py" --check   # the lock must pin what constraints.txt pins
 else
-  echo "warning: $PYTHON not found; dataflow/metadata.json not checked against the flags" >&2
+  echo "warning: $PYTHON not found; dataflow/metadata.json and the lock not checked" >&2
 fi
 
 CONTEXT=$(mktemp -d)

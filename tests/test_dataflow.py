@@ -139,3 +139,283 @@ def test_without_the_image_parameter_the_launcher_stages_the_package_itself(monk
     seen.clear()
     assert launch.main(["--flow=gs://b/f.json", f"--sdk_container_image={IMAGE}"]) == 0
     assert seen == [["run", "--flow=gs://b/f.json", f"--sdk_container_image={IMAGE}", "--runner=DataflowRunner"]]
+
+
+# -- the write key: checked wherever it is resolved ---------------------------------------------
+def _document(write_key, variables: dict | None = None) -> dict:
+    doc = flow_document({"writeKey": write_key})
+    if variables:
+        doc["variables"] = variables
+    return doc
+
+
+def _flow_file(tmp_path: Path, doc: dict, host: str = "http://127.0.0.1:9") -> str:
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["host"] = host
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _commands(flow: str, tmp_path: Path) -> dict[str, list[str]]:
+    return {"validate": ["validate", "--flow", flow],
+            "explain": ["explain", "--flow", flow, "--input", str(EXAMPLE_EVENTS)],
+            "run": ["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl")]}
+
+
+def test_a_variable_naming_an_env_reference_is_resolved_and_travels_as_that_reference():
+    """walkerOS resolves references inside variables; so do we: `$var.wk` whose value is
+    "$env.SEGMENT_WRITE_KEY" is that variable's value, never the literal text."""
+    doc = _document("$var.wk", {"wk": "$env.SEGMENT_WRITE_KEY"})
+    flow = flow_from_document(doc, env={"SEGMENT_WRITE_KEY": "the-real-key"})
+    assert flow.settings.write_key.reveal() == "the-real-key"
+    shipped = pickle.dumps(flow.settings)
+    assert b"the-real-key" not in shipped and b"SEGMENT_WRITE_KEY" in shipped
+    # ...and like any $env key it is left to the workers when launching on Dataflow
+    deferred = flow_from_document(doc, env={}, defer_write_key=True)
+    assert deferred.settings.write_key.env_name == "SEGMENT_WRITE_KEY"
+
+
+@pytest.mark.parametrize("write_key, variables, expected", [
+    ("$var.a", {"a": "$var.b", "b": "$var.a"}, "cycle: $var.a -> $var.b -> $var.a"),
+    ("$var.wk", {"wk": "$flow.other.key"}, "unresolved reference '$flow.other.key'"),
+    ("key-$secret.SEG_KEY", None, "unresolved reference '$secret.SEG_KEY...'"),
+    ("  \n\t", None, "the write key from the flow file is empty"),
+    ("$env.BLANK_KEY", None, "the write key from $env.BLANK_KEY is empty"),
+])
+@pytest.mark.parametrize("command", ["validate", "explain", "run"])
+def test_a_write_key_that_cannot_be_right_stops_every_command_with_one_line(
+        tmp_path, monkeypatch, capsys, write_key, variables, expected, command):
+    monkeypatch.setenv("BLANK_KEY", "   ")
+    flow = _flow_file(tmp_path, _document(write_key, variables))
+    assert cli.main(_commands(flow, tmp_path)[command]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["validate", "explain", "run"])
+def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(
+        tmp_path, monkeypatch, capsys, endpoint, command):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", f"  {WRITE_KEY}\n")
+    flow = _flow_file(tmp_path, _document("$env.SEGMENT_WRITE_KEY"), host=endpoint.url)
+    assert cli.main(_commands(flow, tmp_path)[command]) == 0
+    err = capsys.readouterr().err
+    assert ("writeKey: the write key from $env.SEGMENT_WRITE_KEY had surrounding whitespace or newlines "
+            "(3 characters); they were removed") in err
+    assert WRITE_KEY not in err
+    if command == "run":  # the local endpoint drops messages sent with any other key
+        assert endpoint.accepted and not endpoint.counters.get("dropped:bad_write_key")
+
+
+@pytest.mark.parametrize("late_value, expected", [
+    ("   ", "the write key from environment variable SEGMENT_WRITE_KEY is empty"),
+    ("$env.OTHER_KEY", "is the unresolved reference '$env.OTHER_KEY'"),
+])
+def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_sends_nothing(
+        monkeypatch, endpoint, late_value, expected):
+    from support import run_batch
+    from transforms.destination import DestinationSpec
+
+    doc = _document("$env.SEGMENT_WRITE_KEY")
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["host"] = endpoint.url
+    flow = flow_from_document(doc, env={}, defer_write_key=True)   # the launcher: no key
+    spec = DestinationSpec.from_flow(flow, namespace="late")
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", late_value)             # the worker's environment
+    event = {"name": "page view", "id": "late-1", "timestamp": 1767225600000, "user": {"session": "s-1"}}
+    with pytest.raises(Exception) as caught:
+        run_batch(spec, [json.dumps(event)])
+    assert "the Segment write key cannot be used" in str(caught.value) and expected in str(caught.value)
+    assert not endpoint.requests
+
+
+# -- the write key from a Secret Manager version named by a parameter ---------------------------
+class FakeSecretManager:
+    """Stands in for google.cloud.secretmanager.SecretManagerServiceClient, the one boundary
+    there is no emulator for: it answers access_secret_version the way the service does."""
+
+    versions: dict[str, bytes] = {}
+    asked: list[str] = []
+
+    def access_secret_version(self, request=None, name=None):
+        from types import SimpleNamespace
+
+        name = (request or {}).get("name", name)
+        FakeSecretManager.asked.append(name)
+        if name not in self.versions:
+            raise LookupError(f"404 Secret Version [{name}] not found or has no versions.")
+        return SimpleNamespace(name=name, payload=SimpleNamespace(data=self.versions[name]))
+
+
+@pytest.fixture
+def secret_manager(monkeypatch):
+    from google.cloud import secretmanager
+
+    FakeSecretManager.versions = {SECRET_VERSION: f"{WRITE_KEY}\n".encode()}
+    FakeSecretManager.asked = []
+    monkeypatch.setattr(secretmanager, "SecretManagerServiceClient", FakeSecretManager)
+    return FakeSecretManager
+
+
+def test_a_run_reads_the_key_from_the_named_secret_version_of_another_project(
+        tmp_path, monkeypatch, capsys, endpoint, secret_manager):
+    _without_key_in_environment(monkeypatch)
+    flow = _flow_file(tmp_path, _document("$secret.SEGMENT_WRITE_KEY"), host=endpoint.url)
+    code = cli.main(["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl"),
+                     f"--write_key_secret={SECRET_VERSION}"])
+    assert code == 0, capsys.readouterr().err
+    # Exactly that version was read (start-up check, then the sink's setup), and the key worked:
+    # the endpoint drops messages sent with any other key. Its trailing newline was stripped.
+    assert set(secret_manager.asked) == {SECRET_VERSION}
+    assert endpoint.accepted and not endpoint.counters.get("dropped:bad_write_key")
+
+
+def test_the_secret_version_travels_as_its_name_and_is_read_on_the_worker(secret_manager):
+    key = WriteKey(secret_version=SECRET_VERSION)
+    assert key.reveal() == WRITE_KEY
+    shipped = pickle.dumps(key)
+    assert WRITE_KEY.encode() not in shipped
+    secret_manager.asked.clear()
+    assert pickle.loads(shipped).reveal() == WRITE_KEY and secret_manager.asked == [SECRET_VERSION]
+    secret_manager.versions[SECRET_VERSION] = b" \n"
+    with pytest.raises(WriteKeyUnavailable, match="the write key from secret .* is empty"):
+        pickle.loads(shipped).reveal()
+
+
+@pytest.mark.parametrize("value, writekey, expected", [
+    ("segment-write-key", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
+    ("projects/p/secrets/s", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
+    (SECRET_VERSION, "a-literal-key", "give the key in one place"),
+    ("projects/other-project/secrets/missing/versions/1", "$secret.SEGMENT_WRITE_KEY",
+     "Secret Manager secret version projects/other-project/secrets/missing/versions/1 could not be read"),
+])
+def test_a_wrong_secret_parameter_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, secret_manager,
+                                                          value, writekey, expected):
+    _without_key_in_environment(monkeypatch)
+    flow = _flow_file(tmp_path, _document(writekey))
+    code = cli.main(["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl"),
+                     f"--write_key_secret={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+# -- the image, checked statically (no Docker daemon here) ---------------------------------------
+def _instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(l for l in dockerfile.splitlines() if not l.lstrip().startswith("#")))
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.M)]
+
+
+def test_the_dockerfile_follows_the_flex_template_conventions():
+    dockerfile = (DATAFLOW / "Dockerfile").read_text()
+    steps = _instructions(dockerfile)
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    # A dated launcher release, never a moving tag.
+    launcher = args["LAUNCHER_IMAGE"]
+    assert re.fullmatch(r"gcr\.io/dataflow-templates-base/python311-template-launcher-base:\d{8}_RC\d\d", launcher)
+    # Every stage is built for Dataflow's x86-64 workers, whatever machine builds it.
+    froms = [a for i, a in steps if i == "FROM"]
+    assert len(froms) == 2 and all(a.startswith("--platform=linux/amd64 ") for a in froms)
+    # The image is the workers' SDK container: no setup file for the launcher to stage.
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, re.M))
+    assert "FLEX_TEMPLATE_PYTHON_SETUP_FILE" not in env and "FLEX_TEMPLATE_PYTHON_REQUIREMENTS_FILE" not in env
+    assert env["FLEX_TEMPLATE_PYTHON_PY_FILE"] == "/template/dataflow/launch.py"
+    # Dependencies only from the hashed lock; the package itself with no dependency resolution.
+    pips = [a for i, a in steps if i == "RUN" and "pip install" in a]
+    assert any(re.search(r"pip install .*--require-hashes -r dataflow/requirements\.lock", a) for a in pips)
+    installs = [seg.strip() for a in pips for seg in a.split("&&") if "pip install" in seg]
+    assert all("--require-hashes" in seg or "--no-deps" in seg for seg in installs), installs
+    assert all("--no-cache-dir" in seg for seg in installs)
+
+
+def test_the_lock_pins_every_runtime_dependency_with_a_hash_as_constraints_txt_does():
+    lock = _load_dataflow_module("lock")
+    text = (DATAFLOW / "requirements.lock").read_text()
+    assert lock.problems(text) == []
+    entries = lock.read_lock(text)
+    # The whole installed runtime tree is in it (what this venv runs the tests with).
+    from importlib import metadata
+
+    for requirement in lock.runtime_requirements():
+        name = re.match(r"^[^\[=]+", requirement).group(0)
+        assert entries[lock.canonical(name)][0] == metadata.version(name)
+    for name, (version, digest) in entries.items():
+        assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    # A lock that drifts from constraints.txt is refused, offline.
+    drifted = text.replace(f"orjson=={entries['orjson'][0]}", "orjson=0.0.1")
+    assert lock.problems(drifted)
+    assert lock.problems(text.replace(" --hash=sha256:", " #", 1))
+
+
+def test_the_docker_build_context_holds_only_what_the_image_copies(tmp_path):
+    """.dockerignore (for a build from the repository root) admits what the Dockerfile copies and
+    nothing else; build.sh's context holds the same files."""
+    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+    assert patterns[0] == "**"
+
+    def included(path: str) -> bool:  # Docker's rule: the last matching pattern wins
+        keep = False
+        for pattern in patterns:
+            negate, body = pattern.startswith("!"), pattern.lstrip("!").rstrip("/")
+            regex = re.escape(body).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+            if re.fullmatch(regex + r"(/.*)?", path):
+                keep = negate
+        return keep
+
+    dockerfile = (DATAFLOW / "Dockerfile").read_text()
+    copied = [s for sources, _ in re.findall(r"^COPY (?!--from)(.+) (\S+)$", dockerfile, re.M) for s in sources.split()]
+    for source in copied:
+        assert included(source) and (ROOT / source).exists(), source
+    for unwanted in (".venv/bin/python", "tests/test_dataflow.py", ".git/HEAD", "out/demo/x.jsonl",
+                     "bench/results/latest.json", "pipeline/__pycache__/cli.cpython-311.pyc", "README.md"):
+        assert not included(unwanted), unwanted
+    context = tmp_path / "context"
+    subprocess.run(["bash", str(DATAFLOW / "build.sh"), "context", str(context)], check=True)
+    assert (context / "dataflow" / "requirements.lock").read_bytes() == (DATAFLOW / "requirements.lock").read_bytes()
+
+
+def test_the_image_tag_says_when_the_tree_was_dirty(tmp_path):
+    """build.sh's default tag: the commit, plus "-dirty-<time>" for uncommitted changes."""
+    repo = tmp_path / "repo"
+    (repo / "dataflow").mkdir(parents=True)
+    shutil.copy(DATAFLOW / "build.sh", repo / "dataflow" / "build.sh")
+    (repo / "setup.py").write_text("# v1\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True, text=True,
+                              env=env).stdout.strip()
+
+    def tag():
+        return subprocess.run(["bash", str(repo / "dataflow" / "build.sh"), "tag"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    commit = git("rev-parse", "--short=12", "HEAD")
+    assert tag() == commit
+    (repo / "setup.py").write_text("# v2, not committed\n")
+    assert re.fullmatch(re.escape(commit) + r"-dirty-\d{8}T\d{6}Z", tag())
+    git("commit", "-qam", "two")
+    (repo / "new-file.py").write_text("")
+    assert "-dirty-" in tag()
+
+
+# -- metadata.json: what the console uses --------------------------------------------------------
+def test_the_metadata_tells_the_console_what_each_parameter_is():
+    metadata = json.loads((DATAFLOW / "metadata.json").read_text())
+    assert metadata["streaming"] is True
+    assert metadata["supportsAtLeastOnce"] is True and metadata["supportsExactlyOnce"] is True
+    types = {p["name"]: p["paramType"] for p in metadata["parameters"]}
+    assert types["input_subscription"] == "PUBSUB_SUBSCRIPTION"
+    assert types["input_topic"] == types["dead_letter_topic"] == "PUBSUB_TOPIC"
+    assert types["input"] == types["flow"] == "GCS_READ_FILE" and types["dead_letter"] == "GCS_WRITE_FILE"
+    assert types["fail_bundle_on_delivery_error"] == "BOOLEAN" and types["delivery_shards"] == "NUMBER"
+    [fmt] = [p for p in metadata["parameters"] if p["name"] == "input_format"]
+    assert fmt["paramType"] == "ENUM" and [o["value"] for o in fmt["enumOptions"]] == \
+        ["auto", "jsonl", "json", "avro", "dead_letter"] and fmt["defaultValue"] == "auto"
+    known = {"TEXT", "GCS_READ_FILE", "GCS_WRITE_FILE", "PUBSUB_SUBSCRIPTION", "PUBSUB_TOPIC", "ENUM", "BOOLEAN",
+             "NUMBER"}
+    assert set(types.values()) <= known

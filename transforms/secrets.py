@@ -23,7 +23,7 @@ _LOG = logging.getLogger(__name__)
 
 # What a reference looks like once resolution is over: it was left unresolved (a variable
 # whose value names another reference, a reference inside a longer string, ...).
-_LEFT_REFERENCE = re.compile(r"\$(?:env|secret|var|flow|store|contract)\.[A-Za-z_]")
+_LEFT_REFERENCE = re.compile(r"\$(?:env|secret|var|flow|store|contract)\.[A-Za-z_][A-Za-z0-9_.]*")
 # projects/P/secrets/S/versions/V, as Secret Manager names a secret version.
 SECRET_VERSION = re.compile(r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}/versions/(latest|[1-9][0-9]*)$")
 
@@ -47,7 +47,8 @@ def checked_key(value: str, source: str) -> tuple[str, str | None]:
         raise WriteKeyProblem(f"the write key from {source} is empty")
     left = _LEFT_REFERENCE.search(key)
     if left:
-        shown = key if key.startswith("$") and len(key) <= 80 else left.group(0) + "..."
+        # Only the reference is shown: text around it could be part of a real key.
+        shown = key if left.group(0) == key else left.group(0)[:80] + "..."
         raise WriteKeyProblem(
             f"the write key from {source} is the unresolved reference {shown!r}: write the reference "
             "itself as writeKey (\"$secret.NAME\" or \"$env.NAME\")")
