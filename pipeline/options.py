@@ -84,10 +84,12 @@ class WalkerosOptions(PipelineOptions):
                               type=parse_bool, metavar="true|false",
                               help="Fail the bundle (the runner retries it) instead of dead-lettering events "
                                    "Segment did not accept after retries.")
-        delivery.add_argument("--delivery_shards", type=int, default=8,
-                              help="Streaming: keys over which calls are batched in Beam state (flushAt / flushInterval): "
-                                   "at most this many batches fill, and are sent, in parallel. Batch runs "
-                                   "batch within bundles and ignore it.")
+        delivery.add_argument("--delivery_shards", type=int, default=0,
+                              help="Streaming: keys over which calls are batched in Beam state (flushAt / flushInterval). "
+                                   "0 (default): one per thread delivering on each worker, so the job's "
+                                   "parallelism sets how many batches fill and are sent at once; N: N keys by "
+                                   "user (a user's calls in one shard, in order), at most N requests in flight. "
+                                   "Can change on update. Batch runs batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")
         delivery.add_argument("--write_key_secret", default=None,

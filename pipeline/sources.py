@@ -155,13 +155,29 @@ class ReadEvents(beam.PTransform):
         fmt = detect_format(self.input_pattern, self.input_format)
         if fmt == "jsonl":
             # ReadFromText splits large files across workers and decompresses .gz by itself.
-            return (pbegin
-                    | "ReadLines" >> beam.io.ReadFromText(self.input_pattern)
-                    | "Payloads" >> beam.FlatMap(_line_payloads, fmt))
-        return (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
-                | "ReadMatches" >> fileio.ReadMatches()
-                | "Payloads" >> beam.FlatMap(lambda readable, f: payloads_of_file(readable.metadata.path, f), fmt))
+            payloads = (pbegin
+                        | "ReadLines" >> beam.io.ReadFromText(self.input_pattern)
+                        | "Payloads" >> beam.FlatMap(_line_payloads, fmt))
+        else:
+            payloads = (pbegin
+                        | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
+                        | "ReadMatches" >> fileio.ReadMatches()
+                        | "Payloads" >> beam.FlatMap(
+                            lambda readable, f: payloads_of_file(readable.metadata.path, f), fmt))
+        if not read_splits(self.input_pattern, fmt):
+            # One worker reads each such file from start to end; without a shuffle it would also
+            # parse, map and send all of it, so a backfill of a few large files would use a few
+            # workers. The reshuffle spreads its records over all of them.
+            payloads = payloads | "Spread" >> beam.Reshuffle()
+        return payloads
+
+
+def read_splits(pattern: str, fmt: str) -> bool:
+    """Whether Beam's reader splits these files across workers by itself: only uncompressed
+    JSON Lines (ReadFromText). A .gz stream cannot be split, and whole-JSON, Avro and dead-letter
+    files are read one whole file per worker (so that a damaged file is reported by name)."""
+    # A pattern that does not end in a plain extension (dir/*, *.gz, ...) may match .gz files.
+    return fmt == "jsonl" and pattern.lower().endswith((".jsonl", ".ndjson"))
 
 
 def _line_payloads(line: str, fmt: str):

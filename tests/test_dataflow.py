@@ -419,3 +419,106 @@ def test_the_metadata_tells_the_console_what_each_parameter_is():
     known = {"TEXT", "GCS_READ_FILE", "GCS_WRITE_FILE", "PUBSUB_SUBSCRIPTION", "PUBSUB_TOPIC", "ENUM", "BOOLEAN",
              "NUMBER"}
     assert set(types.values()) <= known
+
+
+# -- backfills of few large files spread over the workers ----------------------------------------
+@pytest.mark.parametrize("pattern, fmt, spread", [
+    ("events/*.jsonl", "auto", False),         # ReadFromText splits plain files itself
+    ("events/*.ndjson", "jsonl", False),
+    ("events/*.jsonl.gz", "auto", True),       # a gzip stream cannot be split
+    ("events/*", "jsonl", True),               # may match .gz files
+    ("events/*.json", "auto", True),           # one whole file per record
+    ("events/*.avro", "auto", True),           # read whole, per file
+    ("events/*.dl", "dead_letter", True),
+])
+def test_records_of_files_that_are_read_whole_are_reshuffled(tmp_path, pattern, fmt, spread):
+    import apache_beam as beam
+
+    from pipeline.sources import ReadEvents
+
+    (tmp_path / "events").mkdir()
+    for name in ("a.jsonl", "a.ndjson", "a.jsonl.gz", "a.json", "a.avro", "a.dl"):
+        (tmp_path / "events" / name).write_bytes(b"")
+    p = beam.Pipeline(runner="FnApiRunner")
+    _ = p | ReadEvents(str(tmp_path / pattern), fmt)  # built, not run
+    names = {t.unique_name for t in p.to_runner_api().components.transforms.values()}
+    assert ("ReadEvents/Spread" in names) is spread
+    if spread:  # right after the read, before anything is parsed
+        assert any(n.startswith("ReadEvents/Spread/") for n in names)
+
+
+# -- streaming batches: shards that follow the job's parallelism ---------------------------------
+def test_worker_shards_follow_the_threads_that_deliver():
+    """The default: one shard per worker thread (and per worker process), so the number of
+    batches filling at once grows with the workers, never capped by a launch-time number."""
+    import threading
+
+    from transforms import sink
+
+    seen, lock = [], threading.Lock()
+    all_running = threading.Barrier(6)  # six threads alive at once, as on a busy worker
+
+    def deliver():
+        key = sink.worker_shard(None)
+        with lock:
+            seen.append((threading.get_ident(), key))
+        if threading.current_thread() is not threading.main_thread():
+            all_running.wait(timeout=10)
+
+    threads = [threading.Thread(target=deliver) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deliver()
+    assert len({key for _, key in seen}) == len({ident for ident, _ in seen}) == 7
+    assert all(key.startswith(sink._PROCESS_SHARD + ":") for _, key in seen)
+    assert sink.SendOptions().shards == sink.AUTO_SHARDS == 0
+    from pipeline.options import WalkerosOptions
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert PipelineOptions([]).view_as(WalkerosOptions).delivery_shards == 0
+
+
+_WORKERS = {"generation": "before-update"}
+
+
+def _new_workers_at(marker: str):
+    """In the read: when the marker event arrives, the "workers" change (an update or a scale
+    event gives new processes, so new shard keys); nothing is ever sent to the old keys again."""
+    def switch(payload):
+        from transforms import sink
+
+        if marker in str(payload):
+            _WORKERS["generation"] = "after-update"
+        sink._PROCESS_SHARD = _WORKERS["generation"]
+        return payload
+    return switch
+
+
+def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, monkeypatch):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing import test_stream
+
+    from pipeline.graph import build_pipeline
+    from test_delivery_kit import event, fast, lines, request_sizes, spec_for
+    from transforms import sink
+
+    monkeypatch.setattr(sink, "_PROCESS_SHARD", "before-update")
+    _WORKERS["generation"] = "before-update"
+    spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
+    before = lines([event(i) for i in range(3)])
+    after = lines([event(i) for i in range(3, 5)])
+    stream = (test_stream.TestStream()
+              .add_elements(before)
+              .add_elements(after)            # new shards from here on: the old key gets nothing more
+              .advance_processing_time(3)     # flushInterval passes: the old key's timer sends its batch
+              .advance_watermark_to_infinity())
+    read = stream | "Workers" >> beam.Map(_new_workers_at(json.loads(after[0])["id"]))
+    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    build_pipeline(p, spec, streaming=True, read=read,
+                   send_options=fast(clock=lambda: 0.0, shards=sink.AUTO_SHARDS))
+    p.run().wait_until_finish()
+    assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
+    assert len(endpoint.accepted) == 5
