@@ -522,3 +522,18 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
     p.run().wait_until_finish()
     assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
     assert len(endpoint.accepted) == 5
+
+
+def test_at_least_once_streaming_mode_reaches_the_job(monkeypatch, tmp_path, capsys):
+    """Dataflow's at-least-once mode is a service option: the template passes it through."""
+    _without_key_in_environment(monkeypatch)
+    code, job = _launch_dry(monkeypatch, [f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS[:2],
+                                          "--dataflow_service_options=streaming_mode_at_least_once"])
+    assert code == 0, capsys.readouterr().err
+    # The job environment Beam's Dataflow client sends with the job, built from the job's options.
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    environment = apiclient.Environment(packages=[], options=job.options, environment_version="8",
+                                        proto_pipeline_staged_url="gs://my-bucket/staging/pipeline.pb",
+                                        proto_pipeline=job.proto_pipeline)
+    assert "streaming_mode_at_least_once" in list(environment.proto.service_options)
