@@ -537,3 +537,31 @@ def test_at_least_once_streaming_mode_reaches_the_job(monkeypatch, tmp_path, cap
                                         proto_pipeline_staged_url="gs://my-bucket/staging/pipeline.pb",
                                         proto_pipeline=job.proto_pipeline)
     assert "streaming_mode_at_least_once" in list(environment.proto.service_options)
+
+
+# -- the operations guide ---------------------------------------------------------------------------
+def test_the_operations_guide_is_linked_and_names_real_counters():
+    readme = (ROOT / "README.md").read_text()
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    assert "(docs/operations.md)" in readme
+    for section in ("## Architecture", "## Monitoring and alerts", "### Update and drain", "## Cost against throughput",
+                    "## Troubleshooting", "## Streaming modes", "## The write key"):
+        assert section in guide, section
+    # Every pipeline counter the guide tells an operator to watch is one the code counts.
+    code = "\n".join(p.read_text() for d in ("pipeline", "transforms") for p in (ROOT / d).glob("*.py"))
+    monitoring = guide[guide.index("## Monitoring and alerts"):guide.index("## Cost against throughput")]
+    named = set(re.findall(r"`((?:dead_letter|events|inputs|requests|batch)_[a-z_]+)`", monitoring))
+    assert {"dead_letter_delivery_failed", "dead_letter_rejected", "events_delivered", "inputs_read"} <= named
+    for counter in named:
+        stem = counter if not counter.startswith("dead_letter_") else "dead_letter_"
+        assert f'"{counter}"' in code or f'"{stem}' in code or f"f\"{stem}" in code, counter
+    # Every dead-letter reason it lists as a counter exists.
+    from transforms import dead_letter
+
+    reasons = {getattr(dead_letter, n) for n in dir(dead_letter) if n.isupper() and isinstance(getattr(dead_letter, n), str)}
+    for counter in named:
+        if counter.startswith("dead_letter_") and counter not in ("dead_letters_total",):
+            assert counter[len("dead_letter_"):] in reasons, counter
+    # Dataflow's and Pub/Sub's own metrics for lag and backlog are there.
+    for metric in ("job/system_lag", "subscription/num_undelivered_messages", "subscription/oldest_unacked_message_age"):
+        assert metric in monitoring
