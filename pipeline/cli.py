@@ -182,11 +182,16 @@ def prepare_run(argv: list[str]):
                          write_key_secret=opts.write_key_secret)
     except FlowError as exc:
         return _report_flow_errors(exc)
+    key = spec.settings.write_key
     if local:
-        problem = _local_write_key_problem(spec.settings.write_key)
+        problem = _local_write_key_problem(key)
         if problem:
             print(problem, file=sys.stderr)
             return EXIT_CONFIG
+    elif key.env_name is None and key.secret_version is None:
+        print("warning: the write key is written literally in the flow file, so it travels inside the job "
+              "Dataflow stores and shows; write \"$secret.SEGMENT_WRITE_KEY\" in the flow (or use "
+              "--write_key_secret) so that only workers ever read it", file=sys.stderr)
     return options, spec
 
 

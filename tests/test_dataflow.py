@@ -565,3 +565,13 @@ def test_the_operations_guide_is_linked_and_names_real_counters():
     # Dataflow's and Pub/Sub's own metrics for lag and backlog are there.
     for metric in ("job/system_lag", "subscription/num_undelivered_messages", "subscription/oldest_unacked_message_age"):
         assert metric in monitoring
+
+
+def test_a_literal_key_launched_on_dataflow_is_warned_about_without_being_shown(monkeypatch, tmp_path, capsys):
+    literal = "wk-literal-" + "9" * 12
+    flow = _flow_file(tmp_path, _document(literal))
+    code, _ = _launch_dry(monkeypatch, [f"--flow={flow}", *STREAMING_PARAMETERS[:2]])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "written literally in the flow file" in err and '"$secret.SEGMENT_WRITE_KEY"' in err
+    assert literal not in err
