@@ -327,6 +327,17 @@ def test_the_dockerfile_follows_the_flex_template_conventions():
     assert all("--no-cache-dir" in seg for seg in installs)
 
 
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    """Docker's best practices, by the usual linter (installed with the test extra). Its one
+    ignored rule, DL3029, disagrees with pinning the platform in FROM, which Dataflow needs."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    dockerfile = DATAFLOW / "Dockerfile"
+    assert set(re.findall(r"# hadolint ignore=(\S+)", dockerfile.read_text())) == {"DL3029"}
+    result = subprocess.run([str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_lock_pins_every_runtime_dependency_with_a_hash_as_constraints_txt_does():
     lock = _load_dataflow_module("lock")
     text = (DATAFLOW / "requirements.lock").read_text()
