@@ -109,6 +109,20 @@ def test_the_bundled_example_launches_as_a_template_with_no_secret_in_the_launch
     assert b"SEGMENT_WRITE_KEY" in _job_text(job)
 
 
+def test_the_launcher_process_runs_the_entry_point_file_with_no_secret_anywhere(tmp_path):
+    """Exactly as Dataflow's launcher does it: a new Python process running the file named by
+    FLEX_TEMPLATE_PYTHON_PY_FILE with --name=value flags, in an environment without any key."""
+    dockerfile = (DATAFLOW / "Dockerfile").read_text()
+    entry = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/(\S+)$", dockerfile, re.M).group(1)
+    environment = {k: v for k, v in os.environ.items() if "WRITE_KEY" not in k and not k.startswith("SEG")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / entry), f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS, *JOB_OPTIONS,
+         "--dry_run=true"],
+        cwd=tmp_path, env={**environment, "NO_GCE_CHECK": "True"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dry run: the streaming job was built for Dataflow and not submitted" in result.stdout
+
+
 def test_the_unchanged_bundled_example_launches_for_a_backfill(gcs, monkeypatch, capsys):  # noqa: F811
     """The example flow file as shipped ($env.SEGMENT_WRITE_KEY), read from gs:// as the launcher
     reads it, for a batch backfill from gs:// (the GCS emulator): no key anywhere."""
