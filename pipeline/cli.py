@@ -37,15 +37,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- shared start-up -------------------------------------------------------------------------
 def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str | None = None,
-              namespace: str | None = None, ttl_hours: float | None = 24.0):
+              namespace: str | None = None, ttl_hours: float | None = 24.0, **key_options):
     """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
-    surface every configuration error before anything starts."""
+    surface every configuration error before anything starts. ``key_options`` go to
+    :func:`pipeline.flow.flow_from_document` (where the write key is resolved)."""
     from pipeline.flow import FlowError
     from transforms.destination import DestinationSpec
     from transforms.mapping import MappingConfigError
     from transforms.steps import compiled
 
-    flow = _read_flow(flow_path, flow_name, destination_id)
+    flow = _read_flow(flow_path, flow_name, destination_id, **key_options)
+    for notice in flow.notices:
+        print(notice, file=sys.stderr)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
     spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
     try:
@@ -55,14 +58,14 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     return spec
 
 
-def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None):
+def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None, **key_options):
     """A local flow file, or one on gs:// (a Flex Template's launcher reads it from there)."""
     import json
 
     from pipeline.flow import FlowError, flow_from_document, load_flow
 
     if not flow_path.startswith("gs://"):
-        return load_flow(flow_path, flow_name, destination_id)
+        return load_flow(flow_path, flow_name, destination_id, **key_options)
     from apache_beam.io.filesystems import FileSystems
 
     try:
@@ -75,7 +78,7 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise FlowError([f"{flow_path}: not valid JSON: {getattr(exc, 'msg', exc)}{where}"]) from None
-    return flow_from_document(document, flow_name, destination_id)
+    return flow_from_document(document, flow_name, destination_id, **key_options)
 
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,18 +303,25 @@ def prepare_run(argv: list[str]):
     # The flow file and the input are checked together: every mistake is said at once.
     problems = []
     spec = None
+    local = _is_direct(options)
     try:
+        # On Dataflow the key is resolved by the workers only: the launcher never needs it.
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours)
+                         opts.identity_state_ttl_hours, defer_write_key=not local,
+                         write_key_secret=opts.write_key_secret)
     except FlowError as exc:
         problems += exc.errors
     if spec is not None and _replay_refused(opts.input, opts.input_format, spec):
         return EXIT_CONFIG
     key = spec.settings.write_key if spec is not None else None
-    if key is not None and _is_direct(options) and not key.resolvable_here():
-        # Only Dataflow workers read the key from Secret Manager; locally it must be in the environment.
-        problems.append(f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... "
-                        "for a local run")
+    if key is not None and local:
+        problem = _local_write_key_problem(key)
+        if problem:
+            problems.append(problem)
+    elif key is not None and key.env_name is None and key.secret_version is None:
+        print("warning: the write key is written literally in the flow file, so it travels inside the job "
+              "Dataflow stores and shows; write \"$secret.SEGMENT_WRITE_KEY\" in the flow (or use "
+              "--write_key_secret) so that only workers ever read it", file=sys.stderr)
     problems += _input_problems(opts)
     if problems:
         for p in problems:
@@ -343,6 +353,21 @@ def _name_this_run(opts) -> None:
     opts.run_id = new_run_id(opts.run_id)
     if opts.dead_letter:
         opts.dead_letter = run_prefix(opts.dead_letter, opts.run_id)
+
+
+def _local_write_key_problem(key) -> str | None:
+    """A local run resolves the key now, so a key that cannot be right stops it before anything
+    is read (on Dataflow the workers resolve it, and fail their setup with the same message)."""
+    from transforms.secrets import WriteKeyUnavailable
+
+    if key.secret_version is None and not key.resolvable_here():
+        # Only Dataflow workers read $secret.NAME from Secret Manager; locally it comes from the environment.
+        return f"the write key ($secret.{key.env_name}) is not set: export {key.env_name}=... for a local run"
+    try:
+        key.reveal()
+    except WriteKeyUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def launch(options, spec):
@@ -426,6 +451,12 @@ def _submit(options, spec, streaming: bool) -> int:
         print(outcome.line())
         if opts.summary_json:
             _write_summary(opts, options, spec, {}, outcome, _dead_letter_location(opts))
+        return outcome.status
+    if _dry_run(options):
+        # --dry_run=true: Beam built the whole Dataflow job (what a launch sends) and stopped there.
+        outcome = Outcome(EXIT_OK, f"dry run: the {'streaming' if streaming else 'batch'} job was built for "
+                                   "Dataflow and not submitted")
+        print(outcome.line())
         return outcome.status
     job_id = getattr(result, "job_id", None)
     job = f" as job {job_id()}" if callable(job_id) else ""
@@ -698,6 +729,12 @@ def _with_default_runner(argv: list[str]) -> list[str]:
     streaming = any(a in ("--streaming", "--input_subscription", "--input_topic") or
                     a.startswith(("--input_subscription=", "--input_topic=")) for a in argv)
     return [*argv, "--runner", "BundleBasedDirectRunner" if streaming else "FnApiRunner"]
+
+
+def _dry_run(options) -> bool:
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return bool(options.view_as(TestOptions).dry_run)
 
 
 def _is_direct(options) -> bool:

@@ -16,7 +16,7 @@ import jsonschema
 from referencing import Registry, Resource
 
 import schemas
-from transforms.secrets import WriteKey
+from transforms.secrets import SECRET_VERSION, WriteKey, WriteKeyProblem, checked_key
 from transforms.settings import SegmentSettings, coerce_settings
 
 SEGMENT_PACKAGE = "@walkeros/server-destination-segment"
@@ -44,13 +44,14 @@ class Flow:
     config: dict              # the destination config (mapping, data, policy, include, consent), resolved
     collector: dict           # {"globals": {...}, "consent": {...}, "user": {...}}
     config_path: str          # JSON path of `config`, for messages from later compilation
+    notices: tuple[str, ...] = ()  # things fixed on the way that the user should hear about (stderr)
 
     def __repr__(self) -> str:  # the config holds the write key: never print it whole
         return f"Flow(name={self.name!r}, destination_id={self.destination_id!r})"
 
 
 def load_flow(path: str, flow_name: str | None = None, destination_id: str | None = None,
-              env: Mapping[str, str] | None = None) -> Flow:
+              env: Mapping[str, str] | None = None, **key_options) -> Flow:
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -58,25 +59,31 @@ def load_flow(path: str, flow_name: str | None = None, destination_id: str | Non
         raise FlowError([f"{path}: cannot read the flow file: {exc.strerror}"]) from None
     except json.JSONDecodeError as exc:
         raise FlowError([f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from None
-    return flow_from_document(document, flow_name, destination_id, env)
+    return flow_from_document(document, flow_name, destination_id, env, **key_options)
 
 
 def flow_from_document(document: Any, flow_name: str | None = None, destination_id: str | None = None,
-                       env: Mapping[str, str] | None = None) -> Flow:
+                       env: Mapping[str, str] | None = None, *, defer_write_key: bool = False,
+                       write_key_secret: str | None = None) -> Flow:
+    """``defer_write_key``: the key is resolved on the workers, never here (a Flex Template
+    launcher has no secrets): a ``$env.NAME`` or ``$secret.NAME`` write key is kept as that
+    reference even when this process cannot see it. ``write_key_secret``: the key is that
+    Secret Manager version (``projects/P/secrets/S/versions/V``), read on the workers."""
     env = os.environ if env is None else env
+    key_options = {"defer_write_key": defer_write_key, "write_key_secret": write_key_secret}
     errors = _schema_errors(document, "flow.schema.json", "$")
     if errors:
-        raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors))
-    return _flow_from_checked_document(document, flow_name, destination_id, env)
+        raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors, key_options))
+    return _flow_from_checked_document(document, flow_name, destination_id, env, **key_options)
 
 
 def _later_errors(document: Any, flow_name: str | None, destination_id: str | None, env: Mapping[str, str],
-                  reported: list[str]) -> list[str]:
+                  reported: list[str], key_options: dict) -> list[str]:
     """What the destination's own checks say about a file whose outline is already faulty, so
     that one run of ``validate`` lists every error; nothing when the outline is too broken to
     find the destination."""
     try:
-        _flow_from_checked_document(document, flow_name, destination_id, env)
+        _flow_from_checked_document(document, flow_name, destination_id, env, **key_options)
     except FlowError as exc:
         return [e for e in exc.errors if e not in reported]
     except Exception:  # noqa: BLE001 - the outline's errors already say why
@@ -85,7 +92,8 @@ def _later_errors(document: Any, flow_name: str | None, destination_id: str | No
 
 
 def _flow_from_checked_document(document: Any, flow_name: str | None, destination_id: str | None,
-                                env: Mapping[str, str]) -> Flow:
+                                env: Mapping[str, str], *, defer_write_key: bool = False,
+                                write_key_secret: str | None = None) -> Flow:
     name = _choose_flow(document["flows"], flow_name)
     flow_doc = document["flows"][name]
     dest_id = _choose_destination(flow_doc.get("destinations") or {}, destination_id, name)
@@ -94,7 +102,9 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
 
     config_path = f"$.flows.{name}.destinations.{dest_id}.config"
     resolver = _References(variables, env)
-    raw_config, deferred_key = _defer_secret_write_key(step.get("config") or {}, env)
+    key_path = f"{config_path}.settings.writeKey"
+    raw_config, deferred_key = _defer_write_key(step.get("config") or {}, env, resolver, key_path,
+                                                defer_write_key, write_key_secret)
     config = resolver.resolve(raw_config, config_path)
     collector = resolver.resolve(flow_doc.get("collector") or {}, f"$.flows.{name}.collector")
     # Every error of the file at once (a user fixes them in one go): each check runs even when
@@ -113,7 +123,9 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
     if errors:
         raise FlowError(_redact(errors, config))
 
-    write_key = deferred_key or _write_key(step, config["settings"]["writeKey"])
+    notices: list[str] = []
+    write_key = deferred_key or _write_key(_key_reference(step, resolver), config["settings"]["writeKey"],
+                                           key_path, notices)
     settings = SegmentSettings.from_config(config["settings"], write_key)
     # The resolved key stays in `settings` (which pickles it as a reference); the plain config,
     # which travels to every worker, does not keep a copy.
@@ -124,10 +136,11 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
         "user": collector.get("user") or {},
     }
     return Flow(name=name, destination_id=dest_id, settings=settings, config=config,
-                collector=collector, config_path=config_path)
+                collector=collector, config_path=config_path, notices=tuple(notices))
 
 
 _KEY_REFERENCE = re.compile(r"^\$(?:env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\s\"'}]*))?|secret\.([A-Za-z_][A-Za-z0-9_]*))$")
+DEFERRED = "deferred-to-workers"  # stands in for the key while the config is validated
 
 
 def _already_reported(error: str, reported: list[str]) -> bool:
@@ -154,29 +167,62 @@ def _endpoint_errors(settings: dict, path: str) -> list[str]:
     return errors
 
 
-def _defer_secret_write_key(config: dict, env: Mapping[str, str]) -> tuple[dict, WriteKey | None]:
-    """A ``"$secret.NAME"`` write key that this process cannot see is left to the workers.
+def _key_reference(step: dict, resolver: "_References") -> Any:
+    """The write key as written, with whole-string ``$var`` references followed (so that
+    ``$var.wk`` whose value is ``"$env.SEGMENT_WRITE_KEY"`` is that reference, not its value)."""
+    raw = ((step.get("config") or {}).get("settings") or {}).get("writeKey")
+    return resolver.follow_variables(raw)
 
-    A Flex Template launcher has no way to receive a secret; Dataflow workers read it from
-    Secret Manager in ``setup()``. A local run checks it can be resolved before starting.
+
+def _defer_write_key(config: dict, env: Mapping[str, str], resolver: "_References", key_path: str,
+                     defer: bool, secret_version: str | None) -> tuple[dict, WriteKey | None]:
+    """The write key that is left to the workers, if any, and the config to validate meanwhile.
+
+    ``--write_key_secret`` names the key's secret version: the flow's own writeKey is then not
+    resolved at all (it must not be a literal key: one key, one place). Otherwise a
+    ``"$secret.NAME"`` key this process cannot see, and with ``defer`` any ``$env``/``$secret``
+    key without a default, is kept as its reference: Dataflow workers resolve it in ``setup()``.
     """
     settings = config.get("settings")
-    raw = settings.get("writeKey") if isinstance(settings, dict) else None
-    match = _KEY_REFERENCE.match(raw) if isinstance(raw, str) else None
-    if match is None or match.group(3) is None or match.group(3) in env:
+    if not isinstance(settings, dict):
         return config, None
-    placeholder = {**config, "settings": {**settings, "writeKey": "deferred-to-workers"}}
-    return placeholder, WriteKey(None, match.group(3))
-
-
-def _write_key(step: dict, resolved: str) -> WriteKey:
-    """The key, with the reference it came from when it was ``$env.NAME`` or ``$secret.NAME``."""
-    raw = ((step.get("config") or {}).get("settings") or {}).get("writeKey")
+    raw = resolver.follow_variables(settings.get("writeKey"))
     match = _KEY_REFERENCE.match(raw) if isinstance(raw, str) else None
+    placeholder = {**config, "settings": {**settings, "writeKey": DEFERRED}}
+    if secret_version is not None:
+        if not SECRET_VERSION.match(secret_version):
+            raise FlowError([f"--write_key_secret {secret_version!r}: expected a Secret Manager version name, "
+                             "projects/PROJECT/secrets/NAME/versions/VERSION (a number or latest)"])
+        if raw is not None and match is None:
+            raise FlowError([f"{key_path}: the flow file holds a literal write key and --write_key_secret names "
+                             "a secret: give the key in one place (write \"$secret.SEGMENT_WRITE_KEY\" in the "
+                             "flow, or drop writeKey's literal value)"])
+        return placeholder, WriteKey(secret_version=secret_version)
     if match is None:
-        return WriteKey(resolved)
+        return config, None
     env_name, default, secret_name = match.groups()
-    return WriteKey(resolved, env_name or secret_name, default)
+    if secret_name is not None and (defer or secret_name not in env):
+        return placeholder, WriteKey(None, secret_name)
+    if defer and env_name is not None and default is None:
+        return placeholder, WriteKey(None, env_name)
+    return config, None
+
+
+def _write_key(reference: Any, resolved: str, key_path: str, notices: list[str]) -> WriteKey:
+    """The key, checked, with the reference it came from when it was ``$env.NAME`` or
+    ``$secret.NAME`` (then only the reference travels to the workers)."""
+    match = _KEY_REFERENCE.match(reference) if isinstance(reference, str) else None
+    source = f"{reference}" if match else "the flow file"
+    try:
+        key, notice = checked_key(resolved, source)
+    except WriteKeyProblem as exc:
+        raise FlowError([f"{key_path}: {exc}"]) from None
+    if notice:
+        notices.append(f"{key_path}: {notice}")
+    if match is None:
+        return WriteKey(key)
+    env_name, default, secret_name = match.groups()
+    return WriteKey(key, env_name or secret_name, default)
 
 
 def _redact(errors: list[str], config: dict) -> list[str]:
@@ -239,6 +285,31 @@ class _References:
         self.variables = variables
         self.env = env
         self.errors: list[str] = []
+        self._visiting: list[str] = []  # variables being resolved, to catch cycles
+
+    def follow_variables(self, value: Any) -> Any:
+        """A whole-string ``$var.name`` followed to what it names, unresolved otherwise."""
+        seen = set()
+        while isinstance(value, str):
+            match = _VAR_WHOLE.match(value)
+            if not match or match.group(2) or match.group(1) in seen or match.group(1) not in self.variables:
+                break
+            seen.add(match.group(1))
+            value = self.variables[match.group(1)]
+        return value
+
+    def _variable_value(self, name: str, path: str) -> Any:
+        """A variable's value with its own references resolved (variables may use $env, $secret
+        and other variables, as in walkerOS), or None after recording a cycle."""
+        if name in self._visiting:
+            chain = " -> ".join(f"$var.{n}" for n in [*self._visiting, name])
+            self.errors.append(f"{path}: variables reference each other in a cycle: {chain}")
+            return None
+        self._visiting.append(name)
+        try:
+            return self.resolve(self.variables[name], path)
+        finally:
+            self._visiting.pop()
 
     def resolve(self, value: Any, path: str) -> Any:
         if isinstance(value, dict):
@@ -278,7 +349,7 @@ class _References:
             known = ", ".join(sorted(self.variables)) or "none"
             self.errors.append(f"{path}: variable $var.{name} is not defined (defined: {known})")
             return None
-        value = self.variables[name]
+        value = self._variable_value(name, path)
         for key in filter(None, sub_path.split(".")):
             if isinstance(value, dict) and key in value:
                 value = value[key]
@@ -295,7 +366,7 @@ class _References:
         name, keys = match.group(1), [k for k in match.group(2).split(".") if k]
         if name not in self.variables:
             return str(self._variable(name, "", path) or match.group(0))
-        value, used = self.variables[name], 0
+        value, used = self._variable_value(name, path), 0
         for key in keys:
             if isinstance(value, dict) and key in value:
                 value, used = value[key], used + 1

@@ -41,7 +41,7 @@ RANGES = {
     "identity_state_ttl_hours": Range(0, 24 * 366, low_included=False, unit="hours",
                                       note="the identity memory must expire: state would grow forever"),
     "flush_deadline_seconds": Range(0, 3600, low_included=False, unit="seconds"),
-    "delivery_shards": Range(1, 1024),
+    "delivery_shards": Range(0, 1024),  # 0: one shard per worker thread
     "progress_interval_seconds": Range(0, 86400, unit="seconds", note="0: never"),
     "max_inflation_ratio": Range(1, 1_000_000),
     "max_inflated_mb": Range(1, 1024 ** 3, unit="MB"),
@@ -142,12 +142,19 @@ class WalkerosOptions(PipelineOptions):
                               type=parse_bool, metavar="true|false",
                               help="Fail the bundle (the runner retries it) instead of dead-lettering events "
                                    "Segment did not accept after retries.")
-        delivery.add_argument("--delivery_shards", type=int, default=8,
-                              help="Streaming: keys over which calls are batched in Beam state (flushAt / flushInterval): "
-                                   "at most this many batches fill, and are sent, in parallel. Batch runs "
-                                   "batch within bundles and ignore it.")
+        delivery.add_argument("--delivery_shards", type=int, default=0,
+                              help="Streaming: keys over which calls are batched in Beam state (flushAt / flushInterval). "
+                                   "0 (default): one per thread delivering on each worker, so the job's "
+                                   "parallelism sets how many batches fill and are sent at once; N: N keys by "
+                                   "user (a user's calls in one shard, in order), at most N requests in flight. "
+                                   "Can change on update. Batch runs batch within bundles and ignore it.")
         delivery.add_argument("--progress_interval_seconds", type=float, default=30.0,
                               help="Log delivery progress (events delivered so far) at most this often; 0: never.")
+        delivery.add_argument("--write_key_secret", default=None,
+                              help="Secret Manager secret version holding the Segment write key, "
+                                   "projects/PROJECT/secrets/NAME/versions/VERSION (any project; VERSION a "
+                                   "number or latest). Workers read it; the launcher never does. Replaces "
+                                   "the flow's $secret/$env writeKey. Never pass the key itself.")
 
         source.add_argument("--max_inflation_ratio", type=float, default=100.0,
                             help="A compressed input file (.gz) that inflates beyond this many times its size "

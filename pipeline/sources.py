@@ -367,7 +367,11 @@ class ReadEvents(beam.PTransform):
             whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: _is_compressed(metadata.path))
         payloads = (whole_files
                     | "ReadMatches" >> fileio.ReadMatches()
-                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits)))
+                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits))
+                    # One worker reads each whole file from start to end; without a shuffle it would
+                    # also parse, map and send all of it, so a backfill of a few large files would
+                    # use a few workers. The reshuffle spreads its records over all of them.
+                    | "Spread" >> beam.Reshuffle())
         if fmt != "jsonl":
             return payloads
         return (lines, payloads) | "AllPayloads" >> beam.Flatten()

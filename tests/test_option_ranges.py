@@ -24,7 +24,6 @@ EXAMPLE_EVENTS = str(ROOT / "examples" / "events.jsonl")
     ("--identity_state_ttl_hours", "0"),      # once silently "forever"
     ("--identity_state_ttl_hours", "-1"),
     ("--identity_state_ttl_hours", "1e12"),   # beyond what an event-time timer can hold
-    ("--delivery_shards", "0"),
     ("--delivery_shards", "-3"),
     ("--progress_interval_seconds", "-1"),
     ("--max_inflation_ratio", "0.5"),

@@ -56,6 +56,7 @@ SAMPLES = {
     "max_dead_letter_ratio": "0.01",
     "summary_json": "gs://my-bucket/reports/walkeros-run.json",
     "run_id": "scheduled__2026-01-01T00_00_00",
+    "write_key_secret": "projects/other-project/secrets/segment-write-key/versions/3",
 }
 # Values Dataflow must refuse before launching.
 REFUSED = {
@@ -68,6 +69,7 @@ REFUSED = {
     "fail_bundle_on_delivery_error": ["yes please"],
     "identity_state_ttl_hours": ["-1", "a day"],
     "max_dead_letter_ratio": ["1.5", "-0.1", "all"],
+    "write_key_secret": ["sk_live_0123456789", "projects/p/secrets/s", "projects/p/secrets/s/versions/0"],
 }
 
 
@@ -154,8 +156,8 @@ def test_the_launcher_runs_on_dataflow_unless_told_otherwise(monkeypatch):
     launch = _load_dataflow_module("launch")
     seen = []
     monkeypatch.setattr(launch, "cli_main", lambda argv: seen.append(argv) or 0)
-    assert launch.main(["--flow=gs://b/f.json"]) == 0
-    assert seen == [["run", "--flow=gs://b/f.json", "--runner=DataflowRunner"]]
+    assert launch.main(["--flow=gs://b/f.json", "--sdk_container_image=img"]) == 0
+    assert seen == [["run", "--flow=gs://b/f.json", "--sdk_container_image=img", "--runner=DataflowRunner"]]
 
 
 def test_the_pubsub_read_dataflow_receives(monkeypatch):
@@ -186,11 +188,11 @@ def test_the_pubsub_read_dataflow_receives(monkeypatch):
     assert (payload.subscription, payload.id_attribute, payload.timestamp_attribute, payload.with_attributes) == \
         (subscription, "event_id", "", True)
     assert "ReadEvents/EventTime" in {t.unique_name for t in graph.components.transforms.values()}
-    # The README's "Running on Dataflow" lists the step names an update matches on: they must be these.
-    docs = (ROOT / "README.md").read_text()
+    # The operations guide's "Update and drain" lists the step names an update matches on: they must be these.
+    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "operations.md").read_text()
     names = {t.unique_name for t in graph.components.transforms.values() if t.unique_name}
     for name in sorted(n for n in names if n.count("/") <= 1 and not n.startswith("ref_")):
-        assert f"`{name.rsplit('/', 1)[-1]}`" in docs, f"README.md does not name the step {name}"
+        assert f"`{name.rsplit('/', 1)[-1]}`" in docs, f"docs/operations.md does not name the step {name}"
 
 
 # -- the image -------------------------------------------------------------------------------
@@ -202,7 +204,8 @@ def test_dockerfile_matches_the_package(tmp_path):
     assert args["BEAM_VERSION"] == beam_pin
     assert args["PYTHON_VERSION"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert "python311-template-launcher-base" in args["LAUNCHER_IMAGE"]
-    assert re.search(r"^FROM apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\}$", dockerfile, re.M)
+    assert re.search(r"^FROM --platform=linux/amd64 apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\}$",
+                     dockerfile, re.M)
     assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
 
     # Everything it copies is in the build context build.sh assembles, and the files the
@@ -217,7 +220,8 @@ def test_dockerfile_matches_the_package(tmp_path):
             copied[source] = destination / Path(source).name if target.endswith("/") else destination
     env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, re.M))
     assert Path(env["FLEX_TEMPLATE_PYTHON_PY_FILE"]) == copied["dataflow/launch.py"]
-    assert Path(env["FLEX_TEMPLATE_PYTHON_SETUP_FILE"]) in {Path("/template/setup.py")} and "setup.py" in copied
+    # No FLEX_TEMPLATE_PYTHON_SETUP_FILE: the image is the workers' SDK container (tests/test_dataflow.py).
+    assert "FLEX_TEMPLATE_PYTHON_SETUP_FILE" not in env and "setup.py" in copied
     assert not list(context.rglob("test_*.py")) and not (context / ".venv").exists()
 
 

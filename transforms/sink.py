@@ -5,7 +5,7 @@ How events become batches depends on the run (``pipeline.graph`` wires one or th
 * batch runs: :class:`BatchAndSend` cuts batches within each bundle (a batch run's bundles are
   large) and sends the last, partial one in ``finish_bundle``: no shuffle, no state;
 * streaming: :class:`BatchCalls` gathers calls across bundles **in Beam state** (keyed over a
-  fixed number of shards), so nothing waits only in memory, flushed after ``flushInterval`` ms
+  shards that follow the job's parallelism), so nothing waits only in memory, flushed after ``flushInterval`` ms
   and at the end of the window (a drain); :class:`SendToSegment` sends each batch.
 
 Either way a batch is cut at ``flushAt`` calls and before it would pass 2,500 messages or
@@ -46,6 +46,7 @@ import numbers
 import threading
 import time
 import typing
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -95,7 +96,11 @@ _SDK_DEFAULTS = {
 }
 _SDK_DEFAULT_BYTES = {kind: {key: len(json.dumps({key: value})) for key, value in fields.items()}
                       for kind, fields in _SDK_DEFAULTS.items()}
-DEFAULT_SHARDS = 8
+# BatchCalls' keys. 0 (the default): as many as there are threads delivering, on every worker
+# (see worker_shard), so the job's parallelism, not a number fixed at launch, bounds how many
+# batches fill and go out at once. N > 0: N keys by user, one user's calls in one shard, in order.
+AUTO_SHARDS = 0
+DEFAULT_SHARDS = AUTO_SHARDS
 # How long the SDK's consumer thread gathers one batch. Generous, so that the calls enqueued for
 # one batch leave as one request (the consumer returns as soon as it has ``upload_size`` calls);
 # it only bounds how long a paused consumer thread lingers after shutdown.
@@ -240,6 +245,17 @@ class Delivery:
         first = self.messages[0] if self.messages else {}
         key = first.get("anonymousId") or first.get("userId") or self.event.get("id") or ""
         return str(zlib.crc32(str(key).encode()) % max(1, shards))
+
+
+# Unique to this worker process: with the thread, it names the shard of whatever this thread
+# delivers (the scheme of Beam's GroupIntoBatches.WithShardedKey), so shards come and go with
+# the workers' threads, as autoscaling and updates change them.
+_PROCESS_SHARD = uuid.uuid4().hex[:12]
+
+
+def worker_shard(_delivery: "Delivery") -> str:
+    """The shard of a delivery when shards follow the job's parallelism (AUTO_SHARDS)."""
+    return f"{_PROCESS_SHARD}:{threading.get_ident():x}"
 
 
 @dataclass
@@ -986,6 +1002,11 @@ class _BatchInState(beam.DoFn):
         state = (state[0] + calls, state[1] + size, min(state[2], timestamp))
         if state[0] >= self.flush_at:
             yield self._take(buffer, pending, state)
+            # Nothing waits under this key any more: no timer is left behind for it (with
+            # worker shards, the keys of stopped workers are never seen again).
+            if self.streaming:
+                flush.clear()
+            end.clear()
         else:
             pending.write(state)
 
@@ -1032,9 +1053,12 @@ class BatchCalls(beam.PTransform):
         self.options = options or SendOptions()
 
     def expand(self, deliveries):
-        shards = max(1, int(self.options.shards))
+        shards = int(self.options.shards)
+        # Changing the number of shards (or the workers, with worker shards) on an update loses
+        # nothing: a key no longer used still holds its batch and timers, which send it.
+        shard_of = worker_shard if shards <= AUTO_SHARDS else (lambda d: d.shard_key(shards))
         return (deliveries
-                | "ShardKey" >> beam.Map(lambda d: (d.shard_key(shards), d)).with_output_types(
+                | "ShardKey" >> beam.Map(lambda d: (shard_of(d), d)).with_output_types(
                     typing.Tuple[str, Delivery])
                 | "Gather" >> beam.ParDo(_BatchInState(self.flush_at, self.flush_interval_ms, self.streaming,
                                                        self.options.clock)))
