@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 EXIT_CONFIG = 2
+EXIT_ENDPOINT = 1  # the Segment endpoint refused every request: the run failed, nothing dead-lettered
 
 USAGE = """walkeros-segment COMMAND [options]
 
@@ -202,6 +203,42 @@ def launch(options, spec):
 
 
 def execute(options, spec, streaming: bool) -> int:
+    # -- issue 11, send side: a Segment endpoint that refuses every request (key, host, path)
+    # fails the run with one line and no traceback. The run-level exit codes may replace the
+    # status returned here.
+    from transforms.segment_http import endpoint_config_message
+
+    quiet = _QuietEndpointErrors()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        return _execute(options, spec, streaming)
+    except Exception as exc:
+        message = endpoint_config_message(exc)
+        if message is None:
+            raise
+        print(f"walkerOS → Segment: run of flow {spec.flow_name!r} failed: {message}", file=sys.stderr)
+        return EXIT_ENDPOINT
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+class _QuietEndpointErrors(logging.Filter):
+    """Keeps Beam's own report of a failed bundle (a traceback) off the console when the cause
+    is an endpoint-wide refusal: :func:`execute` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from transforms.segment_http import endpoint_config_message
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and endpoint_config_message(exc) is not None:
+            return False
+        return record.levelno < logging.ERROR or "EndpointConfigError" not in record.getMessage()
+
+
+def _execute(options, spec, streaming: bool) -> int:
     from pipeline.summary import counters, render
 
     result = launch(options, spec)
