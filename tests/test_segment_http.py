@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,20 @@ def test_a_one_character_key_run_reads_correctly(tmp_path):
             connection.close()
     [(_, dead)] = result.failed
     assert "max payload exceeded for this index" in dead.error
+
+
+@pytest.mark.parametrize("extra", [[], ["--runner", "BundleBasedDirectRunner"],
+                                   ["--input_subscription", "projects/p/subscriptions/s"]])
+def test_fail_bundle_on_delivery_error_is_refused_where_bundles_are_not_retried(extra, capsys):
+    from pipeline import cli
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    events = ["--input", str(examples / "events.jsonl")]
+    argv = ["run", "--flow", str(examples / "flow.json"), "--dead_letter_topic", "projects/p/topics/d",
+            "--fail_bundle_on_delivery_error", *(extra or events)]
+    if extra and extra[0] == "--runner":
+        argv += events
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--fail_bundle_on_delivery_error needs a runner that retries failed bundles" in err
+    assert "Traceback" not in err
