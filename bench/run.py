@@ -44,16 +44,17 @@ N0 = 1_000
 GENERATOR_VERSION = 1
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by python -m bench -->"
 
-VARIANTS = ("transform", "send", "send-sink", "pipeline", "pipeline-nosend", "explain")
+VARIANTS = ("transform", "send", "send-post", "send-sink", "pipeline", "pipeline-nosend", "explain")
 LABELS = {
     "transform": "1 transform limit (plain loop)",
     "send": "2 send limit (SDK Client alone)",
-    "send-sink": "2b send, the pipeline's sink",
+    "send-post": "2b send, the SDK's request function",
+    "send-sink": "2c send, the pipeline's sink",
     "pipeline": "3 Beam pipeline (FnApiRunner)",
     "pipeline-nosend": "3b the same, not sending (disable)",
     "explain": "4 explain (in-process)",
 }
-NEEDS_ENDPOINT = {"send", "send-sink", "pipeline"}
+NEEDS_ENDPOINT = {"send", "send-post", "send-sink", "pipeline"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +181,10 @@ def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
     try:
         if variant == "transform":
             result = _spawn("transform", workdir, [*flow, "--input", str(paths["events"][n])], env, profile)
-        elif variant in ("send", "send-sink"):
+        elif variant in ("send", "send-post", "send-sink"):
+            client = {"send": "bare", "send-post": "post", "send-sink": "sink"}[variant]
             result = _spawn("send", workdir, [*flow, "--calls", str(paths["calls"][n]), "--flush-at", str(flush_at),
-                                              "--client", "sink" if variant == "send-sink" else "bare"],
+                                              "--client", client],
                             env, profile)
         elif variant in ("pipeline", "pipeline-nosend"):
             dead = workdir / f"dead-letters-{n}" / "dl"
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = {}
     for n in all_sizes:
         paths["events"][n] = ensure_events(workdir, n, seed)
-        if {"send", "send-sink"} & set(variants) or "pipeline" in variants:
+        if {"send", "send-post", "send-sink"} & set(variants) or "pipeline" in variants:
             paths["calls"][n], expected[n] = ensure_calls(workdir, flow, paths["events"][n], n)
 
     runs = []

@@ -321,24 +321,25 @@ def sdk_message(message: dict) -> dict:
     """``message`` as segment-analytics-python's Client puts it on the wire: the fields it writes
     as null or ``{}`` when a call has none, ``context.library``, ids as strings, the timestamp
     in its ISO form. The caller's dicts are not changed (``context`` is copied, nothing else)."""
-    out = dict(_CLIENT_FIELDS.get(message.get("type"), _COMMON_FIELDS))
-    out.update(message)
-    for name in ("properties", "traits", "integrations"):
-        if name in out and out[name] is None:
+    out = {**_CLIENT_FIELDS.get(message.get("type"), _COMMON_FIELDS), **message}
+    context = message.get("context")
+    out["context"] = {**context, "library": LIBRARY} if isinstance(context, dict) else (
+        {"library": LIBRARY} if context is None else context)
+    for name in _OBJECT_FIELDS:
+        if name in message and message[name] is None:
             out[name] = {}
-    context = out.get("context")
-    if context is None:
-        out["context"] = {"library": LIBRARY}
-    elif isinstance(context, dict):
-        out["context"] = {**context, "library": LIBRARY}
-    for name in ("userId", "anonymousId", "messageId"):
-        value = out.get(name)
-        if value is not None and not isinstance(value, str):
+    for name in _ID_FIELDS:
+        value = out[name] if name in out else None
+        if value is not None and type(value) is not str:
             out[name] = str(value)  # the SDK's stringify_id
     timestamp = out.get("timestamp")
     if isinstance(timestamp, str) and len(timestamp) != _TIMESTAMP_CHARS:
         out["timestamp"] = _sdk_timestamp(timestamp)
     return out
+
+
+_OBJECT_FIELDS = ("properties", "traits", "integrations")
+_ID_FIELDS = ("userId", "anonymousId", "messageId")
 
 
 def _sdk_timestamp(text: str) -> str:
