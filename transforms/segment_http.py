@@ -98,7 +98,7 @@ def endpoint_config_message(exc: BaseException) -> str | None:
     return None
 
 
-def _advice(status: int, host: str, location: str | None) -> str:
+def _advice(status: int, url: str, location: str | None) -> str:
     if status == 401:
         return ("the write key was refused: check writeKey (revoked, mistyped, or from another source) "
                 "and that it belongs to this region's host (an EU workspace's key needs "
@@ -107,7 +107,7 @@ def _advice(status: int, host: str, location: str | None) -> str:
         return ("the write key is not allowed to send here: check writeKey and the region host "
                 "(https://api.segment.io for US workspaces, https://events.eu1.segmentapis.com for EU)")
     if status == 404:
-        return (f"no batch endpoint at {host}: check host (without /v1/batch, e.g. https://api.segment.io) "
+        return (f"no batch endpoint at {url}: check host (without /v1/batch, e.g. https://api.segment.io) "
                 "and path (default /v1/batch)")
     suggestion = _suggested_host(location)
     return (f"a redirect to {location or '(no Location)'}; redirects are not followed for the batch POST"
@@ -227,7 +227,7 @@ class SegmentHttp:
         if status in ENDPOINT_STATUSES or 300 <= status < 400:
             location = response.headers.get("Location")
             detail = self._describe(response) if status in ENDPOINT_STATUSES else ""
-            raise EndpointConfigError(status, self.host, detail, _advice(status, self.host, location))
+            raise EndpointConfigError(status, self.host, detail, _advice(status, self.url, location))
 
     def _describe(self, response) -> str:
         """``HTTP <status> <code>: <message>`` as the SDK reads an error body, never the key."""
