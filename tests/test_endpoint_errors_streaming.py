@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
 from pipeline import cli

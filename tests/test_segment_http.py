@@ -13,13 +13,12 @@ import pytest
 from pipeline.local_segment import LocalSegment, redirect, status
 from support import WRITE_KEY
 from test_delivery_batching import client_built
-from test_delivery_kit import assert_exactly_once, event, fast, planned_calls, run, spec_for
+from test_delivery_kit import event, fast, spec_for
 from transforms.secrets import REDACTED, redact_secret
 from transforms.segment_http import USER_AGENT, EndpointConfigError, endpoint_config_message
 from transforms.sink import Delivery, SegmentConnection
 
 TS = "2026-01-01T00:00:00.000+00:00"
-EVENTS = [event(i) for i in range(6)]
 
 
 def one(message_id: str, **fields) -> Delivery:

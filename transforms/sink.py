@@ -57,8 +57,6 @@ from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from segment.analytics.version import VERSION as _SDK_VERSION
-
 from transforms import dead_letter as dl
 from transforms.dead_letter import DeadLetter, payload_text
 from transforms.metrics import NAMESPACE, counter
