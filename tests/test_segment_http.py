@@ -96,8 +96,10 @@ def test_backoff_grows_and_max_retries_bounds_the_attempts(endpoint):
     result = send(endpoint.url, [one("bo:1")], max_retries=3, timeout_ms=5_000)
     assert [r.retry_count for r in endpoint.requests] == [None, 1, 2, 3]
     times = [r.time for r in endpoint.requests]
-    # The SDK's schedule: at once, then 0.5 s, then 1 s (each + up to 10% jitter).
-    assert times[1] - times[0] < 0.3 and 0.45 <= times[2] - times[1] < 0.8 and 0.95 <= times[3] - times[2] < 1.4
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # The SDK's schedule: at once, then 0.5 s, then 1 s (each + up to 10% jitter); a busy machine
+    # only adds to each gap.
+    assert gaps[0] < gaps[1] < gaps[2] and gaps[0] < 0.45 and gaps[1] >= 0.5 and gaps[2] >= 1.0 and gaps[2] < 3
     [(_, dead)] = result.failed
     assert (dead.reason, dead.http_status) == ("delivery_failed", 500)
 
