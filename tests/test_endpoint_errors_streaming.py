@@ -14,12 +14,15 @@ from pipeline.explain import explain_payloads
 from pipeline.local_segment import LocalSegment
 from support import WRITE_KEY
 from test_pubsub_streaming import _wait, event, streaming_flow
+from transforms import sink
 from transforms.steps import compiled
 
 USERS = [{"session": f"s-{i}"} for i in range(3)]
 
 
 def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkeypatch, tmp_path, caplog):  # noqa: F811
+    # Held at most this long: should an assertion fail, stopping the job does not wait 10 minutes.
+    monkeypatch.setattr(sink, "DEFAULT_ENDPOINT_ERROR_HOLD_S", 90.0)
     refusing = LocalSegment("the-key-segment-expects", strict=True).start()
     port = refusing.port
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
@@ -43,11 +46,12 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
         threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
         try:
             with pubsub.heartbeats(topic):
-                assert refusing.wait_for(lambda s: len(s.requests) >= 2, timeout=30), failure  # refused, probed again
-                assert all(r.status == 401 for r in refusing.requests) and not refusing.accepted
+                refused_twice = refusing.wait_for(lambda s: sum(r.status == 401 for r in s.requests) >= 2, timeout=60)
+                assert refused_twice, failure  # refused, then probed again
+                assert not refusing.accepted
                 refusing.stop()
                 fixed = LocalSegment(WRITE_KEY, port=port).start()  # the key is right now
-                assert fixed.wait_until(len(planned), timeout=30), (len(fixed.accepted), failure)
+                assert fixed.wait_until(len(planned), timeout=60), (len(fixed.accepted), failure)
                 dead = pubsub.pull(dead_subscription, count=1, timeout_s=2, idle_s=0.5)
         finally:
             cli.stop_local_streaming(result, subscription=subscription)

@@ -144,7 +144,9 @@ class SegmentHttp:
     def __init__(self, write_key: str, url: str, *, timeout_s: float, max_retries: int, gzip: bool = False,
                  sleep: Callable[[float], None] | None = None):
         self.url = url
-        self.host = _origin(url)
+        # For messages only: a key someone put into the URL (a proxy's user, say) is never shown.
+        self.host = redact_secret(_origin(url), write_key)
+        self._shown_url = redact_secret(url, write_key)
         self.timeout_s = timeout_s
         self.max_retries = max(0, int(max_retries))
         self.gzip = gzip
@@ -227,7 +229,8 @@ class SegmentHttp:
         if status in ENDPOINT_STATUSES or 300 <= status < 400:
             location = response.headers.get("Location")
             detail = self._describe(response) if status in ENDPOINT_STATUSES else ""
-            raise EndpointConfigError(status, self.host, detail, _advice(status, self.url, location))
+            raise EndpointConfigError(status, self.host, detail, _advice(status, self._shown_url, self.redact(location)
+                                                                         if location else None))
 
     def _describe(self, response) -> str:
         """``HTTP <status> <code>: <message>`` as the SDK reads an error body, never the key."""

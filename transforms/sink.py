@@ -257,8 +257,9 @@ class SendOptions:
     shards: int = DEFAULT_SHARDS          # keys of BatchCalls' state: its parallelism
     progress_interval_s: float = 30.0     # a progress line at most this often (0: never)
     # streaming: how long a batch the endpoint refuses as a whole (401/403/404, a redirect) is
-    # held and the endpoint probed again before the bundle fails (and the runner retries it)
-    endpoint_error_hold_s: float = 600.0
+    # held and the endpoint probed again before the bundle fails (and the runner retries it);
+    # None: DEFAULT_ENDPOINT_ERROR_HOLD_S
+    endpoint_error_hold_s: float | None = None
     clock: Callable[[], float] | None = None  # BatchCalls' processing-time clock (tests: TestStream)
 
 
@@ -327,6 +328,7 @@ ENDPOINT_ERROR_MEMORY_S = 60.0
 # Streaming: how often the cause of a held batch is logged, and the longest wait between probes.
 ENDPOINT_ERROR_LOG_EVERY_S = 60.0
 ENDPOINT_PROBE_MAX_S = 30.0
+DEFAULT_ENDPOINT_ERROR_HOLD_S = 600.0
 _ENDPOINT_LOGGED = -ENDPOINT_ERROR_LOG_EVERY_S
 
 
@@ -779,7 +781,10 @@ class _SegmentSink(beam.DoFn):
 
     def setup(self):
         self._connection_key, self.connection = acquire_connection(self.settings, self.options)
-        hold_s = self.options.endpoint_error_hold_s if self.hold_endpoint_errors else 0.0
+        hold_s = 0.0
+        if self.hold_endpoint_errors:
+            hold_s = self.options.endpoint_error_hold_s
+            hold_s = DEFAULT_ENDPOINT_ERROR_HOLD_S if hold_s is None else hold_s
         self.sender = PipelinedSender(self.connection, self.flow, hold_s)
 
     def _outputs(self, settled: list[tuple[_Sent, BatchResult]], finishing: bool = False) -> Iterator:
