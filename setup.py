@@ -11,6 +11,7 @@ RUNTIME = [
     "fastavro==1.13.1",
     "jsonschema==4.26.0",
     "orjson==3.13.0",
+    "requests==2.34.2",  # the HTTP session of the send layer (also the SDK's)
 ]
 
 TEST = [

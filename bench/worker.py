@@ -14,10 +14,11 @@ Modes:
   calls      the same loop, writing each delivered event's messages as one JSON line (the
              input of ``send``; not measured).
   send       the SDK alone: the ``calls`` file into a bare SDK ``Client`` fed as fast as it
-             takes messages (its consumer thread batching ``upload_size`` = flushAt), or with
-             ``--client sink`` through the pipeline's own sink (``PipelinedSender`` over
-             ``SegmentConnection``: one request per batch of ``flushAt`` calls, batches cut as
-             the sink cuts them, each settled with its fate), for comparison.
+             takes messages (its consumer thread batching ``upload_size`` = flushAt); with
+             ``--client post`` each batch (cut as the sink cuts them) through the SDK's own request
+             function ``segment.analytics.request.post``; with ``--client sink`` through the
+             pipeline's own sink (``PipelinedSender`` over ``SegmentConnection``: one request per
+             batch, each settled with its fate), for comparison.
   pipeline   ``walkeros-segment run`` in this process: the Beam batch pipeline on the FnApiRunner
              reading the file and delivering to ``$BENCH_SEGMENT_HOST``.
   explain    ``walkeros-segment explain`` in this process, its output written to /dev/null.
@@ -132,6 +133,8 @@ def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
     counts = {"delivered": 0, "failed": 0, "messages": 0, "requests": 0, "batches": 0, "not_queued": 0}
     if client == "bare":
         return _send_bare(calls_path, cap, settings, counts)
+    if client == "post":
+        return _send_post(calls_path, cap, settings, counts)
     with _Span() as span:
         connection = SegmentConnection(settings, SendOptions(flush_deadline_s=120))
 
@@ -197,6 +200,32 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
     return {"work_s": span.wall, "cpu_s": span.cpu, "client": "bare Client", **counts}
 
 
+def _send_post(calls_path: str, cap: int, settings, counts: dict) -> dict:
+    """Each batch (cut as the sink cuts it) through the SDK's own request function,
+    ``segment.analytics.request.post``, one after the other, messages in the Client's form."""
+    from segment.analytics.request import post
+
+    from transforms.segment_http import sdk_message
+    from transforms.sink import Delivery
+
+    with _Span() as span:
+        key, host = settings.write_key.reveal(), settings.sdk_host()
+
+        def deliveries():
+            with open(calls_path, "rb") as f:
+                for line in f:
+                    yield Delivery({}, orjson.loads(line))
+
+        for batch in _split_batches(deliveries(), cap):
+            messages = [sdk_message(m) for d in batch for m in d.messages]
+            post(key, host, timeout=settings.http_request_timeout_ms / 1000, batch=messages)
+            counts["delivered"] += len(batch)
+            counts["messages"] += len(messages)
+            counts["requests"] += 1
+            counts["batches"] += 1
+    return {"work_s": span.wall, "cpu_s": span.cpu, "client": "SDK request.post", **counts}
+
+
 def _split_batches(deliveries, flush_at: int):
     """Batches as the pipeline's sink cuts them."""
     from transforms.sink import split_batches
@@ -237,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls")
     parser.add_argument("--dead-letter")
     parser.add_argument("--flush-at", type=int, default=500)
-    parser.add_argument("--client", choices=("bare", "sink"), default="bare")
+    parser.add_argument("--client", choices=("bare", "sink", "post"), default="bare")
     parser.add_argument("--profile", help="write a cProfile of the measured work to this file")
     args = parser.parse_args(argv)
 

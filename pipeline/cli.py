@@ -785,6 +785,14 @@ def _flag_problems(opts, options) -> list[str]:
                 "--id_label is supported on Dataflow only: the local DirectRunner cannot deduplicate on a "
                 "Pub/Sub attribute (Beam's reader raises NotImplementedError once the pipeline runs). "
                 "Drop --id_label to run locally, or run on Dataflow (--runner DataflowRunner).")
+        if opts.fail_bundle_on_delivery_error:
+            # -- issue 16: a local runner does not retry a failed bundle (the FnApiRunner fails the
+            # run; the DirectRunner retries 4 times at once, then fails it): one exhausted batch
+            # would throw away the whole run. Dead letters are the local way: they replay.
+            problems.append("--fail_bundle_on_delivery_error needs a runner that retries failed bundles "
+                            "(Dataflow); on the local runners one batch that runs out of retries would fail "
+                            "the whole run. Leave it off: such events are dead-lettered (delivery_failed) "
+                            "and replay with --input_format dead_letter")
         if pubsub and "FnApiRunner" in runner:
             problems.append("--runner FnApiRunner cannot read Pub/Sub (the pipeline hangs without an error): "
                             "use --runner BundleBasedDirectRunner (the default for Pub/Sub input), or Dataflow")

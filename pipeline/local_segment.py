@@ -60,6 +60,7 @@ from pipeline.local_segment_faults import (  # re-exported: tests import faults 
     empty_2xx,
     error_body,
     healthy,
+    redirect,
     reset,
     status,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "empty_2xx",
     "bad_request_when",
     "healthy",
+    "redirect",
     "main",
 ]
 

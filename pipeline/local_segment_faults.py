@@ -7,7 +7,8 @@ healthy. ``LocalSegment.reject_when(...)`` adds a rule that applies to every req
 
 The faults cover what segment-analytics-python 2.4.0 has distinct code paths for: any status code with a
 JSON, text or array body, ``Retry-After`` and other headers, latency beyond the client timeout, a
-reset or closed connection, an empty 2xx, and a 400 for any batch that carries a "bad" message.
+reset or closed connection, an empty 2xx, a redirect, and a 400 for any batch that carries a
+"bad" message.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def status(
     if retry_after is not None:
         extra["Retry-After"] = str(retry_after)
     return Fault(STATUS, code=int(code), body=body, headers=tuple(extra.items()))
+
+
+def redirect(code: int = 308, location: str | None = "https://api.segment.io/v1/batch") -> Fault:
+    """Answer a redirect (301, 302, 303, 307, 308) to ``location`` (None: no Location header).
+
+    A client that followed a 301/302/303 would re-send the batch as a body-less GET; one that
+    counted the redirect as an answer would report the batch sent. Neither may happen.
+    """
+    if not 300 <= code < 400:
+        raise ValueError(f"redirect needs a 3xx code, got {code}")
+    headers = {"Location": location} if location else {}
+    return Fault(STATUS, code=int(code), body="", headers=tuple(headers.items()))
 
 
 def delay(seconds: float, then: Fault | None = None) -> Fault:

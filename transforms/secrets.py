@@ -14,7 +14,9 @@ or still a reference is refused, so nothing is ever sent with a key that cannot 
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import os
 import re
@@ -168,38 +170,29 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-# -- the SDK's own logging ------------------------------------------------------------------------
-class _RedactKeys:
-    """A filter on the SDK's ``segment`` logger: at DEBUG it logs each request body, write key
-    included. Records are filtered only once the level lets them through, so this costs nothing
-    at the usual levels."""
-
-    REDACTED = "[write key redacted]"
-
-    def __init__(self):
-        self.keys: set[str] = set()
-
-    def filter(self, record) -> bool:
-        if self.keys:
-            text = record.getMessage()
-            redacted = text
-            for key in self.keys:
-                redacted = redacted.replace(key, self.REDACTED)
-            if redacted != text:
-                record.msg, record.args = redacted, ()
-        return True
+# -- redaction ------------------------------------------------------------------------------------
+REDACTED = "[write key redacted]"
+# Characters a write key is made of: a form of the key that touches one of them is part of a
+# longer word ("x" inside "exceeded"), not the key.
+_WORD = r"A-Za-z0-9_\-"
 
 
-_SDK_LOG_FILTER = _RedactKeys()
+def key_forms(key: str) -> list[str]:
+    """Every form in which the client sends ``key``: as written, JSON-escaped (the body's
+    ``writeKey``), and base64 in the Basic ``Authorization`` header (``key:``, with and without
+    padding, and the key alone), longest first."""
+    encoded = base64.b64encode(f"{key}:".encode()).decode()
+    forms = {key, json.dumps(key)[1:-1], encoded, encoded.rstrip("="), base64.b64encode(key.encode()).decode()}
+    return sorted((f for f in forms if f), key=len, reverse=True)
 
 
-def redact_in_sdk_logs(key: str) -> None:
-    """Keep ``key`` out of whatever the SDK logs (before a Client is built with it)."""
-    import logging
-
-    if not key:
-        return
-    logger = logging.getLogger("segment")
-    if _SDK_LOG_FILTER not in logger.filters:
-        logger.addFilter(_SDK_LOG_FILTER)
-    _SDK_LOG_FILTER.keys.add(key)
+def redact_secret(text: str, key: str | None) -> str:
+    """``text`` with ``key`` replaced wherever it appears as a value in any form the client sent
+    it (:func:`key_forms`), never inside a longer word: a one-character key does not mangle the
+    rest of an error message."""
+    if not key or not text:
+        return text
+    for form in key_forms(key):
+        if form in text:
+            text = re.sub(rf"(?<![{_WORD}]){re.escape(form)}(?![{_WORD}])", REDACTED, text)
+    return text

@@ -16,7 +16,7 @@ SDK_PATH = "/v1/batch"
 # setting -> (type, default). Mapping values (userId, identify, ...) are kept raw here and
 # compiled by the destination.
 INT_SETTINGS = {"flushAt": 15, "flushInterval": 10000, "maxRetries": 3, "httpRequestTimeout": 10000}
-BOOL_SETTINGS = {"disable": False}
+BOOL_SETTINGS = {"disable": False, "gzip": False}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class SegmentSettings:
     max_retries: int = 3
     http_request_timeout_ms: int = 10000
     disable: bool = False
+    gzip: bool = False               # gzip request bodies (segment-analytics-python's gzip option)
     identify: Any = None
     group: Any = None
     consent: dict | None = None
@@ -51,6 +52,7 @@ class SegmentSettings:
             max_retries=settings.get("maxRetries", 3),
             http_request_timeout_ms=settings.get("httpRequestTimeout", 10000),
             disable=settings.get("disable", False),
+            gzip=settings.get("gzip", False),
             identify=settings.get("identify"),
             group=settings.get("group"),
             consent=settings.get("consent") or None,

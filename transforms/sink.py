@@ -1,4 +1,4 @@
-"""Delivery to Segment through segment-analytics-python: batches in, fates out.
+"""Delivery to Segment: batches in, fates out.
 
 How events become batches depends on the run (``pipeline.graph`` wires one or the other):
 
@@ -11,31 +11,27 @@ How events become batches depends on the run (``pipeline.graph`` wires one or th
 Either way a batch is cut at ``flushAt`` calls and before it would pass 2,500 messages or
 :data:`MAX_BATCH_BYTES`; the calls of one event (a :class:`Delivery`) are never split and keep
 their order. Both sinks send through a :class:`PipelinedSender` (the next batch is prepared while
-the previous one is on the wire) over a :class:`SegmentConnection`, which wraps one SDK
-``Client`` so that every message gets a known fate: accepted, or failed with the reason; all of
-a bundle's batches are settled before the bundle commits.
+the previous one is on the wire) over a :class:`SegmentConnection`: each batch is one request
+through segment-analytics-python's request layer (``transforms.segment_http``: the SDK's body,
+headers, auth and retry policy, on one pooled HTTP session), and every event gets a known fate:
+accepted, or failed with the reason; all of a bundle's batches are settled before the bundle
+commits.
 
-The SDK is asynchronous and loses things quietly; each of its loss paths is closed here:
+What the sink still guards against:
 
-* ``track()`` and the others return ``(False, msg)`` when the queue is full: every return value
-  is checked, and a refused call fails its event.
-* ``clean()`` silently drops values it cannot serialise: :func:`to_wire` turns every value into
-  a JSON type first.
-* a message over 32 KB raises (or is dropped by the consumer thread): measured before
-  enqueueing, dead letter ``too_large``.
-* errors arrive on the consumer thread, after its retries: ``on_error`` records the failed
-  messageIds (and never raises), and the batch waits for them before deciding.
-* ``flush()`` has no deadline: it runs on a helper thread joined with a deadline; on overrun
-  the client is abandoned (the next batch gets a new one) and the batch's unsettled events
-  fail (Segment's messageId dedup absorbs a late arrival).
+* values the SDK's JSON cannot hold (sets, Decimals, NaN, objects a ``$code:`` function returns):
+  :func:`to_wire` turns them into JSON types;
+* a message over 32 KB: measured when the batch is cut, dead letter ``too_large``, never sent;
+* a call the SDK would refuse (no ids, no event name, ...): ``invalid_call``, before anything of
+  its event is sent;
 * one bad message fails its whole request (400): the batch is halved until the bad event
-  stands alone, so its neighbours are delivered.
-* ``atexit`` keeps every Client alive until the process exits: unregistered; connections are
-  pooled per configuration and shut down after a grace period.
+  stands alone, so its neighbours are delivered;
+* a request that never ends: every batch settles within the flush deadline;
+* an endpoint that refuses everything (401, 403, 404, a redirect): no event is blamed
+  (:class:`~transforms.segment_http.EndpointConfigError`).
 """
 from __future__ import annotations
 
-import atexit
 import datetime as _dt
 import enum
 import hashlib
@@ -62,13 +58,12 @@ from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from segment.analytics.version import VERSION as _SDK_VERSION
-
 from transforms import dead_letter as dl
 from transforms.dead_letter import DeadLetter, payload_text
 from transforms.metrics import NAMESPACE, counter
-from transforms.secrets import redact_in_sdk_logs
-from transforms.settings import INT_SETTINGS, SegmentSettings
+from transforms.segment_http import (RETRYABLE_4XX, Answer, EndpointConfigError, SegmentHttp, call_problem,
+                                     sdk_message)
+from transforms.settings import INT_SETTINGS, SDK_PATH, SegmentSettings
 
 log = logging.getLogger(__name__)
 # Progress lines ("N events delivered so far") are meant to be seen during a batch run, even
@@ -85,41 +80,22 @@ MAX_MESSAGE_BYTES = 32 * 1024
 # (plus ~2 bytes of separator a message and ~150 bytes of envelope).
 MAX_BATCH_BYTES = 450_000
 MAX_BATCH_MESSAGES = 2_500
-# What the SDK adds to every message: context.library (our estimate counts it with its separator).
-_LIBRARY_BYTES = len(', "library": ') + len(json.dumps({"name": "analytics-python", "version": _SDK_VERSION}))
-# The fields the SDK writes for each call type, with what it writes when the call has none.
-_SDK_DEFAULTS = {
-    "common": {"integrations": {}, "anonymousId": None, "userId": None, "context": {}},
-    "track": {"properties": {}}, "identify": {"traits": {}}, "group": {"traits": {}},
-    "page": {"properties": {}, "category": None, "name": None},
-    "screen": {"properties": {}, "category": None, "name": None},
-}
-_SDK_DEFAULT_BYTES = {kind: {key: len(json.dumps({key: value})) for key, value in fields.items()}
-                      for kind, fields in _SDK_DEFAULTS.items()}
 # BatchCalls' keys. 0 (the default): as many as there are threads delivering, on every worker
 # (see worker_shard), so the job's parallelism, not a number fixed at launch, bounds how many
 # batches fill and go out at once. N > 0: N keys by user, one user's calls in one shard, in order.
 AUTO_SHARDS = 0
 DEFAULT_SHARDS = AUTO_SHARDS
-# How long the SDK's consumer thread gathers one batch. Generous, so that the calls enqueued for
-# one batch leave as one request (the consumer returns as soon as it has ``upload_size`` calls);
-# it only bounds how long a paused consumer thread lingers after shutdown.
-GATHER_WINDOW_S = 5.0
-_RETRYABLE_4XX = (408, 410, 429, 460)
 _BISECT_STATUSES = (400, 413)  # the request was refused for its content: some message in it
 
 
 # -- values ------------------------------------------------------------------------------------
 def to_wire(value: Any) -> Any:
-    """``value`` as plain JSON types, so the SDK keeps it as it is.
+    """``value`` as plain JSON types, the same document whoever writes it.
 
-    The SDK's ``clean()`` silently drops a dict entry whose value it cannot handle (any object
-    that is not a str/number/bool/None/date/list/dict/Enum/Decimal: with a warning only, and a
-    whole list when one item is such an object); ``bytes`` that are not UTF-8 make it raise;
-    ``json.dumps`` writes NaN and Infinity, which are not JSON; keys that are not strings make it
-    raise on the consumer thread (the message is lost and ``flush()`` never returns). Mapping
-    output is JSON-typed already, but a ``$code:`` function can return anything: every value
-    passes through here before it is enqueued.
+    Mapping output is JSON-typed already, but a ``$code:`` function can return anything: sets,
+    Decimals, datetimes, bytes, NaN (not JSON), keys that are not strings, objects. (The SDK
+    Client's ``clean()`` silently dropped what it could not handle.) The sink only takes this
+    path for a message orjson refuses to write as it is (:func:`encode_message`).
     """
     try:
         # Plain JSON types, the mapping's usual output, round-trip through orjson in C (NaN and
@@ -180,17 +156,25 @@ def _wire_key(key: Any) -> str:
 def json_dumps_size(value: Any) -> int:
     """``len(json.dumps(value))`` for a JSON-typed value, or a little more; never less.
 
-    Measured on orjson's output, several times faster: json.dumps adds a space after each
-    separator (counted as every ',' and ':', those inside strings too), escapes each non-ASCII
-    character as ``\\uXXXX`` (at most 4 bytes more than its UTF-8 for each byte it has beyond
-    the first) and DEL as ``\\u007f``; orjson writes floats as Python does, longer (0.00001 for
-    1e-05), or one byte shorter (1e-9 for 1e-09: counted as every "e-"). What orjson refuses
-    (a lone surrogate) is measured by json.dumps itself.
+    Measured on orjson's output, several times faster (see :func:`json_text_size`). What orjson
+    refuses (a lone surrogate) is measured by json.dumps itself.
     """
     try:
         data = orjson.dumps(value)
     except TypeError:
         return len(json.dumps(value))
+    return json_text_size(data)
+
+
+def json_text_size(data: bytes) -> int:
+    """``len(json.dumps(v))`` for the value ``v`` that orjson wrote as ``data``, or a little more.
+
+    json.dumps adds a space after each separator (counted as every ',' and ':', those inside
+    strings too), escapes each non-ASCII character as ``\\uXXXX`` (at most 4 bytes more than its
+    UTF-8 for each byte it has beyond the first) and DEL as ``\\u007f``; orjson writes floats as
+    Python does, longer (0.00001 for 1e-05), or one byte shorter (1e-9 for 1e-09: counted as
+    every "e-").
+    """
     size = (len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f")
             + data.count(b"e-"))  # orjson writes 1e-9 where Python writes 1e-09
     if not data.isascii():
@@ -199,16 +183,30 @@ def json_dumps_size(value: Any) -> int:
 
 
 def wire_size(message: dict) -> int:
-    """The bytes the SDK counts for ``message`` (JSON-typed, see :func:`to_wire`), never fewer:
-    its ``json.dumps`` (spaces after separators, non-ASCII escaped) plus what the SDK adds to it
-    (``context.library``, and each field the call lacks, written as null or ``{}``), plus 4
-    (a numeric id becomes a string)."""
-    size = json_dumps_size(message) + _LIBRARY_BYTES + 4
-    for kind in ("common", message.get("type")):
-        for key, n in _SDK_DEFAULT_BYTES.get(kind, {}).items():
-            if key not in message:
-                size += n  # '"key": default' less the braces, plus the ", " before it
-    return size
+    """The bytes the SDK counts for ``message`` as it goes on the wire (its ``json.dumps`` of the
+    Client's form: ``context.library``, each field the call lacks as null or ``{}``), never fewer."""
+    return encode_message(message)[1]
+
+
+def encode_message(message: dict) -> tuple[bytes, int, str | None]:
+    """One message as it goes on the wire: (its JSON in the SDK Client's form, its size as the
+    SDK measures it, why the SDK would refuse the call or None).
+
+    A message of plain JSON types (the usual case: an event read from JSON, a flow without
+    functions) is written by orjson as it is, with no converted copy; anything orjson refuses
+    to write as it is goes through :func:`to_wire` first.
+    """
+    form = sdk_message(message)
+    try:
+        data = orjson.dumps(form, option=JSON_NATIVE)
+    except TypeError:
+        form = sdk_message(to_wire(message))
+        try:
+            data = orjson.dumps(form)
+        except TypeError:  # a lone surrogate: json.dumps escapes it (and Segment may refuse it)
+            text = json.dumps(form)
+            return text.encode(), len(text), call_problem(form)
+    return data, json_text_size(data), call_problem(form)
 
 
 # -- what travels between the steps ------------------------------------------------------------
@@ -217,27 +215,36 @@ class Delivery:
     """The calls of one event, which travel and succeed or fail together."""
     event: dict                      # normalised event: the dead-letter payload
     messages: list[dict]
-    size: int = 0                    # wire_size of the messages (0 = not measured yet)
-    # to_wire of the messages, kept from measuring to sending (not pickled: it would double
-    # what a Delivery costs in Beam state).
-    wire: list[dict] | None = field(default=None, compare=False, repr=False)
+    size: int = 0                    # the messages' size on the wire (0 = not measured yet)
+    # The messages' wire form, their sizes and the first call the SDK would refuse, worked out
+    # once when the batch is cut and kept for sending (not pickled: it would double what a
+    # Delivery costs in Beam state).
+    wire: list[bytes] | None = field(default=None, compare=False, repr=False)
+    sizes: list[int] | None = field(default=None, compare=False, repr=False)
+    problem: str | None = field(default=None, compare=False, repr=False)
 
     def measure(self) -> int:
         if not self.size:
-            self.size = sum(wire_size(m) for m in self.wire_messages())
+            self.encoded()
         return self.size
 
-    def wire_messages(self) -> list[dict]:
+    def encoded(self) -> tuple[list[bytes], list[int], str | None]:
         if self.wire is None:
-            self.wire = [to_wire(m) for m in self.messages]
-        return self.wire
+            wire, sizes, problem = [], [], None
+            for message in self.messages:
+                data, size, refused = encode_message(message)
+                wire.append(data)
+                sizes.append(size)
+                problem = problem or refused
+            self.wire, self.sizes, self.problem, self.size = wire, sizes, problem, sum(sizes)
+        return self.wire, self.sizes, self.problem
 
     def __getstate__(self):
         return self.event, self.messages, self.size
 
     def __setstate__(self, state):
         self.event, self.messages, self.size = state
-        self.wire = None
+        self.wire = self.sizes = self.problem = None
 
     def shard_key(self, shards: int) -> str:
         """A stable shard: by user (the state key: anonymousId, else userId), so one user's
@@ -265,14 +272,11 @@ class SendOptions:
     fail_bundle_on_error: bool = False    # transient failures fail the bundle instead of dead letters
     shards: int = DEFAULT_SHARDS          # keys of BatchCalls' state: its parallelism
     progress_interval_s: float = 30.0     # a progress line at most this often (0: never)
+    # streaming: how long a batch the endpoint refuses as a whole (401/403/404, a redirect) is
+    # held and the endpoint probed again before the bundle fails (and the runner retries it);
+    # None: DEFAULT_ENDPOINT_ERROR_HOLD_S
+    endpoint_error_hold_s: float | None = None
     clock: Callable[[], float] | None = None  # BatchCalls' processing-time clock (tests: TestStream)
-
-
-@dataclass
-class _Failure:
-    status: int | None
-    error: str
-    reason: str | None = None  # set when the fate is known without the status (too_large, ...)
 
 
 @dataclass
@@ -332,110 +336,48 @@ def split_batches(deliveries: Iterable[Delivery], flush_at: int) -> Iterator[lis
         yield rest
 
 
-# -- the SDK client ---------------------------------------------------------------------------
-class _ClientSlot:
-    """One SDK Client and the failures its consumer thread reported (by messageId)."""
-
-    def __init__(self, settings: SegmentSettings, options: SendOptions):
-        from segment.analytics import Client  # not picklable: built where it is used
-
-        self.failures: dict[str, _Failure] = {}
-        self.lock = threading.Lock()
-        # Retries must end inside the flush deadline, or the batch cannot settle in time.
-        budget = max(1.0, options.flush_deadline_s * 0.8)
-        write_key = settings.write_key.reveal()
-        redact_in_sdk_logs(write_key)
-        self.client = Client(
-            write_key,
-            host=settings.sdk_host(),
-            send=True,
-            on_error=self.record,
-            max_queue_size=MAX_BATCH_MESSAGES * 4,
-            upload_size=MAX_BATCH_MESSAGES,
-            upload_interval=GATHER_WINDOW_S,
-            max_retries=settings.max_retries,
-            timeout=settings.http_request_timeout_ms / 1000.0,
-            thread=1,
-            max_total_backoff_duration=budget,
-            max_rate_limit_duration=budget,
-        )
-        # The SDK registers Client.join at exit, which keeps every Client (and its thread) alive
-        # until the process ends; we flush and shut down ourselves.
-        atexit.unregister(self.client.join)
-        self.consumer = self.client.consumers[0]
-
-    def record(self, exc: BaseException, batch: list) -> None:
-        """``on_error``: runs on the SDK's consumer thread and must never raise, or that thread
-        dies and every later flush hangs."""
-        try:
-            status = getattr(exc, "status", None)
-            status = status if isinstance(status, int) else None
-            failure = _Failure(status, describe_error(exc))
-            with self.lock:
-                for message in batch:
-                    message_id = message.get("messageId") if isinstance(message, dict) else None
-                    if message_id:
-                        self.failures[message_id] = failure
-        except Exception:  # pragma: no cover - defensive
-            pass
-
-    def take(self, ids: Iterable[str]) -> dict[str, _Failure]:
-        with self.lock:
-            return {i: self.failures.pop(i) for i in ids if i in self.failures}
-
-    def forget(self, ids: Iterable[str]) -> None:
-        with self.lock:
-            for i in ids:
-                self.failures.pop(i, None)
-
-    def abandon(self) -> None:
-        """Stop the consumer without waiting: its batch may still be in flight (retrying)."""
-        for consumer in self.client.consumers or ():
-            consumer.pause()
-
-    def shutdown(self) -> None:
-        """``Client.shutdown()`` (flush, then stop the consumer) on a helper thread: everything
-        was flushed already, and the paused consumer ends within GATHER_WINDOW_S."""
-        threading.Thread(target=self.client.shutdown, name="segment-shutdown", daemon=True).start()
-
-
-def describe_error(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):
-        code = getattr(exc, "code", None)
-        message = getattr(exc, "message", None) or str(exc)
-        return f"HTTP {status}" + (f" {code}" if code and code != "unknown" else "") + f": {message}"
-    message = getattr(exc, "message", None) or str(exc)
-    return f"{type(exc).__name__}: {message}"
+# -- sending a batch -----------------------------------------------------------------------------
+# How long a batch run keeps refusing to send after an endpoint-wide error (401/403/404, a
+# redirect) before it tries the endpoint again: the run is failing anyway, its other bundles must
+# not each send a request to learn the same thing.
+ENDPOINT_ERROR_MEMORY_S = 60.0
+# Streaming: how often the cause of a held batch is logged, and the longest wait between probes.
+ENDPOINT_ERROR_LOG_EVERY_S = 60.0
+ENDPOINT_PROBE_MAX_S = 30.0
+DEFAULT_ENDPOINT_ERROR_HOLD_S = 600.0
+_ENDPOINT_LOGGED = -ENDPOINT_ERROR_LOG_EVERY_S
 
 
 class SegmentConnection:
-    """One SDK Client, used for one batch at a time, reporting the fate of each event."""
+    """One pooled HTTP session (:class:`~transforms.segment_http.SegmentHttp`), used for one batch
+    at a time, reporting the fate of each event: delivered, failed with a dead letter, or
+    disabled. The batch's request runs on a helper thread (the socket waits without the GIL), so
+    the caller prepares the next batch meanwhile; :meth:`finish` waits for it with a deadline."""
 
     def __init__(self, settings: SegmentSettings, options: SendOptions):
         self.settings = settings
         self.options = options
         self._lock = threading.Lock()
-        self._in_flight = False         # one batch at a time: the consumer sends what is queued
-        self._slot: _ClientSlot | None = None
+        self._in_flight = False
+        self._http: SegmentHttp | None = None
         self.clients_built = 0
         self.progress = _Progress()
+        self._endpoint_error: tuple[float, EndpointConfigError] | None = None
         if not settings.disable:
-            settings.sdk_host()  # a path the SDK cannot reach fails now, not at the first batch
-            self._slot = self._new_slot()
+            self._url = settings.sdk_host() + SDK_PATH  # a path that cannot be reached fails now
+            self._http = self._new_http()
 
-    def _new_slot(self) -> _ClientSlot:
+    def _new_http(self) -> SegmentHttp:
         self.clients_built += 1
-        return _ClientSlot(self.settings, self.options)
+        return SegmentHttp(self.settings.write_key.reveal(), self._url,
+                           timeout_s=self.settings.http_request_timeout_ms / 1000.0,
+                           max_retries=self.settings.max_retries, gzip=self.settings.gzip)
 
     def close(self) -> None:
         with self._lock:
-            slot, self._slot = self._slot, None
-        if slot is not None:
-            try:
-                slot.shutdown()
-            except Exception:  # teardown is best-effort; nothing may be lost here, all was flushed
-                log.exception("closing the Segment client failed")
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, deliveries: list[Delivery], flow: str) -> BatchResult:
@@ -444,12 +386,13 @@ class SegmentConnection:
         return self.finish(self.start(deliveries, flow))
 
     def start(self, deliveries: list[Delivery], flow: str) -> "_Batch":
-        """Check and enqueue one batch, and return while it is on the wire: :meth:`finish`
-        waits for Segment's answer. One batch at a time: finish it before starting the next."""
+        """Check one batch and put it on the wire, returning at once: :meth:`finish` waits for
+        Segment's answer. One batch at a time: finish it before starting the next."""
         batch = _Batch(flow)
         if self.settings.disable:
             batch.result.disabled.extend(deliveries)  # build every call, send nothing
             return batch
+        self._refuse_while_endpoint_is_wrong()
         sendable = []
         for delivery in deliveries:
             if not delivery.messages:  # e.g. a silent rule whose identify did not change
@@ -463,103 +406,169 @@ class SegmentConnection:
                 batch.result.failed.append((delivery, _dead_letter(delivery, dl.INVALID_CALL, str(exc), flow)))
         batch.chunks = list(_within_limits(sendable))
         if batch.chunks:
-            batch.request = self._enqueue_request(batch.chunks[0])
+            batch.request = self._launch(batch.chunks[0])
         return batch
 
-    def finish(self, batch: "_Batch") -> BatchResult:
-        """Wait for the batch :meth:`start` put on the wire, and settle each of its events."""
-        if batch.request is not None:
-            first, request, batch.request = batch.chunks[0], batch.request, None
-            self._isolate(first, self._settle(request, batch.result), batch.flow, batch.result)
-        for chunk in batch.chunks[1:]:  # only when a batch passed the request limits: one by one
-            self._send_and_isolate(chunk, batch.flow, batch.result)
-        batch.chunks = []
+    def finish(self, batch: "_Batch", hold_s: float = 0.0) -> BatchResult:
+        """Wait for the batch :meth:`start` put on the wire, and settle each of its events.
+
+        An endpoint-wide refusal (:class:`EndpointConfigError`) raises at once, or with
+        ``hold_s`` (streaming) is probed again, with a growing pause, until the endpoint accepts
+        the batch or ``hold_s`` has passed: the batch stays with its bundle, never dead-lettered."""
+        try:
+            if batch.request is not None:
+                first, request, batch.request = batch.chunks[0], batch.request, None
+                answer = self._settle(request, batch.result)
+                if isinstance(answer, EndpointConfigError):
+                    answer = self._hold(first, answer, hold_s, batch.result)
+                self._isolate(first, answer, batch.flow, batch.result)
+            for chunk in batch.chunks[1:]:  # only when a batch passed the request limits: one by one
+                self._send_and_isolate(chunk, batch.flow, batch.result, hold_s)
+        finally:
+            batch.chunks = []
         return batch.result
 
-    def _send_and_isolate(self, items: list[tuple[Delivery, list]], flow: str, result: BatchResult) -> None:
+    def _send_and_isolate(self, items: list[tuple[Delivery, list]], flow: str, result: BatchResult,
+                          hold_s: float = 0.0) -> None:
         if items:
-            self._isolate(items, self._settle(self._enqueue_request(items), result), flow, result)
+            answer = self._settle(self._launch(items), result)
+            if isinstance(answer, EndpointConfigError):
+                answer = self._hold(items, answer, hold_s, result)
+            self._isolate(items, answer, flow, result)
 
-    def _isolate(self, items: list[tuple[Delivery, list]], failures: dict[str, _Failure], flow: str,
-                 result: BatchResult) -> None:
-        rejected = []
-        for delivery, prepared in items:
-            failure = next((failures[m["messageId"]] for m in delivery.messages if m["messageId"] in failures), None)
-            if failure is None:
-                result.delivered.append(delivery)
-            elif failure.reason is None and failure.status in _BISECT_STATUSES and len(items) > 1:
-                rejected.append((delivery, prepared))
-            else:
-                result.failed.append((delivery, _dead_letter(delivery, _reason(failure), failure.error, flow,
-                                                             status=failure.status)))
-        if rejected:
+    def _isolate(self, items: list[tuple[Delivery, list]], answer: Answer, flow: str, result: BatchResult) -> None:
+        if answer.ok:
+            result.delivered.extend(delivery for delivery, _ in items)
+            return
+        if answer.status in _BISECT_STATUSES and len(items) > 1:
             # Segment refuses a whole request for one bad message and does not say which: halve
             # until the bad ones stand alone, so their neighbours are still delivered.
-            middle = len(rejected) // 2
-            self._send_and_isolate(rejected[:middle], flow, result)
-            self._send_and_isolate(rejected[middle:], flow, result)
+            middle = len(items) // 2
+            self._send_and_isolate(items[:middle], flow, result)
+            self._send_and_isolate(items[middle:], flow, result)
+            return
+        reason = _reason(answer.status)
+        for delivery, _ in items:
+            result.failed.append((delivery, _dead_letter(delivery, reason, answer.error, flow, status=answer.status)))
 
-    def _enqueue_request(self, items: list[tuple[Delivery, list]]) -> "_Request":
-        """Enqueue the calls of ``items`` as one request and start flushing them."""
-        calls = [call for _, prepared in items for call in prepared]
-        request = _Request(ids=[kwargs["message_id"] for _, kwargs in calls], calls=len(calls),
-                           started=time.monotonic())
+    def _launch(self, items: list[tuple[Delivery, list]]) -> "_Request":
+        """Put the messages of ``items`` on the wire as one request, on a helper thread."""
+        calls = sum(len(wire) for _, wire in items)
+        batch_json = b"[" + b",".join(data for _, wire in items for data in wire) + b"]"
         with self._lock:
             if self._in_flight:
                 raise RuntimeError("SegmentConnection: a batch is still in flight; finish it first")
-            if self._slot is None:
-                self._slot = self._new_slot()
-            slot = request.slot = self._slot
+            if self._http is None:
+                self._http = self._new_http()
+            http = self._http
             self._in_flight = True
-        slot.forget(request.ids)
-        # The consumer thread gathers until it holds upload_size calls: exactly this batch,
-        # so it leaves as one request.
-        slot.consumer.upload_size = len(calls)
-        for kind, kwargs in calls:
-            problem = _enqueue(slot.client, kind, kwargs)
-            if problem is not None:
-                request.failures[kwargs["message_id"]] = problem
-                slot.consumer.upload_size -= 1
-        if len(request.failures) < len(calls):  # else nothing was queued
-            request.flushed = _start_flush(slot.client)
+        request = _Request(calls=calls, started=time.monotonic(), http=http, batch_json=batch_json)
+        deadline = request.started + self.options.flush_deadline_s
+        thread = threading.Thread(target=_post_on_thread, args=(request, deadline), name="segment-post", daemon=True)
+        thread.start()
         return request
 
-    def _settle(self, request: "_Request", result: BatchResult) -> dict[str, _Failure]:
-        """Wait (up to the flush deadline) for ``request``; the failed messageIds."""
-        failures, slot = request.failures, request.slot
+    def _settle(self, request: "_Request", result: BatchResult) -> "Answer | EndpointConfigError":
+        """Wait (up to the flush deadline, and a moment for the last attempt to return) for
+        ``request``: Segment's answer after the retries, or the endpoint-wide error."""
         try:
-            remaining = self.options.flush_deadline_s - (time.monotonic() - request.started)
-            if request.flushed is not None and not request.flushed.wait(max(0.0, remaining)):
-                # The consumer is still busy with this batch (long retries, a hung connection):
-                # abandon that client, so the next batch cannot mix with what it still holds.
+            remaining = self.options.flush_deadline_s - (time.monotonic() - request.started) + 1.0
+            if not request.done.wait(max(0.0, remaining)):
+                # Still not back (a connection hanging past every timeout): give up on this
+                # session, so the next batch cannot queue behind it; Segment's messageId dedup
+                # absorbs a late arrival.
                 log.warning("a batch to Segment did not settle within %.0f s; its events are failed and "
-                            "a new client will be used", self.options.flush_deadline_s)
-                slot.abandon()
+                            "a new HTTP session will be used", self.options.flush_deadline_s)
+                request.cancelled.set()
                 with self._lock:
-                    if self._slot is slot:
-                        self._slot = None
-                for message_id in request.ids:
-                    failures.setdefault(message_id, _Failure(
-                        None, f"no answer from Segment within the flush deadline ({self.options.flush_deadline_s:g} s)"))
+                    if self._http is request.http:
+                        self._http = None
+                answer = Answer(False, None, "no answer from Segment within the flush deadline "
+                                             f"({self.options.flush_deadline_s:g} s)")
+            elif request.error is not None:
+                if isinstance(request.error, EndpointConfigError):
+                    return request.error
+                raise request.error
             else:
-                for message_id, failure in slot.take(request.ids).items():
-                    failures.setdefault(message_id, failure)
+                answer = request.answer
+                if answer.out_of_time:
+                    # The next batch starts on fresh connections, not behind a stuck one.
+                    self._retire(request.http)
         finally:
             with self._lock:
                 self._in_flight = False
         result.requests.append((request.calls, int((time.monotonic() - request.started) * 1000)))
-        return failures
+        return answer
+
+    def _retire(self, http: SegmentHttp) -> None:
+        with self._lock:
+            if self._http is http:
+                self._http = None
+        http.close()
+
+    # -- endpoint-wide errors --------------------------------------------------------------------
+    def _hold(self, items, error: EndpointConfigError, hold_s: float, result: BatchResult) -> Answer:
+        """Probe the endpoint again with ``items`` until it accepts them or ``hold_s`` is over;
+        then the error stands (raised)."""
+        counter("endpoint_config_errors").inc()
+        if hold_s <= 0:
+            self._endpoint_error = (time.monotonic(), error)
+            raise error
+        until = time.monotonic() + hold_s
+        pause = 1.0
+        while True:
+            self._log_endpoint_error(error, holding=True)
+            if time.monotonic() + pause > until:
+                raise error
+            time.sleep(pause)
+            pause = min(pause * 2, ENDPOINT_PROBE_MAX_S)
+            answer = self._settle(self._launch(items), result)
+            if not isinstance(answer, EndpointConfigError):
+                log.warning("the Segment endpoint accepts requests again; sending resumes")
+                return answer
+            counter("endpoint_config_errors").inc()
+            error = answer
+
+    @staticmethod
+    def _log_endpoint_error(error: EndpointConfigError, holding: bool) -> None:
+        global _ENDPOINT_LOGGED
+        now = time.monotonic()
+        with _POOL_LOCK:
+            due = now - _ENDPOINT_LOGGED >= ENDPOINT_ERROR_LOG_EVERY_S
+            if due:
+                _ENDPOINT_LOGGED = now
+        if due:  # once a minute per worker process, however many threads hold batches
+            log.error("%s%s", error, " The batch is held and the endpoint probed again; events are kept, "
+                                     "not dead-lettered." if holding else "")
+
+    def _refuse_while_endpoint_is_wrong(self) -> None:
+        seen = self._endpoint_error
+        if seen is not None:
+            if time.monotonic() - seen[0] < ENDPOINT_ERROR_MEMORY_S:
+                raise seen[1]
+            self._endpoint_error = None
 
 
-@dataclass
+def _post_on_thread(request: "_Request", deadline: float) -> None:
+    try:
+        request.answer = request.http.post(request.batch_json, deadline, request.cancelled)
+    except BaseException as exc:  # handed to the waiting caller, who raises it
+        request.error = exc
+    finally:
+        request.done.set()
+
+
+@dataclass(eq=False)
 class _Request:
-    """One request's calls, enqueued in a client and being flushed."""
-    ids: list[str]
+    """One request on the wire: its JSON, and what came back."""
     calls: int
     started: float
-    slot: _ClientSlot | None = None
-    flushed: threading.Event | None = None   # set when the client's flush returned
-    failures: dict[str, _Failure] = field(default_factory=dict)
+    http: SegmentHttp
+    batch_json: bytes
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    answer: Answer | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -575,94 +584,24 @@ class _TooLarge(ValueError):
     pass
 
 
-def _prepare(delivery: Delivery) -> list[tuple[str, dict]]:
-    """The SDK calls for a delivery, every value JSON-typed and every check the SDK would make
-    done up front, so an event's calls are either all enqueued or none."""
-    prepared = []
-    # BatchCalls measured the event already: when all its calls together fit under the
-    # per-message limit, none of them can pass it, and the costly per-message sizing is skipped.
-    check_each = delivery.measure() > MAX_MESSAGE_BYTES
-    for wire in delivery.wire_messages():
-        if check_each:
-            size = wire_size(wire)
+def _prepare(delivery: Delivery) -> list[bytes]:
+    """The wire form of a delivery's messages, every check the SDK would make done up front, so
+    an event's calls are either all sent or none."""
+    wire, sizes, problem = delivery.encoded()
+    if problem is not None:
+        raise _InvalidCall(problem)
+    # When all its calls together fit under the per-message limit, none of them can pass it.
+    if delivery.size > MAX_MESSAGE_BYTES:
+        for data, size in zip(wire, sizes):
             if size > MAX_MESSAGE_BYTES:
-                raise _TooLarge(f"a {wire.get('type')} message is about {size} bytes, over Segment's "
+                kind = orjson.loads(data).get("type")
+                raise _TooLarge(f"a {kind} message is about {size} bytes, over Segment's "
                                 f"{MAX_MESSAGE_BYTES}-byte limit")
-        prepared.append(_sdk_call(wire))
-    return prepared
-
-
-_ID_TYPES = (str, numbers.Number)
-
-
-def _sdk_call(message: dict) -> tuple[str, dict]:
-    """(method, keyword arguments) of the SDK call for one wire message; _InvalidCall for what
-    the SDK's ``require`` checks would refuse."""
-    kind = message.get("type")
-    user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
-    if not ((user_id and isinstance(user_id, _ID_TYPES)) or (anonymous_id and isinstance(anonymous_id, _ID_TYPES))):
-        raise _InvalidCall(f"a {kind} call needs a userId or anonymousId (string or number)")
-    try:
-        timestamp = _dt.datetime.fromisoformat(message["timestamp"])
-    except (KeyError, TypeError, ValueError):
-        raise _InvalidCall(f"a {kind} call needs an ISO 8601 timestamp, got {message.get('timestamp')!r}") from None
-    for name in ("context", "integrations", "properties", "traits"):
-        if message.get(name) is not None and not isinstance(message[name], dict):
-            raise _InvalidCall(f"{name} of a {kind} call must be an object")
-    message_id = message.get("messageId")
-    if not isinstance(message_id, str) or not message_id:
-        raise _InvalidCall(f"a {kind} call has no messageId")
-    common = dict(user_id=user_id, anonymous_id=anonymous_id, context=dict(message.get("context") or {}),
-                  timestamp=timestamp, integrations=message.get("integrations") or {}, message_id=message_id)
-    if kind == "track":
-        if not isinstance(message.get("event"), str):
-            raise _InvalidCall("a track call needs an event name (string)")
-        return kind, dict(event=message["event"], properties=message.get("properties") or {}, **common)
-    if kind == "identify":
-        return kind, dict(traits=message.get("traits") or {}, **common)
-    if kind == "group":
-        if not isinstance(message.get("groupId"), _ID_TYPES) or message.get("groupId") in ("", None):
-            raise _InvalidCall("a group call needs a groupId (string or number)")
-        return kind, dict(group_id=message["groupId"], traits=message.get("traits") or {}, **common)
-    if kind in ("page", "screen"):
-        for name in ("name", "category"):
-            if message.get(name) and not isinstance(message[name], str):
-                raise _InvalidCall(f"{name} of a {kind} call must be a string")
-        return kind, dict(category=message.get("category"), name=message.get("name"),
-                          properties=message.get("properties") or {}, **common)
-    raise _InvalidCall(f"unknown call type {kind!r}")
-
-
-def _enqueue(client, kind: str, kwargs: dict) -> _Failure | None:
-    """One SDK call; a failure when the SDK raised or refused it (queue full)."""
-    try:
-        ok, _ = getattr(client, kind)(**kwargs)
-    except RuntimeError as exc:  # the SDK's own 32 KB check (ours is stricter: a safety net)
-        return _Failure(None, f"the SDK refused the message: {exc.args[0] if exc.args else exc}", dl.TOO_LARGE)
-    except (AssertionError, TypeError, ValueError) as exc:
-        return _Failure(None, f"the SDK refused the call: {exc}", dl.INVALID_CALL)
-    if not ok:
-        return _Failure(None, "the SDK queue refused the message (queue full)")
-    return None
-
-
-def _start_flush(client) -> threading.Event:
-    """``Client.flush`` on a helper thread, so the caller can wait with a deadline (flush has
-    none, and can block for the whole retry budget) or do other work meanwhile."""
-    done = threading.Event()
-
-    def run():
-        try:
-            client.flush()
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="segment-flush", daemon=True).start()
-    return done
+    return wire
 
 
 def _within_limits(items: list[tuple[Delivery, list]]) -> Iterator[list[tuple[Delivery, list]]]:
-    """A batch cut to the request limits (BatchCalls already did; this holds for any input)."""
+    """A batch cut to the request limits (the batcher already did; this holds for any input)."""
     chunk, calls, size = [], 0, 0
     for delivery, prepared in items:
         n, s = len(prepared), delivery.measure()
@@ -675,11 +614,8 @@ def _within_limits(items: list[tuple[Delivery, list]]) -> Iterator[list[tuple[De
         yield chunk
 
 
-def _reason(failure: _Failure) -> str:
-    if failure.reason is not None:
-        return failure.reason
-    status = failure.status
-    if status is not None and 400 <= status < 500 and status not in _RETRYABLE_4XX:
+def _reason(status: int | None) -> str:
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
         return dl.REJECTED
     return dl.DELIVERY_FAILED
 
@@ -720,8 +656,8 @@ class _Progress:
 
 
 # -- connections, pooled per process and configuration -------------------------------------------
-# The streaming DirectRunner builds a new DoFn (setup + teardown) for every bundle, and each SDK
-# Client costs a thread and an HTTP session. A released connection waits idle for CLOSE_GRACE_S
+# The streaming DirectRunner builds a new DoFn (setup + teardown) for every bundle, and each
+# connection holds an HTTP session with its open connections. A released connection waits idle for CLOSE_GRACE_S
 # and is handed to the next setup() of the same configuration; concurrent DoFn instances (the
 # threads of a Dataflow worker) each get their own, so sends are not serialised across them.
 CLOSE_GRACE_S = 30.0
@@ -773,7 +709,7 @@ def _close_if_idle(key: str, entry: _Idle) -> None:
 def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     # Hashed, so the write key is never a readable dict key in a heap dump or a log.
     text = repr((settings.write_key.fingerprint(), settings.host, settings.path, settings.max_retries,
-                 settings.http_request_timeout_ms, settings.disable, options.flush_deadline_s))
+                 settings.http_request_timeout_ms, settings.disable, settings.gzip, options.flush_deadline_s))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -791,17 +727,18 @@ class PipelinedSender:
     """Sends batches through one :class:`SegmentConnection` so that the caller prepares (maps,
     batches) the next batch while the previous one is on the wire.
 
-    ``submit`` checks and enqueues a batch and returns at once; the SDK's consumer thread sends
-    it meanwhile. The next ``submit`` first waits for that batch's answer and returns it settled,
-    so one batch is on the wire at a time and one more is being filled; ``drain`` waits for the
-    last one, so a caller that drains before its bundle commits loses nothing. No thread of its
-    own: the enqueueing stays on the caller's thread (a second Python thread doing it would only
-    fight the caller for the GIL); what overlaps is the SDK's sending and Segment's answer.
+    ``submit`` checks a batch, puts it on the wire and returns at once; the connection's helper
+    thread waits for Segment meanwhile (without the GIL). The next ``submit`` first waits for
+    that batch's answer and returns it settled, so one batch is on the wire at a time and one
+    more is being filled; ``drain`` waits for the last one, so a caller that drains before its
+    bundle commits loses nothing. ``hold_s``: how long an endpoint-wide refusal is probed again
+    before it fails the bundle (streaming; 0 raises at once).
     """
 
-    def __init__(self, connection: SegmentConnection, flow: str):
+    def __init__(self, connection: SegmentConnection, flow: str, hold_s: float = 0.0):
         self.connection = connection
         self.flow = flow
+        self.hold_s = hold_s
         self._on_wire: _Sent | None = None
 
     def submit(self, deliveries: list[Delivery], stamp: tuple[Any, Any] | None = None
@@ -814,15 +751,17 @@ class PipelinedSender:
         sent, self._on_wire = self._on_wire, None
         if sent is None:
             return []
-        return [(sent, self.connection.finish(sent.batch))]
+        return [(sent, self.connection.finish(sent.batch, self.hold_s))]
 
     def close(self) -> None:
         """After a failed bundle a batch may still be on the wire: wait for it (bounded by the
         flush deadline) so the pooled connection is free; its events' bundle is retried."""
         try:
-            self.drain()
+            sent, self._on_wire = self._on_wire, None
+            if sent is not None:
+                self.connection.finish(sent.batch)
         except Exception:  # best-effort: the bundle already failed
-            log.exception("settling the last batch after a failed bundle failed")
+            log.warning("settling the last batch after a failed bundle failed", exc_info=True)
 
 
 # -- Beam ---------------------------------------------------------------------------------------
@@ -836,8 +775,15 @@ class _SegmentSink(beam.DoFn):
     the SDK's retries) fail the bundle instead, so the runner retries it; refusals that a retry
     cannot fix (``too_large``, ``rejected``, ``invalid_call``) are dead-lettered either way.
     Counters are incremented here, on the bundle's thread: Beam's metrics belong to the thread
-    that runs the bundle (the SDK's consumer thread reports failures, never counts).
+    that runs the bundle (the request's helper thread reports its answer, never counts).
+
+    An endpoint-wide refusal (401, 403, 404, a redirect) dead-letters nothing: a batch run fails
+    at once with :class:`~transforms.segment_http.EndpointConfigError`; the streaming sink
+    (:class:`SendToSegment`) holds the batch and probes the endpoint for
+    ``options.endpoint_error_hold_s``, then fails the bundle so the runner retries it.
     """
+
+    hold_endpoint_errors = False
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
         self.settings = settings
@@ -851,7 +797,11 @@ class _SegmentSink(beam.DoFn):
 
     def setup(self):
         self._connection_key, self.connection = acquire_connection(self.settings, self.options)
-        self.sender = PipelinedSender(self.connection, self.flow)
+        hold_s = 0.0
+        if self.hold_endpoint_errors:
+            hold_s = self.options.endpoint_error_hold_s
+            hold_s = DEFAULT_ENDPOINT_ERROR_HOLD_S if hold_s is None else hold_s
+        self.sender = PipelinedSender(self.connection, self.flow, hold_s)
 
     def _outputs(self, settled: list[tuple[_Sent, BatchResult]], finishing: bool = False) -> Iterator:
         for sent, result in settled:
@@ -913,6 +863,8 @@ def _stamped(value, stamp: tuple[Any, Any] | None, finishing: bool):
 class SendToSegment(_SegmentSink):
     """Sink for batches made upstream (:class:`BatchCalls`, streaming): each input is a list of
     :class:`Delivery`, one request's worth."""
+
+    hold_endpoint_errors = True
 
     def process(self, batch: Iterable[Delivery], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam):

@@ -1,0 +1,207 @@
+"""The send layer (transforms/segment_http.py) against the local endpoint: the SDK's wire form,
+headers and auth; its retry policy with Retry-After / X-RateLimit-Reset; gzip; endpoint-wide
+errors (401/403/404, redirects) that blame no event; and the write key kept out of every error."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.local_segment import LocalSegment, redirect, status
+from support import WRITE_KEY
+from test_delivery_batching import client_built
+from test_delivery_kit import event, fast, spec_for
+from transforms.secrets import REDACTED, redact_secret
+from transforms.segment_http import USER_AGENT, EndpointConfigError, endpoint_config_message
+from transforms.sink import Delivery, SegmentConnection
+
+TS = "2026-01-01T00:00:00.000+00:00"
+
+
+def one(message_id: str, **fields) -> Delivery:
+    return Delivery({"id": message_id}, [{"type": "track", "anonymousId": "a-1", "event": "Tested",
+                                         "messageId": message_id, "timestamp": TS, **fields}])
+
+
+def send(endpoint_url: str, deliveries: list[Delivery], **settings):
+    connection = SegmentConnection(spec_for(endpoint_url, **settings).settings, fast())
+    try:
+        return connection.send(deliveries, "default")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("message", [
+    {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
+    {"type": "track", "userId": "u", "anonymousId": "a", "event": "e", "context": {"ip": "1.2.3.4"},
+     "integrations": {"All": True}},
+    {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
+    {"type": "group", "anonymousId": "a", "groupId": "g", "traits": {"plan": "pro"}},
+    {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}},
+    {"type": "screen", "anonymousId": "a"},
+], ids=["track", "track-full", "identify", "group", "page", "screen"])
+def test_each_call_arrives_as_the_sdk_client_would_send_it(endpoint, message):
+    message = {**message, "messageId": f"wire:{message['type']}", "timestamp": TS}
+    result = send(endpoint.url, [Delivery({"id": "w"}, [message])])
+    assert len(result.delivered) == 1
+    [received] = endpoint.accepted
+    assert received == client_built(message)  # context.library, the null fields, everything
+    [request] = endpoint.requests
+    assert (request.user_agent, request.auth, request.content_type) == (USER_AGENT, "ok", "application/json")
+    assert request.retry_count is None and request.content_encoding is None
+    assert endpoint.records[0]["sentAt"]  # the envelope's sentAt, set when sent
+
+
+def test_gzip_compresses_the_body_and_is_off_by_default(endpoint):
+    send(endpoint.url, [one("plain:1")])
+    send(endpoint.url, [one(f"gz:{i}", properties={"text": "walkerOS " * 50}) for i in range(20)], gzip=True)
+    plain, zipped = endpoint.requests
+    assert plain.content_encoding is None
+    assert zipped.content_encoding == "gzip" and zipped.raw_bytes < zipped.decoded_bytes / 5
+    assert zipped.accepted == 20 and zipped.auth == "ok"
+
+
+def test_retry_after_is_waited_and_not_counted_as_a_retry(endpoint):
+    endpoint.script(status(503, retry_after=1), status(429, retry_after=1))
+    started = time.monotonic()
+    result = send(endpoint.url, [one("ra:1")], max_retries=0, timeout_ms=5_000)
+    assert [d.event["id"] for d in result.delivered] == ["ra:1"]
+    assert [(r.status, r.retry_count) for r in endpoint.requests] == [(503, None), (429, 1), (200, 2)]
+    gaps = [b.time - a.time for a, b in zip(endpoint.requests, endpoint.requests[1:])]
+    assert all(gap >= 0.9 for gap in gaps) and time.monotonic() - started < 5
+
+
+def test_x_ratelimit_reset_is_honoured_without_retry_after(endpoint):
+    endpoint.script(status(429, headers={"X-RateLimit-Reset": "1"}))
+    result = send(endpoint.url, [one("rl:1")], max_retries=0, timeout_ms=5_000)
+    assert len(result.delivered) == 1
+    first, second = endpoint.requests
+    assert (first.status, second.status) == (429, 200) and second.time - first.time >= 0.9
+
+
+def test_a_wait_beyond_the_deadline_fails_the_batch_at_once(endpoint):
+    endpoint.script(status(429, retry_after=120))
+    started = time.monotonic()
+    result = send(endpoint.url, [one("late:1")], max_retries=3)
+    assert time.monotonic() - started < 2 and len(endpoint.requests) == 1
+    [(_, dead)] = result.failed
+    assert (dead.reason, dead.http_status) == ("delivery_failed", 429) and "120" in dead.error
+
+
+def test_backoff_grows_and_max_retries_bounds_the_attempts(endpoint):
+    endpoint.fail_next(4, status(500))
+    result = send(endpoint.url, [one("bo:1")], max_retries=3, timeout_ms=5_000)
+    assert [r.retry_count for r in endpoint.requests] == [None, 1, 2, 3]
+    times = [r.time for r in endpoint.requests]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # The SDK's schedule: at once, then 0.5 s, then 1 s (each + up to 10% jitter); a busy machine
+    # only adds to each gap.
+    assert gaps[0] < gaps[1] < gaps[2] and gaps[0] < 0.45 and gaps[1] >= 0.5 and gaps[2] >= 1.0 and gaps[2] < 3
+    [(_, dead)] = result.failed
+    assert (dead.reason, dead.http_status) == ("delivery_failed", 500)
+
+
+# -- endpoint-wide errors --------------------------------------------------------------------------
+@pytest.mark.parametrize("code, cause", [(401, "writeKey"), (403, "region host"), (404, "check host")])
+def test_an_endpoint_wide_refusal_blames_no_event(endpoint, code, cause):
+    endpoint.script(status(code))
+    with pytest.raises(EndpointConfigError) as raised:
+        send(endpoint.url, [one("ep:1"), one("ep:2")])
+    message = str(raised.value)
+    assert f"HTTP {code}" in message and endpoint.url in message and cause in message
+    assert "\n" not in message and WRITE_KEY not in message
+    assert len(endpoint.requests) == 1  # not retried, not bisected
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed_nor_counted_as_success(endpoint, code):
+    endpoint.script(redirect(code, "https://events.eu1.segmentapis.com/v1/batch"))
+    with pytest.raises(EndpointConfigError) as raised:
+        send(endpoint.url, [one(f"redir:{code}")])
+    message = str(raised.value)
+    assert f"HTTP {code}" in message and "https://events.eu1.segmentapis.com/v1/batch" in message
+    assert "set host to https://events.eu1.segmentapis.com" in message
+    assert [r.method for r in endpoint.requests] == ["POST"] and not endpoint.accepted
+
+
+def test_a_batch_run_with_a_refused_key_sends_one_request_and_fails_fast(tmp_path, capsys):
+    from pipeline import cli
+
+    with LocalSegment("the-right-key", strict=True) as strict:
+        url = strict.url
+        flow = tmp_path / "flow.json"
+        from support import flow_document
+
+        flow.write_text(json.dumps(flow_document({"flushAt": 5, "maxRetries": 3}, host=strict.url)))
+        events = tmp_path / "events.jsonl"
+        events.write_text("\n".join(json.dumps(event(i)) for i in range(40)) + "\n")
+        started = time.monotonic()
+        code = cli.main(["run", "--flow", str(flow), "--input", str(events), "--dead_letter",
+                         str(tmp_path / "dead"), "--progress_interval_seconds", "0"])
+        elapsed = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert code != 0 and elapsed < 60
+        assert len(strict.requests) == 1 and strict.requests[0].status == 401
+    lines = [line for line in err.splitlines() if "HTTP 401" in line]
+    assert len(lines) == 1 and url in lines[0] and "writeKey" in lines[0]
+    assert "Traceback" not in err and WRITE_KEY not in err
+    assert not list(tmp_path.glob("dead*"))  # no dead letters: the input is still there to run again
+
+
+def test_the_message_survives_a_runner_that_rewraps_it():
+    error = EndpointConfigError(401, "http://h", "HTTP 401: unknown write key", "check writeKey")
+    rewrapped = RuntimeError(f"{error} [while running 'SendToSegment/ParDo(BatchAndSend)']")
+    assert endpoint_config_message(rewrapped) == str(error)
+    assert endpoint_config_message(ValueError("something else")) is None
+
+
+# -- the write key in error texts --------------------------------------------------------------------
+def test_an_echoed_key_never_reaches_a_dead_letter_in_any_form(endpoint):
+    basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    echo = {"code": "bad_request", "message": f"refused key {WRITE_KEY} ({json.dumps({'k': WRITE_KEY})}) "
+                                              f"Authorization: Basic {basic}"}
+    endpoint.script(status(400, body=echo))
+    result = send(endpoint.url, [one("echo:1")])
+    [(_, dead)] = result.failed
+    assert dead.reason == "rejected" and "refused key" in dead.error and "Authorization: Basic" in dead.error
+    assert WRITE_KEY not in dead.to_json() and basic not in dead.to_json() and basic.rstrip("=") not in dead.to_json()
+
+
+def test_a_one_character_key_does_not_mangle_messages():
+    text = "HTTP 400 max_exceeded: expected x-ray; key x refused, Basic eDo= given"
+    assert redact_secret(text, "x") == f"HTTP 400 max_exceeded: expected x-ray; key {REDACTED} refused, Basic {REDACTED} given"
+    assert redact_secret("exceeded the index", "x") == "exceeded the index"
+    assert redact_secret('{"writeKey":"a\\"b"}', 'a"b') == f'{{"writeKey":"{REDACTED}"}}'
+
+
+def test_a_one_character_key_run_reads_correctly(tmp_path):
+    """With the write key ``x``, a refused event's dead letter still reads as Segment wrote it."""
+    with LocalSegment("x") as server:
+        server.reject_when(lambda m: True, message="max payload exceeded for this index")
+        connection = SegmentConnection(spec_for(server.url, writeKey="x").settings, fast())
+        try:
+            result = connection.send([one("short:1")], "default")
+        finally:
+            connection.close()
+    [(_, dead)] = result.failed
+    assert "max payload exceeded for this index" in dead.error
+
+
+@pytest.mark.parametrize("extra", [[], ["--runner", "BundleBasedDirectRunner"],
+                                   ["--input_subscription", "projects/p/subscriptions/s"]])
+def test_fail_bundle_on_delivery_error_is_refused_where_bundles_are_not_retried(extra, capsys):
+    from pipeline import cli
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    events = ["--input", str(examples / "events.jsonl")]
+    argv = ["run", "--flow", str(examples / "flow.json"), "--dead_letter_topic", "projects/p/topics/d",
+            "--fail_bundle_on_delivery_error", *(extra or events)]
+    if extra and extra[0] == "--runner":
+        argv += events
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--fail_bundle_on_delivery_error needs a runner that retries failed bundles" in err
+    assert "Traceback" not in err
