@@ -14,6 +14,7 @@ from transforms import consent as consent_rules
 from transforms import dead_letter as dl
 from transforms.calls import CallBuilder, EventCalls
 from transforms.dead_letter import DeadLetter, payload_text
+from transforms.functions import FunctionPolicy, Functions
 from transforms.identity import IdentityResolver, IdentityState, decide
 from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from transforms.settings import SegmentSettings
@@ -40,12 +41,14 @@ class DestinationSpec:
     config_path: str = "$.config"
     namespace: str = ""
     state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS
+    functions: FunctionPolicy = FunctionPolicy()
 
     @classmethod
-    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS):
+    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS,
+                  functions: FunctionPolicy | None = None):
         return cls(flow_name=flow.name, settings=flow.settings, config=flow.config, collector=flow.collector,
                    config_path=flow.config_path, namespace=namespace or default_namespace(flow.name),
-                   state_ttl_ms=state_ttl_ms)
+                   state_ttl_ms=state_ttl_ms, functions=functions or FunctionPolicy())
 
     def __repr__(self) -> str:  # config holds the write key
         return f"DestinationSpec(flow_name={self.flow_name!r}, namespace={self.namespace!r})"
@@ -102,7 +105,11 @@ class Destination:
         self._consent_map = settings.consent
         self._collector = spec.collector
         self.function_errors = FunctionErrors()
-        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
+        # One set of functions for the whole destination: each worker thread compiles them
+        # all into one sandbox on its first call.
+        functions = Functions(spec.functions)
+        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors,
+                                          functions=functions)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
         self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
@@ -110,9 +117,9 @@ class Destination:
         self._rule_index: dict[CompiledRule | None, int | None] = {rule: i for i, rule in enumerate(self._rules)}
         self._rule_index[None] = None  # no rule: no index
         self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path,
-                                         self.function_errors)
+                                         self.function_errors, functions)
         self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
-                                 spec.namespace, settings_path, self.function_errors)
+                                 spec.namespace, settings_path, self.function_errors, functions)
         # With no identify or group anywhere in the flow there is nothing to deduplicate, and
         # the keyed stateful step can be left out of the pipeline.
         self.needs_identity_state = settings.identify is not None or settings.group is not None or \
