@@ -11,6 +11,8 @@ RUNTIME = [
     "fastavro==1.13.1",
     "jsonschema==4.26.0",
     "orjson==3.13.0",
+    # `$code:` functions: QuickJS (quickjs-ng engine), MIT, abi3 wheels for Linux x86-64.
+    "quickjs-ng==0.17.0.2",
 ]
 
 TEST = [
