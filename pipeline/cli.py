@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- shared start-up -------------------------------------------------------------------------
 def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str | None = None,
-              namespace: str | None = None, ttl_hours: float | None = 24.0):
+              namespace: str | None = None, ttl_hours: float | None = 24.0, functions=None):
     """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
-    surface every configuration error before anything starts."""
+    surface every configuration error before anything starts. Compiling a function only
+    parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python)."""
     from pipeline.flow import FlowError
     from transforms.destination import DestinationSpec
     from transforms.mapping import MappingConfigError
@@ -47,7 +48,7 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
 
     flow = _read_flow(flow_path, flow_name, destination_id)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
-    spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
+    spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms, functions=functions)
     try:
         compiled(spec)
     except MappingConfigError as exc:
@@ -79,9 +80,22 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
 
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.options import add_function_arguments
+
     parser.add_argument("--flow", required=True, help="walkerOS flow file")
     parser.add_argument("--flow_name", default=None, help="flow to use (default: the only one, else 'default')")
     parser.add_argument("--destination_id", default=None, help="destination id (default: the Segment one)")
+    add_function_arguments(parser)
+
+
+def function_policy(opts):
+    """The FunctionPolicy the flags ask for, or a usage problem (str)."""
+    from transforms.functions import FunctionPolicy
+
+    limit = opts.function_time_limit_seconds
+    if not (limit > 0 and limit != float("inf")):
+        return f"--function_time_limit_seconds must be a positive number of seconds, got {limit}"
+    return FunctionPolicy(allow_python=bool(opts.allow_python_functions), time_limit_s=limit)
 
 
 def _report_flow_errors(exc) -> int:
@@ -97,8 +111,12 @@ def validate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="walkeros-segment validate", description="Check a flow file.")
     _flow_arguments(parser)
     args = parser.parse_args(argv)
+    policy = function_policy(args)
+    if isinstance(policy, str):
+        print(policy, file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        load_spec(args.flow, args.flow_name, args.destination_id)
+        load_spec(args.flow, args.flow_name, args.destination_id, functions=policy)
     except FlowError as exc:
         return _report_flow_errors(exc)
     print("ok")
@@ -122,9 +140,13 @@ def explain(argv: list[str]) -> int:
     parser.add_argument("--message_id_namespace", default=None)
     parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
     args = parser.parse_args(argv)
+    policy = function_policy(args)
+    if isinstance(policy, str):
+        print(policy, file=sys.stderr)
+        return EXIT_CONFIG
     try:
         spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
-                         args.identity_state_ttl_hours)
+                         args.identity_state_ttl_hours, functions=policy)
     except FlowError as exc:
         return _report_flow_errors(exc)
     try:
@@ -167,13 +189,16 @@ def prepare_run(argv: list[str]):
     if (opts.input_subscription or opts.input_topic) and not standard.streaming:
         standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
     problems = _missing_flags(opts) or _flag_problems(opts, options)
+    policy = function_policy(opts)
+    if isinstance(policy, str):
+        problems.append(policy)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
         return EXIT_CONFIG
     try:
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours)
+                         opts.identity_state_ttl_hours, functions=policy)
     except FlowError as exc:
         return _report_flow_errors(exc)
     key = spec.settings.write_key

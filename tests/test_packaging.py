@@ -36,6 +36,8 @@ SAMPLES = {
     "flow": "gs://my-bucket/flows/flow.json",
     "flow_name": "default",
     "destination_id": "segment",
+    "allow_python_functions": "false",
+    "function_time_limit_seconds": "0.5",
     "input": "gs://my-bucket/events/2026/*/*.jsonl.gz",
     "input_format": "jsonl",
     "input_subscription": "projects/my-project/subscriptions/walkeros-events",
@@ -61,6 +63,7 @@ REFUSED = {
     "dead_letter_topic": ["projects/my-project/subscriptions/s-1"],
     "input_format": ["csv"],
     "fail_bundle_on_delivery_error": ["yes please"],
+    "allow_python_functions": ["maybe"],
     "identity_state_ttl_hours": ["-1", "a day"],
 }
 
