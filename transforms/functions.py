@@ -142,14 +142,22 @@ _PRELUDE = r"""
     return k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r);
   }
   // The context's event, collector and consent arrive as JSON and are parsed only when read.
+  // One event's functions share one parsed event, as walkerOS's functions share the event
+  // object; `serial` changes with every event the host hands over, so nothing one event's
+  // functions do to it reaches the next event.
+  let eventSerial = -1, eventObject;
+  function eventFor(serial, text) {
+    if (serial !== eventSerial) { eventObject = decodeInput(text); eventSerial = serial; }
+    return eventObject;
+  }
   class Context {
-    #event; #collector; #consent;
-    constructor(i, eventJson, collectorJson, consentJson) {
-      this.#event = eventJson; this.#collector = collectorJson; this.#consent = consentJson;
+    #serial; #event; #collector; #consent;
+    constructor(i, serial, eventJson, collectorJson, consentJson) {
+      this.#serial = serial; this.#event = eventJson; this.#collector = collectorJson; this.#consent = consentJson;
       this.mapping = mappings[i];
       this.logger = logger;
     }
-    get event() { if (typeof this.#event === "string") this.#event = [decodeInput(this.#event)]; return this.#event[0]; }
+    get event() { if (typeof this.#event === "string") this.#event = [eventFor(this.#serial, this.#event)]; return this.#event[0]; }
     set event(v) { this.#event = [v]; }
     get collector() { if (typeof this.#collector === "string") this.#collector = [decodeInput(this.#collector)]; return this.#collector[0]; }
     set collector(v) { this.#collector = [v]; }
@@ -173,8 +181,10 @@ _PRELUDE = r"""
     catch (error) { return String(error) + "\n" + String(error.stack || ""); }
   }
   // awaited: value-level functions are awaited in walkerOS; rule conditions are not.
-  function call(i, predicate, awaited, valueJson, eventJson, collectorJson, consentJson) {
-    const r = fns[i](decodeInput(valueJson), new Context(i, eventJson, collectorJson, consentJson));
+  // valueJson "e": the value is the event itself.
+  function call(i, predicate, awaited, valueJson, serial, eventJson, collectorJson, consentJson) {
+    const value = valueJson === "e" ? eventFor(serial, eventJson) : decodeInput(valueJson);
+    const r = fns[i](value, new Context(i, serial, eventJson, collectorJson, consentJson));
     if (awaited && isPromise(r)) {
       settled = null;
       then(r, (v) => { settled = [true, v]; }, (e) => { settled = [false, e]; });
@@ -251,21 +261,24 @@ class _JsSandbox:
         # The functions of one event mostly get the same event, collector and consent: their
         # text is kept for the next call while they are the same objects (and the event has
         # the same name, the one thing the mapping changes in place).
-        self._event: tuple[Any, Any, str] = (None, None, "")
+        # The cache holds the event: its id cannot be reused by another while it is cached.
+        self._event: tuple[Any, Any, int, str] = (None, None, 0, "")
         self._collector: tuple[Any, str] = (None, "")
         self._consent: tuple[Any, str] = (None, "")
 
-    def texts(self, event: Any, collector: Any, consent: Any) -> tuple[str, str, str]:
-        cached_event, cached_name, event_text = self._event
+    def texts(self, event: Any, collector: Any, consent: Any) -> tuple[int, str, str, str]:
+        """(serial, event, collector, consent): the serial is new with every new event."""
+        cached_event, cached_name, serial, event_text = self._event
         name = event.get("name") if type(event) is dict else None
         if cached_event is not event or cached_name != name:
+            serial = (serial + 1) & 0x3FFFFFFF
             event_text = _json(event)
-            self._event = (event, name, event_text)
+            self._event = (event, name, serial, event_text)
         if self._collector[0] is not collector:
             self._collector = (collector, _json(collector))
         if self._consent[0] is not consent:
             self._consent = (consent, _json(consent))
-        return event_text, self._collector[1], self._consent[1]
+        return serial, event_text, self._collector[1], self._consent[1]
 
     def check(self, source: str) -> str:
         return self.check_fn(source)
@@ -349,8 +362,10 @@ class Functions:
         def call_javascript(value: Any, event: Any, collector: Any, consent: Any) -> Any:
             sandbox = sandbox_for()
             try:
-                result = sandbox.call_fn(index, predicate, awaited, _json(value),
-                                         *sandbox.texts(event, collector, consent))
+                texts = sandbox.texts(event, collector, consent)
+                # Functions often get the event itself as their value: JS has it parsed already.
+                value_text = "e" if value is event else _json(value)
+                result = sandbox.call_fn(index, predicate, awaited, value_text, *texts)
                 if result == -1 or result == _PROMISE_PREFIX:
                     while sandbox.context.execute_pending_job():
                         pass
