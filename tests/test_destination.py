@@ -175,6 +175,25 @@ def test_consent_true_and_false_are_forwarded():
     assert "context" not in line["calls"][0]
 
 
+def test_the_mapping_reads_only_granted_consent_as_walkeros_hands_it_over():
+    # walkerOS's collector reduces an event's consent to the granted keys before its destination
+    # maps it: a denied key reads as undefined, in data, in functions and in identify mappings;
+    # categoryPreferences still forwards true and false.
+    settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"},
+                "identify": {"map": {"traits": {"map": {"ads": "consent.marketing", "stats": "consent.analytics"}}}}}
+    mapping = {"product": {"view": {"data": {"map": {
+        "marketing": {"key": "consent.marketing", "value": "undefined"},
+        "analytics": "consent.analytics",
+        "all": "consent",
+        "seen": {"fn": "$code:(event, context) => Object.keys(context.consent).join()"}}}}}}
+    [line] = explain([event(consent={"analytics": True, "marketing": False})], settings=settings, mapping=mapping)
+    identify, track = line["calls"]
+    assert track["properties"] == {"marketing": "undefined", "analytics": True, "all": {"analytics": True},
+                                   "seen": "analytics"}
+    assert identify["traits"] == {"stats": True}
+    assert track["context"]["consent"]["categoryPreferences"] == {"Analytics": True, "Advertising": False}
+
+
 def test_collector_consent_is_the_base_state():
     settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"}}
     [line] = explain([event(consent={"marketing": True})], settings=settings,

@@ -130,7 +130,17 @@ class Destination:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
     def map(self, event: dict) -> MappingResult:
-        return self.mapping.process(event, self._collector)
+        """The flow's mapping, on the event as walkerOS's collector hands it to a destination:
+        its consent reduced to the granted keys. The result's event keeps the full consent for
+        Segment's categoryPreferences (true and false); policies that rewrote consent win."""
+        consent = event.get("consent")
+        granted = _granted_only(consent)
+        if granted is consent:
+            return self.mapping.process(event, self._collector)
+        result = self.mapping.process({**event, "consent": granted}, self._collector)
+        if result.event.get("consent") is granted:
+            result.event["consent"] = consent
+        return result
 
     def rule_consent_granted(self, result: MappingResult) -> bool:
         if result.rule is None or not result.rule.consent:
@@ -148,14 +158,18 @@ class Destination:
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
         event, index, data = mapped
+        original = event
         rule = None if index is None else self._rules[index]
         consent = event.get("consent") or {}
+        granted = _granted_only(consent)
+        if granted is not consent:
+            event = {**event, "consent": granted}  # what the settings' mappings read, as in walkerOS
         # What user functions get as their context argument.
         context = {"event": event, "mapping": rule.raw if rule else None,
-                   "collector": self._collector, "consent": consent}
+                   "collector": self._collector, "consent": granted}
         identity = self.identity.resolve(event, context)
         if identity.state_key is None:
-            return DeadLetter(payload=payload_text(event), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
+            return DeadLetter(payload=payload_text(original), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
                               error="neither userId nor anonymousId resolved to a non-empty string "
                                     f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
                                     f"{self.spec.settings.anonymous_id!r})",
@@ -190,6 +204,17 @@ class Destination:
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
         return Outcome(DELIVERED, None, messages)
+
+
+def _granted_only(consent: Any) -> Any:
+    """walkerOS's collector hands a destination only the granted consent keys; the same object
+    when nothing is denied (no copy per event in the common case)."""
+    if type(consent) is not dict:
+        return consent
+    for value in consent.values():
+        if value is not True:
+            return {key: True for key, state in consent.items() if state is True}
+    return consent
 
 
 def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:
