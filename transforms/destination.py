@@ -190,8 +190,9 @@ class Destination:
         return calls.messages(fire_identify, fire_group), new_state, suppressed
 
     # -- all steps at once, for explain -----------------------------------------------------
-    def process(self, event: dict, states: dict[str, IdentityState]) -> Outcome:
-        """One normalised event through every step; ``states`` is the per-key memory."""
+    def before_deduplication(self, event: dict) -> Outcome | EventCalls:
+        """One normalised event through every step up to identify/group deduplication: its
+        calls, or the outcome that stopped it."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
         result = self.map(event)
@@ -202,6 +203,13 @@ class Destination:
         planned = self.plan(self.mapped(result))
         if isinstance(planned, DeadLetter):
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
+        return planned
+
+    def process(self, event: dict, states: dict[str, IdentityState]) -> Outcome:
+        """One normalised event through every step; ``states`` is the per-key memory."""
+        planned = self.before_deduplication(event)
+        if isinstance(planned, Outcome):
+            return planned
         messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
         return Outcome(DELIVERED, None, messages)
 
