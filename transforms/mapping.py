@@ -268,6 +268,7 @@ def _passthrough_run(value: Any, _ctx: _Ctx | None) -> Any:
 
 
 _UNDEFINED_NODE = _Node(_undefined_run, True, False, False)
+_EMPTY_MAP_NODE = _Node(lambda _value, _ctx: {}, True, False, False)
 # A config item with no effective key returns its input, if that is a property.
 _PASSTHROUGH_NODE = _Node(_passthrough_run, True, False, False)
 
@@ -351,9 +352,10 @@ class _Compiler:
             # Object.keys(5) is empty: constants must be written {"value": 5}.
             return _UNDEFINED_NODE
         if isinstance(spec, list):  # only reached inside a list
-            # A list inside a list is read as a config object whose keys are indexes: none is
-            # known, so it passes its input through (and an empty one is like {}).
-            return _PASSTHROUGH_NODE if spec else _UNDEFINED_NODE
+            # A list inside a list is destructured as a config object: of the known keys it
+            # has only `map`, which is Array.prototype.map, a function without entries; so a
+            # non-empty one maps to {} (found against walkerOS), and an empty one is like {}.
+            return _EMPTY_MAP_NODE if spec else _UNDEFINED_NODE
         if spec is None:
             raise MappingConfigError(path, "null is not a mapping value")
         if callable(spec):
