@@ -49,7 +49,7 @@ def test_a_raising_function_makes_its_value_undefined_counted_and_logged_once(ca
     assert [l["calls"][0]["properties"] for l in lines] == [{"upper": "HOME"}, {}] * 3
     assert compiled(spec).function_errors.counts == {
         "$.flows.default.destinations.segment.config.mapping.page.view.data.map.upper.fn": 3}
-    assert len([r for r in caplog.records if "raised FunctionError: TypeError" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "failed: TypeError" in r.getMessage()]) == 1
 
     options = PipelineOptions([], runner="FnApiRunner")
     p = test_pipeline.TestPipeline(options=options, runner="FnApiRunner")

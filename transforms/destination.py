@@ -14,7 +14,7 @@ from transforms import consent as consent_rules
 from transforms import dead_letter as dl
 from transforms.calls import CallBuilder, EventCalls
 from transforms.dead_letter import DeadLetter, payload_text
-from transforms.functions import FunctionPolicy, Functions
+from transforms.functions import FunctionPolicy, Functions, describe_failure
 from transforms.identity import IdentityResolver, IdentityState, decide
 from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from transforms.settings import SegmentSettings
@@ -75,7 +75,8 @@ class Outcome:
 
 
 class FunctionErrors:
-    """User functions (``$code:``) that raised: the value became undefined, as in walkerOS.
+    """User functions (``$code:``, ``$py:``) that threw, ran out of time or memory: the value
+    became undefined, as in walkerOS.
 
     Counted per place (the JSON path of the function) and logged the first time per place only,
     never once per event; ``hook`` lets the pipeline count them as a Beam counter too.
@@ -88,8 +89,8 @@ class FunctionErrors:
     def __call__(self, place: str, exc: BaseException) -> None:
         count = self.counts[place] = self.counts.get(place, 0) + 1
         if count == 1:
-            log.warning("the function at %s raised %s: %s (its value is undefined; later errors there "
-                        "are only counted)", place, type(exc).__name__, exc)
+            log.warning("the function at %s failed: %s (its value is undefined; later errors there "
+                        "are only counted)", place, describe_failure(exc))
         if self.hook is not None:
             self.hook(place)
 

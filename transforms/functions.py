@@ -404,6 +404,13 @@ class Functions:
         return call_python
 
 
+def describe_failure(exc: BaseException) -> str:
+    """One line for the log: what a user function did wrong."""
+    if isinstance(exc, FunctionError):
+        return str(exc)  # already "TypeError: ...", "InternalError: interrupted", "did not return ..."
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0]
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from transforms.functions import (
-    JS_PREFIX, PY_PREFIX, FunctionNotAllowed, Functions, FunctionSyntaxError,
+    JS_PREFIX, PY_PREFIX, FunctionNotAllowed, Functions, FunctionSyntaxError, PythonDeadline,
+    describe_failure,
 )
 from transforms.paths import (
     INCLUDE_SECTIONS, UNDEFINED, compile_checked_getter, compile_getter, delete_by_path,
@@ -139,9 +140,9 @@ class _ErrorLog:
         if self._on_error is not None:
             self._on_error(place, exc)
         elif count == 1:
-            logger.warning("mapping function at %s raised %s: %s (the value is undefined; "
+            logger.warning("mapping function at %s failed: %s (the value is undefined; "
                            "later errors at this place are only counted)",
-                           place, type(exc).__name__, exc)
+                           place, describe_failure(exc))
 
 
 # --- $code functions ----------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
     if spec is None or spec == "":
         return None
     if callable(spec):
-        return _python_callable(spec, mapping)
+        return _python_callable(spec, mapping, functions.policy.time_limit_s)
     if not isinstance(spec, str):
         raise MappingConfigError(
             path, f"expected a function (a \"$code:\" string), got {type(spec).__name__}")
@@ -181,11 +182,15 @@ def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
         raise MappingConfigError(path, str(exc)) from None
 
 
-def _python_callable(function: Callable, mapping: Any) -> UserFunction:
-    """A Python function handed in by Python code (tests, embedding): (value, context)."""
+def _python_callable(function: Callable, mapping: Any, time_limit_s: float) -> UserFunction:
+    """A Python function handed in by Python code (tests, embedding): (value, context), with
+    the same time limit as a `$py:` function."""
+    deadline = PythonDeadline.shared()
+
     def call(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-        return function(value, {"event": event, "mapping": mapping, "collector": collector,
-                                "consent": None if consent is UNDEFINED else consent})
+        context = {"event": event, "mapping": mapping, "collector": collector,
+                   "consent": None if consent is UNDEFINED else consent}
+        return deadline.run(function, value, context, time_limit_s)
     return call
 
 
