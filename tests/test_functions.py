@@ -278,3 +278,14 @@ def test_a_python_function_that_never_returns_is_stopped_on_any_thread() -> None
 def test_a_fast_python_function_is_never_interrupted() -> None:
     value = compile_value({"fn": "$py:lambda value, context: sum(range(1000))"}, "$.v", functions=Functions(PY))
     assert all(value(EVENT) == 499500 for _ in range(3000))
+
+
+def test_endless_recursion_is_a_counted_error_on_any_thread() -> None:
+    errors: list[str] = []
+    value = js_value("() => { const f = (n) => f(n + 1) + 1; return f(0); }", errors=errors, value="fallback")
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(value(EVENT)))
+    thread.start()
+    thread.join()
+    assert results == ["fallback"] and value(EVENT) == "fallback"
+    assert errors == ["RangeError: Maximum call stack size exceeded"] * 2
