@@ -43,12 +43,16 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python)."""
     from pipeline.flow import FlowError
     from transforms.destination import DestinationSpec
-    from transforms.mapping import MappingConfigError
+    from transforms.functions import Functions
+    from transforms.mapping import MappingConfigError, function_syntax_errors
     from transforms.steps import compiled
 
     flow = _read_flow(flow_path, flow_name, destination_id)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
     spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms, functions=functions)
+    errors = function_syntax_errors(spec.config, spec.config_path, Functions(spec.functions))
+    if errors:
+        raise FlowError(errors)
     try:
         compiled(spec)
     except MappingConfigError as exc:

@@ -189,15 +189,21 @@ def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, ca
 def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, monkeypatch, capsys) -> None:
     flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
         "package": "@walkeros/server-destination-segment",
-        "config": {"settings": {"writeKey": "k"},
-                   "mapping": {"order": {"complete": {"condition": "$code:(event) => event.data.total >"}}}}}}}}}
+        "config": {"settings": {"writeKey": "k", "identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
+                   "mapping": {"order": {"complete": {
+                       "condition": "$code:(event) => event.data.total >",
+                       "data": {"value": {"fn": "$code:this is data, not code"},
+                                "fn": "$code:(v) =>\n  v.data.id)"}}}}}}}}}}
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(flow))
     assert cli_main(["validate", "--flow", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "$.flows.default.destinations.segment.config.mapping.order.complete.condition" in err
-    assert "$code is not valid JavaScript: SyntaxError" in err
-    assert "Traceback" not in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    where = "$.flows.default.destinations.segment.config"
+    assert [line.split(": ")[0] for line in lines] == [
+        f"{where}.settings.identify.map.a.fn", f"{where}.mapping.order.complete.condition",
+        f"{where}.mapping.order.complete.data.fn"]
+    assert all("$code is not valid JavaScript: SyntaxError" in line for line in lines)
+    assert "(at the end of line 2)" in lines[2]
 
 
 def test_python_functions_need_the_flag(tmp_path, capsys) -> None:

@@ -229,13 +229,18 @@ _WRAPPER_LINES = 2          # QuickJS's Function() puts the body on its third li
 _WRAPPER_PREFIX = len('"use strict";return (')
 
 
-def _syntax_message(report: str) -> str:
+def _syntax_message(report: str, source: str) -> str:
     """QuickJS's "SyntaxError: ... at <input>:L:C" with the position in the user's source."""
     message, _, stack = report.partition("\n")
     found = _SOURCE_POSITION.search(stack)
     if found is None:
         return message
     line, column = int(found.group(1)) - _WRAPPER_LINES, int(found.group(2))
+    last_line = source.count("\n") + 1
+    if line > last_line:
+        # QuickJS stumbled over the wrapper around the source: the source ended too early.
+        return (f"SyntaxError: the expression is incomplete or has an unbalanced bracket "
+                f"(at the end of line {last_line})")
     if line == 1:
         column -= _WRAPPER_PREFIX
     return f"{message} (line {max(line, 1)}, column {max(column, 1)})"
@@ -425,7 +430,7 @@ def check_javascript(source: str) -> str:
     if checker is None:
         checker = _CHECKER.sandbox = _JsSandbox(FunctionPolicy())
     report = checker.check(source)
-    return _syntax_message(report) if report else ""
+    return _syntax_message(report, source) if report else ""
 
 
 def _python_namespace() -> dict:
@@ -498,10 +503,12 @@ class PythonDeadline:
 
     def _stop(self, slot: list) -> None:
         with self._lock:
+            # Popped first: should the fired exception land inside this block, the caller's
+            # second _stop finishes the job, and the watchdog no longer sees the call.
+            self._calls.pop(slot[4], None)
             if slot[3]:
                 return
             slot[3] = True
-            self._calls.pop(slot[4], None)
             if slot[2]:
                 # Fired but maybe not yet delivered: take it back before it lands elsewhere.
                 _clear_in_thread(slot[0], None)

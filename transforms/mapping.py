@@ -182,6 +182,37 @@ def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
         raise MappingConfigError(path, str(exc)) from None
 
 
+_FUNCTION_KEYS = ("fn", "condition", "validate")
+
+
+def function_syntax_errors(config: Any, path: str, functions: Functions) -> list[str]:
+    """Every `$code:`/`$py:` function in a destination config that does not compile, as
+    "path: message" lines, so `validate` reports all of them at once. Only parses."""
+    errors: list[str] = []
+    _collect_function_errors(config, path, functions, errors)
+    return errors
+
+
+def _collect_function_errors(node: Any, path: str, functions: Functions, errors: list[str]) -> None:
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _collect_function_errors(item, _child_path(path, index), functions, errors)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, item in node.items():
+        where = _child_path(path, key)
+        if key == "value":
+            continue  # a static value is data, whatever it holds
+        if key in _FUNCTION_KEYS and isinstance(item, str) and item.startswith((CODE_PREFIX, PY_PREFIX)):
+            try:
+                _compile_function(item, where, Functions(functions.policy), {}, predicate=False)
+            except MappingConfigError as exc:
+                errors.append(str(exc))
+        else:
+            _collect_function_errors(item, where, functions, errors)
+
+
 def _python_callable(function: Callable, mapping: Any, time_limit_s: float) -> UserFunction:
     """A Python function handed in by Python code (tests, embedding): (value, context), with
     the same time limit as a `$py:` function."""
