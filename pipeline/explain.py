@@ -2,8 +2,9 @@
 with no network; one JSON object per event on stdout, in input order.
 
 The identify/group decisions are made as a batch run makes them: each user's events in event
-time order (then id), whatever the order of the input. So every event is mapped and planned
-first, and the lines are written once the whole input has been read.
+time order (then id), whatever the order of the input. So with identify or group in the flow,
+every event is mapped and planned first, and the lines are written once the whole input has been
+read; without them, each line is written as its event is read.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from transforms.identity import IdentityState
 
 
 def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
+    if not destination.needs_identity_state:
+        # No identify or group anywhere: nothing depends on order, so nothing is held back.
+        yield from _in_input_order(destination, payloads)
+        return
     spec = destination.spec
     lines: list[dict] = []
     by_key: dict[str, list[tuple[int, EventCalls]]] = {}
@@ -40,6 +45,20 @@ def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Itera
         for index, calls in sorted(planned, key=lambda p: (p[1].timestamp_ms, p[1].event.get("id", ""))):
             lines[index]["calls"], state, _ = destination.deduplicate(calls, state)
     yield from lines
+
+
+def _in_input_order(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
+    spec = destination.spec
+    states: dict[str, IdentityState] = {}
+    index = 0
+    for payload in payloads:
+        for item in parse_payload(payload, collector=spec.collector, flow=spec.flow_name):
+            if isinstance(item, DeadLetter):
+                yield _line(index, item.event_id, DEAD_LETTER, item.reason, [])
+            else:
+                outcome = destination.process(item, states)
+                yield _line(index, item.get("id"), outcome.outcome, outcome.reason, outcome.calls)
+            index += 1
 
 
 def _line(index: int, event_id: str | None, outcome: str, reason: str | None, calls: list[dict]) -> dict:
