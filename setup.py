@@ -12,6 +12,8 @@ RUNTIME = [
     "jsonschema==4.26.0",
     "orjson==3.13.0",
     "requests==2.34.2",  # the HTTP session of the send layer (also the SDK's)
+    # `$code:` functions: QuickJS (quickjs-ng engine), MIT, abi3 wheels for Linux x86-64.
+    "quickjs-ng==0.17.0.2",
 ]
 
 TEST = [

@@ -24,10 +24,10 @@ BASE_TIME_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # The flow
 # ---------------------------------------------------------------------------------------------
 
-# Conditions are Python lambdas ("$code:"), compiled once at start-up.
-BIG_ORDER = "$code:lambda event, context: (event.get('data') or {}).get('total', 0) >= 500"
-IS_PRODUCT = "$code:lambda entity, context: entity.get('entity') == 'product'"
-LOWER = "$code:lambda value, context: value.strip().lower() if isinstance(value, str) else value"
+# Functions are JavaScript ("$code:"), as walkerOS users write them.
+BIG_ORDER = "$code:(event) => ((event.data || {}).total || 0) >= 500"
+IS_PRODUCT = "$code:(entity) => entity.entity === 'product'"
+LOWER = "$code:(value) => typeof value === 'string' ? value.trim().toLowerCase() : value"
 
 PRODUCT_ITEM = {"condition": IS_PRODUCT,
                 "map": {"product_id": "data.id", "name": "data.name", "price": "data.price",

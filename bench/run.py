@@ -452,6 +452,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs, sizes, variants, args.flush_at, expected)
     header, rows = table_rows(summary, sizes, variants)
     goal_rows = targets(summary, sizes)
+    from bench import functions as function_cost
+
+    summary["functions"] = function_cost.measure(paths["events"][min(sizes)])
+    added = summary["functions"]["added_cpu_us"]
+    print(f"  three $code: functions per event add {added:.1f} µs CPU an event "
+          f"({summary['functions']['plain_cpu_us']:.1f} → {summary['functions']['functions_cpu_us']:.1f})",
+          flush=True)
+    goal_rows.append((f"three JavaScript functions per event add ≤ {function_cost.TARGET_US:.0f} µs an event "
+                      "(CPU, map + plan)", f"{added:.1f} µs", added <= function_cost.TARGET_US))
     profile_report = run_profiles(paths, workdir, sizes, args.flush_at) if args.profile else None
 
     meta = {"time": stamp, "command": argv_text(argv), "sizes": sizes, "n0": N0, "variants": variants, "flush_at": args.flush_at,

@@ -37,20 +37,25 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- shared start-up -------------------------------------------------------------------------
 def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str | None = None,
-              namespace: str | None = None, ttl_hours: float | None = 24.0, **key_options):
+              namespace: str | None = None, ttl_hours: float | None = 24.0, functions=None, **key_options):
     """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
-    surface every configuration error before anything starts. ``key_options`` go to
-    :func:`pipeline.flow.flow_from_document` (where the write key is resolved)."""
+    surface every configuration error before anything starts. Compiling a function only
+    parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python);
+    ``key_options`` go to :func:`pipeline.flow.flow_from_document` (where the write key is resolved)."""
     from pipeline.flow import FlowError
     from transforms.destination import DestinationSpec
-    from transforms.mapping import MappingConfigError
+    from transforms.functions import Functions
+    from transforms.mapping import MappingConfigError, function_syntax_errors
     from transforms.steps import compiled
 
     flow = _read_flow(flow_path, flow_name, destination_id, **key_options)
     for notice in flow.notices:
         print(notice, file=sys.stderr)
     ttl_ms = None if ttl_hours is None or ttl_hours <= 0 else int(ttl_hours * 3600 * 1000)
-    spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
+    spec = DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms, functions=functions)
+    errors = function_syntax_errors(spec.config, spec.config_path, Functions(spec.functions))
+    if errors:
+        raise FlowError(errors)
     try:
         compiled(spec)
     except MappingConfigError as exc:
@@ -82,9 +87,25 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
 
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.options import add_function_arguments
+
     parser.add_argument("--flow", required=True, help="walkerOS flow file")
     parser.add_argument("--flow_name", default=None, help="flow to use (default: the only one, else 'default')")
     parser.add_argument("--destination_id", default=None, help="destination id (default: the Segment one)")
+    add_function_arguments(parser)
+
+
+def function_policy(opts):
+    """The FunctionPolicy the flags ask for, or a usage problem (str)."""
+    from transforms.functions import FunctionPolicy
+
+    from pipeline.options import range_problems
+
+    limit = opts.function_time_limit_seconds
+    problem = [p for p in range_problems(opts) if p.startswith("--function_time_limit_seconds ")]
+    if problem:
+        return problem[0]
+    return FunctionPolicy(allow_python=bool(opts.allow_python_functions), time_limit_s=limit)
 
 
 def _replay_refused(pattern: str | None, input_format: str, spec) -> bool:
@@ -192,8 +213,12 @@ def validate(argv: list[str]) -> int:
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
+    policy = function_policy(args)
+    if isinstance(policy, str):
+        print(policy, file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        load_spec(args.flow, args.flow_name, args.destination_id)
+        load_spec(args.flow, args.flow_name, args.destination_id, functions=policy)
     except FlowError as exc:
         return _report_flow_errors(exc)
     print("ok")
@@ -225,6 +250,7 @@ def explain(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     problems = range_problems(args)
+    policy = function_policy(args)  # its range is among the problems already
     if args.input != "-":
         problems += [p for p in [input_problem(args.input, args.input_format, format_by_file=True)] if p]
     if problems:
@@ -232,7 +258,7 @@ def explain(argv: list[str]) -> int:
         return EXIT_USAGE
     try:
         spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
-                         args.identity_state_ttl_hours)
+                         args.identity_state_ttl_hours, functions=policy)
     except FlowError as exc:
         return _report_flow_errors(exc)
     if args.input != "-" and _replay_refused(args.input, args.input_format, spec):
@@ -296,6 +322,7 @@ def prepare_run(argv: list[str]):
     if (opts.input_subscription or opts.input_topic) and not standard.streaming:
         standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
     problems = _missing_flags(opts) or _flag_problems(opts, options) + range_problems(opts)
+    policy = function_policy(opts)  # its range is among the problems already
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -307,7 +334,7 @@ def prepare_run(argv: list[str]):
     try:
         # On Dataflow the key is resolved by the workers only: the launcher never needs it.
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours, defer_write_key=not local,
+                         opts.identity_state_ttl_hours, functions=policy, defer_write_key=not local,
                          write_key_secret=opts.write_key_secret)
     except FlowError as exc:
         problems += exc.errors

@@ -1,5 +1,10 @@
-"""``explain``: every input event through the same functions as the pipeline, in input order,
-in one process, with no network; one JSON object per event on stdout.
+"""``explain``: every input event through the same functions as the pipeline, in one process,
+with no network; one JSON object per event on stdout, in input order.
+
+The identify/group decisions are made as a batch run makes them: each user's events in event
+time order (then id), whatever the order of the input. So with identify or group in the flow,
+every event is mapped and planned first, and the lines are written once the whole input has been
+read; without them, each line is written as its event is read.
 """
 from __future__ import annotations
 
@@ -7,15 +12,44 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
+from transforms.calls import EventCalls
 from transforms.dead_letter import DeadLetter
-from transforms.destination import DEAD_LETTER, Destination
+from transforms.destination import DEAD_LETTER, DELIVERED, Destination, Outcome
 from transforms.event import parse_payload
 from transforms.identity import IdentityState
 
 
 def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
-    states: dict[str, IdentityState] = {}
+    if not destination.needs_identity_state:
+        # No identify or group anywhere: nothing depends on order, so nothing is held back.
+        yield from _in_input_order(destination, payloads)
+        return
     spec = destination.spec
+    lines: list[dict] = []
+    by_key: dict[str, list[tuple[int, EventCalls]]] = {}
+    for payload in payloads:
+        for item in parse_payload(payload, collector=spec.collector, flow=spec.flow_name):
+            index = len(lines)
+            if isinstance(item, DeadLetter):
+                lines.append(_line(index, item.event_id, DEAD_LETTER, item.reason, []))
+                continue
+            outcome = destination.before_deduplication(item)
+            if isinstance(outcome, EventCalls):
+                by_key.setdefault(outcome.key, []).append((index, outcome))
+                outcome = Outcome(DELIVERED, None)
+            lines.append(_line(index, item.get("id"), outcome.outcome, outcome.reason,
+                               outcome.calls))
+    for planned in by_key.values():
+        state: IdentityState | None = None
+        # The batch pipeline's order (transforms.dedup): event time, then id.
+        for index, calls in sorted(planned, key=lambda p: (p[1].timestamp_ms, p[1].event.get("id", ""))):
+            lines[index]["calls"], state, _ = destination.deduplicate(calls, state)
+    yield from lines
+
+
+def _in_input_order(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
+    spec = destination.spec
+    states: dict[str, IdentityState] = {}
     index = 0
     for payload in payloads:
         for item in parse_payload(payload, collector=spec.collector, flow=spec.flow_name):

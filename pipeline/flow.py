@@ -25,7 +25,7 @@ _ENV_REF = re.compile(r"\$env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\s\"'}]*))?")
 _VAR_WHOLE = re.compile(r"^\$var\.([A-Za-z_][A-Za-z0-9_]*)((?:\.[^.\s]+)*)$")
 _VAR_INLINE = re.compile(r"\$var\.([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
 _SECRET_WHOLE = re.compile(r"^\$secret\.([A-Za-z_][A-Za-z0-9_]*)$")
-_CODE_PREFIX = "$code:"
+_FUNCTION_PREFIXES = ("$code:", "$py:")  # function source is never reference-resolved
 
 
 class FlowError(Exception):
@@ -316,7 +316,7 @@ class _References:
             return {k: self.resolve(v, _child(path, k)) for k, v in value.items()}
         if isinstance(value, list):
             return [self.resolve(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, str) and "$" in value and not value.startswith(_CODE_PREFIX):
+        if isinstance(value, str) and "$" in value and not value.startswith(_FUNCTION_PREFIXES):
             return self._resolve_string(value, path)
         return value
 

@@ -45,6 +45,7 @@ RANGES = {
     "progress_interval_seconds": Range(0, 86400, unit="seconds", note="0: never"),
     "max_inflation_ratio": Range(1, 1_000_000),
     "max_inflated_mb": Range(1, 1024 ** 3, unit="MB"),
+    "function_time_limit_seconds": Range(0, 3600, low_included=False, unit="seconds"),
 }
 
 
@@ -79,6 +80,18 @@ def parse_ratio(text: str) -> float:
 
 
 parse_ratio.__name__ = "ratio (0 to 1)"
+def add_function_arguments(parser) -> None:
+    """The flags about a flow's functions; `explain` and `validate` take them too."""
+    # A value is optional (--flag, --flag=true): Flex Templates pass --name=value.
+    parser.add_argument("--allow_python_functions", nargs="?", const=True, default=False,
+                        type=parse_bool, metavar="true|false",
+                        help="Allow \"$py:\" functions in the flow: Python expressions that run with the "
+                             "worker's full rights (files, network, credentials). \"$code:\" JavaScript "
+                             "functions run in a sandbox and need no flag.")
+    parser.add_argument("--function_time_limit_seconds", type=float, default=1.0,
+                        help="Longest one call of a flow function may run (JavaScript: CPU time of the "
+                             "worker process; Python: wall time) before its value counts as a function "
+                             "error.")
 
 
 class WalkerosOptions(PipelineOptions):
@@ -92,6 +105,7 @@ class WalkerosOptions(PipelineOptions):
         flow.add_argument("--destination_id", default=None,
                           help="Destination id in the flow (default: the one whose package is "
                                "@walkeros/server-destination-segment).")
+        add_function_arguments(flow)
 
         source = parser.add_argument_group("input")
         source.add_argument("--input", default=None,

@@ -108,7 +108,7 @@ def render(counts: dict[str, int]) -> str:
                      "truncated, corrupt or refused: read only up to the damage; the log names each file"))
     if counts.get("mapping_function_errors"):
         rows.append(("mapping function errors", counts["mapping_function_errors"],
-                     "a $code function raised; its value was undefined (see the log)"))
+                     "a function threw or ran out of time or memory; its value was undefined (see the log)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"  {label:<{width}}  {value:>8}" + (f"   ({note})" if note else "") for label, value, note in rows]
     lines.append(f"  {'accounting':<{width}}  {check.line()}")

@@ -175,6 +175,25 @@ def test_consent_true_and_false_are_forwarded():
     assert "context" not in line["calls"][0]
 
 
+def test_the_mapping_reads_only_granted_consent_as_walkeros_hands_it_over():
+    # walkerOS's collector reduces an event's consent to the granted keys before its destination
+    # maps it: a denied key reads as undefined, in data, in functions and in identify mappings;
+    # categoryPreferences still forwards true and false.
+    settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"},
+                "identify": {"map": {"traits": {"map": {"ads": "consent.marketing", "stats": "consent.analytics"}}}}}
+    mapping = {"product": {"view": {"data": {"map": {
+        "marketing": {"key": "consent.marketing", "value": "undefined"},
+        "analytics": "consent.analytics",
+        "all": "consent",
+        "seen": {"fn": "$code:(event, context) => Object.keys(context.consent).join()"}}}}}}
+    [line] = explain([event(consent={"analytics": True, "marketing": False})], settings=settings, mapping=mapping)
+    identify, track = line["calls"]
+    assert track["properties"] == {"marketing": "undefined", "analytics": True, "all": {"analytics": True},
+                                   "seen": "analytics"}
+    assert identify["traits"] == {"stats": True}
+    assert track["context"]["consent"]["categoryPreferences"] == {"Analytics": True, "Advertising": False}
+
+
 def test_collector_consent_is_the_base_state():
     settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"}}
     [line] = explain([event(consent={"marketing": True})], settings=settings,
@@ -239,3 +258,20 @@ def test_batch_pipeline_equals_explain_and_ignores_input_order(endpoint):
     kinds = [c["type"] for c in explained]
     # one each; u1's changed email fires, and so does its return to the old email afterwards
     assert kinds.count("identify") == 6 and kinds.count("group") == 4
+
+
+def test_explain_decides_identify_and_group_in_event_time_order_whatever_the_input_order():
+    # As a batch run does (transforms.dedup): each user's events by event time, then id.
+    events = scenario()
+    spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING))
+
+    def calls_by_event(payloads):
+        return {line["id"]: line["calls"] for line in explain_payloads(compiled(spec), payloads)}
+    in_order = calls_by_event(events)
+    for seed in (1, 2):
+        shuffled = events[:]
+        random.Random(seed).shuffle(shuffled)
+        lines = list(explain_payloads(compiled(spec), shuffled))
+        assert [l["id"] for l in lines] == [e["id"] for e in shuffled]  # lines stay in input order
+        assert {l["id"]: l["calls"] for l in lines} == in_order
+    assert calls_by_event(events[::-1]) == in_order

@@ -191,7 +191,7 @@ def test_validate_prints_each_error_and_exits_2(tmp_path, monkeypatch, capsys):
 
 
 def test_validate_reports_code_syntax_errors_with_their_path(tmp_path, monkeypatch, capsys):
-    doc = document(mapping={"page": {"view": {"data": {"fn": "$code:lambda value, context: value +"}}}})
+    doc = document(mapping={"page": {"view": {"data": {"fn": "$code:(value) => value +"}}}})
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(doc))
     monkeypatch.setenv("SEGMENT_WRITE_KEY", SECRET)

@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from schemas import load as load_schema
+from transforms.functions import PY_PREFIX, FunctionPolicy, Functions
 from transforms.mapping import (
     UNDEFINED, CompiledRule, DestinationMapping, MappingConfigError, MappingResult, compile_value,
     is_property,
@@ -59,14 +60,20 @@ def expected_value(expected: Any) -> Any:
     return UNDEFINED if expected == UNDEFINED_MARK else expected
 
 
+def case_functions(case: dict) -> Functions:
+    """Cases about Python functions say so with "$py:"; they run as with --allow_python_functions."""
+    return Functions(FunctionPolicy(allow_python=PY_PREFIX in json.dumps(case)))
+
+
 def run_value_case(case: dict, event: dict) -> Any:
-    value = compile_value(case["value"], "$.value")
+    value = compile_value(case["value"], "$.value", functions=case_functions(case))
     value_input = case.get("input", event)
     return value(value_input, {"event": event, "collector": case.get("collector", {})})
 
 
 def run_config_case(case: dict, event: dict) -> MappingResult:
-    return DestinationMapping(case["config"]).process(event, case.get("collector", {}))
+    return DestinationMapping(case["config"], functions=case_functions(case)).process(
+        event, case.get("collector", {}))
 
 
 def check_config_result(result: MappingResult, expected: dict) -> None:
@@ -146,7 +153,7 @@ MALFORMED = [
      "$.mapping.product.view.name", "string"),
     ("unknown value config key", {"data": {"map": {"id": {"kye": "data.id"}}}},
      "$.data.map.id", "kye"),
-    ("function without $code:", {"data": {"fn": "value.toUpperCase()"}}, "$.data.fn", "$code"),
+    ("function without $code:", {"data": {"fn": "value.toUpperCase()"}}, "$.data.fn", "$(code|py)"),
     ("loop with three items", {"data": {"loop": ["nested", "data.id", "x"]}}, "$.data.loop", "long"),
     ("null value", {"data": {"map": {"id": None}}}, "$.data.map.id", "None"),
     ("unknown include section", {"include": ["globalz"]}, "$.include[0]", "globalz"),
@@ -154,7 +161,6 @@ MALFORMED = [
      "$.mapping['*']['*'].remove", "array"),
     ("consent value is not a boolean", {"mapping": {"a": {"b": {"consent": {"marketing": "yes"}}}}},
      "$.mapping.a.b.consent.marketing", "boolean"),
-    ("null static value", {"data": {"value": None}}, "$.data.value", "None"),
     ("rules entity is not an object", {"mapping": {"product": ["view"]}}, "$.mapping.product", "object"),
     ("policy value is null", {"policy": {"user.id": None}}, "$.policy['user.id']", "None"),
 ]
@@ -179,23 +185,52 @@ def test_schema_accepts_segment_rule_settings() -> None:
 
 def test_code_syntax_error_names_the_json_path() -> None:
     with pytest.raises(MappingConfigError) as raised:
-        compile_value({"map": {"email": {"fn": "$code:lambda value, context: value +"}}},
+        compile_value({"map": {"email": {"fn": "$code:(value) => {\n  return value +;\n}"}}},
                       "$.flows.default.destinations.segment.config.settings.identify")
     error = raised.value
     assert error.path == "$.flows.default.destinations.segment.config.settings.identify.map.email.fn"
-    assert "not a valid Python expression" in error.message
+    assert "$code is not valid JavaScript: SyntaxError" in error.message
+    assert "(line 2, column" in error.message
     assert str(error) == f"{error.path}: {error.message}"
     assert isinstance(error, ValueError)
 
 
-def test_code_that_is_not_callable() -> None:
+def test_python_syntax_error_names_the_json_path() -> None:
+    with pytest.raises(MappingConfigError) as raised:
+        compile_value({"fn": "$py:lambda value, context: value +"}, "$.v",
+                      functions=Functions(FunctionPolicy(allow_python=True)))
+    assert raised.value.path == "$.v.fn"
+    assert "$py is not valid Python" in raised.value.message
+
+
+def test_python_functions_are_refused_without_the_flag() -> None:
+    with pytest.raises(MappingConfigError) as raised:
+        compile_value({"fn": "$py:lambda value, context: value"}, "$.v")
+    assert raised.value.path == "$.v.fn"
+    assert "--allow_python_functions" in raised.value.message
+
+
+def test_python_that_is_not_callable() -> None:
     with pytest.raises(MappingConfigError, match=r"\$\.v\.fn: .*callable.*int"):
-        compile_value({"fn": "$code:42"}, "$.v")
+        compile_value({"fn": "$py:42"}, "$.v", functions=Functions(FunctionPolicy(allow_python=True)))
 
 
-def test_code_failing_to_evaluate() -> None:
-    with pytest.raises(MappingConfigError, match=r"\$\.v\.validate: \$code failed to evaluate: NameError"):
-        compile_value({"validate": "$code:no_such_name"}, "$.v")
+def test_python_failing_to_evaluate() -> None:
+    with pytest.raises(MappingConfigError, match=r"\$\.v\.validate: .*failed to evaluate: NameError"):
+        compile_value({"validate": "$py:no_such_name"}, "$.v",
+                      functions=Functions(FunctionPolicy(allow_python=True)))
+
+
+@pytest.mark.parametrize("source", ["42", "no_such_name", "(() => { throw new Error('at load'); })()"])
+def test_javascript_that_gives_no_function_is_an_error_of_each_call(source: str) -> None:
+    # Compiling only parses (validate runs nothing); the expression is evaluated in the sandbox on
+    # first use, and a value that is not a function makes every call fail, as in walkerOS.
+    seen: list[str] = []
+    value = compile_value({"value": "static", "fn": f"$code:{source}"}, "$.v",
+                          on_error=lambda place, exc: seen.append(place))
+    assert value({"a": 1}) == "static"
+    assert value({"a": 2}) == "static"
+    assert seen == ["$.v.fn", "$.v.fn"]
 
 
 @pytest.mark.parametrize("spec, path, fragment", [
@@ -207,7 +242,7 @@ def test_code_failing_to_evaluate() -> None:
     ({"key": 5}, "$.v.key", "expected a path string"),
     ({"consent": ["marketing"]}, "$.v.consent", "consent states"),
     ({"fn": 5}, "$.v.fn", "expected a function"),
-    ({"map": {"a.b": {"fn": "$code:)"}}}, '$.v.map["a.b"].fn', "not a valid Python"),
+    ({"map": {"a.b": {"fn": "$code:)"}}}, '$.v.map["a.b"].fn', "not valid JavaScript"),
 ])
 def test_malformed_values_fail_at_compile_time(spec: Any, path: str, fragment: str) -> None:
     with pytest.raises(MappingConfigError) as raised:
@@ -222,7 +257,7 @@ def test_malformed_values_fail_at_compile_time(spec: Any, path: str, fragment: s
     ({"mapping": {"product": {"view": "x"}}}, "$.config.mapping.product.view"),
     ({"mapping": {"product": {"view": {"condition": "$code:("}}}},
      "$.config.mapping.product.view.condition"),
-    ({"mapping": {"*": {"*": {"data": {"fn": "$code:1"}}}}}, "$.config.mapping.*.*.data.fn"),
+    ({"mapping": {"*": {"*": {"data": {"fn": "$code:(v) =>"}}}}}, "$.config.mapping.*.*.data.fn"),
     ({"include": ["globalz"]}, "$.config.include"),
     ({"policy": {"user.id": {"fn": "$code:]"}}}, '$.config.policy["user.id"].fn'),
     ({"mapping": {"a": {"b": {"settings": {"identify": {"map": {"x": {"bad": 1}}}}}}}},
@@ -238,8 +273,8 @@ def test_destination_mapping_errors_name_the_json_path(config: dict, path: str) 
 
 def test_runtime_errors_are_counted_and_logged_once_per_place(caplog: pytest.LogCaptureFixture) -> None:
     mapping = DestinationMapping({"data": {"map": {
-        "a": {"fn": "$code:lambda value, context: 1 / 0"},
-        "b": {"validate": "$code:lambda value, context: value.nope", "value": 1},
+        "a": {"fn": "$code:() => { throw new RangeError('no') }"},
+        "b": {"validate": "$code:(value) => value.nope.deeper", "value": 1},
         "c": {"key": "data.id"}}}})
     event = copy.deepcopy(PRESETS["product view"])
     with caplog.at_level(logging.WARNING, logger="transforms.mapping"):
@@ -250,14 +285,14 @@ def test_runtime_errors_are_counted_and_logged_once_per_place(caplog: pytest.Log
     warnings = [r for r in caplog.records if r.name == "transforms.mapping"]
     assert len(warnings) == 2
     assert "$.config.data.map.a.fn" in warnings[0].getMessage()
-    assert "ZeroDivisionError" in warnings[0].getMessage()
+    assert "RangeError: no" in warnings[0].getMessage()
 
 
 def test_on_error_is_called_for_every_runtime_error(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[tuple[str, str]] = []
     mapping = DestinationMapping(
         {"mapping": {"product": {"view": [
-            {"condition": "$code:lambda event, context: event['missing']", "name": "A"},
+            {"condition": "$code:(event) => event.missing.deeper", "name": "A"},
             {"name": "B"}]}}},
         path="$.flows.default.destinations.segment.config",
         on_error=lambda place, exc: seen.append((place, type(exc).__name__)))
@@ -265,7 +300,7 @@ def test_on_error_is_called_for_every_runtime_error(caplog: pytest.LogCaptureFix
         for _ in range(3):
             assert mapping.process(PRESETS["product view"]).event["name"] == "B"
     place = "$.flows.default.destinations.segment.config.mapping.product.view[0].condition"
-    assert seen == [(place, "KeyError")] * 3
+    assert seen == [(place, "FunctionError")] * 3
     assert mapping.error_counts == {place: 3}
     assert not [r for r in caplog.records if r.name == "transforms.mapping"]
 
@@ -331,7 +366,7 @@ def test_compiled_rule_fields() -> None:
 
 def test_settings_functions_share_the_mapping_error_counts() -> None:
     mapping = DestinationMapping({"mapping": {"*": {"*": {"settings": {
-        "group": {"fn": "$code:lambda value, context: value['nope']"}}}}}})
+        "group": {"fn": "$code:(value) => value.nope.deeper"}}}}}})
     rule = mapping.find_rule(PRESETS["page view"])
     assert rule.settings["group"](PRESETS["page view"]) is UNDEFINED
     assert mapping.error_counts == {"$.config.mapping.*.*.settings.group.fn": 1}
@@ -348,7 +383,7 @@ def test_python_callables_are_accepted_as_functions() -> None:
 
 def test_the_collector_reaches_rule_conditions_through_find_rule() -> None:
     mapping = DestinationMapping({"mapping": {"*": {"*": {
-        "condition": "$code:lambda event, context: context['collector']['globals']['env'] == 'prod'"}}}})
+        "condition": "$code:(event, context) => context.collector.globals.env === 'prod'"}}}})
     event = PRESETS["page view"]
     assert mapping.find_rule(event, {"collector": {"globals": {"env": "prod"}}}).key == "* *"
     assert mapping.find_rule(event, {"collector": {"globals": {"env": "dev"}}}) is None
@@ -415,7 +450,8 @@ def test_constants_are_handed_out_as_copies() -> None:
 def test_compiled_mappings_pickle_by_recompiling() -> None:
     mapping = DestinationMapping({"mapping": {"order": {"complete": {
         "name": "Order Completed",
-        "data": {"map": {"cents": {"fn": "$code:lambda value, context: value['data']['total'] * 100"}}}}}}})
+        "data": {"map": {"cents": {"fn": "$code:(value) => value.data.total * 100"}}}}}}})
+    assert mapping.process(PRESETS["order complete"]).data == {"cents": 55500}  # this thread's sandbox built
     restored = pickle.loads(pickle.dumps(mapping))
     result = restored.process(PRESETS["order complete"])
     assert (result.event["name"], result.data) == ("Order Completed", {"cents": 55500})

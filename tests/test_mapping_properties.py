@@ -50,24 +50,27 @@ PATHS = st.sampled_from([
     "context.a.0", "globals", "name", "", "*", "this", "0", "data.0.a",
 ])
 FUNCTIONS = st.sampled_from([
-    "$code:lambda value, context: value",
-    "$code:lambda value, context: None",
-    "$code:lambda value, context: 1 / 0",
-    "$code:lambda value, context: [value, 1]",
-    "$code:lambda value, context: {'x': value, 'n': None}",
-    "$code:lambda value, context: float('nan')",
-    "$code:lambda value, context: (1, 2)",
-    "$code:lambda value, context: context['event'].get('name')",
-    "$code:lambda value, context: [UNDEFINED, 2]",
-    "$code:lambda value, context: context['consent']",
+    "$code:(value) => value",
+    "$code:() => null",
+    "$code:() => { throw new Error('no') }",
+    "$code:(value) => [value, 1]",
+    "$code:(value) => ({x: value, n: null})",
+    "$code:() => NaN",
+    "$code:() => new Date(0)",
+    "$code:(value, context) => context.event.name",
+    "$code:() => [undefined, 2]",
+    "$code:(value, context) => context.consent",
+    "$code:async (value) => value",
+    "$code:(value) => ({f: () => 1, v: value})",
     "not code",
 ])
 PREDICATES = st.sampled_from([
-    "$code:lambda value, context: True",
-    "$code:lambda value, context: False",
-    "$code:lambda value, context: value",
-    "$code:lambda value, context: value['data']",
-    "$code:lambda value, context: []",
+    "$code:() => true",
+    "$code:() => false",
+    "$code:(value) => value",
+    "$code:(value) => value.data",
+    "$code:() => []",
+    "$code:async () => false",
 ])
 
 

@@ -40,7 +40,7 @@ def test_without_an_element_time_a_pubsub_event_takes_its_publish_time():
 
 def test_a_raising_function_makes_its_value_undefined_counted_and_logged_once(caplog):
     mapping = {"page": {"view": {"data": {"map": {
-        "upper": {"fn": "$code:lambda event, context: event['data']['title'].upper()"}}}}}}
+        "upper": {"fn": "$code:(event) => event.data.title.toUpperCase()"}}}}}}
     spec = make_spec(flow_document(mapping=mapping))
     events = [{"name": "page view", "id": f"{i:016x}", "timestamp": 1, "user": {"session": "s"},
                "data": {"title": 7 if i % 2 else "home"}} for i in range(6)]
@@ -49,7 +49,7 @@ def test_a_raising_function_makes_its_value_undefined_counted_and_logged_once(ca
     assert [l["calls"][0]["properties"] for l in lines] == [{"upper": "HOME"}, {}] * 3
     assert compiled(spec).function_errors.counts == {
         "$.flows.default.destinations.segment.config.mapping.page.view.data.map.upper.fn": 3}
-    assert len([r for r in caplog.records if "raised AttributeError" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "failed: TypeError" in r.getMessage()]) == 1
 
     options = PipelineOptions([], runner="FnApiRunner")
     p = test_pipeline.TestPipeline(options=options, runner="FnApiRunner")

@@ -108,10 +108,10 @@ class CallBuilder:
     """Compiled once from the destination settings; builds the calls of each event."""
 
     def __init__(self, identify_spec: Any, group_spec: Any, integrations: dict | None,
-                 namespace: str, settings_path: str, on_error=None):
+                 namespace: str, settings_path: str, on_error=None, functions=None):
         self._identify = None if identify_spec is None else \
-            compile_value(identify_spec, f"{settings_path}.identify", on_error)
-        self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error)
+            compile_value(identify_spec, f"{settings_path}.identify", on_error, functions)
+        self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error, functions)
         self._integrations = integrations or None
         self._namespace = namespace
         # What each rule's settings make of the calls, worked out on the rule's first event.

@@ -14,6 +14,7 @@ from transforms import consent as consent_rules
 from transforms import dead_letter as dl
 from transforms.calls import CallBuilder, EventCalls
 from transforms.dead_letter import DeadLetter, payload_text
+from transforms.functions import FunctionPolicy, Functions, describe_failure
 from transforms.identity import IdentityResolver, IdentityState, decide
 from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from transforms.settings import SegmentSettings
@@ -40,12 +41,14 @@ class DestinationSpec:
     config_path: str = "$.config"
     namespace: str = ""
     state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS
+    functions: FunctionPolicy = FunctionPolicy()
 
     @classmethod
-    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS):
+    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS,
+                  functions: FunctionPolicy | None = None):
         return cls(flow_name=flow.name, settings=flow.settings, config=flow.config, collector=flow.collector,
                    config_path=flow.config_path, namespace=namespace or default_namespace(flow.name),
-                   state_ttl_ms=state_ttl_ms)
+                   state_ttl_ms=state_ttl_ms, functions=functions or FunctionPolicy())
 
     def __repr__(self) -> str:  # config holds the write key
         return f"DestinationSpec(flow_name={self.flow_name!r}, namespace={self.namespace!r})"
@@ -72,7 +75,8 @@ class Outcome:
 
 
 class FunctionErrors:
-    """User functions (``$code:``) that raised: the value became undefined, as in walkerOS.
+    """User functions (``$code:``, ``$py:``) that threw, ran out of time or memory: the value
+    became undefined, as in walkerOS.
 
     Counted per place (the JSON path of the function) and logged the first time per place only,
     never once per event; ``hook`` lets the pipeline count them as a Beam counter too.
@@ -85,8 +89,8 @@ class FunctionErrors:
     def __call__(self, place: str, exc: BaseException) -> None:
         count = self.counts[place] = self.counts.get(place, 0) + 1
         if count == 1:
-            log.warning("the function at %s raised %s: %s (its value is undefined; later errors there "
-                        "are only counted)", place, type(exc).__name__, exc)
+            log.warning("the function at %s failed: %s (its value is undefined; later errors there "
+                        "are only counted)", place, describe_failure(exc))
         if self.hook is not None:
             self.hook(place)
 
@@ -102,7 +106,11 @@ class Destination:
         self._consent_map = settings.consent
         self._collector = spec.collector
         self.function_errors = FunctionErrors()
-        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
+        # One set of functions for the whole destination: each worker thread compiles them
+        # all into one sandbox on its first call.
+        functions = Functions(spec.functions)
+        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors,
+                                          functions=functions)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
         self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
@@ -110,9 +118,9 @@ class Destination:
         self._rule_index: dict[CompiledRule | None, int | None] = {rule: i for i, rule in enumerate(self._rules)}
         self._rule_index[None] = None  # no rule: no index
         self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path,
-                                         self.function_errors)
+                                         self.function_errors, functions)
         self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
-                                 spec.namespace, settings_path, self.function_errors)
+                                 spec.namespace, settings_path, self.function_errors, functions)
         # With no identify or group anywhere in the flow there is nothing to deduplicate, and
         # the keyed stateful step can be left out of the pipeline.
         self.needs_identity_state = settings.identify is not None or settings.group is not None or \
@@ -123,7 +131,17 @@ class Destination:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
     def map(self, event: dict) -> MappingResult:
-        return self.mapping.process(event, self._collector)
+        """The flow's mapping, on the event as walkerOS's collector hands it to a destination:
+        its consent reduced to the granted keys. The result's event keeps the full consent for
+        Segment's categoryPreferences (true and false); policies that rewrote consent win."""
+        consent = event.get("consent")
+        granted = _granted_only(consent)
+        if granted is consent:
+            return self.mapping.process(event, self._collector)
+        result = self.mapping.process({**event, "consent": granted}, self._collector)
+        if result.event.get("consent") is granted:
+            result.event["consent"] = consent
+        return result
 
     def rule_consent_granted(self, result: MappingResult) -> bool:
         if result.rule is None or not result.rule.consent:
@@ -141,14 +159,18 @@ class Destination:
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
         event, index, data = mapped
+        original = event
         rule = None if index is None else self._rules[index]
         consent = event.get("consent") or {}
+        granted = _granted_only(consent)
+        if granted is not consent:
+            event = {**event, "consent": granted}  # what the settings' mappings read, as in walkerOS
         # What user functions get as their context argument.
         context = {"event": event, "mapping": rule.raw if rule else None,
-                   "collector": self._collector, "consent": consent}
+                   "collector": self._collector, "consent": granted}
         identity = self.identity.resolve(event, context)
         if identity.state_key is None:
-            return DeadLetter(payload=payload_text(event), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
+            return DeadLetter(payload=payload_text(original), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
                               error="neither userId nor anonymousId resolved to a non-empty string "
                                     f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
                                     f"{self.spec.settings.anonymous_id!r})",
@@ -169,8 +191,9 @@ class Destination:
         return calls.messages(fire_identify, fire_group), new_state, suppressed
 
     # -- all steps at once, for explain -----------------------------------------------------
-    def process(self, event: dict, states: dict[str, IdentityState]) -> Outcome:
-        """One normalised event through every step; ``states`` is the per-key memory."""
+    def before_deduplication(self, event: dict) -> Outcome | EventCalls:
+        """One normalised event through every step up to identify/group deduplication: its
+        calls, or the outcome that stopped it."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
         result = self.map(event)
@@ -181,8 +204,26 @@ class Destination:
         planned = self.plan(self.mapped(result))
         if isinstance(planned, DeadLetter):
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
+        return planned
+
+    def process(self, event: dict, states: dict[str, IdentityState]) -> Outcome:
+        """One normalised event through every step; ``states`` is the per-key memory."""
+        planned = self.before_deduplication(event)
+        if isinstance(planned, Outcome):
+            return planned
         messages, states[planned.key], _ = self.deduplicate(planned, states.get(planned.key))
         return Outcome(DELIVERED, None, messages)
+
+
+def _granted_only(consent: Any) -> Any:
+    """walkerOS's collector hands a destination only the granted consent keys; the same object
+    when nothing is denied (no copy per event in the common case)."""
+    if type(consent) is not dict:
+        return consent
+    for value in consent.values():
+        if value is not True:
+            return {key: True for key, state in consent.items() if state is True}
+    return consent
 
 
 def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:

@@ -29,9 +29,11 @@ class Identity(NamedTuple):
 
 
 class IdentityResolver:
-    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str, on_error=None):
-        self._user_id = compile_value(user_id_spec, f"{settings_path}.userId", on_error)
-        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId", on_error)
+    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str, on_error=None,
+                 functions=None):
+        self._user_id = compile_value(user_id_spec, f"{settings_path}.userId", on_error, functions)
+        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId", on_error,
+                                           functions)
         # The usual settings ("user.id", "user.session") are plain paths: read them directly.
         self._read_user_id = _plain_path_reader(user_id_spec) or self._user_id
         self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id

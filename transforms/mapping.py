@@ -17,9 +17,6 @@ stay UNDEFINED while evaluating, because walkerOS's property check accepts `unde
 """
 from __future__ import annotations
 
-import builtins
-import datetime
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +24,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from transforms.functions import (
+    JS_PREFIX, PY_PREFIX, FunctionNotAllowed, Functions, FunctionSyntaxError, PythonDeadline,
+    describe_failure,
+)
 from transforms.paths import (
     INCLUDE_SECTIONS, UNDEFINED, compile_checked_getter, compile_getter, delete_by_path,
     flatten_include, js_truthy, same_value_zero, set_by_path, split_path, to_plain,
@@ -39,7 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CODE_PREFIX = "$code:"
+CODE_PREFIX = JS_PREFIX
 VALUE_CONFIG_KEYS = frozenset(
     {"key", "value", "fn", "condition", "consent", "validate", "loop", "map", "set"})
 RULE_KEYS = frozenset({"name", "data", "settings", "ignore", "silent", "condition", "consent",
@@ -139,56 +140,89 @@ class _ErrorLog:
         if self._on_error is not None:
             self._on_error(place, exc)
         elif count == 1:
-            logger.warning("mapping function at %s raised %s: %s (the value is undefined; "
+            logger.warning("mapping function at %s failed: %s (the value is undefined; "
                            "later errors at this place are only counted)",
-                           place, type(exc).__name__, exc)
+                           place, describe_failure(exc))
 
 
 # --- $code functions ----------------------------------------------------------------------------
 
-def _code_namespace() -> dict:
-    """Globals of a `$code:` expression: the normal builtins and a few everyday modules.
-    A fresh dict per function, so one function cannot leak names into another."""
-    return {"__builtins__": builtins, "re": re, "math": math, "json": json,
-            "hashlib": hashlib, "datetime": datetime, "UNDEFINED": UNDEFINED}
+# A compiled function is called as f(value, event, collector, consent); see transforms.functions.
+UserFunction = Callable[[Any, Any, Any, Any], Any]
 
 
-def _compile_function(spec: Any, path: str) -> Callable | None:
+def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
+                      predicate: bool, awaited: bool = True) -> UserFunction | None:
     """`fn`/`condition`/`validate` → a callable, or None when absent (JS-falsy, like "").
 
-    A string without the `$code:` prefix stays a string in walkerOS and fails when called;
-    it is kept as a function that raises, so that value is undefined at run time.
+    `mapping` is what the function sees as `context.mapping`. A string without a function
+    prefix stays a string in walkerOS and fails when called; it is kept as a function that
+    raises, so that value is undefined at run time. Nothing of the function runs here.
     """
     if spec is None or spec == "":
         return None
     if callable(spec):
-        return spec
+        return _python_callable(spec, mapping, functions.policy.time_limit_s)
     if not isinstance(spec, str):
         raise MappingConfigError(
             path, f"expected a function (a \"$code:\" string), got {type(spec).__name__}")
-    if not spec.startswith(CODE_PREFIX):
+    if not spec.startswith((CODE_PREFIX, PY_PREFIX)):
         message = f"{spec!r} is not a function: function strings start with \"{CODE_PREFIX}\""
 
         def not_a_function(*_args: Any) -> Any:
             raise TypeError(message)
         return not_a_function
-    source = spec[len(CODE_PREFIX):].strip()
     try:
-        code = compile(source, path, "eval")
-    except SyntaxError as exc:
-        raise MappingConfigError(
-            path, f"$code is not a valid Python expression: {exc.msg} "
-                  f"(line {exc.lineno}, column {exc.offset})") from None
-    try:
-        function = eval(code, _code_namespace())  # trusted config, like walkerOS's raw-JS $code
-    except Exception as exc:
-        raise MappingConfigError(
-            path, f"$code failed to evaluate: {type(exc).__name__}: {exc}") from None
-    if not callable(function):
-        raise MappingConfigError(
-            path, f"$code must evaluate to a callable (value, context), "
-                  f"got {type(function).__name__}")
-    return function
+        return functions.compile(spec, path, mapping, predicate, awaited)
+    except FunctionSyntaxError as exc:
+        language = "JavaScript" if spec.startswith(CODE_PREFIX) else "Python"
+        prefix = CODE_PREFIX if spec.startswith(CODE_PREFIX) else PY_PREFIX
+        raise MappingConfigError(path, f"{prefix[:-1]} is not valid {language}: {exc}") from None
+    except FunctionNotAllowed as exc:
+        raise MappingConfigError(path, str(exc)) from None
+
+
+_FUNCTION_KEYS = ("fn", "condition", "validate")
+
+
+def function_syntax_errors(config: Any, path: str, functions: Functions) -> list[str]:
+    """Every `$code:`/`$py:` function in a destination config that does not compile, as
+    "path: message" lines, so `validate` reports all of them at once. Only parses."""
+    errors: list[str] = []
+    _collect_function_errors(config, path, functions, errors)
+    return errors
+
+
+def _collect_function_errors(node: Any, path: str, functions: Functions, errors: list[str]) -> None:
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _collect_function_errors(item, _child_path(path, index), functions, errors)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, item in node.items():
+        where = _child_path(path, key)
+        if key == "value":
+            continue  # a static value is data, whatever it holds
+        if key in _FUNCTION_KEYS and isinstance(item, str) and item.startswith((CODE_PREFIX, PY_PREFIX)):
+            try:
+                _compile_function(item, where, Functions(functions.policy), {}, predicate=False)
+            except MappingConfigError as exc:
+                errors.append(str(exc))
+        else:
+            _collect_function_errors(item, where, functions, errors)
+
+
+def _python_callable(function: Callable, mapping: Any, time_limit_s: float) -> UserFunction:
+    """A Python function handed in by Python code (tests, embedding): (value, context), with
+    the same time limit as a `$py:` function."""
+    deadline = PythonDeadline.shared()
+
+    def call(value: Any, event: Any, collector: Any, consent: Any) -> Any:
+        context = {"event": event, "mapping": mapping, "collector": collector,
+                   "consent": None if consent is UNDEFINED else consent}
+        return deadline.run(function, value, context, time_limit_s)
+    return call
 
 
 # --- evaluation context -------------------------------------------------------------------------
@@ -204,11 +238,6 @@ class _Ctx:
         self.event = event
         self.collector = collector
         self.consent = consent
-
-    def callback_context(self, mapping: Any) -> dict:
-        """The plain dict a user function receives as its second argument."""
-        return {"event": self.event, "mapping": mapping, "collector": self.collector,
-                "consent": None if self.consent is UNDEFINED else self.consent}
 
 
 def _resolve_consent(value: Any, given: Any, collector: Any) -> Any:
@@ -275,6 +304,7 @@ def _passthrough_run(value: Any, _ctx: _Ctx | None) -> Any:
 
 
 _UNDEFINED_NODE = _Node(_undefined_run, True, False, False)
+_EMPTY_MAP_NODE = _Node(lambda _value, _ctx: {}, True, False, False)
 # A config item with no effective key returns its input, if that is a property.
 _PASSTHROUGH_NODE = _Node(_passthrough_run, True, False, False)
 
@@ -307,8 +337,9 @@ def _has_holes(value: Any) -> bool:
 class _Compiler:
     """Turns mapping specs into `_Node` closures; user-function errors go to `log`."""
 
-    def __init__(self, log: _ErrorLog):
+    def __init__(self, log: _ErrorLog, functions: Functions):
         self.log = log
+        self.functions = functions
 
     # getMappingValue: a list is a chain of alternatives, the first *defined* result wins.
     def value(self, spec: Any, path: str) -> _Node:
@@ -357,9 +388,10 @@ class _Compiler:
             # Object.keys(5) is empty: constants must be written {"value": 5}.
             return _UNDEFINED_NODE
         if isinstance(spec, list):  # only reached inside a list
-            # A list inside a list is read as a config object whose keys are indexes: none is
-            # known, so it passes its input through (and an empty one is like {}).
-            return _PASSTHROUGH_NODE if spec else _UNDEFINED_NODE
+            # A list inside a list is destructured as a config object: of the known keys it
+            # has only `map`, which is Array.prototype.map, a function without entries; so a
+            # non-empty one maps to {} (found against walkerOS), and an empty one is like {}.
+            return _EMPTY_MAP_NODE if spec else _UNDEFINED_NODE
         if spec is None:
             raise MappingConfigError(path, "null is not a mapping value")
         if callable(spec):
@@ -377,16 +409,19 @@ class _Compiler:
         return _Node(compile_checked_getter(keys, _is_property_type, UNDEFINED, UNDEFINED),
                      True, starred, False, None if starred else (keys, UNDEFINED))
 
-    def function(self, spec: dict, name: str, path: str) -> Callable | None:
+    def function(self, spec: dict, name: str, path: str, predicate: bool,
+                 awaited: bool = True) -> Callable | None:
         """A guarded user function: its exceptions are reported and turn into `failed`."""
-        function = _compile_function(spec.get(name), _child_path(path, name))
+        place = _child_path(path, name)
+        function = _compile_function(spec.get(name), place, self.functions, spec, predicate,
+                                     awaited)
         if function is None:
             return None
-        place, log, raw = _child_path(path, name), self.log, spec
+        log = self.log
 
         def call(value: Any, ctx: _Ctx, failed: Any) -> Any:
             try:
-                return function(value, ctx.callback_context(raw))
+                return function(value, ctx.event, ctx.collector, ctx.consent)
             except Exception as exc:  # any error in user code makes the value undefined
                 log.report(place, exc)
                 return failed
@@ -440,9 +475,9 @@ class _ConfigCompiler:
         self.has_static = "value" in spec
         self.static = spec["value"] if self.has_static else UNDEFINED
         self.static_valid = self.has_static and is_property(self.static)
-        self.condition = compiler.function(spec, "condition", path)
-        self.fn = compiler.function(spec, "fn", path)
-        self.validate = compiler.function(spec, "validate", path)
+        self.condition = compiler.function(spec, "condition", path, predicate=True)
+        self.fn = compiler.function(spec, "fn", path, predicate=False)
+        self.validate = compiler.function(spec, "validate", path, predicate=True)
         self.consent_keys = self._consent()
         self.keys = self._key()
         self.getter = compile_getter(self.keys) if self.keys else None
@@ -484,6 +519,10 @@ class _ConfigCompiler:
         fallback = self.static if self.static_valid else UNDEFINED
         container = self.container
         if container is None and self.getter is None:
+            if not self.has_static:
+                # Only keys that do nothing ({"key": ""}, {"consent": {}}): walkerOS starts from
+                # the input and nothing changes it, so the input comes back if it is a property.
+                return _passthrough_run
             constant = fallback  # {"value": v}
             return (lambda _value, _ctx: static_result()) if constant is not UNDEFINED \
                 else _undefined_run
@@ -712,13 +751,14 @@ class CompiledValue:
     the walkerOS-internal value, holes kept as UNDEFINED.
     """
 
-    __slots__ = ("spec", "path", "_node", "_log")
+    __slots__ = ("spec", "path", "_node", "_log", "_functions")
 
-    def __init__(self, spec: Any, path: str, node: _Node, log: _ErrorLog):
+    def __init__(self, spec: Any, path: str, node: _Node, log: _ErrorLog, functions: Functions):
         self.spec = spec
         self.path = path
         self._node = node
         self._log = log
+        self._functions = functions
 
     def raw(self, value: Any, context: dict | None = None) -> Any:
         if value is UNDEFINED:
@@ -749,7 +789,7 @@ class CompiledValue:
 
     def __reduce__(self) -> tuple:
         # Closures do not pickle portably; Beam workers recompile from the spec instead.
-        return (compile_value, (self.spec, self.path, self._log._on_error))
+        return (compile_value, (self.spec, self.path, self._log._on_error, self._functions))
 
     def __repr__(self) -> str:
         return f"CompiledValue({self.spec!r}, path={self.path!r})"
@@ -757,15 +797,17 @@ class CompiledValue:
 
 def compile_value(spec: Any, path: str,
                   on_error: Callable[[str, BaseException], None] | None = None,
-                  ) -> CompiledValue:
+                  functions: Functions | None = None) -> CompiledValue:
     """Compile a mapping value (path string, value config, list; numbers/booleans give a
-    value that is always undefined). Raises MappingConfigError naming the JSON path."""
+    value that is always undefined). Raises MappingConfigError naming the JSON path.
+    `functions` compiles its `$code:`/`$py:` functions (share one per destination)."""
     log = _ErrorLog(on_error)
-    return CompiledValue(spec, path, _Compiler(log).value(spec, path), log)
+    functions = functions if functions is not None else Functions()
+    return CompiledValue(spec, path, _Compiler(log, functions).value(spec, path), log, functions)
 
 
 def _compile_shared(compiler: _Compiler, spec: Any, path: str) -> CompiledValue:
-    return CompiledValue(spec, path, compiler.value(spec, path), compiler.log)
+    return CompiledValue(spec, path, compiler.value(spec, path), compiler.log, compiler.functions)
 
 
 # --- rules --------------------------------------------------------------------------------------
@@ -790,7 +832,9 @@ class CompiledRule:
         self.consent = _optional(raw, "consent", dict, path)
         self.settings = _compile_settings(compiler, raw.get("settings"),
                                           _child_path(path, "settings"))
-        self._condition = compiler.function(raw, "condition", path)
+        # walkerOS does not await a rule condition: a promise (any async function) matches.
+        self._condition = compiler.function(raw, "condition", path, predicate=True,
+                                            awaited=False)
         self._policy = _compile_policy(compiler, raw.get("policy"), _child_path(path, "policy"))
         data = raw.get("data")
         # walkerOS: `if (eventMapping.data)`, so a falsy rule data ("" or 0) is no data at all.
@@ -924,14 +968,16 @@ class DestinationMapping:
     """
 
     def __init__(self, config: dict, path: str = "$.config",
-                 on_error: Callable[[str, BaseException], None] | None = None):
+                 on_error: Callable[[str, BaseException], None] | None = None,
+                 functions: Functions | None = None):
         if not isinstance(config, dict):
             raise MappingConfigError(path, f"expected an object, got {type(config).__name__}")
         self._config = config
         self._path = path
         self._on_error = on_error
+        self._functions = functions if functions is not None else Functions()
         self._log = _ErrorLog(on_error)
-        compiler = _Compiler(self._log)
+        compiler = _Compiler(self._log, self._functions)
         self._policy = _compile_policy(compiler, config.get("policy"), _child_path(path, "policy"))
         self._data_node, self._data_literal = _compile_config_data(
             compiler, config, _child_path(path, "data"))
@@ -1097,7 +1143,7 @@ class DestinationMapping:
         return dict(self._log.counts)
 
     def __reduce__(self) -> tuple:
-        return (DestinationMapping, (self._config, self._path, self._on_error))
+        return (DestinationMapping, (self._config, self._path, self._on_error, self._functions))
 
 
 def _is_index(key: str) -> bool:

@@ -42,7 +42,7 @@ def _count_function_error(place: str) -> None:
 
 def _spec_key(spec: DestinationSpec) -> str:
     text = orjson.dumps([spec.flow_name, spec.config, spec.collector, spec.namespace, spec.state_ttl_ms,
-                         spec.config_path], option=orjson.OPT_SORT_KEYS, default=repr)
+                         spec.config_path, spec.functions], option=orjson.OPT_SORT_KEYS, default=repr)
     return hashlib.sha256(text).hexdigest()
 
 

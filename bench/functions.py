@@ -1,0 +1,75 @@
+"""What `$code:` functions cost: the same flow with and without three JavaScript functions
+evaluated on every event, mapped and planned in one process (no Beam, no network).
+
+The issue's target: the functions add at most 30 µs an event. Measured in CPU time, which
+other load on the shared machine disturbs less than wall time; best of a few repeats.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+
+from transforms.destination import Destination, DestinationSpec
+from transforms.event import parse_payload
+from transforms.settings import SegmentSettings
+from transforms.secrets import WriteKey
+
+TARGET_US = 30.0
+PLAIN = {"data": {"map": {"id": "data.id", "label": "name", "user": "user.id"}}}
+# A rule condition on the event, an fn on the event, a validate on a read value: three calls.
+WITH_FUNCTIONS = {
+    "condition": "$code:(event) => event.name.length > 0",
+    "data": {"map": {
+        "id": "data.id",
+        "label": {"fn": "$code:(event) => event.name.toUpperCase()"},
+        "user": {"key": "user.id", "validate": "$code:(value) => typeof value === 'string'"}}},
+}
+
+
+def _destination(rule: dict) -> Destination:
+    config = {"settings": {"userId": "user.id", "anonymousId": "user.session"},
+              "mapping": {"*": {"*": rule}}}
+    settings = SegmentSettings.from_config({"writeKey": "k", **config["settings"]}, WriteKey("k"))
+    spec = DestinationSpec(flow_name="bench", settings=settings, config=config,
+                           collector={"globals": {}, "consent": {}, "user": {}})
+    return Destination(spec)
+
+
+def _events(path: Path, limit: int) -> list[dict]:
+    events = []
+    with open(path, "rb") as f:
+        for line in f:
+            for item in parse_payload(line.rstrip(b"\n"), collector={}, flow="bench"):
+                if isinstance(item, dict):
+                    events.append(item)
+            if len(events) >= limit:
+                break
+    return events
+
+
+def _cpu_per_event(destination: Destination, events: list[dict]) -> float:
+    mapped, plan, process = destination.mapped, destination.plan, destination.map
+    started = time.process_time()
+    for event in events:
+        plan(mapped(process(event)))
+    return (time.process_time() - started) / len(events) * 1e6
+
+
+def measure(events_path: Path, limit: int = 10_000, repeats: int = 3) -> dict:
+    events = _events(events_path, limit)
+    plain, functions = _destination(PLAIN), _destination(WITH_FUNCTIONS)
+    _cpu_per_event(functions, events[:200])  # this thread's sandbox is built on first use
+    plain_us = min(_cpu_per_event(plain, events) for _ in range(repeats))
+    functions_us = min(_cpu_per_event(functions, events) for _ in range(repeats))
+    assert not functions.function_errors.counts, functions.function_errors.counts
+    added = functions_us - plain_us
+    return {"events": len(events), "plain_cpu_us": plain_us, "functions_cpu_us": functions_us,
+            "added_cpu_us": added, "target_us": TARGET_US, "met": added <= TARGET_US}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(orjson.dumps(measure(Path(sys.argv[1])), option=orjson.OPT_INDENT_2).decode())

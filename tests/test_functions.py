@@ -1,0 +1,297 @@
+"""Flow functions: `$code:` JavaScript in the QuickJS sandbox, `$py:` Python behind a flag.
+
+Hostile functions must cost their own value only (a counted function error), never the worker;
+nothing one call does may reach the next; validating a flow runs none of its code."""
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+import time
+
+import pytest
+
+from pipeline.cli import main as cli_main
+from transforms.functions import FunctionPolicy, Functions
+from transforms.mapping import UNDEFINED, DestinationMapping, compile_value
+
+FAST = FunctionPolicy(time_limit_s=0.2, memory_limit_mb=32)
+EVENT = {"name": "order complete", "data": {"id": "0rd3r1d", "total": 555}, "user": {"id": "us3r"},
+         "consent": {"functional": True}}
+
+
+def js_value(source: str, policy: FunctionPolicy = FAST, errors: list | None = None, **config):
+    seen = errors if errors is not None else []
+    return compile_value({"fn": f"$code:{source}", **config}, "$.v",
+                         on_error=lambda place, exc: seen.append(str(exc)), functions=Functions(policy))
+
+
+# --- walkerOS's calling convention -------------------------------------------------------------
+
+def test_fn_gets_the_value_and_walkeros_context() -> None:
+    value = js_value("(value, context) => [value.data.id, context.event.name, context.mapping.value,"
+                     " context.consent, context.collector.globals.env, typeof context.logger.warn]",
+                     value="static")
+    # the static value is what fn's context.mapping shows, but fn gets the input
+    assert value(EVENT, {"event": EVENT, "collector": {"globals": {"env": "prod"}}}) == \
+        ["0rd3r1d", "order complete", "static", {"functional": True}, "prod", "function"]
+
+
+def test_logger_calls_are_harmless() -> None:
+    value = js_value("(v, c) => { c.logger.info('i'); c.logger.warn('w'); c.logger.error('e');"
+                     " c.logger.debug('d'); c.logger.json({}); return 'logged'; }")
+    assert value(EVENT) == "logged"
+
+
+def test_async_functions_are_awaited_and_rule_conditions_are_not() -> None:
+    assert js_value("async (value) => value.data.total + 1")(EVENT) == 556
+    assert compile_value({"value": "x", "condition": "$code:async () => false"}, "$.v")(EVENT) is UNDEFINED
+    # walkerOS calls a rule condition without awaiting it: a promise is truthy, so it matches
+    mapping = DestinationMapping({"mapping": {"order": {"complete": [
+        {"condition": "$code:async () => false", "name": "A"}, {"name": "B"}]}}})
+    assert mapping.process(EVENT).event["name"] == "A"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("() => [1, undefined, 2]", [1, UNDEFINED, 2]),          # holes stay holes
+    ("() => ({a: 1, b: undefined})", {"a": 1}),
+    ("() => 2 ** 53", 2 ** 53),
+    ("() => 0.1 + 0.2", 0.1 + 0.2),
+    ("() => 'ü \\u0000 \"q\"'", 'ü \x00 "q"'),
+    ("() => new Date(0)", UNDEFINED),                          # not a walkerOS property
+    ("() => ({f: () => 1})", UNDEFINED),
+    ("() => [1, null]", UNDEFINED),
+    ("() => NaN", UNDEFINED),
+    ("() => 10n", UNDEFINED),
+    ("() => { const a = {}; a.self = a; return a; }", UNDEFINED),
+])
+def test_results_cross_as_walkeros_properties(source: str, expected) -> None:
+    assert js_value(source).raw(EVENT) == expected
+
+
+def test_strings_and_values_with_the_hole_marker_text_are_not_mistaken_for_holes() -> None:
+    assert js_value("(v) => [v, 'x', '']")("\ue000hole:") == ["\ue000hole:", "x", ""]
+    assert js_value("(v) => [v, undefined, '']").raw("a\x00b") == ["a\x00b", UNDEFINED, ""]
+
+
+# --- hostile functions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", [
+    "() => { while (true) {} }",
+    "() => { for (;;) { [].concat([1]); } }",
+    "() => /(a+)+$/.test('a'.repeat(40) + 'b')",          # catastrophic backtracking
+    "async () => { await null; while (true) {} }",
+])
+def test_a_function_that_never_returns_is_a_counted_error(source: str) -> None:
+    errors: list[str] = []
+    value = js_value(source, errors=errors, value="fallback")
+    started = time.monotonic()
+    assert value(EVENT) == "fallback"
+    assert errors and "interrupted" in errors[0]
+    # a CPU-time limit: generous wall-time bound for a loaded machine
+    assert time.monotonic() - started < 20
+    assert js_value("(v) => v.data.id")(EVENT) == "0rd3r1d"
+
+
+def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbox_recovers() -> None:
+    errors: list[str] = []
+    functions = Functions(FunctionPolicy(time_limit_s=10, memory_limit_mb=32))
+    hog = compile_value({"fn": "$code:() => { const a = []; for (;;) a.push('x'.repeat(1e5) + a.length); }"},
+                        "$.v", on_error=lambda p, e: errors.append(str(e)), functions=functions)
+    fine = compile_value({"fn": "$code:(v) => v.data.id"}, "$.w", functions=functions)
+    for _ in range(3):
+        assert hog(EVENT) is UNDEFINED
+        assert fine(EVENT) == "0rd3r1d"
+    assert len(errors) == 3 and all("out of memory" in e for e in errors)
+
+
+@pytest.mark.parametrize("source", [
+    "() => require('fs').readFileSync('/etc/passwd', 'utf8')",
+    "() => process.exit(1)",
+    "() => std.loadFile('/etc/passwd')",
+    "() => os.exec(['/bin/true'])",
+    "() => fetch('http://127.0.0.1/')",
+    "() => new XMLHttpRequest()",
+    "async () => (await import('os')).getcwd()",
+    "() => setTimeout(() => 1, 0)",
+    "() => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0)",
+])
+def test_no_file_network_process_module_or_blocking_access(source: str) -> None:
+    errors: list[str] = []
+    assert js_value(source, errors=errors)(EVENT) is UNDEFINED
+    assert len(errors) == 1
+
+
+@pytest.mark.parametrize("tamper", [
+    "globalThis.leak = 'x'",
+    "leak = 'x'",
+    "Array.prototype.map = () => 'tampered'",
+    "JSON.stringify = () => '\"tampered\"'",
+    "Object.prototype.leak = 'x'",
+    "Object.defineProperty(globalThis, 'leak', {value: 'x'})",
+    "String.prototype.toUpperCase = () => 'tampered'",
+    "Math.max = () => 'tampered'",
+])
+def test_global_tampering_cannot_reach_the_next_call(tamper: str) -> None:
+    functions = Functions(FAST)
+    errors: list[str] = []
+    bad = compile_value({"fn": f"$code:(v) => {{ {tamper}; return 'done'; }}"}, "$.bad",
+                        on_error=lambda p, e: errors.append(str(e)), functions=functions)
+    probe = compile_value({"fn": "$code:(v) => [typeof leak, ({}).leak === undefined, [1].map(x => x + 1),"
+                                 " JSON.stringify('a'), 'a'.toUpperCase(), Math.max(1, 2)]"},
+                          "$.probe", functions=functions)
+    assert bad(EVENT) is UNDEFINED and len(errors) == 1   # strict mode: the write throws
+    assert probe(EVENT) == ["undefined", True, [2], '"a"', "A", 2]
+
+
+def test_changing_the_context_or_the_input_does_not_change_the_next_call() -> None:
+    functions = Functions(FAST)
+    mutate = compile_value({"fn": "$code:(v, c) => { v.data.id = 'changed'; c.event.name = 'changed';"
+                                  " c.consent.marketing = true; return 1; }"}, "$.m", functions=functions)
+    read = compile_value({"fn": "$code:(v, c) => [v.data.id, c.event.name, c.consent]"}, "$.r",
+                         functions=functions)
+    event = json.loads(json.dumps(EVENT))
+    assert mutate(event, {"event": event}) == 1
+    assert event == EVENT  # the pipeline's event is never changed
+    # the same event's functions share one copy, as walkerOS's share the event object ...
+    assert read(event, {"event": event})[:2] == ["changed", "changed"]
+    # ... and the next event starts afresh, even one with the very same content
+    following = json.loads(json.dumps(EVENT))
+    assert read(following, {"event": following}) == ["0rd3r1d", "order complete", {"functional": True}]
+    # the context's mapping is frozen: a function cannot rewrite the config it was given
+    frozen = js_value("(v, c) => { c.mapping.value = 'x'; return 1; }", value="static")
+    assert frozen(EVENT) == "static"
+
+
+# --- compiled once per thread, never while validating or pickling --------------------------------
+
+def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, capsys) -> None:
+    # An expression that would hang when evaluated: compiling only parses it.
+    started = time.monotonic()
+    value = compile_value({"fn": "$code:(() => { while (true) {} })()"}, "$.v",
+                          functions=Functions(FunctionPolicy(time_limit_s=30)))
+    assert time.monotonic() - started < 5
+    assert value is not None
+    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
+        "package": "@walkeros/server-destination-segment",
+        "config": {"settings": {"writeKey": "$env.SEGMENT_WRITE_KEY"},
+                   "mapping": {"order": {"complete": {"data": {"map": {
+                       "id": {"fn": "$code:(() => { while (true) {} })()"}}}}}}}}}}}}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", "k")
+    started = time.monotonic()
+    assert cli_main(["validate", "--flow", str(path), "--function_time_limit_seconds", "30"]) == 0
+    assert time.monotonic() - started < 10
+    assert capsys.readouterr().out.strip() == "ok"
+
+
+def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, monkeypatch, capsys) -> None:
+    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
+        "package": "@walkeros/server-destination-segment",
+        "config": {"settings": {"writeKey": "k", "identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
+                   "mapping": {"order": {"complete": {
+                       "condition": "$code:(event) => event.data.total >",
+                       "data": {"value": {"fn": "$code:this is data, not code"},
+                                "fn": "$code:(v) =>\n  v.data.id)"}}}}}}}}}}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    assert cli_main(["validate", "--flow", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    where = "$.flows.default.destinations.segment.config"
+    assert [line.split(": ")[0] for line in lines] == [
+        f"{where}.settings.identify.map.a.fn", f"{where}.mapping.order.complete.condition",
+        f"{where}.mapping.order.complete.data.fn"]
+    assert all("$code is not valid JavaScript: SyntaxError" in line for line in lines)
+    assert "(at the end of line 2)" in lines[2]
+
+
+def test_python_functions_need_the_flag(tmp_path, capsys) -> None:
+    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
+        "package": "@walkeros/server-destination-segment",
+        "config": {"settings": {"writeKey": "k"},
+                   "data": {"map": {"id": {"fn": "$py:lambda value, context: value['data']['id']"}}}}}}}}}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    assert cli_main(["validate", "--flow", str(path)]) == 2
+    assert "--allow_python_functions" in capsys.readouterr().err
+    assert cli_main(["validate", "--flow", str(path), "--allow_python_functions"]) == 0
+    assert cli_main(["validate", "--flow", str(path), "--function_time_limit_seconds", "0"]) == 2
+    assert "--function_time_limit_seconds" in capsys.readouterr().err
+
+
+def test_a_pickled_mapping_builds_a_sandbox_per_thread_on_first_use() -> None:
+    mapping = DestinationMapping({"data": {"map": {
+        "id": {"fn": "$code:(v) => v.data.id.toUpperCase()"},
+        "n": {"fn": "$code:(() => { let calls = 0; return () => ++calls > 0; })()"}}}},
+        functions=Functions(FAST))
+    restored = pickle.loads(pickle.dumps(mapping))
+    assert getattr(restored._functions._local, "sandbox", None) is None  # nothing built yet
+    results: list = []
+    failures: list = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(50):
+                event = {"name": "x y", "data": {"id": f"t{n}-{i}"}}
+                results.append(restored.process(event).data == {"id": f"T{n}-{i}", "n": True})
+        except Exception as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len(results) == 200 and all(results)
+    assert restored.error_counts == {}
+
+
+# --- $py: Python functions -----------------------------------------------------------------------
+
+PY = FunctionPolicy(allow_python=True, time_limit_s=0.2)
+
+
+def test_python_functions_run_with_the_flag() -> None:
+    value = compile_value({"fn": "$py:lambda value, context: [value['data']['id'], context['event']['name']]"},
+                          "$.v", functions=Functions(PY))
+    assert value(EVENT, {"event": EVENT}) == ["0rd3r1d", "order complete"]
+
+
+def test_a_python_function_that_never_returns_is_stopped_on_any_thread() -> None:
+    errors: list[str] = []
+    value = compile_value({"value": "fallback", "fn": "$py:lambda value, context: [0 for _ in iter(int, 1)]"},
+                          "$.v", on_error=lambda p, e: errors.append(str(e)), functions=Functions(PY))
+    quick = compile_value({"fn": "$py:lambda value, context: value['data']['id']"}, "$.q",
+                          functions=Functions(PY))
+    outcome: list = []
+
+    def work() -> None:
+        started = time.monotonic()
+        outcome.append(value(EVENT))
+        outcome.append(time.monotonic() - started)
+        # no late exception lands in the code that runs after the call
+        for _ in range(2000):
+            outcome.append(quick(EVENT))
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert outcome[0] == "fallback" and outcome[1] < 10
+    assert outcome[2:] == ["0rd3r1d"] * 2000
+    assert errors == ["did not return within 0.2 s"]
+
+
+def test_a_fast_python_function_is_never_interrupted() -> None:
+    value = compile_value({"fn": "$py:lambda value, context: sum(range(1000))"}, "$.v", functions=Functions(PY))
+    assert all(value(EVENT) == 499500 for _ in range(3000))
+
+
+def test_endless_recursion_is_a_counted_error_on_any_thread() -> None:
+    errors: list[str] = []
+    value = js_value("() => { const f = (n) => f(n + 1) + 1; return f(0); }", errors=errors, value="fallback")
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(value(EVENT)))
+    thread.start()
+    thread.join()
+    assert results == ["fallback"] and value(EVENT) == "fallback"
+    assert errors == ["RangeError: Maximum call stack size exceeded"] * 2
