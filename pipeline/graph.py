@@ -10,7 +10,7 @@ import apache_beam as beam
 from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
 from pipeline.sources import ReadEvents
 from transforms.calls import EventCalls
-from transforms.dedup import DeduplicateIdentity
+from transforms.dedup import DecideIdentity, DeduplicateIdentity
 from transforms.destination import DestinationSpec
 from transforms.sink import DEAD_LETTER_TAG, BatchAndSend, BatchCalls, Delivery, SendOptions, SendToSegment
 from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime, compiled
@@ -37,7 +37,12 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     mapped = gated | "MapEvents" >> beam.ParDo(MapEvents(spec))
     planned = mapped | "AssignIdentity" >> beam.ParDo(AssignIdentity(spec)).with_outputs(
         DEAD_LETTER_TAG, main="calls")
-    if destination.needs_identity_state:
+    if destination.needs_identity_state and not streaming:
+        # Decided on a second read of the input (files are re-readable; Pub/Sub is streaming
+        # only): the shuffle then carries a small record per event, not the event.
+        decisions = p | "ReadEventsToDecide" >> read | "DecideIdentity" >> DecideIdentity(spec)
+        deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming, decisions)
+    elif destination.needs_identity_state:
         deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming)
     else:
         # No identify or group anywhere in the flow: nothing to remember per user.

@@ -75,14 +75,19 @@ class FunctionErrors:
     """User functions (``$code:``) that raised: the value became undefined, as in walkerOS.
 
     Counted per place (the JSON path of the function) and logged the first time per place only,
-    never once per event; ``hook`` lets the pipeline count them as a Beam counter too.
+    never once per event; ``hook`` lets the pipeline count them as a Beam counter too. A
+    ``quiet`` one neither counts nor logs: batch deduplication runs every event through the
+    steps a second time to decide, and the same error must not be reported twice.
     """
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.counts: dict[str, int] = {}
         self.hook = None
+        self.quiet = quiet
 
     def __call__(self, place: str, exc: BaseException) -> None:
+        if self.quiet:
+            return
         count = self.counts[place] = self.counts.get(place, 0) + 1
         if count == 1:
             log.warning("the function at %s raised %s: %s (its value is undefined; later errors there "
@@ -94,14 +99,14 @@ class FunctionErrors:
 class Destination:
     """Compiled from a :class:`DestinationSpec`; building it is the start-up validation."""
 
-    def __init__(self, spec: DestinationSpec):
+    def __init__(self, spec: DestinationSpec, quiet: bool = False):
         self.spec = spec
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
         self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
         self._consent_map = settings.consent
         self._collector = spec.collector
-        self.function_errors = FunctionErrors()
+        self.function_errors = FunctionErrors(quiet)
         self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors)
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
