@@ -156,3 +156,17 @@ def test_the_second_pass_counts_nothing_twice():
     assert counts["mapping_function_errors"] == 3
     assert counts["events_parsed"] == 6 and counts["inputs_read"] == 7
     assert counts["identify_suppressed"] == 4  # two users, each identified once
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(-2**53, 2**53), st.integers(0, 2**64 - 1),
+                          st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), max_size=60),
+       st.integers(1, 4))
+def test_compressed_frames_give_back_the_records_sorted(rows, parts):
+    """What crosses the shuffle compressed comes back as the same records (in user, time order)."""
+    from transforms.dedup import _RECORD, pack_records, unpack_records
+
+    raw = [_RECORD.pack(*row) for row in rows]
+    frames = b"".join(pack_records(b"".join(raw[i::parts])) for i in range(parts))
+    back = unpack_records(frames)
+    assert sorted(_RECORD.iter_unpack(back)) == sorted(rows)

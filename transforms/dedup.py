@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 import typing
-from array import array
+import zlib
 from bisect import bisect_left
 from hashlib import blake2b
 
@@ -84,7 +84,7 @@ class _DedupStateful(beam.DoFn):
 # fixed 40-byte record per event; the decision is taken per user in event-time order with
 # ``decide``, as streaming and explain take it, and what comes out is the set of (event,
 # signature) pairs whose identify or group fires. The second read is the pipeline's own:
-# each planned event looks its decision up in that set (a side input, per bucket of users)
+# each planned event looks its decision up in that set (one side input: sorted 8-byte keys)
 # and goes on with its calls in order. The FnApiRunner holds a shuffle's whole contents in
 # memory, several copies at once: 40 bytes an event instead of a whole event with its calls.
 BUCKETS = 4096
@@ -145,7 +145,7 @@ def decision_record(calls: EventCalls) -> tuple[int, bytes]:
 
 
 def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
-    """The fire keys (sorted, unique, as native uint64) of a bucket's records: per user, in
+    """The fire keys (unique, as native uint64) of a bucket's records: per user, in
     event-time order, then by event digest (any input order gives the same)."""
     fired = set()
     user = state = None
@@ -157,7 +157,7 @@ def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
             fired.add(fire_key(event, identify, _IDENTIFY))
         if fire_group:
             fired.add(fire_key(event, group, _GROUP))
-    return array("Q", sorted(fired)).tobytes()
+    return struct.pack(f"{len(fired)}Q", *fired)
 
 
 class _DecisionRecords(beam.DoFn):
@@ -187,9 +187,55 @@ class _DecisionRecords(beam.DoFn):
                 yield decision_record(calls)
 
 
+# Records leave a bundle compressed: a bucket's records sorted by user and time, stored column
+# by column (time as differences), through zlib. A user's digest and signatures repeat from one
+# event to the next, so this about halves what the shuffle holds (the event digest, random,
+# stays 8 bytes). A frame: record count, compressed size, compressed columns; frames concatenate.
+_FRAME = struct.Struct("<II")
+_FIELDS = ("user", "time", "event", "identify", "group")
+
+
+def _columns_dtype():
+    import numpy
+
+    return numpy.dtype([("user", "<u8"), ("time", "<i8"), ("event", "<u8"), ("identify", "<u8"), ("group", "<u8")])
+
+
+def pack_records(records: bytes | bytearray) -> bytes:
+    """Raw records (``_RECORD`` after ``_RECORD``) as one compressed frame."""
+    import numpy
+
+    if not records:
+        return b""
+    table = numpy.sort(numpy.frombuffer(bytes(records), dtype=_columns_dtype()), order=list(_FIELDS))
+    times = table["time"].copy()
+    times[1:] = numpy.diff(table["time"])
+    body = zlib.compress(b"".join([table["user"].tobytes(), times.tobytes(), table["event"].tobytes(),
+                                   table["identify"].tobytes(), table["group"].tobytes()]), 1)
+    return _FRAME.pack(len(table), len(body)) + body
+
+
+def unpack_records(frames: bytes) -> bytes:
+    """Concatenated frames back as raw records."""
+    import numpy
+
+    view, at, parts = memoryview(frames), 0, []
+    while at < len(view):
+        count, size = _FRAME.unpack_from(view, at)
+        at += _FRAME.size
+        columns = numpy.frombuffer(zlib.decompress(view[at:at + size]), dtype="<u8").reshape(5, count)
+        at += size
+        table = numpy.empty(count, dtype=_columns_dtype())
+        table["user"], table["event"] = columns[0], columns[2]
+        table["identify"], table["group"] = columns[3], columns[4]
+        table["time"] = numpy.cumsum(columns[1].view("<i8"))
+        parts.append(table.tobytes())
+    return b"".join(parts)
+
+
 class _DecidePerUser(beam.CombineFn):
-    """A bucket's records gathered as one byte string (lifted: per bundle before the shuffle),
-    decided at the end."""
+    """A bucket's records: raw while a bundle adds them (a bytearray), compressed frames once
+    they leave it (bytes; lifted, per bundle before the shuffle), decided at the end."""
 
     def __init__(self, ttl_ms: int | None):
         self.ttl_ms = ttl_ms
@@ -198,7 +244,33 @@ class _DecidePerUser(beam.CombineFn):
         return bytearray()
 
     def add_input(self, accumulator, record):
+        if not isinstance(accumulator, bytearray):  # frames: open them again to add
+            accumulator = bytearray(unpack_records(accumulator))
         accumulator += record
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        return b"".join(self.compact(accumulator) for accumulator in accumulators)
+
+    def compact(self, accumulator):
+        return pack_records(accumulator) if isinstance(accumulator, bytearray) else accumulator
+
+    def extract_output(self, accumulator):
+        records = bytes(accumulator) if isinstance(accumulator, bytearray) else unpack_records(accumulator)
+        return decide_records(records, self.ttl_ms)
+
+    def get_accumulator_coder(self):
+        return BytesCoder()
+
+
+class _AllFired(beam.CombineFn):
+    """Every bucket's fire keys as one sorted array (native uint64), for a lookup by bisection."""
+
+    def create_accumulator(self):
+        return bytearray()
+
+    def add_input(self, accumulator, keys):
+        accumulator += keys
         return accumulator
 
     def merge_accumulators(self, accumulators):
@@ -211,56 +283,53 @@ class _DecidePerUser(beam.CombineFn):
         return bytes(accumulator)
 
     def extract_output(self, accumulator):
-        return decide_records(bytes(accumulator), self.ttl_ms)
+        import numpy
+
+        return numpy.sort(numpy.frombuffer(bytes(accumulator), dtype=numpy.uint64)).tobytes()
 
     def get_accumulator_coder(self):
         return BytesCoder()
 
 
 class _ApplyDecisions(beam.DoFn):
-    """Batch, the second read: each planned event with the identify/group its decision fires."""
+    """Batch, the second read: each planned event with the identify/group its decision fires.
+
+    The decisions come as one side input, not one per bucket: Beam's state cache weighs every
+    value it loads (about 10 ms each here, whatever its size), so a lookup per bucket and bundle
+    cost more than the whole transform."""
 
     def __init__(self, spec: DestinationSpec):
         self.spec = spec
+        self._blob = None
+        self._keys = None
 
-    def start_bundle(self):
-        self._fired: dict[int, array] = {}  # bucket -> its sorted fire keys, read once a bundle
-
-    def process(self, keyed, decisions):
+    def process(self, keyed, fired: bytes):
+        if fired is not self._blob:  # a new bundle may hand the same cached bytes again
+            self._blob, self._keys = fired, memoryview(fired).cast("B").cast("Q")
         key, calls = keyed
         fire_identify = fire_group = False
         if calls.identify is not None or calls.group is not None:
-            user = user_digest(key)
-            fired = self._fired.get(user % BUCKETS)
-            if fired is None:
-                fired = self._fired[user % BUCKETS] = _fire_keys(decisions[user % BUCKETS])
             event = event_digest(key, calls.event.get("id"))
             if calls.identify is not None:
-                fire_identify = _holds(fired, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
+                fire_identify = _holds(self._keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
                 if not fire_identify:
                     counter("identify_suppressed").inc()
             if calls.group is not None:
-                fire_group = _holds(fired, fire_key(event, signature_digest(calls.group_signature), _GROUP))
+                fire_group = _holds(self._keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
                 if not fire_group:
                     counter("group_suppressed").inc()
         yield Delivery(calls.event, calls.messages(fire_identify, fire_group))
 
 
-def _fire_keys(blobs) -> array:
-    keys = array("Q")
-    for blob in blobs:
-        keys.frombytes(blob)
-    return keys
-
-
-def _holds(sorted_keys: array, key: int) -> bool:
+def _holds(sorted_keys, key: int) -> bool:
     at = bisect_left(sorted_keys, key)
     return at < len(sorted_keys) and sorted_keys[at] == key
 
 
 class DecideIdentity(beam.PTransform):
-    """Batch: raw payloads (a second read of the input) → per bucket of users, the sorted
-    fire keys of the identify and group calls that fire; a side input of DeduplicateIdentity."""
+    """Batch: raw payloads (a second read of the input) → one bytes value, the sorted fire keys
+    of every identify and group call that fires (8 bytes each); a side input of
+    DeduplicateIdentity."""
 
     def __init__(self, spec: DestinationSpec):
         super().__init__()
@@ -271,7 +340,9 @@ class DecideIdentity(beam.PTransform):
                 | "DecisionRecords" >> beam.ParDo(_DecisionRecords(self.spec)).with_output_types(
                     typing.Tuple[int, bytes])
                 | "DecidePerUser" >> beam.CombinePerKey(_DecidePerUser(self.spec.state_ttl_ms)).with_output_types(
-                    typing.Tuple[int, bytes]))
+                    typing.Tuple[int, bytes])
+                | "FireKeys" >> beam.Values().with_output_types(bytes)
+                | "AllFired" >> beam.CombineGlobally(_AllFired()).with_output_types(bytes))
 
 
 class DeduplicateIdentity(beam.PTransform):
@@ -292,5 +363,5 @@ class DeduplicateIdentity(beam.PTransform):
         if self.decisions is None:
             raise ValueError("a batch DeduplicateIdentity needs the decisions of DecideIdentity")
         return keyed_calls | "ApplyDecisions" >> beam.ParDo(
-            _ApplyDecisions(self.spec), beam.pvalue.AsMultiMap(self.decisions))
+            _ApplyDecisions(self.spec), beam.pvalue.AsSingleton(self.decisions))
 
