@@ -170,3 +170,13 @@ def test_compressed_frames_give_back_the_records_sorted(rows, parts):
     frames = b"".join(pack_records(b"".join(raw[i::parts])) for i in range(parts))
     back = unpack_records(frames)
     assert sorted(_RECORD.iter_unpack(back)) == sorted(rows)
+
+
+def test_a_streaming_graph_keeps_its_keyed_state_and_reads_once():
+    """Streaming keeps ``PerKeyState`` under the same names (a running job's update needs them)."""
+    spec = make_spec(flow_document(settings=EMAIL))
+    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    build_pipeline(p, spec, streaming=True, read=beam.Create([]))
+    names = {t.unique_name for t in p.to_runner_api().components.transforms.values()}
+    assert {"DeduplicateIdentity/TypeKeys", "DeduplicateIdentity/PerKeyState"} <= names
+    assert not any("Decide" in name or "ReadEventsToDecide" in name for name in names)
