@@ -56,7 +56,8 @@ def through_records(events, ttl_ms):
     """The batch path's functions: records per bucket, decided, then looked up per event."""
     buckets = defaultdict(bytearray)
     for calls in events:
-        bucket, record = decision_record(calls)
+        bucket, record = decision_record(calls.key, calls.timestamp_ms, calls.event["id"],
+                                         calls.identify_signature, calls.group_signature)
         buckets[bucket] += record
     keys = set()
     for records in buckets.values():
@@ -87,7 +88,8 @@ def test_a_record_is_forty_bytes_whatever_the_event_holds():
     big = {"id": "x" * 500, "data": {"blob": "y" * 10_000}}
     calls = EventCalls(big, "k" * 300, T0, {"type": "identify", "traits": {"t": "z" * 5000}},
                        ("u" * 200, '{"t":"' + "z" * 5000 + '"}'), None, None, [{"type": "track"}] * 3)
-    bucket, record = decision_record(calls)
+    bucket, record = decision_record(calls.key, calls.timestamp_ms, calls.event["id"],
+                                     calls.identify_signature, calls.group_signature)
     assert 0 <= bucket < BUCKETS and len(record) == 40
 
 
@@ -180,3 +182,38 @@ def test_a_streaming_graph_keeps_its_keyed_state_and_reads_once():
     names = {t.unique_name for t in p.to_runner_api().components.transforms.values()}
     assert {"DeduplicateIdentity/TypeKeys", "DeduplicateIdentity/PerKeyState"} <= names
     assert not any("Decide" in name or "ReadEventsToDecide" in name for name in names)
+
+
+def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp_path):
+    """The first read plans signatures only: on the benchmark's flow and events (identify and
+    group from destination and rule settings, consent, conditions) they agree with the calls."""
+    import json
+
+    from bench.generate import flow_document as bench_flow, write_events
+    from pipeline.flow import flow_from_document
+    from transforms.dead_letter import DeadLetter
+    from transforms.destination import DestinationSpec
+    from transforms.event import parse_payload
+
+    path = tmp_path / "events.jsonl"
+    write_events(path, 3_000, 11)
+    spec = DestinationSpec.from_flow(flow_from_document(json.loads(json.dumps(bench_flow(500))), env={}))
+    destination = compiled(spec)
+    compared = with_group = 0
+    for line in path.read_bytes().splitlines():
+        for event in parse_payload(line, collector=spec.collector, flow=spec.flow_name):
+            if isinstance(event, DeadLetter) or not destination.consent_granted(event):
+                continue
+            result = destination.map(event)
+            if result.ignored or not destination.rule_consent_granted(result):
+                continue
+            mapped = destination.mapped(result)
+            calls, inputs = destination.plan(mapped), destination.decision_inputs(mapped)
+            if isinstance(calls, DeadLetter):
+                assert inputs is None
+                continue
+            assert tuple(inputs) == (calls.key, calls.timestamp_ms, calls.event["id"],
+                                     calls.identify_signature, calls.group_signature)
+            compared += 1
+            with_group += calls.group_signature is not None
+    assert compared > 2_000 and with_group > 100

@@ -87,7 +87,7 @@ class _DedupStateful(beam.DoFn):
 # each planned event looks its decision up in that set (one side input: sorted 8-byte keys)
 # and goes on with its calls in order. The FnApiRunner holds a shuffle's whole contents in
 # memory, several copies at once: 40 bytes an event instead of a whole event with its calls.
-BUCKETS = 4096
+BUCKETS = 1024
 # user digest, event time (ms), event digest, identify signature digest, group signature digest
 _RECORD = struct.Struct("<QqQQQ")
 _NO_CANDIDATE = 0      # the event has no identify (or group) candidate
@@ -101,8 +101,16 @@ def _digest(text: str) -> int:
     return int.from_bytes(blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+# Users and signatures repeat from one event to the next: their digests are remembered (bounded).
+_DIGESTS: dict = {}
+_DIGESTS_MAX = 1 << 16
+
+
 def user_digest(key: str) -> int:
-    return _digest(key)
+    found = _DIGESTS.get(key)
+    if found is None:
+        found = _remember(key, _digest(key))
+    return found
 
 
 def event_digest(key: str, event_id) -> int:
@@ -114,11 +122,23 @@ def event_digest(key: str, event_id) -> int:
 def signature_digest(signature) -> int:
     if signature is None:
         return _NO_CANDIDATE
-    if signature == ("", ""):
-        return _EMPTY_SIGNATURE
-    sent_as, traits = signature
-    value = _digest(f"{len(sent_as)}:{sent_as}{traits}")
-    return value if value > _EMPTY_SIGNATURE else value + 2  # never taken for the two markers
+    found = _DIGESTS.get(signature)
+    if found is None:
+        if signature == ("", ""):
+            found = _EMPTY_SIGNATURE
+        else:
+            sent_as, traits = signature
+            found = _digest(f"{len(sent_as)}:{sent_as}{traits}")
+            found = found if found > _EMPTY_SIGNATURE else found + 2  # never taken for the two markers
+        _remember(signature, found)
+    return found
+
+
+def _remember(thing, digest: int) -> int:
+    if len(_DIGESTS) >= _DIGESTS_MAX:
+        _DIGESTS.clear()
+    _DIGESTS[thing] = digest
+    return digest
 
 
 def _signature(value: int):
@@ -136,12 +156,11 @@ def fire_key(event: int, signature: int, kind: int) -> int:
     return ((event ^ signature) & _KIND_BIT_CLEAR) | kind
 
 
-def decision_record(calls: EventCalls) -> tuple[int, bytes]:
+def decision_record(key: str, timestamp_ms: int, event_id, identify_signature, group_signature) -> tuple[int, bytes]:
     """(bucket, record) of one planned event."""
-    user = user_digest(calls.key)
-    return user % BUCKETS, _RECORD.pack(
-        user, calls.timestamp_ms, event_digest(calls.key, calls.event.get("id")),
-        signature_digest(calls.identify_signature), signature_digest(calls.group_signature))
+    user = user_digest(key)
+    return user % BUCKETS, _RECORD.pack(user, timestamp_ms, event_digest(key, event_id),
+                                        signature_digest(identify_signature), signature_digest(group_signature))
 
 
 def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
@@ -180,11 +199,10 @@ class _DecisionRecords(beam.DoFn):
             result = destination.map(item)
             if result.ignored or not destination.rule_consent_granted(result):
                 continue
-            calls = destination.plan(destination.mapped(result))
-            if isinstance(calls, DeadLetter):
-                continue
-            if self.every_event or calls.identify is not None or calls.group is not None:
-                yield decision_record(calls)
+            inputs = destination.decision_inputs(destination.mapped(result))
+            if inputs is not None and (self.every_event or inputs.identify_signature is not None
+                                       or inputs.group_signature is not None):
+                yield decision_record(*inputs)
 
 
 # Records leave a bundle compressed: a bucket's records sorted by user and time, stored column

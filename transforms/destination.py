@@ -63,6 +63,15 @@ class Mapped(NamedTuple):
     data: Any  # the mapped data; None when it resolved to nothing
 
 
+class DecisionInputs(NamedTuple):
+    """One event as identify/group deduplication sees it (the fields of EventCalls it uses)."""
+    key: str
+    timestamp_ms: int
+    event_id: str
+    identify_signature: tuple | None
+    group_signature: tuple | None
+
+
 @dataclass
 class Outcome:
     outcome: str
@@ -142,6 +151,21 @@ class Destination:
 
     def rule(self, index: int | None) -> CompiledRule | None:
         return None if index is None else self._rules[index]
+
+    def decision_inputs(self, mapped: Mapped) -> DecisionInputs | None:
+        """What deduplication decides on for one mapped event, as :meth:`plan` would give it,
+        without building its calls; None where plan gives a dead letter (no identity)."""
+        event, index, _ = mapped
+        rule = None if index is None else self._rules[index]
+        context = {"event": event, "mapping": rule.raw if rule else None,
+                   "collector": self._collector, "consent": event.get("consent") or {}}
+        identity = self.identity.resolve(event, context)
+        key = identity.state_key
+        if key is None:
+            return None
+        identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
+        return _new_tuple(DecisionInputs, (key, int(event["timestamp"]), event["id"], identify_signature,
+                                           group_signature))
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
