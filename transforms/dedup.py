@@ -86,7 +86,8 @@ class _DedupStateful(beam.DoFn):
 # signature) pairs whose identify or group fires. The second read is the pipeline's own:
 # each planned event looks its decision up in that set (one side input: sorted 8-byte keys)
 # and goes on with its calls in order. The FnApiRunner holds a shuffle's whole contents in
-# memory, several copies at once: 40 bytes an event instead of a whole event with its calls.
+# memory, several copies at once: about 20 bytes an event (40, compressed as the records leave
+# each bundle) instead of a whole event with its calls (~1.5 KB, ~7 KB of peak memory).
 BUCKETS = 1024
 # user digest, event time (ms), event digest, identify signature digest, group signature digest
 _RECORD = struct.Struct("<QqQQQ")
