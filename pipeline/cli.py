@@ -408,7 +408,7 @@ def launch(options, spec):
 
     pipeline = beam.Pipeline(options=options)
     build_from_options(pipeline, spec, options.view_as(WalkerosOptions),
-                       bool(options.view_as(StandardOptions).streaming))
+                       bool(options.view_as(StandardOptions).streaming), local=_is_direct(options))
     _settle_heap()
     return pipeline.run()
 

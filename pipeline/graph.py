@@ -10,7 +10,7 @@ import apache_beam as beam
 from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
 from pipeline.sources import ReadEvents, ReadLimits
 from transforms.calls import EventCalls
-from transforms.dedup import DeduplicateIdentity
+from transforms.dedup import DecideIdentity, DeduplicateIdentity
 from transforms.destination import DestinationSpec
 from transforms.sink import DEAD_LETTER_TAG, BatchAndSend, BatchCalls, Delivery, SendOptions, SendToSegment
 from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime, compiled
@@ -37,7 +37,13 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     mapped = gated | "MapEvents" >> beam.ParDo(MapEvents(spec))
     planned = mapped | "AssignIdentity" >> beam.ParDo(AssignIdentity(spec)).with_outputs(
         DEAD_LETTER_TAG, main="calls")
-    if destination.needs_identity_state:
+    if destination.needs_identity_state and not streaming:
+        # Decided on a second read of the input (files are re-readable; Pub/Sub is streaming
+        # only): the shuffle then carries a small record per event, not the event.
+        again = read.second_read() if isinstance(read, ReadEvents) else read
+        decisions = p | "ReadEventsToDecide" >> again | "DecideIdentity" >> DecideIdentity(spec)
+        deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming, decisions)
+    elif destination.needs_identity_state:
         deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming)
     else:
         # No identify or group anywhere in the flow: nothing to remember per user.
@@ -64,10 +70,13 @@ def _without_state(keyed: tuple[str, EventCalls]) -> Delivery:
     return Delivery(calls.event, calls.messages(False, False))
 
 
-def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool) -> Outputs:
+def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool,
+                       local: bool = False) -> Outputs:
+    """``local``: on a local runner, records read whole are not spread over workers (there are
+    none to spread to, and the FnApiRunner would hold every payload in memory for it)."""
     read = ReadEvents(opts.input, opts.input_format, opts.input_subscription, opts.input_topic,
                       opts.id_label, opts.timestamp_attribute,
-                      ReadLimits(opts.max_inflation_ratio, opts.max_inflated_mb * 1024 ** 2))
+                      ReadLimits(opts.max_inflation_ratio, opts.max_inflated_mb * 1024 ** 2), spread=not local)
     sink = WriteDeadLetters(opts.dead_letter, opts.dead_letter_format, opts.dead_letter_topic, streaming)
     send_options = SendOptions(flush_deadline_s=opts.flush_deadline_seconds,
                                fail_bundle_on_error=opts.fail_bundle_on_delivery_error,

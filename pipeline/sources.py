@@ -321,8 +321,13 @@ class ReadEvents(beam.PTransform):
     def __init__(self, input_pattern: str | None = None, input_format: str = "auto",
                  subscription: str | None = None, topic: str | None = None,
                  id_label: str | None = None, timestamp_attribute: str | None = None,
-                 limits: ReadLimits = ReadLimits()):
+                 limits: ReadLimits = ReadLimits(), *, spread: bool = True, report: bool = True):
+        """``spread``: reshuffle what is read whole (Dataflow spreads it over workers; a local
+        runner would only hold every payload in memory for it). ``report``: count and log a
+        damaged file; off for a second read of the same files (batch deduplication's)."""
         super().__init__()
+        self.spread = spread
+        self.report = report
         self.input_pattern = input_pattern
         self.input_format = input_format
         self.subscription = subscription
@@ -367,14 +372,21 @@ class ReadEvents(beam.PTransform):
             whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: _is_compressed(metadata.path))
         payloads = (whole_files
                     | "ReadMatches" >> fileio.ReadMatches()
-                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits))
-                    # One worker reads each whole file from start to end; without a shuffle it would
-                    # also parse, map and send all of it, so a backfill of a few large files would
-                    # use a few workers. The reshuffle spreads its records over all of them.
-                    | "Spread" >> beam.Reshuffle())
+                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits, self.report)))
+        if self.spread:
+            # One worker reads each whole file from start to end; without a shuffle it would
+            # also parse, map and send all of it, so a backfill of a few large files would
+            # use a few workers. The reshuffle spreads its records over all of them.
+            payloads = payloads | "Spread" >> beam.Reshuffle()
         if fmt != "jsonl":
             return payloads
         return (lines, payloads) | "AllPayloads" >> beam.Flatten()
+
+    def second_read(self) -> "ReadEvents":
+        """The same files again, for a step that only decides (batch deduplication): damage is
+        counted once, by the main read, and nothing is spread (one small record per event follows)."""
+        return ReadEvents(self.input_pattern, self.input_format, self.subscription, self.topic, self.id_label,
+                          self.timestamp_attribute, self.limits, spread=False, report=False)
 
     def _matches_compressed_files(self) -> bool:
         """Whether the input matches a compressed file now (as the graph is built: Beam's text
@@ -391,14 +403,20 @@ class _FilePayloads(beam.DoFn):
     """Each payload of one whole file; a damaged file counts once in ``input_files_damaged``
     and is logged with how far it was read (its payloads before the damage go on)."""
 
-    def __init__(self, fmt: str, limits: ReadLimits):
+    def __init__(self, fmt: str, limits: ReadLimits, report: bool = True):
         self.fmt = fmt
         self.limits = limits
+        self.report = report
 
     def process(self, readable):
         metadata = readable.metadata
         yield from payloads_of_file(metadata.path, detect_format(metadata.path, self.fmt), limits=self.limits,
-                                    size=metadata.size_in_bytes, on_damage=report_damage)
+                                    size=metadata.size_in_bytes,
+                                    on_damage=report_damage if self.report else _already_reported)
+
+
+def _already_reported(_damage: Damage) -> None:
+    """A second read of the same files: the first one counts and logs the damage."""
 
 
 def report_damage(damage: Damage) -> None:

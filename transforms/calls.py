@@ -148,12 +148,9 @@ class CallBuilder:
 
         identify = identify_signature = None
         if identify_value is not None:
-            resolved = identify_value(event, context)
-            if isinstance(resolved, dict):
-                override = resolved.get("userId")
-                effective = override if isinstance(override, str) and override else user_id
-                traits = resolved.get("traits")
-                traits = traits if isinstance(traits, dict) else None
+            candidate = _identify_candidate(identify_value, event, context, user_id)
+            if candidate is not None:
+                effective, traits = candidate
                 identify = common.copy()
                 identify["type"] = "identify"
                 identify["traits"] = traits or {}
@@ -164,18 +161,15 @@ class CallBuilder:
 
         group = group_signature = None
         if group_value is not None:
-            resolved = group_value(event, context)
-            if isinstance(resolved, dict):
-                group_id = resolved.get("groupId")
-                if isinstance(group_id, str) and group_id:
-                    traits = resolved.get("traits")
-                    traits = traits if isinstance(traits, dict) else None
-                    group = common.copy()
-                    group["type"] = "group"
-                    group["groupId"] = group_id
-                    group["traits"] = traits or {}
-                    group["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
-                    group_signature = (group_id, canonical_json(traits))
+            candidate = _group_candidate(group_value, event, context)
+            if candidate is not None:
+                group_id, traits = candidate
+                group = common.copy()
+                group["type"] = "group"
+                group["groupId"] = group_id
+                group["traits"] = traits or {}
+                group["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
+                group_signature = (group_id, canonical_json(traits))
 
         others = []
         for call_type, setting in page_likes:
@@ -195,6 +189,25 @@ class CallBuilder:
         # anonymous_id or user_id is the identity's state key
         return EventCalls(event, anonymous_id or user_id, timestamp_ms, identify, identify_signature,
                           group, group_signature, others)
+
+    def signatures(self, event: dict, rule: CompiledRule | None, identity: Identity,
+                   context: dict) -> tuple[Signature | None, Signature | None]:
+        """Only the identify and group signatures :meth:`build` would give the event, without
+        building any message: what batch deduplication decides on."""
+        plan = self._plans.get(rule)
+        if plan is None:
+            plan = self._plans[rule] = self._plan(rule)
+        identify_value, group_value = plan[0], plan[1]
+        identify_signature = group_signature = None
+        if identify_value is not None:
+            candidate = _identify_candidate(identify_value, event, context, identity[0])
+            if candidate is not None:
+                identify_signature = (candidate[0] or "", canonical_json(candidate[1]))
+        if group_value is not None:
+            candidate = _group_candidate(group_value, event, context)
+            if candidate is not None:
+                group_signature = (candidate[0], canonical_json(candidate[1]))
+        return identify_signature, group_signature
 
     def _plan(self, rule: CompiledRule | None) -> "_CallPlan":
         """A rule's settings override the destination's identify and group (a literal null or
@@ -226,6 +239,29 @@ class CallBuilder:
 
     def _message_id(self, event_id: str, call_type: str) -> str:
         return make_message_id(self._namespace, event_id, call_type)
+
+
+def _identify_candidate(identify_value, event: dict, context: dict, user_id: str | None):
+    """(the userId it is sent as, its traits or None), or None when the value gives no identify."""
+    resolved = identify_value(event, context)
+    if not isinstance(resolved, dict):
+        return None
+    override = resolved.get("userId")
+    traits = resolved.get("traits")
+    return (override if isinstance(override, str) and override else user_id,
+            traits if isinstance(traits, dict) else None)
+
+
+def _group_candidate(group_value, event: dict, context: dict):
+    """(groupId, its traits or None), or None when the value gives no group."""
+    resolved = group_value(event, context)
+    if not isinstance(resolved, dict):
+        return None
+    group_id = resolved.get("groupId")
+    if not isinstance(group_id, str) or not group_id:
+        return None
+    traits = resolved.get("traits")
+    return group_id, traits if isinstance(traits, dict) else None
 
 
 # (identify value, group value, ((page/screen, setting), ...), whether track is sent)

@@ -6,26 +6,32 @@ event together and in order. The decision is ``Destination.deduplicate`` (shared
 
 * streaming: a keyed stateful DoFn, state cleared by an event-time timer after ``ttl`` without
   events for the key, so state stays bounded in a never-ending stream;
-* batch: the key's events grouped (as bytes, see :func:`encode_calls`) and taken in
-  event-timestamp order (then id), so a backfill gives the same calls however its input was
-  ordered.
+* batch: the decisions taken first, per user in event-timestamp order (then by a digest of
+  the event id), from a small record of each event (:class:`DecideIdentity`, on a second read
+  of the input), then looked up by each event (``ApplyDecisions``), so a backfill gives the
+  same calls however its input was ordered, and a local run's memory does not grow with the
+  size of its events.
 """
 from __future__ import annotations
 
-import pickle
+import struct
 import typing
+import zlib
+from bisect import bisect_left
+from hashlib import blake2b
 
 import apache_beam as beam
-import orjson
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import BytesCoder, PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
 
 from transforms.calls import EventCalls
+from transforms.dead_letter import DeadLetter
 from transforms.destination import DestinationSpec
-from transforms.identity import IdentityState
-from transforms.sink import JSON_NATIVE, Delivery
+from transforms.event import parse_payload
+from transforms.identity import IdentityState, decide
+from transforms.sink import Delivery
 from transforms.metrics import counter
 from transforms.steps import compiled
 
@@ -35,24 +41,6 @@ def _emit(destination, calls: EventCalls, state: IdentityState | None) -> tuple[
     for kind in suppressed:
         counter(f"{kind}_suppressed").inc()
     return Delivery(calls.event, messages), new_state
-
-
-class _DedupSorted(beam.DoFn):
-    """Batch: all events of one key at once, in event-time order."""
-
-    def __init__(self, spec: DestinationSpec):
-        self.spec = spec
-
-    def setup(self):
-        self.destination = compiled(self.spec)
-
-    def process(self, keyed):
-        _, encoded = keyed
-        state = None
-        events = [decode_calls(data) for data in encoded]
-        for calls in sorted(events, key=lambda c: (c.timestamp_ms, c.event.get("id", ""))):
-            delivery, state = _emit(self.destination, calls, state)
-            yield delivery
 
 
 class _DedupStateful(beam.DoFn):
@@ -90,50 +78,300 @@ class _DedupStateful(beam.DoFn):
         counter("identity_state_expired").inc()
 
 
-# -- EventCalls through the batch shuffle ---------------------------------------------------------
-# The batch GroupByKey carries each EventCalls as bytes we encode ourselves. The FnApiRunner's
-# grouping buffer decodes every value it receives and holds the objects until the group is read
-# (then encodes them again): as bytes, what it holds is ~1.5 KB an event instead of several KB of
-# dicts, and the value coder's work is a copy. JSON via orjson is also several times faster than
-# the default pickling, both ways.
-_JSON, _PICKLED = b"j", b"p"
+# -- batch: decide on small records, then join the decisions back ------------------------------
+# A batch run reads its input twice. The first read plans every event again (quietly: no
+# counters, no dead letters) and sends through the shuffle only what the decision needs, a
+# fixed 40-byte record per event; the decision is taken per user in event-time order with
+# ``decide``, as streaming and explain take it, and what comes out is the set of (event,
+# signature) pairs whose identify or group fires. The second read is the pipeline's own:
+# each planned event looks its decision up in that set (one side input: sorted 8-byte keys)
+# and goes on with its calls in order. The FnApiRunner holds a shuffle's whole contents in
+# memory, several copies at once: about 20 bytes an event (40, compressed as the records leave
+# each bundle) instead of a whole event with its calls (~1.5 KB, ~7 KB of peak memory).
+BUCKETS = 1024
+# user digest, event time (ms), event digest, identify signature digest, group signature digest
+_RECORD = struct.Struct("<QqQQQ")
+_NO_CANDIDATE = 0      # the event has no identify (or group) candidate
+_EMPTY_SIGNATURE = 1   # ("", ""): what "nothing sent yet" is compared as
+_IDENTIFY, _GROUP = 0, 1
+_KIND_BIT_CLEAR = (1 << 64) - 2
 
 
-def encode_calls(calls: EventCalls) -> bytes:
-    """``calls`` as bytes for the shuffle: JSON where it can be. What JSON cannot hold as it is (a
-    ``$code`` function's datetime, set or non-string key, an integer beyond 64 bits) makes orjson
-    raise, and that element is pickled instead. NaN and Infinity become null and tuples lists,
-    which is what :func:`transforms.sink.to_wire` makes of them before sending anyway."""
-    fields = [calls.event, calls.key, calls.timestamp_ms, calls.identify, calls.identify_signature,
-              calls.group, calls.group_signature, calls.others]
-    try:
-        return _JSON + orjson.dumps(fields, option=JSON_NATIVE)
-    except TypeError:  # orjson.JSONEncodeError is one
-        return _PICKLED + pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL)
+def _digest(text: str) -> int:
+    """64 bits of BLAKE2b: stable across processes and machines (``hash()`` is not)."""
+    return int.from_bytes(blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def decode_calls(data: bytes) -> EventCalls:
-    if data[:1] == _PICKLED:
-        return pickle.loads(memoryview(data)[1:])
-    event, key, timestamp_ms, identify, identify_signature, group, group_signature, others = orjson.loads(
-        memoryview(data)[1:])
-    return EventCalls(event, key, timestamp_ms, identify, _signature(identify_signature), group,
-                      _signature(group_signature), others)
+# Users and signatures repeat from one event to the next: their digests are remembered (bounded).
+_DIGESTS: dict = {}
+_DIGESTS_MAX = 1 << 16
 
 
-def _signature(value):
-    return tuple(value) if value is not None else None
+def user_digest(key: str) -> int:
+    found = _DIGESTS.get(key)
+    if found is None:
+        found = _remember(key, _digest(key))
+    return found
 
 
-def _encode_keyed(keyed: tuple[str, EventCalls]) -> tuple[str, bytes]:
-    return keyed[0], encode_calls(keyed[1])
+def event_digest(key: str, event_id) -> int:
+    """Who and which event: not its time, which is the read's clock for an event without one."""
+    key = str(key)
+    return _digest(f"{len(key)}:{key}{event_id}")
+
+
+def signature_digest(signature) -> int:
+    if signature is None:
+        return _NO_CANDIDATE
+    found = _DIGESTS.get(signature)
+    if found is None:
+        if signature == ("", ""):
+            found = _EMPTY_SIGNATURE
+        else:
+            sent_as, traits = signature
+            found = _digest(f"{len(sent_as)}:{sent_as}{traits}")
+            found = found if found > _EMPTY_SIGNATURE else found + 2  # never taken for the two markers
+        _remember(signature, found)
+    return found
+
+
+def _remember(thing, digest: int) -> int:
+    if len(_DIGESTS) >= _DIGESTS_MAX:
+        _DIGESTS.clear()
+    _DIGESTS[thing] = digest
+    return digest
+
+
+def _signature(value: int):
+    """A digest back as ``decide`` compares it: None, "nothing sent", or the digest itself."""
+    if value == _NO_CANDIDATE:
+        return None
+    if value == _EMPTY_SIGNATURE:
+        return ("", "")  # equal to what decide starts from: an empty identify never fires
+    return value
+
+
+def fire_key(event: int, signature: int, kind: int) -> int:
+    """What the decision set holds for one call that fires: the event and the call's
+    signature (two random 64-bit digests, so their XOR is one too), its kind in the low bit."""
+    return ((event ^ signature) & _KIND_BIT_CLEAR) | kind
+
+
+def decision_record(key: str, timestamp_ms: int, event_id, identify_signature, group_signature) -> tuple[int, bytes]:
+    """(bucket, record) of one planned event."""
+    user = user_digest(key)
+    return user % BUCKETS, _RECORD.pack(user, timestamp_ms, event_digest(key, event_id),
+                                        signature_digest(identify_signature), signature_digest(group_signature))
+
+
+def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
+    """The fire keys (unique, as native uint64) of a bucket's records: per user, in
+    event-time order, then by event digest (any input order gives the same)."""
+    fired = set()
+    user = state = None
+    for user_of, timestamp_ms, event, identify, group in sorted(_RECORD.iter_unpack(records)):
+        if user_of != user:
+            user, state = user_of, None
+        fire_identify, fire_group, state = decide(state, timestamp_ms, _signature(identify), _signature(group), ttl_ms)
+        if fire_identify:
+            fired.add(fire_key(event, identify, _IDENTIFY))
+        if fire_group:
+            fired.add(fire_key(event, group, _GROUP))
+    return struct.pack(f"{len(fired)}Q", *fired)
+
+
+class _DecisionRecords(beam.DoFn):
+    """Batch, the first read: each planned event's record, nothing counted or dead-lettered
+    (the pipeline's own steps do that on the second read)."""
+
+    def __init__(self, spec: DestinationSpec):
+        self.spec = spec
+
+    def setup(self):
+        self.destination = compiled(self.spec, quiet=True)
+        # Without an expiry, an event with neither candidate cannot change any decision.
+        self.every_event = self.spec.state_ttl_ms is not None
+
+    def process(self, payload):
+        destination = self.destination
+        for item in parse_payload(payload, collector=self.spec.collector, flow=self.spec.flow_name):
+            if isinstance(item, DeadLetter) or not destination.consent_granted(item):
+                continue
+            result = destination.map(item)
+            if result.ignored or not destination.rule_consent_granted(result):
+                continue
+            inputs = destination.decision_inputs(destination.mapped(result))
+            if inputs is not None and (self.every_event or inputs.identify_signature is not None
+                                       or inputs.group_signature is not None):
+                yield decision_record(*inputs)
+
+
+# Records leave a bundle compressed: a bucket's records sorted by user and time, stored column
+# by column (time as differences), through zlib. A user's digest and signatures repeat from one
+# event to the next, so this about halves what the shuffle holds (the event digest, random,
+# stays 8 bytes). A frame: record count, compressed size, compressed columns; frames concatenate.
+_FRAME = struct.Struct("<II")
+_FIELDS = ("user", "time", "event", "identify", "group")
+
+
+def _columns_dtype():
+    import numpy
+
+    return numpy.dtype([("user", "<u8"), ("time", "<i8"), ("event", "<u8"), ("identify", "<u8"), ("group", "<u8")])
+
+
+def pack_records(records: bytes | bytearray) -> bytes:
+    """Raw records (``_RECORD`` after ``_RECORD``) as one compressed frame."""
+    import numpy
+
+    if not records:
+        return b""
+    table = numpy.sort(numpy.frombuffer(bytes(records), dtype=_columns_dtype()), order=list(_FIELDS))
+    times = table["time"].copy()
+    times[1:] = numpy.diff(table["time"])
+    body = zlib.compress(b"".join([table["user"].tobytes(), times.tobytes(), table["event"].tobytes(),
+                                   table["identify"].tobytes(), table["group"].tobytes()]), 1)
+    return _FRAME.pack(len(table), len(body)) + body
+
+
+def unpack_records(frames: bytes) -> bytes:
+    """Concatenated frames back as raw records."""
+    import numpy
+
+    view, at, parts = memoryview(frames), 0, []
+    while at < len(view):
+        count, size = _FRAME.unpack_from(view, at)
+        at += _FRAME.size
+        columns = numpy.frombuffer(zlib.decompress(view[at:at + size]), dtype="<u8").reshape(5, count)
+        at += size
+        table = numpy.empty(count, dtype=_columns_dtype())
+        table["user"], table["event"] = columns[0], columns[2]
+        table["identify"], table["group"] = columns[3], columns[4]
+        table["time"] = numpy.cumsum(columns[1].view("<i8"))
+        parts.append(table.tobytes())
+    return b"".join(parts)
+
+
+class _DecidePerUser(beam.CombineFn):
+    """A bucket's records: raw while a bundle adds them (a bytearray), compressed frames once
+    they leave it (bytes; lifted, per bundle before the shuffle), decided at the end."""
+
+    def __init__(self, ttl_ms: int | None):
+        self.ttl_ms = ttl_ms
+
+    def create_accumulator(self):
+        return bytearray()
+
+    def add_input(self, accumulator, record):
+        if not isinstance(accumulator, bytearray):  # frames: open them again to add
+            accumulator = bytearray(unpack_records(accumulator))
+        accumulator += record
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        return b"".join(self.compact(accumulator) for accumulator in accumulators)
+
+    def compact(self, accumulator):
+        return pack_records(accumulator) if isinstance(accumulator, bytearray) else accumulator
+
+    def extract_output(self, accumulator):
+        records = bytes(accumulator) if isinstance(accumulator, bytearray) else unpack_records(accumulator)
+        return decide_records(records, self.ttl_ms)
+
+    def get_accumulator_coder(self):
+        return BytesCoder()
+
+
+class _AllFired(beam.CombineFn):
+    """Every bucket's fire keys as one sorted array (native uint64), for a lookup by bisection."""
+
+    def create_accumulator(self):
+        return bytearray()
+
+    def add_input(self, accumulator, keys):
+        accumulator += keys
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = bytearray()
+        for accumulator in accumulators:
+            merged += accumulator
+        return bytes(merged)
+
+    def compact(self, accumulator):
+        return bytes(accumulator)
+
+    def extract_output(self, accumulator):
+        import numpy
+
+        return numpy.sort(numpy.frombuffer(bytes(accumulator), dtype=numpy.uint64)).tobytes()
+
+    def get_accumulator_coder(self):
+        return BytesCoder()
+
+
+class _ApplyDecisions(beam.DoFn):
+    """Batch, the second read: each planned event with the identify/group its decision fires.
+
+    The decisions come as one side input, not one per bucket: Beam's state cache weighs every
+    value it loads (about 10 ms each here, whatever its size), so a lookup per bucket and bundle
+    cost more than the whole transform."""
+
+    def __init__(self, spec: DestinationSpec):
+        self.spec = spec
+        self._blob = None
+        self._keys = None
+
+    def process(self, keyed, fired: bytes):
+        if fired is not self._blob:  # a new bundle may hand the same cached bytes again
+            self._blob, self._keys = fired, memoryview(fired).cast("B").cast("Q")
+        key, calls = keyed
+        fire_identify = fire_group = False
+        if calls.identify is not None or calls.group is not None:
+            event = event_digest(key, calls.event.get("id"))
+            if calls.identify is not None:
+                fire_identify = _holds(self._keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
+                if not fire_identify:
+                    counter("identify_suppressed").inc()
+            if calls.group is not None:
+                fire_group = _holds(self._keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
+                if not fire_group:
+                    counter("group_suppressed").inc()
+        yield Delivery(calls.event, calls.messages(fire_identify, fire_group))
+
+
+def _holds(sorted_keys, key: int) -> bool:
+    at = bisect_left(sorted_keys, key)
+    return at < len(sorted_keys) and sorted_keys[at] == key
+
+
+class DecideIdentity(beam.PTransform):
+    """Batch: raw payloads (a second read of the input) → one bytes value, the sorted fire keys
+    of every identify and group call that fires (8 bytes each); a side input of
+    DeduplicateIdentity."""
+
+    def __init__(self, spec: DestinationSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, payloads):
+        return (payloads
+                | "DecisionRecords" >> beam.ParDo(_DecisionRecords(self.spec)).with_output_types(
+                    typing.Tuple[int, bytes])
+                | "DecidePerUser" >> beam.CombinePerKey(_DecidePerUser(self.spec.state_ttl_ms)).with_output_types(
+                    typing.Tuple[int, bytes])
+                | "FireKeys" >> beam.Values().with_output_types(bytes)
+                | "AllFired" >> beam.CombineGlobally(_AllFired()).with_output_types(bytes))
 
 
 class DeduplicateIdentity(beam.PTransform):
-    def __init__(self, spec: DestinationSpec, streaming: bool):
+    """``decisions`` (batch only): the output of :class:`DecideIdentity` on the same input."""
+
+    def __init__(self, spec: DestinationSpec, streaming: bool, decisions: beam.PCollection | None = None):
         super().__init__()
         self.spec = spec
         self.streaming = streaming
+        self.decisions = decisions
 
     def expand(self, keyed_calls):
         if self.streaming:
@@ -141,9 +379,8 @@ class DeduplicateIdentity(beam.PTransform):
             keyed_calls = keyed_calls | "TypeKeys" >> beam.Map(lambda kv: kv).with_output_types(
                 typing.Tuple[str, typing.Any])
             return keyed_calls | "PerKeyState" >> beam.ParDo(_DedupStateful(self.spec))
-        keyed_calls = keyed_calls | "EncodeForShuffle" >> beam.Map(_encode_keyed).with_output_types(
-            typing.Tuple[str, bytes])
-        return (keyed_calls
-                | "GroupByUser" >> beam.GroupByKey()
-                | "InEventTimeOrder" >> beam.ParDo(_DedupSorted(self.spec)))
+        if self.decisions is None:
+            raise ValueError("a batch DeduplicateIdentity needs the decisions of DecideIdentity")
+        return keyed_calls | "ApplyDecisions" >> beam.ParDo(
+            _ApplyDecisions(self.spec), beam.pvalue.AsSingleton(self.decisions))
 

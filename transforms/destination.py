@@ -66,6 +66,15 @@ class Mapped(NamedTuple):
     data: Any  # the mapped data; None when it resolved to nothing
 
 
+class DecisionInputs(NamedTuple):
+    """One event as identify/group deduplication sees it (the fields of EventCalls it uses)."""
+    key: str
+    timestamp_ms: int
+    event_id: str
+    identify_signature: tuple | None
+    group_signature: tuple | None
+
+
 @dataclass
 class Outcome:
     outcome: str
@@ -79,14 +88,19 @@ class FunctionErrors:
     became undefined, as in walkerOS.
 
     Counted per place (the JSON path of the function) and logged the first time per place only,
-    never once per event; ``hook`` lets the pipeline count them as a Beam counter too.
+    never once per event; ``hook`` lets the pipeline count them as a Beam counter too. A
+    ``quiet`` one neither counts nor logs: batch deduplication runs every event through the
+    steps a second time to decide, and the same error must not be reported twice.
     """
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.counts: dict[str, int] = {}
         self.hook = None
+        self.quiet = quiet
 
     def __call__(self, place: str, exc: BaseException) -> None:
+        if self.quiet:
+            return
         count = self.counts[place] = self.counts.get(place, 0) + 1
         if count == 1:
             log.warning("the function at %s failed: %s (its value is undefined; later errors there "
@@ -98,14 +112,14 @@ class FunctionErrors:
 class Destination:
     """Compiled from a :class:`DestinationSpec`; building it is the start-up validation."""
 
-    def __init__(self, spec: DestinationSpec):
+    def __init__(self, spec: DestinationSpec, quiet: bool = False):
         self.spec = spec
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
         self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
         self._consent_map = settings.consent
         self._collector = spec.collector
-        self.function_errors = FunctionErrors()
+        self.function_errors = FunctionErrors(quiet)
         # One set of functions for the whole destination: each worker thread compiles them
         # all into one sandbox on its first call.
         functions = Functions(spec.functions)
@@ -155,6 +169,21 @@ class Destination:
 
     def rule(self, index: int | None) -> CompiledRule | None:
         return None if index is None else self._rules[index]
+
+    def decision_inputs(self, mapped: Mapped) -> DecisionInputs | None:
+        """What deduplication decides on for one mapped event, as :meth:`plan` would give it,
+        without building its calls; None where plan gives a dead letter (no identity)."""
+        event, index, _ = mapped
+        rule = None if index is None else self._rules[index]
+        context = {"event": event, "mapping": rule.raw if rule else None,
+                   "collector": self._collector, "consent": event.get("consent") or {}}
+        identity = self.identity.resolve(event, context)
+        key = identity.state_key
+        if key is None:
+            return None
+        identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
+        return _new_tuple(DecisionInputs, (key, int(event["timestamp"]), event["id"], identify_signature,
+                                           group_signature))
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""

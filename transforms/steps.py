@@ -26,13 +26,16 @@ _COMPILED: dict[str, Destination] = {}
 _COMPILED_LOCK = threading.Lock()
 
 
-def compiled(spec: DestinationSpec) -> Destination:
-    key = _spec_key(spec)
+def compiled(spec: DestinationSpec, quiet: bool = False) -> Destination:
+    """``quiet``: one whose user-function errors are neither counted nor logged (for a second
+    pass over events the pipeline's steps already report on)."""
+    key = _spec_key(spec) + (":quiet" if quiet else "")
     with _COMPILED_LOCK:
         destination = _COMPILED.get(key)
         if destination is None:
-            destination = _COMPILED[key] = Destination(spec)
-            destination.function_errors.hook = _count_function_error
+            destination = _COMPILED[key] = Destination(spec, quiet)
+            if not quiet:
+                destination.function_errors.hook = _count_function_error
         return destination
 
 
