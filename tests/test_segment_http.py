@@ -15,7 +15,7 @@ from support import WRITE_KEY
 from test_delivery_batching import client_built
 from test_delivery_kit import event, fast, spec_for
 from transforms.secrets import REDACTED, redact_secret
-from transforms.segment_http import USER_AGENT, EndpointConfigError, endpoint_config_message
+from transforms.segment_http import USER_AGENT, EndpointConfigError
 from transforms.sink import Delivery, SegmentConnection
 
 TS = "2026-01-01T00:00:00.000+00:00"
@@ -152,10 +152,13 @@ def test_a_batch_run_with_a_refused_key_sends_one_request_and_fails_fast(tmp_pat
 
 
 def test_the_message_survives_a_runner_that_rewraps_it():
+    from pipeline import cli
+
     error = EndpointConfigError(401, "http://h", "HTTP 401: unknown write key", "check writeKey")
+    # As the FnApiRunner re-raises a step's error: the step appended, the original as context.
     rewrapped = RuntimeError(f"{error} [while running 'SendToSegment/ParDo(BatchAndSend)']")
-    assert endpoint_config_message(rewrapped) == str(error)
-    assert endpoint_config_message(ValueError("something else")) is None
+    rewrapped.__context__ = error
+    assert cli.describe_failure(rewrapped) == f"{error} (in step 'SendToSegment/ParDo(BatchAndSend)')"
 
 
 # -- the write key in error texts --------------------------------------------------------------------

@@ -71,33 +71,6 @@ class EndpointConfigError(RuntimeError):
                          + f": {advice}. Nothing more was sent; no event was dead-lettered for it.")
 
 
-def endpoint_config_error_in(exc: BaseException | None) -> EndpointConfigError | None:
-    """The :class:`EndpointConfigError` behind ``exc`` (a runner re-raises a DoFn's exception
-    wrapped or re-typed, keeping its message): for the command line's one-line report."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, EndpointConfigError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def endpoint_config_message(exc: BaseException) -> str | None:
-    """One line for the user when ``exc`` is, or wraps, an endpoint configuration error (also
-    when a runner kept only its text)."""
-    found = endpoint_config_error_in(exc)
-    if found is not None:
-        return str(found)
-    text = str(exc)
-    start = text.find("Segment endpoint ")
-    if start >= 0 and "Nothing more was sent" in text:
-        line = text[start:]
-        return line[: line.index("Nothing more was sent") + len("Nothing more was sent; no event was "
-                                                                 "dead-lettered for it.")]
-    return None
-
-
 def _advice(status: int, url: str, location: str | None) -> str:
     if status == 401:
         return ("the write key was refused: check writeKey (revoked, mistyped, or from another source) "
