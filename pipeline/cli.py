@@ -96,16 +96,11 @@ def _flow_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def function_policy(opts):
-    """The FunctionPolicy the flags ask for, or a usage problem (str)."""
+    """The FunctionPolicy the flags ask for (their values are checked with the other ranges)."""
     from transforms.functions import FunctionPolicy
 
-    from pipeline.options import range_problems
-
-    limit = opts.function_time_limit_seconds
-    problem = [p for p in range_problems(opts) if p.startswith("--function_time_limit_seconds ")]
-    if problem:
-        return problem[0]
-    return FunctionPolicy(allow_python=bool(opts.allow_python_functions), time_limit_s=limit)
+    return FunctionPolicy(allow_python=bool(opts.allow_python_functions),
+                          time_limit_s=opts.function_time_limit_seconds)
 
 
 def _replay_refused(pattern: str | None, input_format: str, spec) -> bool:
@@ -207,18 +202,19 @@ def beam_flag_problems(argv: list[str]) -> list[str]:
 # -- commands --------------------------------------------------------------------------------
 def validate(argv: list[str]) -> int:
     from pipeline.flow import FlowError
+    from pipeline.options import range_problems
 
     parser = _parser("walkeros-segment validate", "Check a flow file.")
     _flow_arguments(parser)
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
-    policy = function_policy(args)
-    if isinstance(policy, str):
-        print(policy, file=sys.stderr)
+    problems = range_problems(args)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         return EXIT_CONFIG
     try:
-        load_spec(args.flow, args.flow_name, args.destination_id, functions=policy)
+        load_spec(args.flow, args.flow_name, args.destination_id, functions=function_policy(args))
     except FlowError as exc:
         return _report_flow_errors(exc)
     print("ok")
@@ -250,7 +246,6 @@ def explain(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     problems = range_problems(args)
-    policy = function_policy(args)  # its range is among the problems already
     if args.input != "-":
         problems += [p for p in [input_problem(args.input, args.input_format, format_by_file=True)] if p]
     if problems:
@@ -258,7 +253,7 @@ def explain(argv: list[str]) -> int:
         return EXIT_USAGE
     try:
         spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
-                         args.identity_state_ttl_hours, functions=policy)
+                         args.identity_state_ttl_hours, functions=function_policy(args))
     except FlowError as exc:
         return _report_flow_errors(exc)
     if args.input != "-" and _replay_refused(args.input, args.input_format, spec):
@@ -322,7 +317,6 @@ def prepare_run(argv: list[str]):
     if (opts.input_subscription or opts.input_topic) and not standard.streaming:
         standard.streaming = True  # Pub/Sub is unbounded: a batch pipeline could never finish
     problems = _missing_flags(opts) or _flag_problems(opts, options) + range_problems(opts)
-    policy = function_policy(opts)  # its range is among the problems already
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -334,7 +328,7 @@ def prepare_run(argv: list[str]):
     try:
         # On Dataflow the key is resolved by the workers only: the launcher never needs it.
         spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours, functions=policy, defer_write_key=not local,
+                         opts.identity_state_ttl_hours, functions=function_policy(opts), defer_write_key=not local,
                          write_key_secret=opts.write_key_secret)
     except FlowError as exc:
         problems += exc.errors
@@ -526,18 +520,14 @@ def _without_key(value, key):
     if not secret:
         return value
 
+    from transforms.secrets import redact_secret
+
     def scrub(item):
         if isinstance(item, dict):
             return {k: scrub(v) for k, v in item.items()}
         if isinstance(item, list):
             return [scrub(v) for v in item]
-        if item == secret:
-            return "***"
-        # Inside longer text only a key long enough not to be an ordinary word (Segment's are
-        # 32 characters): a one-letter test key must not blank out every "x".
-        if isinstance(item, str) and len(secret) >= 16 and secret in item:
-            return item.replace(secret, "***")
-        return item
+        return redact_secret(item, secret) if isinstance(item, str) else item
 
     return scrub(value)
 

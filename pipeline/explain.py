@@ -16,7 +16,7 @@ from transforms.calls import EventCalls
 from transforms.dead_letter import DeadLetter
 from transforms.destination import DEAD_LETTER, DELIVERED, Destination, Outcome
 from transforms.event import parse_payload
-from transforms.identity import IdentityState
+from transforms.identity import IdentityState, event_digest
 
 
 def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
@@ -41,8 +41,9 @@ def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Itera
                                outcome.calls))
     for planned in by_key.values():
         state: IdentityState | None = None
-        # The batch pipeline's order (transforms.dedup): event time, then id.
-        for index, calls in sorted(planned, key=lambda p: (p[1].timestamp_ms, p[1].event.get("id", ""))):
+        # The batch pipeline's order (transforms.dedup): event time, then the event's digest.
+        for index, calls in sorted(planned, key=lambda p: (p[1].timestamp_ms,
+                                                           event_digest(p[1].key, p[1].event.get("id")))):
             lines[index]["calls"], state, _ = destination.deduplicate(calls, state)
     yield from lines
 

@@ -261,7 +261,7 @@ def test_batch_pipeline_equals_explain_and_ignores_input_order(endpoint):
 
 
 def test_explain_decides_identify_and_group_in_event_time_order_whatever_the_input_order():
-    # As a batch run does (transforms.dedup): each user's events by event time, then id.
+    # As a batch run does (transforms.dedup): each user's events by event time, then the event's digest.
     events = scenario()
     spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING))
 
@@ -275,3 +275,15 @@ def test_explain_decides_identify_and_group_in_event_time_order_whatever_the_inp
         assert [l["id"] for l in lines] == [e["id"] for e in shuffled]  # lines stay in input order
         assert {l["id"]: l["calls"] for l in lines} == in_order
     assert calls_by_event(events[::-1]) == in_order
+
+
+def test_batch_pipeline_equals_explain_when_a_users_events_share_a_millisecond(endpoint):
+    # Ties in event time are taken in the same order by both (the event's digest, transforms.identity).
+    events = [{**e, "timestamp": 1767225600000} for e in scenario()]
+    spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING, host=endpoint.url))
+    explained = sorted((c for l in explain_payloads(compiled(spec), events) for c in l["calls"]),
+                       key=lambda c: c["messageId"])
+    run_batch(spec, events[::-1])
+    received = sorted((comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted),
+                      key=lambda c: c["messageId"])
+    assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]

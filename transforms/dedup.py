@@ -18,7 +18,6 @@ import struct
 import typing
 import zlib
 from bisect import bisect_left
-from hashlib import blake2b
 
 import apache_beam as beam
 from apache_beam.coders import BytesCoder, PickleCoder
@@ -28,9 +27,9 @@ from apache_beam.utils.timestamp import Duration
 
 from transforms.calls import EventCalls
 from transforms.dead_letter import DeadLetter
-from transforms.destination import DestinationSpec
+from transforms.destination import DestinationSpec, Mapped
 from transforms.event import parse_payload
-from transforms.identity import IdentityState, decide
+from transforms.identity import IdentityState, decide, digest64 as _digest, event_digest
 from transforms.sink import Delivery
 from transforms.metrics import counter
 from transforms.steps import compiled
@@ -97,11 +96,6 @@ _IDENTIFY, _GROUP = 0, 1
 _KIND_BIT_CLEAR = (1 << 64) - 2
 
 
-def _digest(text: str) -> int:
-    """64 bits of BLAKE2b: stable across processes and machines (``hash()`` is not)."""
-    return int.from_bytes(blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 # Users and signatures repeat from one event to the next: their digests are remembered (bounded).
 _DIGESTS: dict = {}
 _DIGESTS_MAX = 1 << 16
@@ -112,12 +106,6 @@ def user_digest(key: str) -> int:
     if found is None:
         found = _remember(key, _digest(key))
     return found
-
-
-def event_digest(key: str, event_id) -> int:
-    """Who and which event: not its time, which is the read's clock for an event without one."""
-    key = str(key)
-    return _digest(f"{len(key)}:{key}{event_id}")
 
 
 def signature_digest(signature) -> int:
@@ -195,12 +183,10 @@ class _DecisionRecords(beam.DoFn):
     def process(self, payload):
         destination = self.destination
         for item in parse_payload(payload, collector=self.spec.collector, flow=self.spec.flow_name):
-            if isinstance(item, DeadLetter) or not destination.consent_granted(item):
+            mapped = item if isinstance(item, DeadLetter) else destination.mapped_or_outcome(item)
+            if not isinstance(mapped, Mapped):  # dead letters and drops are the second read's to count
                 continue
-            result = destination.map(item)
-            if result.ignored or not destination.rule_consent_granted(result):
-                continue
-            inputs = destination.decision_inputs(destination.mapped(result))
+            inputs = destination.decision_inputs(mapped)
             if inputs is not None and (self.every_event or inputs.identify_signature is not None
                                        or inputs.group_signature is not None):
                 yield decision_record(*inputs)

@@ -170,14 +170,23 @@ class Destination:
     def rule(self, index: int | None) -> CompiledRule | None:
         return None if index is None else self._rules[index]
 
+    def _planning(self, mapped: Mapped):
+        """``(event, rule, context, identity)`` as plan and decision_inputs both see them: the
+        event with its consent reduced to the granted keys (what the settings' mappings read,
+        as in walkerOS) and what user functions get as their context argument."""
+        event, index, _ = mapped
+        rule = None if index is None else self._rules[index]
+        granted = _granted_only(event.get("consent") or {})
+        if granted is not event.get("consent"):
+            event = {**event, "consent": granted}
+        context = {"event": event, "mapping": rule.raw if rule else None,
+                   "collector": self._collector, "consent": granted}
+        return event, rule, context, self.identity.resolve(event, context)
+
     def decision_inputs(self, mapped: Mapped) -> DecisionInputs | None:
         """What deduplication decides on for one mapped event, as :meth:`plan` would give it,
         without building its calls; None where plan gives a dead letter (no identity)."""
-        event, index, _ = mapped
-        rule = None if index is None else self._rules[index]
-        context = {"event": event, "mapping": rule.raw if rule else None,
-                   "collector": self._collector, "consent": event.get("consent") or {}}
-        identity = self.identity.resolve(event, context)
+        event, rule, context, identity = self._planning(mapped)
         key = identity.state_key
         if key is None:
             return None
@@ -187,26 +196,18 @@ class Destination:
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
-        event, index, data = mapped
-        original = event
-        rule = None if index is None else self._rules[index]
-        consent = event.get("consent") or {}
-        granted = _granted_only(consent)
-        if granted is not consent:
-            event = {**event, "consent": granted}  # what the settings' mappings read, as in walkerOS
-        # What user functions get as their context argument.
-        context = {"event": event, "mapping": rule.raw if rule else None,
-                   "collector": self._collector, "consent": granted}
-        identity = self.identity.resolve(event, context)
+        original = mapped[0]
+        event, rule, context, identity = self._planning(mapped)
         if identity.state_key is None:
             return DeadLetter(payload=payload_text(original), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
                               error="neither userId nor anonymousId resolved to a non-empty string "
                                     f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
                                     f"{self.spec.settings.anonymous_id!r})",
                               flow=self.spec.flow_name, event_id=event.get("id"))
-        preferences = consent_rules.category_preferences(self._consent_map, consent) \
+        # Segment's categoryPreferences carry true and false: from the event's whole consent.
+        preferences = consent_rules.category_preferences(self._consent_map, original.get("consent") or {}) \
             if self._consent_map else None
-        return self.calls.build(event, rule, data, identity, preferences, context)
+        return self.calls.build(event, rule, mapped[2], identity, preferences, context)
 
     def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:
         """The messages to send and the new state; ``suppressed`` names identify/group held back."""
@@ -220,9 +221,9 @@ class Destination:
         return calls.messages(fire_identify, fire_group), new_state, suppressed
 
     # -- all steps at once, for explain -----------------------------------------------------
-    def before_deduplication(self, event: dict) -> Outcome | EventCalls:
-        """One normalised event through every step up to identify/group deduplication: its
-        calls, or the outcome that stopped it."""
+    def mapped_or_outcome(self, event: dict) -> Mapped | Outcome:
+        """One normalised event through consent and mapping: mapped, or the policy outcome
+        that dropped it."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
         result = self.map(event)
@@ -230,7 +231,15 @@ class Destination:
             return Outcome(IGNORED, "ignore_rule")
         if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
-        planned = self.plan(self.mapped(result))
+        return self.mapped(result)
+
+    def before_deduplication(self, event: dict) -> Outcome | EventCalls:
+        """One normalised event through every step up to identify/group deduplication: its
+        calls, or the outcome that stopped it."""
+        mapped = self.mapped_or_outcome(event)
+        if isinstance(mapped, Outcome):
+            return mapped
+        planned = self.plan(mapped)
         if isinstance(planned, DeadLetter):
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         return planned
