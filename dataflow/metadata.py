@@ -19,6 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from transforms.secrets import SECRET_VERSION  # noqa: E402 - after the path is set
+
 METADATA = HERE / "metadata.json"
 
 LINE = r"^[^\n\r]+$"
@@ -46,7 +48,7 @@ REGEXES = {
     "run_id": [r"^[A-Za-z0-9._=+:-]{1,100}$"],
     "max_dead_letter_ratio": [r"^(0(\.[0-9]+)?|1(\.0+)?)$"],  # a share, 0 to 1
     # A secret's name, never the key: projects/P/secrets/S/versions/(N|latest).
-    "write_key_secret": [r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}/versions/(latest|[1-9][0-9]*)$"],
+    "write_key_secret": [SECRET_VERSION.pattern],
 }
 # The console's widget for a parameter (Dataflow's ParameterType); the rest is TEXT, or follows
 # the flag's type (ENUM, BOOLEAN, NUMBER).

@@ -58,11 +58,12 @@ def is_dead_letter_record(record: Any) -> bool:
     return isinstance(record, dict) and isinstance(record.get("payload"), str) and "reason" in record
 
 
-def dead_letter_records(path: str) -> Iterator[dict]:
-    """The records of one dead-letter file, up to any damage (the payload reader reports it)."""
-    from pipeline.sources import payloads_of_file  # the same reading (.gz, gs://, damage) as every input
+def dead_letter_records(path: str, size: int | None = None) -> Iterator[dict]:
+    """The records of one dead-letter file, up to any damage (the payload reader reports it).
+    ``size``: the file's size, which bounds how far a .gz file may inflate (without it, 64 MB)."""
+    from pipeline.sources import ignore_damage, payloads_of_file  # the same reading (.gz, gs://, damage) as every input
 
-    for item in payloads_of_file(path, "dead_letter_records", on_damage=lambda damage: None):
+    for item in payloads_of_file(path, "dead_letter_records", size=size, on_damage=ignore_damage):
         if isinstance(item, dict):
             yield item
 
@@ -78,7 +79,7 @@ class ReadPreviousAttempts(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "MatchDeadLetters" >> fileio.MatchFiles(self.pattern)
-                | "Records" >> beam.FlatMap(lambda metadata: dead_letter_records(metadata.path))
+                | "Records" >> beam.FlatMap(lambda metadata: dead_letter_records(metadata.path, metadata.size_in_bytes))
                 | "Keys" >> beam.FlatMap(_attempts_by_key)
                 | "Highest" >> beam.CombinePerKey(max))
 

@@ -17,7 +17,7 @@ from referencing import Registry, Resource
 
 import schemas
 from transforms.secrets import SECRET_VERSION, WriteKey, WriteKeyProblem, checked_key
-from transforms.settings import SegmentSettings, coerce_settings
+from transforms.settings import SDK_PATH, SegmentSettings, coerce_settings
 
 SEGMENT_PACKAGE = "@walkeros/server-destination-segment"
 
@@ -150,20 +150,19 @@ def _already_reported(error: str, reported: list[str]) -> bool:
     return any(where == r.split(": ", 1)[0] or where.startswith(r.split(": ", 1)[0] + ".") for r in reported)
 
 
-_SDK_PATH = "/v1/batch"
 
 
 def _endpoint_errors(settings: dict, path: str) -> list[str]:
     """``host`` and ``path`` as the SDK will combine them: it always posts to ``<host>/v1/batch``."""
     errors = []
-    host, api_path = settings.get("host"), settings.get("path", _SDK_PATH)
-    if isinstance(host, str) and host.rstrip("/").endswith(_SDK_PATH):
-        base = host.rstrip("/")[: -len(_SDK_PATH)] or "https://api.segment.io"
-        errors.append(f"{path}.host: {host!r} already ends in {_SDK_PATH}, and the SDK adds {_SDK_PATH} itself "
-                      f"(it would post to {host.rstrip('/')}{_SDK_PATH}): give the base URL only, {base!r}")
-    if isinstance(api_path, str) and not api_path.endswith(_SDK_PATH):
+    host, api_path = settings.get("host"), settings.get("path", SDK_PATH)
+    if isinstance(host, str) and host.rstrip("/").endswith(SDK_PATH):
+        base = host.rstrip("/")[: -len(SDK_PATH)] or "https://api.segment.io"
+        errors.append(f"{path}.host: {host!r} already ends in {SDK_PATH}, and the SDK adds {SDK_PATH} itself "
+                      f"(it would post to {host.rstrip('/')}{SDK_PATH}): give the base URL only, {base!r}")
+    if isinstance(api_path, str) and not api_path.endswith(SDK_PATH):
         errors.append(f"{path}.path: settings.path {api_path!r}: segment-analytics-python always posts to "
-                      f"<host>{_SDK_PATH}, so the path must end with {_SDK_PATH} (a prefix before it is fine)")
+                      f"<host>{SDK_PATH}, so the path must end with {SDK_PATH} (a prefix before it is fine)")
     return errors
 
 

@@ -78,5 +78,3 @@ def drain() -> None:
     _draining.set()
 
 
-def draining() -> bool:
-    return _draining.is_set()

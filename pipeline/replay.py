@@ -14,7 +14,7 @@ def replay_problem(pattern: str, flow_name: str, namespace: str) -> str | None:
 
     origins: set[tuple[str, str | None]] = set()
     for metadata in FileSystems.match([pattern])[0].metadata_list:
-        for record in dead_letter_records(metadata.path):
+        for record in dead_letter_records(metadata.path, metadata.size_in_bytes):
             flow = record.get("flow") or flow_name  # a record without one: nothing to compare
             origins.add((flow, record.get("namespace")))
     foreign = sorted((flow, ns) for flow, ns in origins

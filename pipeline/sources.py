@@ -31,7 +31,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.dead_letter import INVALID_FIELD, decode_payload
 from transforms.event import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, RejectedInput
-from transforms.metrics import NAMESPACE
+from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
 
@@ -43,7 +43,7 @@ def detect_format(path: str, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
     name = path.lower()
-    if name.endswith(".gz"):
+    if _is_compressed(name):
         name = name[:-3]
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".avro", "avro")):
         if name.endswith(suffix):
@@ -412,15 +412,15 @@ class _FilePayloads(beam.DoFn):
         metadata = readable.metadata
         yield from payloads_of_file(metadata.path, detect_format(metadata.path, self.fmt), limits=self.limits,
                                     size=metadata.size_in_bytes,
-                                    on_damage=report_damage if self.report else _already_reported)
+                                    on_damage=report_damage if self.report else ignore_damage)
 
 
-def _already_reported(_damage: Damage) -> None:
-    """A second read of the same files: the first one counts and logs the damage."""
+def ignore_damage(_damage: Damage) -> None:
+    """For a read whose damage another read of the same files counts and logs."""
 
 
 def report_damage(damage: Damage) -> None:
-    Metrics.counter(NAMESPACE, "input_files_damaged").inc()
+    Metrics.counter(NAMESPACE, DAMAGED_FILES_COUNTER).inc()
     logging.getLogger(__name__).error(damage.line())
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from apache_beam.metrics.metric import MetricsFilter
 
 from transforms.dead_letter import PARSE_REASONS
-from transforms.metrics import NAMESPACE
+from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
 
 
 def counters(result) -> dict[str, int]:
@@ -83,8 +83,8 @@ def reconcile(counts: dict[str, int]) -> Reconciliation:
 
 
 def render(counts: dict[str, int]) -> str:
-    calls = {k[len("calls_sent_"):]: v for k, v in counts.items() if k.startswith("calls_sent_") and v}
-    dead = {k[len("dead_letter_"):]: v for k, v in counts.items() if k.startswith("dead_letter_") and v}
+    calls = by_prefix(counts, "calls_sent_")
+    dead = by_prefix(counts, "dead_letter_")
     check = reconcile(counts)
     rows = [
         ("inputs read", counts.get("inputs_read", 0), ""),
@@ -103,8 +103,8 @@ def render(counts: dict[str, int]) -> str:
         ("group suppressed", counts.get("group_suppressed", 0), "unchanged since the last group"),
         ("requests to Segment", counts.get("requests_to_segment", 0), ""),
     ]
-    if counts.get("input_files_damaged"):
-        rows.append(("input files damaged", counts["input_files_damaged"],
+    if counts.get(DAMAGED_FILES_COUNTER):
+        rows.append(("input files damaged", counts[DAMAGED_FILES_COUNTER],
                      "truncated, corrupt or refused: read only up to the damage; the log names each file"))
     if counts.get("mapping_function_errors"):
         rows.append(("mapping function errors", counts["mapping_function_errors"],
@@ -126,7 +126,6 @@ STATUS_NAMES = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_
 
 # Counted by the file readers when an input file is truncated or corrupt: the input was not
 # read whole, so the run failed even if every record read was delivered.
-DAMAGED_FILES_COUNTER = "input_files_damaged"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any
 from apache_beam.metrics import Metrics
 
 NAMESPACE = "walkeros_segment"
+# Input files that could not be read to their end (pipeline.sources); a run with any has failed.
+DAMAGED_FILES_COUNTER = "input_files_damaged"
 
 _COUNTERS: dict[str, Any] = {}
 
