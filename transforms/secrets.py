@@ -136,31 +136,32 @@ def _worker_checked(value: str, source: str) -> str:
 
 def _from_secret_version(version_name: str) -> str:
     """Exactly this secret version, through Beam's own Secret Manager client wrapper."""
-    from apache_beam.utils.secret import GcpSecret
-
-    try:
-        return GcpSecret(version_name).get_secret_bytes().decode("utf-8")
-    except Exception as exc:  # any failure means the same thing to the user
-        raise WriteKeyUnavailable(
-            f"the Segment write key is not available: Secret Manager secret version {version_name} could not be "
-            f"read ({_cause(exc)}). Grant the worker service account roles/secretmanager.secretAccessor on that "
-            "secret (in its own project).") from None
+    return _read_secret(
+        {"version_name": version_name},
+        lambda cause: f"the Segment write key is not available: Secret Manager secret version {version_name} "
+                      f"could not be read ({cause}). Grant the worker service account "
+                      "roles/secretmanager.secretAccessor on that secret (in its own project).")
 
 
 def _from_secret_manager(name: str) -> str:
     """``$secret.NAME`` without that environment variable: the latest version of secret NAME in
     the worker's project (``GOOGLE_CLOUD_PROJECT``, else the credentials' project)."""
+    return _read_secret(
+        {"name": name},
+        lambda cause: f"the Segment write key is not available on this worker: environment variable {name} is "
+                      f"not set and Secret Manager secret {name!r} could not be read ({cause}). On Dataflow, "
+                      f"create the secret and grant the worker service account roles/secretmanager.secretAccessor, "
+                      f"or name any secret version with the write_key_secret parameter.")
+
+
+def _read_secret(spec: dict, failure) -> str:
+    """The secret ``spec`` names (``GcpSecret.from_dict``); ``failure(cause)`` says what went wrong."""
     from apache_beam.utils.secret import GcpSecret
 
-    try:
-        return GcpSecret.from_dict({"name": name}).get_secret_bytes().decode("utf-8")
+    try:  # from_dict itself fails when no project can be found: inside the same handling
+        return GcpSecret.from_dict(spec).get_secret_bytes().decode("utf-8")
     except Exception as exc:  # any failure means the same thing to the user
-        raise WriteKeyUnavailable(
-            f"the Segment write key is not available on this worker: environment variable {name} is not "
-            f"set and Secret Manager secret {name!r} could not be read ({_cause(exc)}). On Dataflow, "
-            f"create the secret and grant the worker service account roles/secretmanager.secretAccessor, "
-            f"or name any secret version with the write_key_secret parameter."
-        ) from None
+        raise WriteKeyUnavailable(failure(_cause(exc))) from None
 
 
 def _cause(exc: BaseException) -> str:

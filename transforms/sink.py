@@ -417,11 +417,8 @@ class SegmentConnection:
         the batch or ``hold_s`` has passed: the batch stays with its bundle, never dead-lettered."""
         try:
             if batch.request is not None:
-                first, request, batch.request = batch.chunks[0], batch.request, None
-                answer = self._settle(request, batch.result)
-                if isinstance(answer, EndpointConfigError):
-                    answer = self._hold(first, answer, hold_s, batch.result)
-                self._isolate(first, answer, batch.flow, batch.result)
+                request, batch.request = batch.request, None
+                self._send_and_isolate(batch.chunks[0], batch.flow, batch.result, hold_s, request)
             for chunk in batch.chunks[1:]:  # only when a batch passed the request limits: one by one
                 self._send_and_isolate(chunk, batch.flow, batch.result, hold_s)
         finally:
@@ -429,14 +426,16 @@ class SegmentConnection:
         return batch.result
 
     def _send_and_isolate(self, items: list[tuple[Delivery, list]], flow: str, result: BatchResult,
-                          hold_s: float = 0.0) -> None:
+                          hold_s: float = 0.0, request: "_Request | None" = None) -> None:
+        """Send ``items`` (or wait for ``request``, already on the wire with them) and settle them."""
         if items:
-            answer = self._settle(self._launch(items), result)
+            answer = self._settle(request or self._launch(items), result)
             if isinstance(answer, EndpointConfigError):
                 answer = self._hold(items, answer, hold_s, result)
-            self._isolate(items, answer, flow, result)
+            self._isolate(items, answer, flow, result, hold_s)
 
-    def _isolate(self, items: list[tuple[Delivery, list]], answer: Answer, flow: str, result: BatchResult) -> None:
+    def _isolate(self, items: list[tuple[Delivery, list]], answer: Answer, flow: str, result: BatchResult,
+                 hold_s: float = 0.0) -> None:
         if answer.ok:
             result.delivered.extend(delivery for delivery, _ in items)
             return
@@ -444,8 +443,8 @@ class SegmentConnection:
             # Segment refuses a whole request for one bad message and does not say which: halve
             # until the bad ones stand alone, so their neighbours are still delivered.
             middle = len(items) // 2
-            self._send_and_isolate(items[:middle], flow, result)
-            self._send_and_isolate(items[middle:], flow, result)
+            self._send_and_isolate(items[:middle], flow, result, hold_s)
+            self._send_and_isolate(items[middle:], flow, result, hold_s)
             return
         reason = _reason(answer.status)
         for delivery, _ in items:
@@ -517,7 +516,7 @@ class SegmentConnection:
         until = time.monotonic() + hold_s
         pause = 1.0
         while True:
-            self._log_endpoint_error(error, holding=True)
+            self._log_endpoint_error(error)
             if time.monotonic() + pause > until:
                 raise error
             time.sleep(pause)
@@ -530,7 +529,7 @@ class SegmentConnection:
             error = answer
 
     @staticmethod
-    def _log_endpoint_error(error: EndpointConfigError, holding: bool) -> None:
+    def _log_endpoint_error(error: EndpointConfigError) -> None:
         global _ENDPOINT_LOGGED
         now = time.monotonic()
         with _POOL_LOCK:
@@ -538,8 +537,8 @@ class SegmentConnection:
             if due:
                 _ENDPOINT_LOGGED = now
         if due:  # once a minute per worker process, however many threads hold batches
-            log.error("%s%s", error, " The batch is held and the endpoint probed again; events are kept, "
-                                     "not dead-lettered." if holding else "")
+            log.error("%s The batch is held and the endpoint probed again; events are kept, "
+                      "not dead-lettered.", error)
 
     def _refuse_while_endpoint_is_wrong(self) -> None:
         seen = self._endpoint_error
