@@ -85,17 +85,22 @@ def test_a_line_that_is_not_utf8_is_one_not_json_dead_letter_keeping_its_bytes(r
     assert list(iter_payloads(str(dead_file), "dead_letter")) == [BAD_LINE]
 
 
+def _replay(run, dead_letter_file, tmp_path):
+    """Replay one run's dead-letter file (moved out of the way first): the exit status, the
+    summary and the records the replay dead-lettered again."""
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    code, summary = run(dead_letter_file.rename(replay / dead_letter_file.name), "--input_format", "dead_letter")
+    [again] = (tmp_path / "out").glob("dead*")
+    return code, summary, [json.loads(line) for line in again.read_text().splitlines()]
+
+
 def test_a_replayed_non_utf8_dead_letter_fails_again_with_the_same_bytes(run, tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_bytes(BAD_LINE + b"\n")
     run(path)
     [first] = (tmp_path / "out").glob("dead*")
-    replayed = tmp_path / "replay"
-    replayed.mkdir()
-    first = first.rename(replayed / first.name)
-    code, _ = run(first, "--input_format", "dead_letter")
-    [again] = (tmp_path / "out").glob("dead*")
-    [record] = [json.loads(l) for l in again.read_text().splitlines()]
+    _, _, [record] = _replay(run, first, tmp_path)
     assert base64.b64decode(record["payload"]) == BAD_LINE and record["attempts"] == 2
 
 
@@ -235,12 +240,7 @@ def test_a_truncated_dead_letter_is_never_replayed_as_if_whole(run, endpoint, tm
     [first] = (tmp_path / "out").glob("dead*")
     [record] = [json.loads(l) for l in first.read_text().splitlines()]
     assert record["payload_truncated_from"] == len(big) and big.decode().startswith(record["payload"])
-    replay = tmp_path / "replay"
-    replay.mkdir()
-    first = first.rename(replay / first.name)
-    code, summary = run(first, "--input_format", "dead_letter")
-    [again] = (tmp_path / "out").glob("dead*")
-    [record2] = [json.loads(l) for l in again.read_text().splitlines()]
+    code, summary, [record2] = _replay(run, first, tmp_path)
     assert record2["reason"] == record["reason"] and record2["payload"] == record["payload"]
     assert record2["payload_truncated_from"] == len(big) and record2["attempts"] == 2
     assert "not replayable" in record2["error"] and not endpoint.accepted
