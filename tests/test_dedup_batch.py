@@ -185,8 +185,9 @@ def test_a_streaming_graph_keeps_its_keyed_state_and_reads_once():
 
 
 def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp_path):
-    """The first read plans signatures only: on the benchmark's flow and events (identify and
-    group from destination and rule settings, consent, conditions) they agree with the calls."""
+    """The first read plans signatures only, without mapping the data: on the benchmark's flow
+    and events (identify and group from destination and rule settings, consent, conditions,
+    JavaScript functions) they agree with the calls."""
     import json
 
     from bench.generate import flow_document as bench_flow, write_events
@@ -199,6 +200,7 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
     write_events(path, 3_000, 11)
     spec = DestinationSpec.from_flow(flow_from_document(json.loads(json.dumps(bench_flow(500))), env={}))
     destination = compiled(spec)
+    assert not destination.decisions_need_data
     compared = with_group = 0
     for line in path.read_bytes().splitlines():
         for event in parse_payload(line, collector=spec.collector, flow=spec.flow_name):
@@ -209,6 +211,7 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
                 continue
             mapped = destination.mapped(result)
             calls, inputs = destination.plan(mapped), destination.decision_inputs(mapped)
+            assert destination.decision_inputs(destination.mapped_or_outcome(event, with_data=False)) == inputs
             if isinstance(calls, DeadLetter):
                 assert inputs is None
                 continue
@@ -217,3 +220,49 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
             compared += 1
             with_group += calls.group_signature is not None
     assert compared > 2_000 and with_group > 100
+
+
+def _identify_flow_with(data_fn: str, allow_python: bool = False):
+    from transforms.destination import DestinationSpec
+    from transforms.functions import FunctionPolicy
+    from transforms.settings import SegmentSettings
+    from transforms.secrets import WriteKey
+
+    # Identity read by functions too: they see the event as JavaScript functions share it.
+    config = {"settings": {"userId": {"key": "user.id",
+                                      "validate": "$code:(id, context) => context.event.user.id === id"},
+                           "anonymousId": "user.session",
+                           "identify": {"map": {"traits": {"map": {
+                               "plan": {"fn": "$code:(event) => event.globals.plan"}}}}}},
+              "mapping": {"*": {"*": {"data": {"map": {"changed": {"fn": data_fn}}}}}}}
+    settings = SegmentSettings.from_config({"writeKey": "k", **config["settings"]}, WriteKey("k"))
+    return compiled(DestinationSpec(flow_name="t", settings=settings, config=config, collector={},
+                                    functions=FunctionPolicy(allow_python=allow_python)))
+
+
+EVENT = {"name": "page view", "entity": "page", "action": "view", "id": "e1", "timestamp": 1_767_225_600_000,
+         "user": {"id": "u1", "session": "s1"}, "globals": {"plan": "pro"}, "consent": {}, "data": {}}
+
+
+def test_a_data_function_that_changes_the_event_does_not_change_who_is_identified():
+    """The calls are planned on the event as mapped: a JavaScript function of the data mapping
+    that writes to its event changes nothing for identity, so the first read (no data mapped)
+    and the second (data mapped) decide alike."""
+    destination = _identify_flow_with(
+        "$code:(value, context) => { context.event.user.id = 'someone else'; "
+        "context.event.globals.plan = 'free'; return 'changed'; }")
+    assert not destination.decisions_need_data
+    mapped = destination.mapped_or_outcome(dict(EVENT))
+    assert mapped.data == {"changed": "changed"}
+    calls = destination.plan(mapped)
+    assert calls.key == "s1" and calls.identify["userId"] == "u1"
+    assert calls.identify["traits"] == {"plan": "pro"}
+    assert destination.decision_inputs(destination.mapped_or_outcome(dict(EVENT), with_data=False)) == \
+        destination.decision_inputs(mapped)
+
+
+def test_a_flow_with_python_functions_maps_the_data_before_deciding():
+    """A `$py:` function gets the event's own objects and can change them in place: its flow's
+    first read maps the data as the second does."""
+    destination = _identify_flow_with("$py:lambda value, context: 'changed'", allow_python=True)
+    assert destination.decisions_need_data

@@ -182,8 +182,9 @@ class _DecisionRecords(beam.DoFn):
 
     def process(self, payload):
         destination = self.destination
+        with_data = destination.decisions_need_data
         for item in parse_payload(payload, collector=self.spec.collector, flow=self.spec.flow_name):
-            mapped = item if isinstance(item, DeadLetter) else destination.mapped_or_outcome(item)
+            mapped = item if isinstance(item, DeadLetter) else destination.mapped_or_outcome(item, with_data)
             if not isinstance(mapped, Mapped):  # dead letters and drops are the second read's to count
                 continue
             inputs = destination.decision_inputs(mapped)

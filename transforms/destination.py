@@ -139,20 +139,25 @@ class Destination:
         # the keyed stateful step can be left out of the pipeline.
         self.needs_identity_state = settings.identify is not None or settings.group is not None or \
             _rules_set(spec.config.get("mapping"), ("identify", "group"))
+        # What identify/group deduplication decides on never reads the mapped data, so its
+        # planning skips the data mapping, unless a `$py:` function could change the event
+        # in place while mapping it (JavaScript functions work on a copy of their own).
+        self.decisions_need_data = functions.any_python
 
     # -- the steps, in pipeline order -------------------------------------------------------
     def consent_granted(self, event: dict) -> bool:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
-    def map(self, event: dict) -> MappingResult:
+    def map(self, event: dict, with_data: bool = True) -> MappingResult:
         """The flow's mapping, on the event as walkerOS's collector hands it to a destination:
         its consent reduced to the granted keys. The result's event keeps the full consent for
-        Segment's categoryPreferences (true and false); policies that rewrote consent win."""
+        Segment's categoryPreferences (true and false); policies that rewrote consent win.
+        Without ``with_data``, the data is not mapped (see ``decisions_need_data``)."""
         consent = event.get("consent")
         granted = _granted_only(consent)
         if granted is consent:
-            return self.mapping.process(event, self._collector)
-        result = self.mapping.process({**event, "consent": granted}, self._collector)
+            return self.mapping.process(event, self._collector, with_data)
+        result = self.mapping.process({**event, "consent": granted}, self._collector, with_data)
         if result.event.get("consent") is granted:
             result.event["consent"] = consent
         return result
@@ -176,9 +181,11 @@ class Destination:
         as in walkerOS) and what user functions get as their context argument."""
         event, index, _ = mapped
         rule = None if index is None else self._rules[index]
+        # Always a new top level: the functions planning the calls get the event as mapped,
+        # never what a mapping function did to its own copy, so planning decides the same
+        # whether or not the data was mapped before it.
         granted = _granted_only(event.get("consent") or {})
-        if granted is not event.get("consent"):
-            event = {**event, "consent": granted}
+        event = {**event, "consent": granted}
         context = {"event": event, "mapping": rule.raw if rule else None,
                    "collector": self._collector, "consent": granted}
         return event, rule, context, self.identity.resolve(event, context)
@@ -221,12 +228,12 @@ class Destination:
         return calls.messages(fire_identify, fire_group), new_state, suppressed
 
     # -- all steps at once, for explain -----------------------------------------------------
-    def mapped_or_outcome(self, event: dict) -> Mapped | Outcome:
+    def mapped_or_outcome(self, event: dict, with_data: bool = True) -> Mapped | Outcome:
         """One normalised event through consent and mapping: mapped, or the policy outcome
         that dropped it."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
-        result = self.map(event)
+        result = self.map(event, with_data)
         if result.ignored:
             return Outcome(IGNORED, "ignore_rule")
         if not self.rule_consent_granted(result):

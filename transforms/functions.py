@@ -344,6 +344,8 @@ class Functions:
         self.policy = policy or FunctionPolicy()
         self._sources: list[_JsSource] = []
         self._local = threading.local()
+        # A `$py:` function gets the event's own objects and may change them in place.
+        self.any_python = False
 
     def __reduce__(self) -> tuple:
         return (Functions, (self.policy,))
@@ -414,6 +416,7 @@ class Functions:
                                       f"got {type(function).__name__}")
         deadline = PythonDeadline.shared()
         limit = self.policy.time_limit_s
+        self.any_python = True
 
         def call_python(value: Any, event: Any, collector: Any, consent: Any) -> Any:
             context = {"event": event, "mapping": mapping, "collector": collector,

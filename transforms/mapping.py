@@ -1085,9 +1085,11 @@ class DestinationMapping:
         self._candidates[name] = candidates
         return candidates
 
-    def process(self, event: dict, collector: dict | None = None) -> MappingResult:
+    def process(self, event: dict, collector: dict | None = None, with_data: bool = True) -> MappingResult:
         """walkerOS processEventMapping: config policy → rule → rule policy → config data →
-        ignore → name → rule data (merged) → include → remove."""
+        ignore → name → rule data (merged) → include → remove. Without ``with_data``, only what
+        decides the event's fate and name: policies, the rule, ignore and name (the result's
+        data is UNDEFINED)."""
         collector = collector if collector is not None else {}
         event = dict(event)  # our own top level: `name` is renamed on it, never on the caller's
         if self._policy:
@@ -1095,6 +1097,10 @@ class DestinationMapping:
         rule = self._find_rule(event, collector)
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
+        if not with_data:
+            if rule is not None and rule.name and not rule.ignore:
+                event["name"] = rule.name
+            return self._result(event, rule, rule is not None and rule.ignore, UNDEFINED)
         data = self._data_literal
         node = self._data_node
         if node is not None:
