@@ -11,10 +11,10 @@ from pathlib import Path
 
 import orjson
 
-from transforms.destination import Destination, DestinationSpec
-from transforms.event import parse_payload
-from transforms.settings import SegmentSettings
-from transforms.secrets import WriteKey
+from decide.destination import Destination, DestinationSpec
+from decide.event import parse_payload
+from decide.settings import SegmentSettings
+from decide.secrets import WriteKey
 
 TARGET_US = 30.0
 PLAIN = {"data": {"map": {"id": "data.id", "label": "name", "user": "user.id"}}}

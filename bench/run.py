@@ -283,7 +283,7 @@ def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at:
         row = out["variants"].get("pipeline", {}).get(str(n))
         if row and row.get("mean_messages_per_request"):
             mean_bytes = row["mean_request_kb"] * 1000 / row["mean_messages_per_request"]
-    from transforms.sink import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
+    from decide.wire import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
 
     byte_cap = int(MAX_BATCH_BYTES / mean_bytes) if mean_bytes else None
     binding = min(x for x in (flush_at, MAX_BATCH_MESSAGES, byte_cap) if x)

@@ -66,10 +66,10 @@ class _Span:
 # -- transform / calls -------------------------------------------------------------------------
 def _transform(flow: str, path: str, calls_out: str | None) -> dict:
     from pipeline.cli import load_spec
-    from transforms.calls import EventCalls
-    from transforms.dead_letter import DeadLetter
-    from transforms.event import parse_payload
-    from transforms.steps import compiled
+    from decide.calls import EventCalls
+    from decide.dead_letter import DeadLetter
+    from decide.event import parse_payload
+    from decide.destination import compiled
 
     out = open(calls_out, "wb", buffering=1 << 20) if calls_out else None
     inputs = events = dead = denied = ignored = delivered = messages_sent = suppressed_calls = 0
@@ -125,7 +125,9 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
 # -- send --------------------------------------------------------------------------------------
 def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
     from pipeline.cli import load_spec
-    from transforms.sink import MAX_BATCH_MESSAGES, Delivery, PipelinedSender, SegmentConnection, SendOptions
+    from decide.wire import MAX_BATCH_MESSAGES, EventMessages
+    from segment_api.sender import PipelinedSender
+    from segment_api.connection import SegmentConnection, SendOptions
 
     spec = load_spec(flow_path)  # settings (host from $BENCH_SEGMENT_HOST, write key, retries)
     settings = spec.settings
@@ -141,7 +143,7 @@ def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
         def deliveries():
             with open(calls_path, "rb") as f:
                 for line in f:
-                    delivery = Delivery({}, orjson.loads(line))
+                    delivery = EventMessages({}, orjson.loads(line))
                     counts["messages"] += len(delivery.messages)
                     yield delivery
 
@@ -205,8 +207,8 @@ def _send_post(calls_path: str, cap: int, settings, counts: dict) -> dict:
     ``segment.analytics.request.post``, one after the other, messages in the Client's form."""
     from segment.analytics.request import post
 
-    from transforms.segment_http import sdk_message
-    from transforms.sink import Delivery
+    from decide.wire import sdk_message
+    from decide.wire import EventMessages
 
     with _Span() as span:
         key, host = settings.write_key.reveal(), settings.sdk_host()
@@ -214,7 +216,7 @@ def _send_post(calls_path: str, cap: int, settings, counts: dict) -> dict:
         def deliveries():
             with open(calls_path, "rb") as f:
                 for line in f:
-                    yield Delivery({}, orjson.loads(line))
+                    yield EventMessages({}, orjson.loads(line))
 
         for batch in _split_batches(deliveries(), cap):
             messages = [sdk_message(m) for d in batch for m in d.messages]
@@ -228,7 +230,7 @@ def _send_post(calls_path: str, cap: int, settings, counts: dict) -> dict:
 
 def _split_batches(deliveries, flush_at: int):
     """Batches as the pipeline's sink cuts them."""
-    from transforms.sink import split_batches
+    from decide.wire import split_batches
 
     return split_batches(deliveries, flush_at)
 
@@ -247,7 +249,7 @@ def _pipeline(flow: str, path: str, dead_letter: str) -> dict:
 
 def _explain(flow: str, path: str) -> dict:
     import pipeline.explain  # noqa: F401 - imported before the span
-    import pipeline.sources  # noqa: F401
+    import transforms.read  # noqa: F401
     import transforms.steps  # noqa: F401
     from pipeline.cli import main as cli_main
 
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="write a cProfile of the measured work to this file")
     args = parser.parse_args(argv)
 
-    import pipeline.flow  # noqa: F401 - jsonschema & co: start-up, not work
+    import decide.flow  # noqa: F401 - jsonschema & co: start-up, not work
 
     def run() -> dict:
         if args.mode == "transform":

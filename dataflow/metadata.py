@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from transforms.secrets import SECRET_VERSION  # noqa: E402 - after the path is set
+from decide.secrets import SECRET_VERSION  # noqa: E402 - after the path is set
 
 METADATA = HERE / "metadata.json"
 

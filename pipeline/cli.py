@@ -41,12 +41,12 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
     surface every configuration error before anything starts. Compiling a function only
     parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python);
-    ``key_options`` go to :func:`pipeline.flow.flow_from_document` (where the write key is resolved)."""
-    from pipeline.flow import FlowError
-    from transforms.destination import DestinationSpec
-    from transforms.functions import Functions
-    from transforms.mapping import MappingConfigError, function_syntax_errors
-    from transforms.steps import compiled
+    ``key_options`` go to :func:`decide.flow.flow_from_document` (where the write key is resolved)."""
+    from decide.flow import FlowError
+    from decide.destination import DestinationSpec
+    from decide.functions import Functions
+    from decide.mapping import MappingConfigError, function_syntax_errors
+    from decide.destination import compiled
 
     flow = _read_flow(flow_path, flow_name, destination_id, **key_options)
     for notice in flow.notices:
@@ -67,7 +67,7 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
     """A local flow file, or one on gs:// (a Flex Template's launcher reads it from there)."""
     import json
 
-    from pipeline.flow import FlowError, flow_from_document, load_flow
+    from decide.flow import FlowError, flow_from_document, load_flow
 
     if not flow_path.startswith("gs://"):
         return load_flow(flow_path, flow_name, destination_id, **key_options)
@@ -97,7 +97,7 @@ def _flow_arguments(parser: argparse.ArgumentParser) -> None:
 
 def function_policy(opts):
     """The FunctionPolicy the flags ask for (their values are checked with the other ranges)."""
-    from transforms.functions import FunctionPolicy
+    from decide.functions import FunctionPolicy
 
     return FunctionPolicy(allow_python=bool(opts.allow_python_functions),
                           time_limit_s=opts.function_time_limit_seconds)
@@ -201,7 +201,7 @@ def beam_flag_problems(argv: list[str]) -> list[str]:
 
 # -- commands --------------------------------------------------------------------------------
 def validate(argv: list[str]) -> int:
-    from pipeline.flow import FlowError
+    from decide.flow import FlowError
     from pipeline.options import range_problems
 
     parser = _parser("walkeros-segment validate", "Check a flow file.")
@@ -223,12 +223,12 @@ def validate(argv: list[str]) -> int:
 
 def explain(argv: list[str]) -> int:
     from pipeline.explain import dumps, explain_payloads, stdin_payloads
-    from pipeline.flow import FlowError
+    from decide.flow import FlowError
     from pipeline.options import INPUT_FORMATS, parse_ratio, range_problems
-    from pipeline.sources import input_problem, iter_payloads
+    from transforms.files import input_problem, iter_payloads
     from pipeline.summary import EXIT_FAILED, EXIT_USAGE, Outcome, decide
-    from transforms.destination import DEAD_LETTER
-    from transforms.steps import compiled
+    from decide.destination import DEAD_LETTER
+    from decide.destination import compiled
 
     parser = _parser(
         "walkeros-segment explain",
@@ -301,7 +301,7 @@ def prepare_run(argv: list[str]):
     every problem. Names the runner when the user did not, and turns streaming on for Pub/Sub."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from pipeline.flow import FlowError
+    from decide.flow import FlowError
     from pipeline.options import WalkerosOptions, range_problems
 
     if any(a in ("-h", "--help") for a in argv):
@@ -355,7 +355,7 @@ def prepare_run(argv: list[str]):
 def _input_problems(opts) -> list[str]:
     """Inputs that match nothing, or that cannot be read, are the user's mistake: said now, in
     one line, rather than as a Beam traceback (or a run that "succeeds" on no input)."""
-    from pipeline.sources import input_problem
+    from transforms.files import input_problem
 
     if not opts.input:
         return []
@@ -369,7 +369,7 @@ def _name_this_run(opts) -> None:
     """Give the run its id (the start time, then --run_id or a random suffix), and its
     dead-letter files their own name under the prefix: a run never replaces the dead letters of
     an earlier run at the same prefix, and a glob on the prefix finds every run's."""
-    from pipeline.dead_letters import new_run_id, run_prefix
+    from transforms.dead_letters import new_run_id, run_prefix
 
     opts.run_id = new_run_id(opts.run_id)
     if opts.dead_letter:
@@ -379,7 +379,7 @@ def _name_this_run(opts) -> None:
 def _local_write_key_problem(key) -> str | None:
     """A local run resolves the key now, so a key that cannot be right stops it before anything
     is read (on Dataflow the workers resolve it, and fail their setup with the same message)."""
-    from transforms.secrets import WriteKeyUnavailable
+    from decide.secrets import WriteKeyUnavailable
 
     if key.secret_version is None and not key.resolvable_here():
         # Only Dataflow workers read $secret.NAME from Secret Manager; locally it comes from the environment.
@@ -520,7 +520,7 @@ def _without_key(value, key):
     if not secret:
         return value
 
-    from transforms.secrets import redact_secret
+    from decide.secrets import redact_secret
 
     def scrub(item):
         if isinstance(item, dict):
@@ -696,7 +696,7 @@ def _wake_the_reader(subscription: str | None, topic: str | None) -> None:
     """The DirectRunner's Pub/Sub pull blocks up to 30 s on an idle subscription; a heartbeat
     (dropped by ReadEvents) makes it return at once. Only on the emulator: on a real topic every
     other subscriber would see it."""
-    from pipeline.sources import publish_heartbeat
+    from transforms.read import publish_heartbeat
 
     if os.environ.get("PUBSUB_EMULATOR_HOST") and (subscription or topic):
         try:
@@ -715,7 +715,7 @@ def stop_local_streaming(result, subscription: str | None = None, topic: str | N
     The heartbeat reaches every subscription of the topic, so it is only published to the
     emulator (``PUBSUB_EMULATOR_HOST`` set), never to a real topic other consumers may read.
     """
-    from pipeline.sources import publish_heartbeat
+    from transforms.read import publish_heartbeat
 
     if os.environ.get("PUBSUB_EMULATOR_HOST") and (subscription or topic):
         try:
@@ -776,7 +776,7 @@ def _flag_problems(opts, options) -> list[str]:
     """Combinations that would fail later, hang, or silently do something else: said now."""
     from apache_beam.options.pipeline_options import StandardOptions
 
-    from pipeline.sources import check_pubsub_path
+    from transforms.read import check_pubsub_path
 
     problems = []
     inputs = [f for f, v in (("--input", opts.input), ("--input_subscription", opts.input_subscription),

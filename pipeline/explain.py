@@ -12,11 +12,11 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from transforms.calls import EventCalls
-from transforms.dead_letter import DeadLetter
-from transforms.destination import DEAD_LETTER, DELIVERED, Destination, Outcome
-from transforms.event import parse_payload
-from transforms.identity import IdentityState, event_digest
+from decide.calls import EventCalls
+from decide.dead_letter import DeadLetter
+from decide.destination import DEAD_LETTER, DELIVERED, Destination, Outcome
+from decide.event import parse_payload
+from decide.identity import IdentityState, event_digest
 
 
 def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Iterator[dict]:
@@ -69,7 +69,7 @@ def stdin_payloads(stream, fmt: str = "auto") -> Iterator[Any]:
     such a file would be read."""
     import io
 
-    from pipeline.sources import avro_payloads, dead_letter_payloads, line_payload
+    from transforms.files import avro_payloads, dead_letter_payloads, line_payload
 
     data = stream.read()
     if fmt == "avro":
@@ -82,7 +82,7 @@ def stdin_payloads(stream, fmt: str = "auto") -> Iterator[Any]:
         yield data
         return
     for line in data.splitlines():
-        payload = line_payload(line, "jsonl")
+        payload = line_payload(line)
         if payload is not None:
             yield payload
 

@@ -7,18 +7,24 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
-from pipeline.sources import ReadEvents, ReadLimits
-from transforms.calls import EventCalls
+from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
+from transforms.read import ReadEvents
+from transforms.files import ReadLimits
+from decide.calls import EventCalls
 from transforms.dedup import DecideIdentity, DeduplicateIdentity
-from transforms.destination import DestinationSpec
-from transforms.sink import DEAD_LETTER_TAG, BatchAndSend, BatchCalls, Delivery, SendOptions, SendToSegment
-from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime, compiled
+from decide.destination import DestinationSpec
+from transforms import DEAD_LETTER_TAG
+from transforms.send import BatchAndSend, SendToSegment
+from transforms.batching import BatchDeliveries
+from decide.wire import EventMessages
+from segment_api.connection import SendOptions
+from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime
+from decide.destination import compiled
 
 
 @dataclass
 class Outputs:
-    delivered: beam.PCollection     # Delivery per delivered event
+    delivered: beam.PCollection     # EventMessages per delivered event
     dead_letters: beam.PCollection  # DeadLetter per failed input or event
 
 
@@ -51,7 +57,7 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     send_options = send_options or SendOptions()
     if streaming:
         # Streaming bundles are small: batches are gathered across them in Beam state.
-        deliveries = deliveries | "BatchCalls" >> BatchCalls(spec.settings, send_options, streaming=True)
+        deliveries = deliveries | "BatchCalls" >> BatchDeliveries(spec.settings, send_options, streaming=True)
         sink = SendToSegment(spec.settings, spec.flow_name, send_options)
     else:
         # A batch run's bundles are large: batches fill up within them, with no shuffle.
@@ -65,9 +71,9 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
     return Outputs(delivered=sent.delivered, dead_letters=dead)
 
 
-def _without_state(keyed: tuple[str, EventCalls]) -> Delivery:
+def _without_state(keyed: tuple[str, EventCalls]) -> EventMessages:
     calls = keyed[1]
-    return Delivery(calls.event, calls.messages(False, False))
+    return EventMessages(calls.event, calls.messages(False, False))
 
 
 def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool,

@@ -10,7 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 def replay_problem(pattern: str, flow_name: str, namespace: str) -> str | None:
     """One line saying why the dead letters of ``pattern`` cannot be replayed by this flow and
     namespace, and how to replay them; None when they can (or nothing matches: said elsewhere)."""
-    from pipeline.dead_letters import dead_letter_records
+    from transforms.files import dead_letter_records
 
     origins: set[tuple[str, str | None]] = set()
     for metadata in FileSystems.match([pattern])[0].metadata_list:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from apache_beam.metrics.metric import MetricsFilter
 
-from transforms.dead_letter import PARSE_REASONS
+from decide.dead_letter import PARSE_REASONS
 from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
 
 

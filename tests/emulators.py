@@ -242,7 +242,7 @@ class PubSub:
         elements it just read have gone downstream; on an idle subscription that pull blocks
         30 s. Heartbeats (dropped by ReadEvents) keep every pull short.
         """
-        from pipeline.sources import HEARTBEAT_ATTRIBUTE
+        from transforms.read import HEARTBEAT_ATTRIBUTE
 
         stop = threading.Event()
 

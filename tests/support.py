@@ -11,11 +11,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 
-from pipeline.flow import flow_from_document
-from transforms.calls import strip_sdk_fields
-from transforms.destination import Destination, DestinationSpec
+from decide.flow import flow_from_document
+from decide.calls import strip_sdk_fields
+from decide.destination import Destination, DestinationSpec
 from pipeline.graph import build_pipeline
-from transforms.sink import SendOptions
+from segment_api.connection import SendOptions
 
 DATA = Path(__file__).resolve().parent / "data"
 WRITE_KEY = "test-write-key"

@@ -3,8 +3,8 @@ through explain and through the Beam pipeline against the local endpoint: the sa
 ways, and equal to the vector. messageIds are checked for stability and uniqueness separately."""
 import pytest
 
-from transforms.destination import DELIVERED
-from transforms.steps import compiled
+from decide.destination import DELIVERED
+from decide.destination import compiled
 from pipeline.explain import explain_payloads
 
 from support import comparable, flow_document, load_json, make_spec, run_batch

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import schemas
 from pipeline.cli import main as cli_main
-from pipeline.sources import DamagedFile, ReadLimits, iter_payloads, payloads_of_file
+from transforms.files import DamagedFile, ReadLimits, iter_payloads, payloads_of_file
 
 from support import WRITE_KEY
 

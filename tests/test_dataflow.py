@@ -19,9 +19,9 @@ import pytest
 import emulators
 from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
 from pipeline import cli
-from pipeline.flow import FlowError, flow_from_document
+from decide.flow import FlowError, flow_from_document
 from support import WRITE_KEY, flow_document
-from transforms.secrets import WriteKey, WriteKeyUnavailable
+from decide.secrets import WriteKey, WriteKeyUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 DATAFLOW = ROOT / "dataflow"
@@ -229,7 +229,7 @@ def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(
 def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_sends_nothing(
         monkeypatch, endpoint, late_value, expected):
     from support import run_batch
-    from transforms.destination import DestinationSpec
+    from decide.destination import DestinationSpec
 
     doc = _document("$env.SEGMENT_WRITE_KEY")
     doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["host"] = endpoint.url
@@ -462,7 +462,7 @@ def test_the_metadata_tells_the_console_what_each_parameter_is():
 def test_records_of_files_that_are_read_whole_are_reshuffled(tmp_path, pattern, fmt, spread):
     import apache_beam as beam
 
-    from pipeline.sources import ReadEvents
+    from transforms.read import ReadEvents
 
     (tmp_path / "events").mkdir()
     for name in ("a.jsonl", "a.ndjson", "a.jsonl.gz", "a.json", "a.avro", "a.dl"):
@@ -481,7 +481,8 @@ def test_worker_shards_follow_the_threads_that_deliver():
     batches filling at once grows with the workers, never capped by a launch-time number."""
     import threading
 
-    from transforms import sink
+    from transforms import batching as sink
+    from segment_api import connection
 
     seen, lock = [], threading.Lock()
     all_running = threading.Barrier(6)  # six threads alive at once, as on a busy worker
@@ -501,7 +502,7 @@ def test_worker_shards_follow_the_threads_that_deliver():
     deliver()
     assert len({key for _, key in seen}) == len({ident for ident, _ in seen}) == 7
     assert all(key.startswith(sink._PROCESS_SHARD + ":") for _, key in seen)
-    assert sink.SendOptions().shards == sink.AUTO_SHARDS == 0
+    assert connection.SendOptions().shards == connection.AUTO_SHARDS == 0
     from pipeline.options import WalkerosOptions
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -515,11 +516,11 @@ def _new_workers_at(marker: str):
     """In the read: when the marker event arrives, the "workers" change (an update or a scale
     event gives new processes, so new shard keys); nothing is ever sent to the old keys again."""
     def switch(payload):
-        from transforms import sink
+        from transforms import batching
 
         if marker in str(payload):
             _WORKERS["generation"] = "after-update"
-        sink._PROCESS_SHARD = _WORKERS["generation"]
+        batching._PROCESS_SHARD = _WORKERS["generation"]
         return payload
     return switch
 
@@ -530,10 +531,11 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
     from apache_beam.testing import test_stream
 
     from pipeline.graph import build_pipeline
+    from segment_api.connection import AUTO_SHARDS
     from test_delivery_kit import event, fast, lines, request_sizes, spec_for
-    from transforms import sink
+    from transforms import batching
 
-    monkeypatch.setattr(sink, "_PROCESS_SHARD", "before-update")
+    monkeypatch.setattr(batching, "_PROCESS_SHARD", "before-update")
     _WORKERS["generation"] = "before-update"
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
     before = lines([event(i) for i in range(3)])
@@ -546,7 +548,7 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
     read = stream | "Workers" >> beam.Map(_new_workers_at(json.loads(after[0])["id"]))
     p = beam.Pipeline(options=PipelineOptions([], streaming=True))
     build_pipeline(p, spec, streaming=True, read=read,
-                   send_options=fast(clock=lambda: 0.0, shards=sink.AUTO_SHARDS))
+                   send_options=fast(clock=lambda: 0.0, shards=AUTO_SHARDS))
     p.run().wait_until_finish()
     assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
     assert len(endpoint.accepted) == 5
@@ -584,7 +586,7 @@ def test_the_operations_guide_is_linked_and_names_real_counters():
         stem = counter if not counter.startswith("dead_letter_") else "dead_letter_"
         assert f'"{counter}"' in code or f'"{stem}' in code or f"f\"{stem}" in code, counter
     # Every dead-letter reason it lists as a counter exists.
-    from transforms import dead_letter
+    from decide import dead_letter
 
     reasons = {getattr(dead_letter, n) for n in dir(dead_letter) if n.isupper() and isinstance(getattr(dead_letter, n), str)}
     for counter in named:

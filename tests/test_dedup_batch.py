@@ -15,12 +15,12 @@ from pipeline.explain import explain_payloads
 from pipeline.graph import build_pipeline
 from pipeline.summary import counters
 from support import comparable, flow_document, make_spec, run_batch
-from transforms.calls import EventCalls
+from decide.calls import EventCalls
 from transforms.dedup import (BUCKETS, decide_records, decision_record, event_digest, fire_key,
                               signature_digest)
-from transforms.identity import decide
-from transforms.sink import SendOptions
-from transforms.steps import compiled
+from decide.identity import decide
+from segment_api.connection import SendOptions
+from decide.destination import compiled
 
 T0 = 1_700_000_000_000
 _SIGNATURES = st.sampled_from([None, ("", ""), ("u1", ""), ("u1", '{"email":"a"}'), ("", '{"email":"b"}')])
@@ -191,10 +191,10 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
     import json
 
     from bench.generate import flow_document as bench_flow, write_events
-    from pipeline.flow import flow_from_document
-    from transforms.dead_letter import DeadLetter
-    from transforms.destination import DestinationSpec
-    from transforms.event import parse_payload
+    from decide.flow import flow_from_document
+    from decide.dead_letter import DeadLetter
+    from decide.destination import DestinationSpec
+    from decide.event import parse_payload
 
     path = tmp_path / "events.jsonl"
     write_events(path, 3_000, 11)
@@ -223,10 +223,10 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
 
 
 def _identify_flow_with(data_fn: str, allow_python: bool = False):
-    from transforms.destination import DestinationSpec
-    from transforms.functions import FunctionPolicy
-    from transforms.settings import SegmentSettings
-    from transforms.secrets import WriteKey
+    from decide.destination import DestinationSpec
+    from decide.functions import FunctionPolicy
+    from decide.settings import SegmentSettings
+    from decide.secrets import WriteKey
 
     # Identity read by functions too: they see the event as JavaScript functions share it.
     config = {"settings": {"userId": {"key": "user.id",

@@ -6,7 +6,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from transforms.dedup import DeduplicateIdentity
-from transforms.steps import compiled
+from decide.destination import compiled
 
 from support import flow_document, make_spec
 

@@ -9,15 +9,18 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.dead_letters import ReadPreviousAttempts, WriteDeadLetters
+from transforms.dead_letters import ReadPreviousAttempts, WriteDeadLetters
 from pipeline.graph import build_pipeline
 from pipeline.local_segment import LocalSegment, close, delay, reset, status
-from pipeline.sources import ReadEvents
+from transforms.read import ReadEvents
 from pipeline.summary import reconcile, render
 from support import WRITE_KEY, _collect
 from test_delivery_kit import (assert_exactly_once, event, fast, lines, planned_calls, request_sizes, run,
                                spec_for)
-from transforms.sink import DEAD_LETTER_TAG, BatchCalls, Delivery, SendToSegment
+from transforms import DEAD_LETTER_TAG
+from transforms.batching import BatchDeliveries
+from decide.wire import EventMessages
+from transforms.send import SendToSegment
 
 EVENTS = [event(i) for i in range(12)]
 
@@ -201,8 +204,8 @@ class _SendAndCheckOnFinish(SendToSegment):
         FINISHED.append((len(self._seen), all(i in accepted for i in self._seen)))
 
 
-def _as_delivery(e: dict) -> Delivery:
-    return Delivery(e, [{"type": "track", "anonymousId": "a", "event": "x", "messageId": f"fin:{e['id']}",
+def _as_delivery(e: dict) -> EventMessages:
+    return EventMessages(e, [{"type": "track", "anonymousId": "a", "event": "x", "messageId": f"fin:{e['id']}",
                          "timestamp": "2026-01-01T00:00:00.000+00:00"}])
 
 
@@ -220,7 +223,7 @@ def test_a_bundles_events_reach_the_endpoint_before_the_bundle_finishes(endpoint
         # The same check at finish_bundle, on a SendToSegment of its own.
         (p | "Again" >> beam.Create([event(100 + i) for i in range(7)])
            | "Calls" >> beam.Map(_as_delivery)
-           | "Batch" >> BatchCalls(3, fast())
+           | "Batch" >> BatchDeliveries(3, fast())
            | "SendChecked" >> beam.ParDo(_SendAndCheckOnFinish(spec.settings, "default", fast())).with_outputs(
                DEAD_LETTER_TAG, main="delivered"))
         p.run().wait_until_finish()

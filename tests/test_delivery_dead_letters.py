@@ -15,13 +15,14 @@ from apache_beam.transforms.window import TimestampedValue
 
 import schemas
 from pipeline import cli
-from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
+from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
 from pipeline.local_segment import LocalSegment
-from pipeline.sources import ReadEvents, iter_payloads
+from transforms.read import ReadEvents
+from transforms.files import iter_payloads
 from pipeline.summary import reconcile, render
 from support import WRITE_KEY, flow_document
 from test_delivery_kit import DATA_MAPPING, assert_exactly_once, event, lines, planned_calls, run, spec_for
-from transforms.dead_letter import DeadLetter
+from decide.dead_letter import DeadLetter
 
 EVENTS = [event(i) for i in range(6)]
 
@@ -113,7 +114,7 @@ def test_streaming_dead_letters_are_written_as_avro(tmp_path):
 
 
 def test_streaming_dead_letters_behind_the_watermark_are_still_written(tmp_path):
-    """A batch can wait in BatchCalls for flushInterval (and its send for the flush deadline)
+    """A batch can wait in BatchDeliveries for flushInterval (and its send for the flush deadline)
     while the watermark moves on: its dead letters then carry a time whose file window has
     closed. They must still be written, not dropped as late data."""
     p = beam.Pipeline(options=PipelineOptions([], streaming=True))

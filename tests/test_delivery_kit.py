@@ -14,8 +14,8 @@ from pipeline.explain import explain_payloads
 from pipeline.graph import build_pipeline
 from pipeline.summary import counters
 from support import _collect, flow_document, make_spec
-from transforms.sink import SendOptions
-from transforms.steps import compiled
+from segment_api.connection import SendOptions
+from decide.destination import compiled
 
 T0 = 1767225600000  # 2026-01-01T00:00:00Z
 # The track call's properties are the event's data, so a test can mark one message.

@@ -24,10 +24,13 @@ from pipeline.local_segment import delay
 from pipeline.summary import reconcile, render
 from test_delivery_kit import assert_exactly_once, event, fast, lines, planned_calls, run, spec_for
 from support import WRITE_KEY
-from transforms import sink
-from transforms.secrets import key_forms
-from transforms.segment_http import SegmentHttp
-from transforms.sink import Delivery, SegmentConnection, to_wire
+from decide import wire
+from segment_api import connection
+from segment_api.sender import PipelinedSender
+from decide.secrets import key_forms
+from segment_api.http import SegmentHttp
+from decide.wire import EventMessages, to_wire
+from segment_api.connection import SegmentConnection
 
 TS = "2026-01-01T00:00:00.000+00:00"
 
@@ -87,14 +90,14 @@ _VALUES = st.recursive(_LEAVES, lambda inner: st.one_of(
 @given(_VALUES)
 def test_the_fast_path_of_to_wire_gives_what_the_general_one_gives(value):
     """Plain JSON values take a C round trip through orjson; the result must not depend on it."""
-    fast_result, general = to_wire(value), sink._to_wire_any(value)
+    fast_result, general = to_wire(value), wire._to_wire_any(value)
     assert json.dumps(fast_result, sort_keys=False) == json.dumps(general, sort_keys=False)
 
 
 def test_a_delivery_keeps_its_wire_form_out_of_beam_state():
     import pickle
 
-    delivery = Delivery({"id": "1"}, [track("m:1", properties={"pair": (1, 2)})])
+    delivery = EventMessages({"id": "1"}, [track("m:1", properties={"pair": (1, 2)})])
     assert delivery.measure() > 0 and json.loads(delivery.wire[0])["properties"] == {"pair": [1, 2]}
     copy = pickle.loads(pickle.dumps(delivery))
     assert copy.wire is None and copy.size == delivery.size and copy == delivery
@@ -113,7 +116,7 @@ def test_odd_values_arrive_converted(endpoint):
     spec = spec_for(endpoint.url)
     connection = SegmentConnection(spec.settings, fast())
     try:
-        odd = Delivery({"id": "odd"}, [track("odd:1", properties={"at": dt.date(2026, 5, 1), "tags": {"x"},
+        odd = EventMessages({"id": "odd"}, [track("odd:1", properties={"at": dt.date(2026, 5, 1), "tags": {"x"},
                                                                   "obj": Opaque(), "nan": math.nan})])
         result = connection.send([odd], "default")
     finally:
@@ -141,10 +144,10 @@ def test_a_call_the_sdk_refuses_is_dead_lettered_whole(endpoint):
     spec = spec_for(endpoint.url)
     connection = SegmentConnection(spec.settings, fast())
     try:
-        good = Delivery({"id": "good"}, [track("good:1")])
+        good = EventMessages({"id": "good"}, [track("good:1")])
         # Its identify is fine, its group has no usable groupId: the event fails as a whole,
         # and its identify is not sent either.
-        bad = Delivery({"id": "bad"}, [{**track("bad:1"), "type": "identify"},
+        bad = EventMessages({"id": "bad"}, [{**track("bad:1"), "type": "identify"},
                                        {**track("bad:2"), "type": "group", "groupId": {"no": "dict"}}])
         result = connection.send([good, bad], "default")
     finally:
@@ -174,10 +177,10 @@ def test_a_batch_over_the_flush_deadline_fails_and_a_new_client_takes_over(endpo
     connection = SegmentConnection(spec.settings, fast(flush_deadline_s=0.5))
     try:
         endpoint.script(delay(2.0))
-        slow = connection.send([Delivery({"id": "slow"}, [track("slow:1")])], "default")
+        slow = connection.send([EventMessages({"id": "slow"}, [track("slow:1")])], "default")
         [(_, dead)] = slow.failed
         assert dead.reason == "delivery_failed" and "flush deadline" in dead.error
-        fast_one = connection.send([Delivery({"id": "next"}, [track("next:1")])], "default")
+        fast_one = connection.send([EventMessages({"id": "next"}, [track("next:1")])], "default")
         assert [d.event["id"] for d in fast_one.delivered] == ["next"]
         assert connection.clients_built == 2
         # The abandoned request still lands later: the replay of "slow" will be a duplicate,
@@ -191,8 +194,8 @@ def test_a_batch_over_the_flush_deadline_fails_and_a_new_client_takes_over(endpo
 def test_the_next_batch_is_prepared_while_the_previous_one_is_on_the_wire(endpoint):
     spec = spec_for(endpoint.url, timeout_ms=10_000)
     connection = SegmentConnection(spec.settings, fast())
-    sender = sink.PipelinedSender(connection, "default")
-    batches = [[Delivery({"id": f"{b}.{i}"}, [track(f"p:{b}:{i}")]) for i in range(3)] for b in range(3)]
+    sender = PipelinedSender(connection, "default")
+    batches = [[EventMessages({"id": f"{b}.{i}"}, [track(f"p:{b}:{i}")]) for i in range(3)] for b in range(3)]
     try:
         endpoint.script(delay(0.6))  # the first request answers slowly
         started = time.monotonic()
@@ -215,11 +218,11 @@ def test_the_next_batch_is_prepared_while_the_previous_one_is_on_the_wire(endpoi
 def test_a_connection_takes_one_batch_at_a_time(endpoint):
     connection = SegmentConnection(spec_for(endpoint.url).settings, fast())
     try:
-        first = connection.start([Delivery({"id": "1"}, [track("one:1")])], "default")
+        first = connection.start([EventMessages({"id": "1"}, [track("one:1")])], "default")
         with pytest.raises(RuntimeError, match="still in flight"):
-            connection.start([Delivery({"id": "2"}, [track("two:1")])], "default")
+            connection.start([EventMessages({"id": "2"}, [track("two:1")])], "default")
         assert [d.event["id"] for d in connection.finish(first).delivered] == ["1"]
-        assert [d.event["id"] for d in connection.send([Delivery({"id": "2"}, [track("two:1")])],
+        assert [d.event["id"] for d in connection.send([EventMessages({"id": "2"}, [track("two:1")])],
                                                        "default").delivered] == ["2"]
     finally:
         connection.close()
@@ -242,7 +245,7 @@ def test_debug_logging_never_shows_the_write_key(endpoint, caplog):
     connection = SegmentConnection(spec.settings, fast())
     try:
         with caplog.at_level(logging.DEBUG):
-            result = connection.send([Delivery({"id": "logged"}, [track("log:1")])], "default")
+            result = connection.send([EventMessages({"id": "logged"}, [track("log:1")])], "default")
         assert [d.event["id"] for d in result.delivered] == ["logged"]
         assert caplog.records  # urllib3 and the endpoint log at DEBUG: there is something to check
         assert not any(form in caplog.text for form in key_forms(WRITE_KEY))
@@ -254,16 +257,16 @@ def test_debug_logging_never_shows_the_write_key(endpoint, caplog):
 def test_connections_are_pooled_per_configuration(endpoint):
     settings = spec_for(endpoint.url).settings
     options = fast()
-    key, first = sink.acquire_connection(settings, options)
-    _, second = sink.acquire_connection(settings, options)
+    key, first = connection.acquire_connection(settings, options)
+    _, second = connection.acquire_connection(settings, options)
     assert first is not second  # two DoFn instances at once: a client each
-    sink.release_connection(key, first, grace_s=30)
-    _, again = sink.acquire_connection(settings, options)
+    connection.release_connection(key, first, grace_s=30)
+    _, again = connection.acquire_connection(settings, options)
     assert again is first  # the next setup() reuses the idle one
-    other_key, other = sink.acquire_connection(spec_for(endpoint.url, max_retries=3).settings, options)
+    other_key, other = connection.acquire_connection(spec_for(endpoint.url, max_retries=3).settings, options)
     assert other is not first and other_key != key
     for k, c in ((key, first), (key, second), (other_key, other)):
-        sink.release_connection(k, c, grace_s=0.05)
+        connection.release_connection(k, c, grace_s=0.05)
     deadline = time.monotonic() + 3
     while first._http is not None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -286,7 +289,7 @@ def test_the_streaming_runner_reuses_one_client_across_bundles(endpoint):
 
 
 def _clients_built() -> int:
-    return getattr(sink, "_test_built", 0)
+    return getattr(connection, "_test_built", 0)
 
 
 @pytest.fixture(autouse=True)
@@ -294,7 +297,7 @@ def _count_clients(monkeypatch):
     original = SegmentHttp.__init__
 
     def counting(self, *args, **kwargs):
-        sink._test_built = getattr(sink, "_test_built", 0) + 1
+        connection._test_built = getattr(connection, "_test_built", 0) + 1
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(SegmentHttp, "__init__", counting)
@@ -303,9 +306,9 @@ def _count_clients(monkeypatch):
 # -- progress -----------------------------------------------------------------------------------------
 def test_progress_is_logged_while_a_run_delivers(endpoint, caplog):
     spec = spec_for(endpoint.url, flush_at=5)
-    with caplog.at_level(logging.INFO, logger="transforms.sink.progress"):
+    with caplog.at_level(logging.INFO, logger="segment_api.progress"):
         run(spec, [event(i) for i in range(40)], options=fast(progress_interval_s=1e-6))
-    progress = [r.getMessage() for r in caplog.records if r.name == "transforms.sink.progress"]
+    progress = [r.getMessage() for r in caplog.records if r.name == "segment_api.progress"]
     assert progress and all("delivery to Segment so far" in line for line in progress)
     assert len(progress) < 10  # a line per batch at most, never per event
     assert "events delivered" in progress[-1] and "requests" in progress[-1]

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pipeline.explain import explain_payloads
-from transforms.steps import compiled
+from decide.destination import compiled
 
 from support import comparable, flow_document, make_spec, run_batch
 
@@ -278,7 +278,7 @@ def test_explain_decides_identify_and_group_in_event_time_order_whatever_the_inp
 
 
 def test_batch_pipeline_equals_explain_when_a_users_events_share_a_millisecond(endpoint):
-    # Ties in event time are taken in the same order by both (the event's digest, transforms.identity).
+    # Ties in event time are taken in the same order by both (the event's digest, decide.identity).
     events = [{**e, "timestamp": 1767225600000} for e in scenario()]
     spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING, host=endpoint.url))
     explained = sorted((c for l in explain_payloads(compiled(spec), events) for c in l["calls"]),

@@ -14,15 +14,15 @@ from pipeline.explain import explain_payloads
 from pipeline.local_segment import LocalSegment
 from support import WRITE_KEY
 from test_pubsub_streaming import _wait, event, streaming_flow
-from transforms import sink
-from transforms.steps import compiled
+from decide.destination import compiled
+from transforms import send
 
 USERS = [{"session": f"s-{i}"} for i in range(3)]
 
 
 def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkeypatch, tmp_path, caplog):  # noqa: F811
     # Held at most this long: should an assertion fail, stopping the job does not wait 10 minutes.
-    monkeypatch.setattr(sink, "DEFAULT_ENDPOINT_ERROR_HOLD_S", 90.0)
+    monkeypatch.setattr(send, "DEFAULT_ENDPOINT_ERROR_HOLD_S", 90.0)
     refusing = LocalSegment("the-key-segment-expects", strict=True).start()
     port = refusing.port
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
@@ -41,7 +41,7 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
                for call in line["calls"]]
     fixed = None
     failure: list[BaseException] = []
-    with caplog.at_level(logging.ERROR, logger="transforms.sink"):
+    with caplog.at_level(logging.ERROR, logger="segment_api.connection"):
         result = cli.launch(options, spec)
         threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
         try:

@@ -3,9 +3,9 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from transforms import dead_letter as dl
-from transforms.dead_letter import DeadLetter
-from transforms.event import derive_id, parse_payload
+from decide import dead_letter as dl
+from decide.dead_letter import DeadLetter
+from decide.event import derive_id, parse_payload
 
 EVENT = {"name": "product view", "id": "0123456789abcdef", "timestamp": 1700000000000,
          "data": {"id": "ers"}, "user": {"session": "s1"}}

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import transforms.mapping as mapping_module
-from transforms.calls import format_timestamp, timestamp_datetime
-from transforms.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order
-from transforms.mapping import UNDEFINED, compile_value
+import decide.mapping as mapping_module
+from decide.calls import format_timestamp, timestamp_datetime
+from decide.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order
+from decide.mapping import UNDEFINED, compile_value
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.flow import FlowError, flow_from_document, load_flow
+from decide.flow import FlowError, flow_from_document, load_flow
 
 SECRET = "wk-very-secret-123"
 DEST = "$.flows.default.destinations.segment.config"

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from pipeline.cli import main as cli_main
-from transforms.functions import FunctionPolicy, Functions
-from transforms.mapping import UNDEFINED, DestinationMapping, compile_value
+from decide.functions import FunctionPolicy, Functions
+from decide.mapping import UNDEFINED, DestinationMapping, compile_value
 
 FAST = FunctionPolicy(time_limit_s=0.2, memory_limit_mb=32)
 EVENT = {"name": "order complete", "data": {"id": "0rd3r1d", "total": 555}, "user": {"id": "us3r"},

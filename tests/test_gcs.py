@@ -20,14 +20,15 @@ import pytest
 import schemas
 from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
 from pipeline.cli import main as cli_main
-from pipeline.dead_letters import dead_letter_records
+from transforms.files import dead_letter_records
 from pipeline.explain import explain_payloads
-from pipeline.flow import load_flow
-from pipeline.sources import ReadEvents, iter_payloads
+from decide.flow import load_flow
+from transforms.read import ReadEvents
+from transforms.files import iter_payloads
 from support import WRITE_KEY, load_json, run_batch
-from transforms.calls import strip_sdk_fields
-from transforms.destination import DestinationSpec
-from transforms.steps import compiled
+from decide.calls import strip_sdk_fields
+from decide.destination import DestinationSpec
+from decide.destination import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = ROOT / "examples" / "flow.json"

@@ -20,12 +20,12 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from schemas import load as load_schema
-from transforms.functions import PY_PREFIX, FunctionPolicy, Functions
-from transforms.mapping import (
+from decide.functions import PY_PREFIX, FunctionPolicy, Functions
+from decide.mapping import (
     UNDEFINED, CompiledRule, DestinationMapping, MappingConfigError, MappingResult, compile_value,
     is_property,
 )
-from transforms.paths import get_by_path, set_by_path, split_path
+from decide.paths import get_by_path, set_by_path, split_path
 
 DATA = Path(__file__).parent / "data" / "mapping"
 UNDEFINED_MARK = "__undefined__"
@@ -277,12 +277,12 @@ def test_runtime_errors_are_counted_and_logged_once_per_place(caplog: pytest.Log
         "b": {"validate": "$code:(value) => value.nope.deeper", "value": 1},
         "c": {"key": "data.id"}}}})
     event = copy.deepcopy(PRESETS["product view"])
-    with caplog.at_level(logging.WARNING, logger="transforms.mapping"):
+    with caplog.at_level(logging.WARNING, logger="decide.mapping"):
         for _ in range(5):
             # b: the failed validate makes the value undefined, so its static value is used
             assert mapping.process(event).data == {"b": 1, "c": "ers"}
     assert mapping.error_counts == {"$.config.data.map.a.fn": 5, "$.config.data.map.b.validate": 5}
-    warnings = [r for r in caplog.records if r.name == "transforms.mapping"]
+    warnings = [r for r in caplog.records if r.name == "decide.mapping"]
     assert len(warnings) == 2
     assert "$.config.data.map.a.fn" in warnings[0].getMessage()
     assert "RangeError: no" in warnings[0].getMessage()
@@ -296,13 +296,13 @@ def test_on_error_is_called_for_every_runtime_error(caplog: pytest.LogCaptureFix
             {"name": "B"}]}}},
         path="$.flows.default.destinations.segment.config",
         on_error=lambda place, exc: seen.append((place, type(exc).__name__)))
-    with caplog.at_level(logging.WARNING, logger="transforms.mapping"):
+    with caplog.at_level(logging.WARNING, logger="decide.mapping"):
         for _ in range(3):
             assert mapping.process(PRESETS["product view"]).event["name"] == "B"
     place = "$.flows.default.destinations.segment.config.mapping.product.view[0].condition"
     assert seen == [(place, "FunctionError")] * 3
     assert mapping.error_counts == {place: 3}
-    assert not [r for r in caplog.records if r.name == "transforms.mapping"]
+    assert not [r for r in caplog.records if r.name == "decide.mapping"]
 
 
 def test_function_string_without_code_prefix_fails_at_run_time() -> None:

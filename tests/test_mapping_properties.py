@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from transforms.mapping import UNDEFINED, DestinationMapping, compile_value, is_property
-from transforms.paths import to_plain
+from decide.mapping import UNDEFINED, DestinationMapping, compile_value, is_property
+from decide.paths import to_plain
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -242,7 +242,7 @@ def test_setup_py_works_as_beams_setup_file(tmp_path):
     [tarball] = staging.glob("*.tar.gz")
     with tarfile.open(tarball) as archive:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in archive.getnames()}
-    for module in ("pipeline/cli.py", "pipeline/graph.py", "transforms/sink.py", "schemas/__init__.py"):
+    for module in ("pipeline/cli.py", "pipeline/graph.py", "transforms/send.py", "decide/wire.py", "segment_api/connection.py", "schemas/__init__.py"):
         assert module in names
     for schema in ("flow.schema.json", "event.avsc", "dead_letter.avsc", "mapping.schema.json"):
         assert f"schemas/{schema}" in names, f"schemas/{schema} is not in the staged package"

@@ -8,11 +8,12 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.explain import explain_payloads
-from pipeline.flow import load_flow
-from pipeline.sources import ReadEvents, iter_payloads
-from transforms.calls import strip_sdk_fields
-from transforms.destination import Destination, DestinationSpec
-from transforms.steps import compiled
+from decide.flow import load_flow
+from transforms.read import ReadEvents
+from transforms.files import iter_payloads
+from decide.calls import strip_sdk_fields
+from decide.destination import Destination, DestinationSpec
+from decide.destination import compiled
 
 from support import WRITE_KEY, load_json, run_batch
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pipeline.explain import explain_payloads
-from transforms import dead_letter as dl
-from transforms.dead_letter import DeadLetter
-from transforms.event import MAX_DEPTH, MAX_TIMESTAMP_MS, parse_payload
-from transforms.steps import compiled
+from decide import dead_letter as dl
+from decide.dead_letter import DeadLetter
+from decide.event import MAX_DEPTH, MAX_TIMESTAMP_MS, parse_payload
+from decide.destination import compiled
 
 from support import flow_document, make_spec, run_batch
 
@@ -159,7 +159,8 @@ def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_bat
     import fastavro
 
     import schemas
-    from pipeline.sources import ReadEvents, iter_payloads
+    from transforms.read import ReadEvents
+    from transforms.files import iter_payloads
 
     records = [{**GOOD, "user": json.dumps(GOOD["user"]), "id": "0000000000000009", "timestamp": 2**62 - 1},
                {**GOOD, "user": json.dumps(GOOD["user"])}]

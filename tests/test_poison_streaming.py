@@ -90,7 +90,7 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
 
 
 def test_a_dead_letter_too_big_for_the_topic_is_cut_to_fit_and_the_run_goes_on(pubsub, unique, endpoint):  # noqa: F811
-    from pipeline.dead_letters import WriteDeadLetters
+    from transforms.dead_letters import WriteDeadLetters
     from support import make_spec, run_batch
 
     dead_topic = pubsub.topic(f"dead-{unique}")

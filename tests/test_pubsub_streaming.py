@@ -20,10 +20,10 @@ import emulators
 from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
 from pipeline import cli
 from pipeline.explain import explain_payloads
-from pipeline.sources import HEARTBEAT_ATTRIBUTE
+from transforms.read import HEARTBEAT_ATTRIBUTE
 from support import WRITE_KEY
-from transforms.calls import strip_sdk_fields
-from transforms.steps import compiled
+from decide.calls import strip_sdk_fields
+from decide.destination import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")
@@ -260,7 +260,8 @@ def test_streaming_dead_letters_to_files(tmp_path, fmt):
     from apache_beam.testing import test_stream
     from apache_beam.utils.timestamp import Timestamp
 
-    from pipeline.dead_letters import STREAMING_FILE_WINDOW_S, WriteDeadLetters, dead_letter_records
+    from transforms.dead_letters import STREAMING_FILE_WINDOW_S, WriteDeadLetters
+    from transforms.files import dead_letter_records
     from pipeline.graph import build_pipeline
     from support import flow_document, make_spec
 

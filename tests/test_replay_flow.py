@@ -83,9 +83,10 @@ def test_the_dead_letter_layout_is_the_same_in_batch_and_streaming(tmp_path, fmt
     from apache_beam.testing import test_stream
 
     import schemas
-    from pipeline.dead_letters import WriteDeadLetters, dead_letter_records
-    from pipeline.sources import iter_payloads
-    from transforms.dead_letter import DeadLetter
+    from transforms.dead_letters import WriteDeadLetters
+    from transforms.files import dead_letter_records
+    from transforms.files import iter_payloads
+    from decide.dead_letter import DeadLetter
 
     fields = [f["name"] for f in schemas.load("dead_letter.avsc")["fields"]]
     letters = [DeadLetter(payload="x", stage="parse", reason="not_json", error="e", flow="a", namespace="n"),

@@ -1,4 +1,4 @@
-"""The send layer (transforms/segment_http.py) against the local endpoint: the SDK's wire form,
+"""The send layer (segment_api/http.py) against the local endpoint: the SDK's wire form,
 headers and auth; its retry policy with Retry-After / X-RateLimit-Reset; gzip; endpoint-wide
 errors (401/403/404, redirects) that blame no event; and the write key kept out of every error."""
 from __future__ import annotations
@@ -14,19 +14,20 @@ from pipeline.local_segment import LocalSegment, redirect, status
 from support import WRITE_KEY
 from test_delivery_batching import client_built
 from test_delivery_kit import event, fast, spec_for
-from transforms.secrets import REDACTED, redact_secret
-from transforms.segment_http import USER_AGENT, EndpointConfigError
-from transforms.sink import Delivery, SegmentConnection
+from decide.secrets import REDACTED, redact_secret
+from segment_api.http import USER_AGENT, EndpointConfigError
+from decide.wire import EventMessages
+from segment_api.connection import SegmentConnection
 
 TS = "2026-01-01T00:00:00.000+00:00"
 
 
-def one(message_id: str, **fields) -> Delivery:
-    return Delivery({"id": message_id}, [{"type": "track", "anonymousId": "a-1", "event": "Tested",
+def one(message_id: str, **fields) -> EventMessages:
+    return EventMessages({"id": message_id}, [{"type": "track", "anonymousId": "a-1", "event": "Tested",
                                          "messageId": message_id, "timestamp": TS, **fields}])
 
 
-def send(endpoint_url: str, deliveries: list[Delivery], **settings):
+def send(endpoint_url: str, deliveries: list[EventMessages], **settings):
     connection = SegmentConnection(spec_for(endpoint_url, **settings).settings, fast())
     try:
         return connection.send(deliveries, "default")
@@ -45,7 +46,7 @@ def send(endpoint_url: str, deliveries: list[Delivery], **settings):
 ], ids=["track", "track-full", "identify", "group", "page", "screen"])
 def test_each_call_arrives_as_the_sdk_client_would_send_it(endpoint, message):
     message = {**message, "messageId": f"wire:{message['type']}", "timestamp": TS}
-    result = send(endpoint.url, [Delivery({"id": "w"}, [message])])
+    result = send(endpoint.url, [EventMessages({"id": "w"}, [message])])
     assert len(result.delivered) == 1
     [received] = endpoint.accepted
     assert received == client_built(message)  # context.library, the null fields, everything

@@ -54,7 +54,7 @@ def test_a_raising_function_makes_its_value_undefined_counted_and_logged_once(ca
     options = PipelineOptions([], runner="FnApiRunner")
     p = test_pipeline.TestPipeline(options=options, runner="FnApiRunner")
     from pipeline.graph import build_pipeline
-    from transforms.sink import SendOptions
+    from segment_api.connection import SendOptions
     spec_off = make_spec(flow_document(mapping=mapping, settings={"disable": True}))
     build_pipeline(p, spec_off, streaming=False, read=beam.Create(events), send_options=SendOptions(flush_deadline_s=5))
     result = p.run()

@@ -12,8 +12,8 @@ import tempfile
 import pytest
 
 from tests.walkeros import differential
-from transforms.functions import Functions
-from transforms.mapping import UNDEFINED, compile_value
+from decide.functions import Functions
+from decide.mapping import UNDEFINED, compile_value
 
 RECORDED = json.loads(differential.RECORDED.read_text())["cases"]
 

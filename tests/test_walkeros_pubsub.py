@@ -22,8 +22,8 @@ from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
 from pipeline import cli
 from pipeline.explain import explain_payloads
 from support import WRITE_KEY, flow_document
-from transforms.calls import strip_sdk_fields
-from transforms.steps import compiled
+from decide.calls import strip_sdk_fields
+from decide.destination import compiled
 
 NAMESPACE = "walkeros-gcp"
 WALKEROS_VERSION = "4.4.0"

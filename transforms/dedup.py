@@ -1,6 +1,6 @@
 """DeduplicateIdentity: identify and group only when they changed for that user (SPEC 4.3).
 
-Input: ``(state key, EventCalls)``; output: :class:`transforms.sink.Delivery`, the calls of one
+Input: ``(state key, EventCalls)``; output: :class:`decide.wire.EventMessages`, the calls of one
 event together and in order. The decision is ``Destination.deduplicate`` (shared with
 ``explain``); this module only keeps its state:
 
@@ -25,21 +25,21 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
 
-from transforms.calls import EventCalls
-from transforms.dead_letter import DeadLetter
-from transforms.destination import DestinationSpec, Mapped
-from transforms.event import parse_payload
-from transforms.identity import IdentityState, decide, digest64 as _digest, event_digest
-from transforms.sink import Delivery
+from decide.calls import EventCalls
+from decide.dead_letter import DeadLetter
+from decide.destination import DestinationSpec, Mapped
+from decide.event import parse_payload
+from decide.identity import IdentityState, decide, digest64 as _digest, event_digest
+from decide.wire import EventMessages
 from transforms.metrics import counter
 from transforms.steps import compiled
 
 
-def _emit(destination, calls: EventCalls, state: IdentityState | None) -> tuple[Delivery, IdentityState]:
+def _emit(destination, calls: EventCalls, state: IdentityState | None) -> tuple[EventMessages, IdentityState]:
     messages, new_state, suppressed = destination.deduplicate(calls, state)
     for kind in suppressed:
         counter(f"{kind}_suppressed").inc()
-    return Delivery(calls.event, messages), new_state
+    return EventMessages(calls.event, messages), new_state
 
 
 class _DedupStateful(beam.DoFn):
@@ -324,7 +324,7 @@ class _ApplyDecisions(beam.DoFn):
                 fire_group = _holds(self._keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
                 if not fire_group:
                     counter("group_suppressed").inc()
-        yield Delivery(calls.event, calls.messages(fire_identify, fire_group))
+        yield EventMessages(calls.event, calls.messages(fire_identify, fire_group))
 
 
 def _holds(sorted_keys, key: int) -> bool:

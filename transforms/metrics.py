@@ -11,7 +11,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 
 NAMESPACE = "walkeros_segment"
-# Input files that could not be read to their end (pipeline.sources); a run with any has failed.
+# Input files that could not be read to their end (transforms.read); a run with any has failed.
 DAMAGED_FILES_COUNTER = "input_files_damaged"
 
 _COUNTERS: dict[str, Any] = {}

@@ -1,52 +1,32 @@
 """The per-event Beam steps: parse, gate by consent, map, assign identity.
 
-Each DoFn applies one step of :class:`transforms.destination.Destination` and counts what it
+Each DoFn applies one step of :class:`decide.destination.Destination` and counts what it
 did; the decisions themselves are made there, in plain Python, shared with ``explain``.
 """
 from __future__ import annotations
 
-import hashlib
-import threading
 from typing import Any
 
 import apache_beam as beam
-import orjson
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
-from transforms.dead_letter import DeadLetter
-from transforms.destination import Destination, DestinationSpec
-from transforms.event import RejectedInput, parse_payload
+from decide.dead_letter import DeadLetter
+from decide.destination import Destination, DestinationSpec, compiled as compiled_destination
+from decide.event import RejectedInput, parse_payload
 from transforms.metrics import count as _count
-from transforms.sink import DEAD_LETTER_TAG
-
-# -- a compiled destination per process and flow ---------------------------------------------
-# Compiling the mapping costs far more than a bundle of events on the streaming DirectRunner,
-# which rebuilds every DoFn per bundle; compile once per process and flow instead.
-_COMPILED: dict[str, Destination] = {}
-_COMPILED_LOCK = threading.Lock()
-
+from transforms import DEAD_LETTER_TAG
 
 def compiled(spec: DestinationSpec, quiet: bool = False) -> Destination:
-    """``quiet``: one whose user-function errors are neither counted nor logged (for a second
-    pass over events the pipeline's steps already report on)."""
-    key = _spec_key(spec) + (":quiet" if quiet else "")
-    with _COMPILED_LOCK:
-        destination = _COMPILED.get(key)
-        if destination is None:
-            destination = _COMPILED[key] = Destination(spec, quiet)
-            if not quiet:
-                destination.function_errors.hook = _count_function_error
-        return destination
+    """The process's compiled destination for ``spec`` (see :func:`decide.destination.compiled`),
+    its function errors counted as a Beam counter too."""
+    destination = compiled_destination(spec, quiet)
+    if not quiet:
+        destination.function_errors.hook = _count_function_error
+    return destination
 
 
 def _count_function_error(place: str) -> None:
     _count("mapping_function_errors")
-
-
-def _spec_key(spec: DestinationSpec) -> str:
-    text = orjson.dumps([spec.flow_name, spec.config, spec.collector, spec.namespace, spec.state_ttl_ms,
-                         spec.config_path, spec.functions], option=orjson.OPT_SORT_KEYS, default=repr)
-    return hashlib.sha256(text).hexdigest()
 
 
 class _DestinationStep(beam.DoFn):

@@ -10,13 +10,24 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from transforms.mapping import UNDEFINED, compile_value
-from transforms.paths import compile_checked_getter, split_path
+from decide.mapping import UNDEFINED, compile_value
+from decide.paths import compile_checked_getter, split_path
 
 
 # Makes the same tuple as calling a NamedTuple class, without that class's Python-level
 # __new__: for the tuples made once per event.
 _new_tuple = tuple.__new__
+
+
+def state_key(user_id: Any, anonymous_id: Any) -> Any:
+    """The key of a user's state: anonymousId, else userId (None: no identity)."""
+    return anonymous_id or user_id
+
+
+def state_key_of_messages(messages: list[dict]) -> Any:
+    """The state key named by an event's messages (they all name the same user)."""
+    first = messages[0] if messages else {}
+    return state_key(first.get("userId"), first.get("anonymousId"))
 
 
 class Identity(NamedTuple):
@@ -25,8 +36,7 @@ class Identity(NamedTuple):
 
     @property
     def state_key(self) -> str | None:
-        """The key of the per-user state: anonymousId, else userId (None: no identity)."""
-        return self.anonymous_id or self.user_id
+        return state_key(self.user_id, self.anonymous_id)
 
 
 class IdentityResolver:

@@ -42,11 +42,10 @@ from requests.adapters import HTTPAdapter
 from segment.analytics.request import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 from segment.analytics.version import VERSION as SDK_VERSION
 
-from transforms.secrets import redact_secret
+from decide.secrets import redact_secret
 
 log = logging.getLogger(__name__)
 
-LIBRARY = {"name": "analytics-python", "version": SDK_VERSION}
 USER_AGENT = "analytics-python/" + SDK_VERSION
 RETRYABLE_4XX = (408, 410, 429, 460)
 NOT_RETRYABLE_5XX = (501, 505)
@@ -276,100 +275,3 @@ def _rate_limit_reset(value: str | None) -> float | None:
     if number <= 0:
         return None
     return min(number, float(MAX_RETRY_AFTER_SECONDS))
-
-
-# -- the message as the SDK Client builds it ---------------------------------------------------------
-# The fields the Client writes for each call type when the call has none (null or {}).
-_CLIENT_FIELDS = {
-    "track": {"integrations": {}, "anonymousId": None, "properties": {}, "context": {}, "userId": None},
-    "identify": {"integrations": {}, "context": {}, "anonymousId": None, "userId": None, "traits": {}},
-    "group": {"integrations": {}, "context": {}, "userId": None, "anonymousId": None, "traits": {}},
-    "page": {"integrations": {}, "properties": {}, "category": None, "context": {}, "userId": None,
-             "anonymousId": None, "name": None},
-}
-_CLIENT_FIELDS["screen"] = _CLIENT_FIELDS["page"]
-_COMMON_FIELDS = {"integrations": {}, "context": {}, "anonymousId": None, "userId": None}
-# What format_timestamp writes, which is what the SDK writes for an aware UTC datetime.
-_TIMESTAMP_CHARS = len("2026-01-01T00:00:00.000+00:00")
-
-
-def sdk_message(message: dict) -> dict:
-    """``message`` as segment-analytics-python's Client puts it on the wire: the fields it writes
-    as null or ``{}`` when a call has none, ``context.library``, ids as strings, the timestamp
-    in its ISO form. The caller's dicts are not changed (``context`` is copied, nothing else)."""
-    out = {**_CLIENT_FIELDS.get(message.get("type"), _COMMON_FIELDS), **message}
-    context = message.get("context")
-    out["context"] = {**context, "library": LIBRARY} if isinstance(context, dict) else (
-        {"library": LIBRARY} if context is None else context)
-    for name in _OBJECT_FIELDS:
-        if name in message and message[name] is None:
-            out[name] = {}
-    for name in _ID_FIELDS:
-        value = out[name] if name in out else None
-        if value is not None and type(value) is not str:
-            out[name] = str(value)  # the SDK's stringify_id
-    timestamp = out.get("timestamp")
-    if isinstance(timestamp, str) and len(timestamp) != _TIMESTAMP_CHARS:
-        out["timestamp"] = _sdk_timestamp(timestamp)
-    return out
-
-
-_OBJECT_FIELDS = ("properties", "traits", "integrations")
-_ID_FIELDS = ("userId", "anonymousId", "messageId")
-
-
-def _sdk_timestamp(text: str) -> str:
-    """An ISO timestamp in the SDK's form (milliseconds, an offset; naive is UTC); unchanged when
-    it is not one (:func:`call_problem` refuses it)."""
-    try:
-        parsed = _dt.datetime.fromisoformat(text)
-    except ValueError:
-        return text
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=_dt.timezone.utc)
-    return parsed.isoformat(timespec="milliseconds")
-
-
-_ID_TYPES = (str, int, float)
-
-
-def call_problem(message: dict) -> str | None:
-    """Why the SDK Client would refuse this call (its ``require`` checks), or None."""
-    kind = message.get("type")
-    user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
-    if not ((user_id and isinstance(user_id, _ID_TYPES)) or (anonymous_id and isinstance(anonymous_id, _ID_TYPES))):
-        return f"a {kind} call needs a userId or anonymousId (string or number)"
-    timestamp = message.get("timestamp")
-    if not isinstance(timestamp, str) or not _is_iso(timestamp):
-        return f"a {kind} call needs an ISO 8601 timestamp, got {timestamp!r}"
-    for name in ("context", "integrations", "properties", "traits"):
-        if message.get(name) is not None and not isinstance(message[name], dict):
-            return f"{name} of a {kind} call must be an object"
-    message_id = message.get("messageId")
-    if not isinstance(message_id, str) or not message_id:
-        return f"a {kind} call has no messageId"
-    if kind == "track":
-        return None if isinstance(message.get("event"), str) else "a track call needs an event name (string)"
-    if kind == "identify":
-        return None
-    if kind == "group":
-        group_id = message.get("groupId")
-        if not isinstance(group_id, _ID_TYPES) or group_id in ("", None):
-            return "a group call needs a groupId (string or number)"
-        return None
-    if kind in ("page", "screen"):
-        for name in ("name", "category"):
-            if message.get(name) and not isinstance(message[name], str):
-                return f"{name} of a {kind} call must be a string"
-        return None
-    return f"unknown call type {kind!r}"
-
-
-def _is_iso(text: str) -> bool:
-    if len(text) == _TIMESTAMP_CHARS and text[10] == "T" and text[-6:] == "+00:00":
-        return True  # format_timestamp's form, the usual case: no parsing per message
-    try:
-        _dt.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True

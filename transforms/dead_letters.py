@@ -1,7 +1,7 @@
 """Dead letters: counted, stamped with their attempt, and written to JSON Lines or Avro files
 (``schemas/dead_letter.avsc``) or a Pub/Sub topic, one record per failed input or event.
 
-Reading them back is ``--input_format dead_letter`` (``pipeline.sources``): each record's
+Reading them back is ``--input_format dead_letter`` (``transforms.read``): each record's
 original ``payload`` goes through the same transforms again (never the record itself, so a
 dead letter is never wrapped inside another). JSON Lines and Avro dead-letter files are told
 apart by their content, so a glob may match both.
@@ -14,10 +14,7 @@ payload) gets the previous count plus one. Everything else starts at 1.
 from __future__ import annotations
 
 import dataclasses
-import io
-import itertools
 import time
-from typing import Any, Iterator
 
 import apache_beam as beam
 import orjson
@@ -26,48 +23,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 
 import schemas
-from transforms.dead_letter import DeadLetter, replay_keys
+from decide.dead_letter import DeadLetter, replay_keys
+from transforms.files import dead_letter_records
 from transforms.metrics import NAMESPACE
 
 STREAMING_FILE_WINDOW_S = 60
-AVRO_MAGIC = b"Obj\x01"
-
-
-# -- reading dead-letter files -------------------------------------------------------------------
-def dead_letter_items(f) -> Iterator[Any]:
-    """Each item of one dead-letter file (an open binary file): a record dict for each dead
-    letter, or the raw line for a JSON Lines line that is not one (blank lines skipped)."""
-    head = f.read(len(AVRO_MAGIC))
-    if head == AVRO_MAGIC:
-        import fastavro
-
-        yield from fastavro.reader(io.BytesIO(head + f.read()))
-        return
-    for line in itertools.chain([head + f.readline()], f):
-        if not line.strip():
-            continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            yield line
-            continue
-        yield record if is_dead_letter_record(record) else line
-
-
-def is_dead_letter_record(record: Any) -> bool:
-    return isinstance(record, dict) and isinstance(record.get("payload"), str) and "reason" in record
-
-
-def dead_letter_records(path: str, size: int | None = None) -> Iterator[dict]:
-    """The records of one dead-letter file, up to any damage (the payload reader reports it).
-    ``size``: the file's size, which bounds how far a .gz file may inflate (without it, 64 MB)."""
-    from pipeline.sources import ignore_damage, payloads_of_file  # the same reading (.gz, gs://, damage) as every input
-
-    for item in payloads_of_file(path, "dead_letter_records", size=size, on_damage=ignore_damage):
-        if isinstance(item, dict):
-            yield item
-
-
 class ReadPreviousAttempts(beam.PTransform):
     """``(replay key, attempts)`` for every dead letter in the files of ``pattern``: the highest
     count per key. A side input of :class:`CountDeadLetters` in a replay run."""

@@ -3,7 +3,7 @@
 The mapping language runs on JSON events, but its rules come from JavaScript: a missing
 value is `undefined` (not `null`), truthiness follows JS (`{}` and `[]` are true), and paths
 are walked the way `byPath.ts` walks them. This module holds those primitives so
-`transforms.mapping` can stay about the language itself.
+`decide.mapping` can stay about the language itself.
 
 Everything here is copy-on-write: no function mutates the objects it is given.
 """

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 import orjson
 
-from transforms import dead_letter as dl
-from transforms.dead_letter import DeadLetter, encode_payload
+from decide import dead_letter as dl
+from decide.dead_letter import DeadLetter, encode_payload
 
 _OBJECT_FIELDS = ("data", "globals", "custom", "user", "source", "context")
 _STRING_FIELDS = ("entity", "action", "trigger")

@@ -6,18 +6,22 @@ the same order. Nothing here talks to the network or to Beam.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from transforms import consent as consent_rules
-from transforms import dead_letter as dl
-from transforms.calls import CallBuilder, EventCalls
-from transforms.dead_letter import DeadLetter, payload_text
-from transforms.functions import FunctionPolicy, Functions, describe_failure
-from transforms.identity import IdentityResolver, IdentityState, decide
-from transforms.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
-from transforms.settings import SegmentSettings
+import orjson
+
+from decide import consent as consent_rules
+from decide import dead_letter as dl
+from decide.calls import CallBuilder, EventCalls
+from decide.dead_letter import DeadLetter, payload_text
+from decide.functions import FunctionPolicy, Functions, describe_failure
+from decide.identity import IdentityResolver, IdentityState, decide
+from decide.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
+from decide.settings import SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -282,3 +286,28 @@ def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:
                 if isinstance(settings, dict) and any(k in settings for k in keys):
                     return True
     return False
+
+
+# -- a compiled destination per process and flow ---------------------------------------------
+# Compiling the mapping costs far more than a bundle of events on the streaming DirectRunner,
+# which rebuilds every DoFn per bundle; compile once per process and flow instead.
+_COMPILED: dict[str, Destination] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def compiled(spec: DestinationSpec, quiet: bool = False) -> Destination:
+    """The process's one :class:`Destination` for ``spec``. ``quiet``: one whose user-function
+    errors are neither counted nor logged (for a second pass over events the pipeline's steps
+    already report on)."""
+    key = _spec_key(spec) + (":quiet" if quiet else "")
+    with _COMPILED_LOCK:
+        destination = _COMPILED.get(key)
+        if destination is None:
+            destination = _COMPILED[key] = Destination(spec, quiet)
+        return destination
+
+
+def _spec_key(spec: DestinationSpec) -> str:
+    text = orjson.dumps([spec.flow_name, spec.config, spec.collector, spec.namespace, spec.state_ttl_ms,
+                         spec.config_path, spec.functions], option=orjson.OPT_SORT_KEYS, default=repr)
+    return hashlib.sha256(text).hexdigest()

@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from transforms.functions import (
+from decide.functions import (
     JS_PREFIX, PY_PREFIX, FunctionNotAllowed, Functions, FunctionSyntaxError, PythonDeadline,
     describe_failure,
 )
-from transforms.paths import (
+from decide.paths import (
     INCLUDE_SECTIONS, UNDEFINED, compile_checked_getter, compile_getter, delete_by_path,
     flatten_include, js_truthy, same_value_zero, set_by_path, split_path, to_plain,
 )
@@ -147,7 +147,7 @@ class _ErrorLog:
 
 # --- $code functions ----------------------------------------------------------------------------
 
-# A compiled function is called as f(value, event, collector, consent); see transforms.functions.
+# A compiled function is called as f(value, event, collector, consent); see decide.functions.
 UserFunction = Callable[[Any, Any, Any, Any], Any]
 
 

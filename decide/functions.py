@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import orjson
 
-from transforms.paths import UNDEFINED
+from decide.paths import UNDEFINED
 
 JS_PREFIX = "$code:"
 PY_PREFIX = "$py:"

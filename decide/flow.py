@@ -16,8 +16,8 @@ import jsonschema
 from referencing import Registry, Resource
 
 import schemas
-from transforms.secrets import SECRET_VERSION, WriteKey, WriteKeyProblem, checked_key
-from transforms.settings import SDK_PATH, SegmentSettings, coerce_settings
+from decide.secrets import SECRET_VERSION, WriteKey, WriteKeyProblem, checked_key
+from decide.settings import SDK_PATH, SegmentSettings, coerce_settings
 
 SEGMENT_PACKAGE = "@walkeros/server-destination-segment"
 

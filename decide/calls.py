@@ -3,7 +3,7 @@
 A message here is the Segment message as it goes into the ``/v1/batch`` body, minus what the
 SDK adds while sending (``context.library``, ``sentAt``) and minus fields that would be null.
 identify and group are built as *candidates*: whether they are sent depends on the per-user
-state (``transforms.identity.decide``).
+state (``decide.identity.decide``).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from transforms.identity import Identity, Signature, canonical_json
-from transforms.mapping import CompiledRule, CompiledValue, compile_value
+from decide.identity import Identity, Signature, canonical_json, state_key
+from decide.mapping import CompiledRule, CompiledValue, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
 MESSAGE_ID_MAX = 100
@@ -186,8 +186,7 @@ class CallBuilder:
             message["properties"] = data if isinstance(data, dict) else {}
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
-        # anonymous_id or user_id is the identity's state key
-        return EventCalls(event, anonymous_id or user_id, timestamp_ms, identify, identify_signature,
+        return EventCalls(event, state_key(user_id, anonymous_id), timestamp_ms, identify, identify_signature,
                           group, group_signature, others)
 
     def signatures(self, event: dict, rule: CompiledRule | None, identity: Identity,

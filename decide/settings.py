@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transforms.secrets import WriteKey
+from decide.secrets import WriteKey
 
 SDK_PATH = "/v1/batch"
 
@@ -40,7 +40,7 @@ class SegmentSettings:
     @classmethod
     def from_config(cls, settings: dict, write_key: WriteKey | None = None) -> "SegmentSettings":
         """From an already coerced and schema-validated ``config.settings`` dict; ``write_key``
-        carries where the key came from (see transforms.secrets), else it is the literal."""
+        carries where the key came from (see decide.secrets), else it is the literal."""
         return cls(
             write_key=write_key or WriteKey(settings["writeKey"]),
             user_id=settings.get("userId", "user.id"),
