@@ -434,7 +434,7 @@ def launch(options, spec):
 
 
 def execute(options, spec, streaming: bool) -> int:
-    """Run, then say how it ended: the summary, one line with the exit status that applies (README
+    """Run, then say how it ended: the summary, one line with the exit status that applies (docs/operations.md,
     "Exit status and summary"), and the same as JSON with --summary_json. A pipeline failure is
     one line (the error's own message and the step), never a traceback."""
     from pipeline.options import WalkerosOptions
