@@ -91,3 +91,17 @@ def test_pages_speak_to_users(page):
         text = text[text.index(BENCH_HAND_WRITTEN):]
     internal = re.findall(r"(?i)\bissues? #?\d+|\bthis machine\b|\bthe development machine\b", text)
     assert not internal, f"{page.relative_to(ROOT)}: {internal}"
+
+
+def test_every_pipeline_flag_is_in_the_options_table():
+    import argparse
+
+    from pipeline.options import WalkerosOptions
+
+    parser = argparse.ArgumentParser()
+    WalkerosOptions._add_argparse_args(parser)
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    table = guide[guide.index("### Pipeline options"):guide.index("## Exit status and summary")]
+    missing = [flag for flag in flags if f"`{flag}`" not in table]
+    assert len(flags) > 20 and not missing, f"docs/operations.md's Pipeline options table lacks {missing}"
