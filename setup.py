@@ -28,6 +28,7 @@ setuptools.setup(
     name="walkeros-segment-beam",
     version="0.1.0",
     description="Apache Beam pipeline delivering walkerOS events to Segment, as walkerOS's Segment destination does",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=["decide", "segment_api", "transforms", "pipeline", "schemas"],
     # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.

@@ -19,7 +19,9 @@ commands:
   local-segment  a local Segment-compatible endpoint to try flows against
   demo           the bundled example end to end against a local endpoint (what `make run` does)
 
-'walkeros-segment COMMAND --help' shows a command's options."""
+'walkeros-segment COMMAND --help' shows a command's options; 'walkeros-segment --version' the version."""
+
+DISTRIBUTION = "walkeros-segment-beam"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +29,36 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] == "--version":
+        print(f"walkeros-segment {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     commands = {"run": run, "explain": explain, "validate": validate, "local-segment": local_segment, "demo": demo}
     if command not in commands:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return EXIT_CONFIG
     return commands[command](rest)
+
+
+def version() -> str:
+    """The installed distribution's version; from a checkout that was never installed, the one
+    setup.py declares (so a version is never made up in two places)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return _declared_version(Path(__file__).resolve().parent.parent / "setup.py")
+
+
+def _declared_version(setup_py: Path) -> str:
+    import re
+
+    try:
+        found = re.search(r'^\s*version\s*=\s*"([^"]+)"', setup_py.read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 # -- shared start-up -------------------------------------------------------------------------
@@ -408,7 +434,7 @@ def launch(options, spec):
 
 
 def execute(options, spec, streaming: bool) -> int:
-    """Run, then say how it ended: the summary, one line with the exit status that applies (README
+    """Run, then say how it ended: the summary, one line with the exit status that applies (docs/operations.md,
     "Exit status and summary"), and the same as JSON with --summary_json. A pipeline failure is
     one line (the error's own message and the step), never a traceback."""
     from pipeline.options import WalkerosOptions

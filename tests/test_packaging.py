@@ -192,7 +192,7 @@ def test_the_pubsub_read_dataflow_receives(monkeypatch):
         (subscription, "event_id", "", True)
     assert "ReadEvents/EventTime" in {t.unique_name for t in graph.components.transforms.values()}
     # The operations guide's "Update and drain" lists the step names an update matches on: they must be these.
-    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "operations.md").read_text()
+    docs = (ROOT / "docs" / "operations.md").read_text()
     names = {t.unique_name for t in graph.components.transforms.values() if t.unique_name}
     for name in sorted(n for n in names if n.count("/") <= 1 and not n.startswith("ref_")):
         assert f"`{name.rsplit('/', 1)[-1]}`" in docs, f"docs/operations.md does not name the step {name}"
@@ -281,6 +281,7 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     assert all(path.startswith(str(site)) for path in where.split()), where
 
     assert "commands:" in _run([str(command), "--help"], cwd=tmp_path)
+    assert _run([str(command), "--version"], cwd=tmp_path).strip() == f"walkeros-segment {_setup_py_version()}"
     assert "--input_subscription" in _run([str(command), "run", "--help"], cwd=tmp_path)
     flow = tmp_path / "flow.json"
     flow.write_text(EXAMPLE_FLOW.read_text())
@@ -292,6 +293,41 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     assert "the endpoint accepted" in demo
     assert "share/walkeros-segment/examples/flow.json" in demo
     assert time.monotonic() - started < 120
+
+
+# -- the version --------------------------------------------------------------------------------
+def _setup_py_version() -> str:
+    [declared] = re.findall(r'version="([^"]+)"', (ROOT / "setup.py").read_text())
+    return declared
+
+
+def test_version_prints_the_distributions_version(capsys):
+    from pipeline import cli
+
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr()
+    assert (out.out, out.err) == (f"walkeros-segment {_setup_py_version()}\n", "")
+    assert _setup_py_version() == "0.1.0"
+
+
+def test_version_from_a_checkout_that_was_never_installed(monkeypatch, capsys):
+    from importlib import metadata
+
+    from pipeline import cli
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"walkeros-segment {_setup_py_version()}\n"
+
+
+def test_version_is_not_taken_for_an_unknown_command(capsys):
+    from pipeline import cli
+
+    assert cli.main(["--verison"]) == 2
+    assert "unknown command '--verison'" in capsys.readouterr().err
 
 
 def _can_build_wheels() -> bool:

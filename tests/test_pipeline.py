@@ -72,7 +72,7 @@ def test_message_ids_are_stable_across_runs(endpoint, monkeypatch):
 
 def test_explain_matches_the_frozen_example(monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
-    # 3: the example holds three inputs that would be dead-lettered (README "Exit status and summary").
+    # 3: the example holds three inputs that would be dead-lettered (docs/operations.md, "Exit status and summary").
     assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS,
                      "--message_id_namespace", "example"]) == 3
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]

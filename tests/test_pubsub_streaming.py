@@ -189,7 +189,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
                                          "event_id": "e000000000000007"}
     assert attributes["not_json"] == {"reason": "not_json", "stage": "parse", "flow": "default"}
     # (No counter totals here: on the streaming DirectRunner, Beam's counters stop at the first
-    # bundle of each step -- measured, see the README's "Running on Dataflow". The calls and dead letters above
+    # bundle of each step -- measured, see docs/local-testing.md, "Streaming locally". The calls and dead letters above
     # are the accounting: every input ended delivered, dead-lettered or dropped by policy.)
     assert time.monotonic() - started < 45
 
