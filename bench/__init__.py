@@ -1,1 +1,1 @@
-"""The benchmark of issue 7: ``python -m bench`` (``make bench``). Not a test."""
+"""The benchmark: ``python -m bench`` (``make bench``). Not a test."""

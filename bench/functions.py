@@ -50,7 +50,7 @@ def _events(path: Path, limit: int) -> list[dict]:
 
 
 def _cpu_per_event(destination: Destination, events: list[dict]) -> float:
-    mapped, plan, process = destination.mapped, destination.plan, destination.map
+    mapped, plan, process = destination.to_mapped, destination.plan, destination.mapping_result
     started = time.process_time()
     for event in events:
         plan(mapped(process(event)))

@@ -69,7 +69,7 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
     from decide.calls import EventCalls
     from decide.dead_letter import DeadLetter
     from decide.event import parse_payload
-    from decide.destination import compiled
+    from decide.destination import CONSENT_DENIED, DEAD_LETTER, IGNORED, compiled
 
     out = open(calls_out, "wb", buffering=1 << 20) if calls_out else None
     inputs = events = dead = denied = ignored = delivered = messages_sent = suppressed_calls = 0
@@ -77,9 +77,9 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
         spec = load_spec(flow)
         destination = compiled(spec)
         collector, flow_name = spec.collector, spec.flow_name
-        consent_granted, map_event = destination.consent_granted, destination.map
-        rule_consent_granted, mapped, plan = destination.rule_consent_granted, destination.mapped, destination.plan
-        deduplicate = destination.deduplicate
+        # The per-event steps as explain runs them (Destination.before_deduplication), then the
+        # decision in input order (the file is in event-time order per user).
+        before_deduplication, deduplicate = destination.before_deduplication, destination.deduplicate
         states: dict = {}
         with open(path, "rb") as f:
             for line in f:
@@ -92,19 +92,12 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
                         dead += 1
                         continue
                     events += 1
-                    if not consent_granted(item):
-                        denied += 1
-                        continue
-                    result = map_event(item)
-                    if result.ignored:
-                        ignored += 1
-                        continue
-                    if not rule_consent_granted(result):
-                        denied += 1
-                        continue
-                    planned = plan(mapped(result))
+                    planned = before_deduplication(item)
                     if not isinstance(planned, EventCalls):
-                        dead += 1
+                        outcome = planned.outcome
+                        dead += outcome == DEAD_LETTER
+                        denied += outcome == CONSENT_DENIED
+                        ignored += outcome == IGNORED
                         continue
                     key = planned.key
                     messages, states[key], suppressed = deduplicate(planned, states.get(key))
@@ -165,9 +158,9 @@ def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
 
 
 def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
-    import datetime as dt
-
     from segment.analytics import Client
+
+    from bench.sdk_client import client_call
 
     failures = []
     with _Span() as span:
@@ -182,19 +175,7 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
                 for m in orjson.loads(line):
                     while queue.qsize() > 40_000:  # keep the SDK's queue from refusing (it drops silently)
                         time.sleep(0.002)
-                    common = dict(user_id=m.get("userId"), anonymous_id=m.get("anonymousId"),
-                                  context=dict(m.get("context") or {}), integrations=m.get("integrations"),
-                                  timestamp=dt.datetime.fromisoformat(m["timestamp"]), message_id=m["messageId"])
-                    kind = m["type"]
-                    if kind == "track":
-                        ok, _ = client.track(event=m["event"], properties=m.get("properties"), **common)
-                    elif kind == "identify":
-                        ok, _ = client.identify(traits=m.get("traits"), **common)
-                    elif kind == "group":
-                        ok, _ = client.group(group_id=m["groupId"], traits=m.get("traits"), **common)
-                    else:
-                        ok, _ = getattr(client, kind)(category=m.get("category"), name=m.get("name"),
-                                                      properties=m.get("properties"), **common)
+                    ok, _ = client_call(client, m)
                     counts["messages"] += 1
                     counts["not_queued"] += 0 if ok else 1
         client.shutdown()

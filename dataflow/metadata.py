@@ -83,7 +83,8 @@ ONE_OF_NOTE = " One of {flags} is required."
 
 
 def parameters() -> list[dict]:
-    from pipeline.options import ONE_OF_FLAGS, REQUIRED_FLAGS, WalkerosOptions, parse_bool
+    from pipeline.flags import ONE_OF_FLAGS, REQUIRED_FLAGS, parse_bool
+    from pipeline.options import WalkerosOptions
 
     parser = argparse.ArgumentParser()
     WalkerosOptions._add_argparse_args(parser)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from decide.identity import Identity, Signature, canonical_json, state_key
 from decide.mapping import CompiledRule, CompiledValue, compile_value
@@ -34,11 +34,12 @@ class EventCalls:
     group_signature: Signature | None = None
     others: list[dict] = field(default_factory=list)   # page, screen, track in that order
 
-    def messages(self, fire_identify: bool, fire_group: bool) -> list[dict]:
+    def messages(self, *, identify: bool, group: bool) -> list[dict]:
+        """The event's messages in order, with its identify and group where they fire."""
         out = []
-        if fire_identify and self.identify is not None:
+        if identify and self.identify is not None:
             out.append(self.identify)
-        if fire_group and self.group is not None:
+        if group and self.group is not None:
             out.append(self.group)
         out.extend(self.others)
         return out
@@ -123,10 +124,7 @@ class CallBuilder:
 
     def build(self, event: dict, rule: CompiledRule | None, data: Any, identity: Identity,
               preferences: dict | None, context: dict) -> EventCalls:
-        plan = self._plans.get(rule)
-        if plan is None:
-            plan = self._plans[rule] = self._plan(rule)
-        identify_value, group_value, page_likes, track = plan
+        identify_value, group_value, page_likes, track = self._plan_for(rule)
         timestamp_ms = int(event["timestamp"])
         user_id, anonymous_id = identity
         # The fields every call shares; each message starts as a copy ("type" is first in
@@ -157,7 +155,7 @@ class CallBuilder:
                 if effective:
                     identify["userId"] = effective
                 identify["messageId"] = self._message_id(event_id, "identify") if long_ids else prefix + "identify"
-                identify_signature = (effective or "", canonical_json(traits))
+                identify_signature = _identify_signature(candidate)
 
         group = group_signature = None
         if group_value is not None:
@@ -169,7 +167,7 @@ class CallBuilder:
                 group["groupId"] = group_id
                 group["traits"] = traits or {}
                 group["messageId"] = self._message_id(event_id, "group") if long_ids else prefix + "group"
-                group_signature = (group_id, canonical_json(traits))
+                group_signature = _group_signature(candidate)
 
         others = []
         for call_type, setting in page_likes:
@@ -193,20 +191,23 @@ class CallBuilder:
                    context: dict) -> tuple[Signature | None, Signature | None]:
         """Only the identify and group signatures :meth:`build` would give the event, without
         building any message: what batch deduplication decides on."""
+        plan = self._plan_for(rule)
+        identify_signature = group_signature = None
+        if plan.identify is not None:
+            candidate = _identify_candidate(plan.identify, event, context, identity.user_id)
+            if candidate is not None:
+                identify_signature = _identify_signature(candidate)
+        if plan.group is not None:
+            candidate = _group_candidate(plan.group, event, context)
+            if candidate is not None:
+                group_signature = _group_signature(candidate)
+        return identify_signature, group_signature
+
+    def _plan_for(self, rule: CompiledRule | None) -> "_CallPlan":
         plan = self._plans.get(rule)
         if plan is None:
             plan = self._plans[rule] = self._plan(rule)
-        identify_value, group_value = plan[0], plan[1]
-        identify_signature = group_signature = None
-        if identify_value is not None:
-            candidate = _identify_candidate(identify_value, event, context, identity[0])
-            if candidate is not None:
-                identify_signature = (candidate[0] or "", canonical_json(candidate[1]))
-        if group_value is not None:
-            candidate = _group_candidate(group_value, event, context)
-            if candidate is not None:
-                group_signature = (candidate[0], canonical_json(candidate[1]))
-        return identify_signature, group_signature
+        return plan
 
     def _plan(self, rule: CompiledRule | None) -> "_CallPlan":
         """A rule's settings override the destination's identify and group (a literal null or
@@ -215,9 +216,9 @@ class CallBuilder:
         page_likes = tuple((call_type, True if settings[call_type] is True else _evaluator(settings[call_type]))
                            for call_type in ("page", "screen")
                            if settings.get(call_type) is not None and settings[call_type] is not False)
-        return (_evaluator(settings.get("identify", self._identify)),
-                _evaluator(settings.get("group", self._group)),
-                page_likes, rule is None or not rule.silent)
+        return _CallPlan(_evaluator(settings.get("identify", self._identify)),
+                         _evaluator(settings.get("group", self._group)),
+                         page_likes, rule is None or not rule.silent)
 
     def _page_like(self, call_type: str, setting: Any, event: dict, context: dict, common: dict) -> dict | None:
         """``setting`` is True or the function of the configured value."""
@@ -263,8 +264,22 @@ def _group_candidate(group_value, event: dict, context: dict):
     return group_id, traits if isinstance(traits, dict) else None
 
 
-# (identify value, group value, ((page/screen, setting), ...), whether track is sent)
-_CallPlan = tuple[Any, Any, tuple[tuple[str, Any], ...], bool]
+def _identify_signature(candidate: tuple) -> Signature:
+    """What identify deduplication compares: the userId it is sent as, and its traits."""
+    return candidate[0] or "", canonical_json(candidate[1])
+
+
+def _group_signature(candidate: tuple) -> Signature:
+    """What group deduplication compares: the groupId and its traits."""
+    return candidate[0], canonical_json(candidate[1])
+
+
+class _CallPlan(NamedTuple):
+    """What a rule's settings make of an event's calls."""
+    identify: Any                                  # the identify value's function, or None
+    group: Any                                     # the group value's function, or None
+    page_likes: tuple[tuple[str, Any], ...]        # (page or screen, True or its value's function)
+    track: bool                                    # whether the event's own track call is sent
 
 
 def _evaluator(value: Any) -> Any:

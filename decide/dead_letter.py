@@ -17,7 +17,6 @@ import orjson
 
 # Stages, in pipeline order.
 PARSE = "parse"
-MAP = "map"
 IDENTITY = "identity"
 SEND = "send"
 
@@ -30,7 +29,6 @@ INVALID_NAME = "invalid_name"        # name missing, not a string, or not "entit
 INVALID_FIELD = "invalid_field"      # a known field of the wrong type or range (the error names it)
 TOO_DEEP = "too_deep"                # objects and lists nested beyond decide.event.MAX_DEPTH
 NO_IDENTITY = "no_identity"          # neither userId nor anonymousId resolved to a non-empty string
-MAPPING_FAILED = "mapping_failed"    # the mapping raised where walkerOS would have failed the push
 TOO_LARGE = "too_large"              # a message over Segment's 32 KB limit
 INVALID_CALL = "invalid_call"        # the SDK refuses to build the call (e.g. an id of the wrong type)
 REJECTED = "rejected"                # Segment answered 4xx for the message (after isolating it)

@@ -152,7 +152,7 @@ class Destination:
     def consent_granted(self, event: dict) -> bool:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
 
-    def map(self, event: dict, with_data: bool = True) -> MappingResult:
+    def mapping_result(self, event: dict, with_data: bool = True) -> MappingResult:
         """The flow's mapping, on the event as walkerOS's collector hands it to a destination:
         its consent reduced to the granted keys. The result's event keeps the full consent for
         Segment's categoryPreferences (true and false); policies that rewrote consent win.
@@ -171,13 +171,11 @@ class Destination:
             return True
         return consent_rules.is_granted(result.rule.consent, result.event.get("consent") or {})
 
-    def mapped(self, result: MappingResult) -> Mapped:
+    def to_mapped(self, result: MappingResult) -> Mapped:
+        """The mapping's result as it travels between steps (plain data, the rule by position)."""
         data = result.data
         return _new_tuple(Mapped, (result.event, self._rule_index[result.rule],
                                    None if data is UNDEFINED else data))
-
-    def rule(self, index: int | None) -> CompiledRule | None:
-        return None if index is None else self._rules[index]
 
     def _planning(self, mapped: Mapped):
         """``(event, rule, context, identity)`` as plan and decision_inputs both see them: the
@@ -229,7 +227,7 @@ class Destination:
             suppressed.append("identify")
         if calls.group is not None and not fire_group:
             suppressed.append("group")
-        return calls.messages(fire_identify, fire_group), new_state, suppressed
+        return calls.messages(identify=fire_identify, group=fire_group), new_state, suppressed
 
     # -- all steps at once, for explain -----------------------------------------------------
     def mapped_or_outcome(self, event: dict, with_data: bool = True) -> Mapped | Outcome:
@@ -237,12 +235,12 @@ class Destination:
         that dropped it."""
         if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
-        result = self.map(event, with_data)
+        result = self.mapping_result(event, with_data)
         if result.ignored:
             return Outcome(IGNORED, "ignore_rule")
         if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
-        return self.mapped(result)
+        return self.to_mapped(result)
 
     def before_deduplication(self, event: dict) -> Outcome | EventCalls:
         """One normalised event through every step up to identify/group deduplication: its

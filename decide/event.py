@@ -173,12 +173,8 @@ _DEFAULT_SECTIONS = ("data", "globals", "custom", "user", "context", "consent")
 _COLLECTOR_SECTIONS = ("globals", "user", "consent")
 
 
-def validate(event: dict) -> None:
-    _validate(event)
-
-
 def _validate(event: dict) -> tuple[str, str]:
-    """validate(), returning the entity and action the name gives."""
+    """The event's fields checked as walkerOS would; returns the entity and action its name gives."""
     name = event.get("name")
     # Nearly every event is plainly valid, which a quick look says. Anything else takes the
     # checks in their documented order, so the first fault is the one named.

@@ -86,11 +86,15 @@ def coerce_settings(settings: dict, path: str) -> tuple[dict, list[str]]:
                 errors.append(f"{path}.{key}: expected an integer, got {out[key]!r}")
     for key in BOOL_SETTINGS:
         if isinstance(out.get(key), str):
-            text = out[key].strip().lower()
-            if text in ("true", "1", "yes"):
-                out[key] = True
-            elif text in ("false", "0", "no", ""):
-                out[key] = False
-            else:
+            value = parse_boolean(out[key]) if out[key].strip() else False
+            if value is None:
                 errors.append(f"{path}.{key}: expected a boolean (true/false), got {out[key]!r}")
+            else:
+                out[key] = value
     return out, errors
+
+
+def parse_boolean(text: str) -> bool | None:
+    """true/1/yes → True, false/0/no → False (any case, spaces around ignored), else None."""
+    value = str(text).strip().lower()
+    return True if value in ("true", "1", "yes") else False if value in ("false", "0", "no") else None

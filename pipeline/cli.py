@@ -113,7 +113,7 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
 
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.options import add_function_arguments
+    from pipeline.flags import add_function_arguments
 
     parser.add_argument("--flow", required=True, help="walkerOS flow file")
     parser.add_argument("--flow_name", default=None, help="flow to use (default: the only one, else 'default')")
@@ -228,7 +228,7 @@ def beam_flag_problems(argv: list[str]) -> list[str]:
 # -- commands --------------------------------------------------------------------------------
 def validate(argv: list[str]) -> int:
     from decide.flow import FlowError
-    from pipeline.options import range_problems
+    from pipeline.flags import range_problems
 
     parser = _parser("walkeros-segment validate", "Check a flow file.")
     _flow_arguments(parser)
@@ -250,7 +250,7 @@ def validate(argv: list[str]) -> int:
 def explain(argv: list[str]) -> int:
     from pipeline.explain import dumps, explain_payloads, stdin_payloads
     from decide.flow import FlowError
-    from pipeline.options import INPUT_FORMATS, parse_ratio, range_problems
+    from pipeline.flags import INPUT_FORMATS, parse_ratio, range_problems
     from transforms.files import input_problem, iter_payloads
     from pipeline.summary import EXIT_FAILED, EXIT_USAGE, Outcome, decide
     from decide.destination import DEAD_LETTER
@@ -328,7 +328,8 @@ def prepare_run(argv: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from decide.flow import FlowError
-    from pipeline.options import WalkerosOptions, range_problems
+    from pipeline.flags import range_problems
+    from pipeline.options import WalkerosOptions
 
     if any(a in ("-h", "--help") for a in argv):
         WalkerosOptions(["--help"])  # argparse prints the help and exits
@@ -829,7 +830,7 @@ def _flag_problems(opts, options) -> list[str]:
                 "Pub/Sub attribute (Beam's reader raises NotImplementedError once the pipeline runs). "
                 "Drop --id_label to run locally, or run on Dataflow (--runner DataflowRunner).")
         if opts.fail_bundle_on_delivery_error:
-            # -- issue 16: a local runner does not retry a failed bundle (the FnApiRunner fails the
+            # A local runner does not retry a failed bundle (the FnApiRunner fails the
             # run; the DirectRunner retries 4 times at once, then fails it): one exhausted batch
             # would throw away the whole run. Dead letters are the local way: they replay.
             problems.append("--fail_bundle_on_delivery_error needs a runner that retries failed bundles "
@@ -858,7 +859,7 @@ def demo(argv: list[str]) -> int:
     """The bundled example, end to end, with no credentials and no network."""
     from pipeline.demo import main as demo_main
 
-    return demo_main(argv)
+    return demo_main(argv, run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import secrets
 import sysconfig
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from pipeline.local_segment import LocalSegment
 
@@ -27,7 +28,8 @@ def _examples() -> Path:
 EXAMPLES = _examples()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, run: Callable[[list[str]], int]) -> int:
+    """``run``: the command line's ``run`` command (handed in: the demo is one of its commands)."""
     parser = argparse.ArgumentParser(prog="walkeros-segment demo", description=__doc__.splitlines()[0])
     parser.add_argument("--flow", default=str(EXAMPLES / "flow.json"))
     parser.add_argument("--input", default=str(EXAMPLES / "events.jsonl"))
@@ -48,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SEGMENT_HOST"] = endpoint.url
         print(f"local Segment endpoint: {endpoint.url}")
         print(f"flow: {args.flow}\ninput: {args.input}\n")
-        from pipeline.cli import run
-
         code = run(["--flow", args.flow, "--input", args.input, "--dead_letter", str(out / "dead-letters")])
         if code not in (0, 3):  # 3: dead letters, which the example's bad lines are there to show
             return code

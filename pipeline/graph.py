@@ -73,7 +73,7 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
 
 def _without_state(keyed: tuple[str, EventCalls]) -> EventMessages:
     calls = keyed[1]
-    return EventMessages(calls.event, calls.messages(False, False))
+    return EventMessages(calls.event, calls.messages(identify=False, group=False))  # the flow has none
 
 
 def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool,

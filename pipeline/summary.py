@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apache_beam.metrics.metric import MetricsFilter
-
 from decide.dead_letter import PARSE_REASONS
-from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
+from transforms import DAMAGED_FILES_COUNTER, NAMESPACE
 
 
 def counters(result) -> dict[str, int]:
     """Committed (else attempted) counter values of our namespace, by name."""
+    from apache_beam.metrics.metric import MetricsFilter
+
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     out: dict[str, int] = {}
     for counter in query["counters"]:

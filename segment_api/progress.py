@@ -4,10 +4,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from segment_api.connection import BatchResult
 
 # Progress lines ("N events delivered so far") are meant to be seen during a batch run, even
 # when the application's root logger is at WARNING: this logger says INFO itself.
@@ -24,16 +20,16 @@ class Progress:
         self.delivered = self.dead = self.disabled = self.requests = 0
         self._started = self._last = None
 
-    def add(self, result: "BatchResult", interval_s: float) -> None:
+    def add(self, delivered: int, dead: int, disabled: int, requests: int, interval_s: float) -> None:
         line = None
         with self._lock:
             now = time.monotonic()
             if self._started is None:
                 self._started = self._last = now
-            self.delivered += len(result.delivered)
-            self.dead += len(result.failed)
-            self.disabled += len(result.disabled)
-            self.requests += len(result.requests)
+            self.delivered += delivered
+            self.dead += dead
+            self.disabled += disabled
+            self.requests += requests
             if interval_s > 0 and now - self._last >= interval_s:
                 self._last = now
                 rate = self.delivered / max(now - self._started, 1e-9)

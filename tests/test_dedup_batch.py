@@ -206,10 +206,10 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
         for event in parse_payload(line, collector=spec.collector, flow=spec.flow_name):
             if isinstance(event, DeadLetter) or not destination.consent_granted(event):
                 continue
-            result = destination.map(event)
+            result = destination.mapping_result(event)
             if result.ignored or not destination.rule_consent_granted(result):
                 continue
-            mapped = destination.mapped(result)
+            mapped = destination.to_mapped(result)
             calls, inputs = destination.plan(mapped), destination.decision_inputs(mapped)
             assert destination.decision_inputs(destination.mapped_or_outcome(event, with_data=False)) == inputs
             if isinstance(calls, DeadLetter):

@@ -20,7 +20,7 @@ def planned(spec, event_id: int, user: str, email: str = "a@x"):
     event = {"name": "page view", "id": f"{event_id:016x}", "timestamp": T0 + event_id,  # event times ~equal:
              "entity": "page", "action": "view", "data": {}, "globals": {}, "context": {}, "custom": {},
              "nested": [], "consent": {}, "user": {"id": user, "session": f"s-{user}", "email": email}}
-    calls = destination.plan(destination.mapped(destination.map(event)))
+    calls = destination.plan(destination.to_mapped(destination.mapping_result(event)))
     return calls.key, calls
 
 

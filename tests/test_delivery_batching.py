@@ -72,24 +72,11 @@ def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
 
 def client_built(message: dict) -> dict:
     """The message segment-analytics-python's Client builds for the same call."""
-    import datetime as dt
-
     from segment.analytics import Client
 
-    kind = message["type"]
-    kwargs = dict(user_id=message.get("userId"), anonymous_id=message.get("anonymousId"),
-                  context=dict(message.get("context") or {}), integrations=message.get("integrations"),
-                  timestamp=dt.datetime.fromisoformat(message["timestamp"]), message_id=message["messageId"])
-    if kind == "track":
-        kwargs.update(event=message["event"], properties=message.get("properties"))
-    elif kind in ("identify", "group"):
-        kwargs.update(traits=message.get("traits"))
-        if kind == "group":
-            kwargs.update(group_id=message["groupId"])
-    else:
-        kwargs.update(category=message.get("category"), name=message.get("name"), properties=message.get("properties"))
-    _, built = getattr(Client("k", send=False), kind)(**kwargs)
-    return built
+    from bench.sdk_client import client_call
+
+    return client_call(Client("k", send=False), message)[1]
 
 
 _JSON_VALUES = st.recursive(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.options import RANGES
+from pipeline.flags import RANGES
 
 from support import WRITE_KEY
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import ONE_OF_FLAGS, REQUIRED_FLAGS, WalkerosOptions
+from pipeline.flags import ONE_OF_FLAGS, REQUIRED_FLAGS
+from pipeline.options import WalkerosOptions
 from support import WRITE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent

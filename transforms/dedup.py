@@ -324,7 +324,7 @@ class _ApplyDecisions(beam.DoFn):
                 fire_group = _holds(self._keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
                 if not fire_group:
                     counter("group_suppressed").inc()
-        yield EventMessages(calls.event, calls.messages(fire_identify, fire_group))
+        yield EventMessages(calls.event, calls.messages(identify=fire_identify, group=fire_group))
 
 
 def _holds(sorted_keys, key: int) -> bool:

@@ -10,9 +10,7 @@ from typing import Any
 
 from apache_beam.metrics import Metrics
 
-NAMESPACE = "walkeros_segment"
-# Input files that could not be read to their end (transforms.read); a run with any has failed.
-DAMAGED_FILES_COUNTER = "input_files_damaged"
+from transforms import DAMAGED_FILES_COUNTER, NAMESPACE  # noqa: F401
 
 _COUNTERS: dict[str, Any] = {}
 

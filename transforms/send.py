@@ -82,7 +82,8 @@ class _SegmentSink(beam.DoFn):
             yield from self._outputs_of(sent, result, finishing)
 
     def _outputs_of(self, sent: _Sent, result: BatchResult, finishing: bool) -> Iterator:
-        self.connection.progress.add(result, self.options.progress_interval_s)
+        self.connection.progress.add(len(result.delivered), len(result.failed), len(result.disabled),
+                                     len(result.requests), self.options.progress_interval_s)
         counter("requests_to_segment").inc(len(result.requests))
         for messages, millis in result.requests:
             self.batch_messages.update(messages)
@@ -157,7 +158,7 @@ class BatchAndSend(_SegmentSink):
     there :class:`BatchDeliveries` gathers across bundles in state.)
 
     For the global window only, as in a batch run: ``process`` takes no timestamp or window
-    (asking for them costs ~10 µs an element in Beam's Python SDK), so its outputs carry the
+    (asking for them takes a slower path of Beam's Python SDK for every element), so its outputs carry the
     global window.
     """
 

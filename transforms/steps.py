@@ -66,7 +66,7 @@ class ParseEvents(beam.DoFn):
 class ParseEventsAtElementTime(ParseEvents):
     """ParseEvents for streaming: a Pub/Sub message's element time (its publish time, or
     ``--timestamp_attribute``) stands in for a missing event timestamp. Batch runs use the plain
-    ParseEvents: asking Beam for the timestamp costs ~10 µs an element in the Python SDK."""
+    ParseEvents: asking Beam for the timestamp is a slower path of the Python SDK for every element."""
 
     def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
         return self._parse(element, timestamp)
@@ -103,14 +103,14 @@ class MapEvents(_DestinationStep):
     rule's required consent is not granted (the rule is only known once it has been looked up)."""
 
     def process(self, event: dict):
-        result = self.destination.map(event)
+        result = self.destination.mapping_result(event)
         if result.ignored:
             _count("events_ignored")
             return
         if not self.destination.rule_consent_granted(result):
             _count("events_consent_denied")
             return
-        yield self.destination.mapped(result)
+        yield self.destination.to_mapped(result)
 
 
 class AssignIdentity(_DestinationStep):
