@@ -29,7 +29,7 @@ setuptools.setup(
     version="0.1.0",
     description="Apache Beam pipeline delivering walkerOS events to Segment, as walkerOS's Segment destination does",
     python_requires=">=3.10",
-    packages=["pipeline", "transforms", "schemas"],
+    packages=["pipeline", "transforms", "schemas", "local_segment"],
     # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.
     package_data={"schemas": ["*.json", "*.avsc"]},
     # The bundled example flow and events, so `walkeros-segment demo` runs from an installed wheel.

@@ -15,7 +15,7 @@ assemble() {  # the build context: only what the image needs, never .venv or tes
   local dir=$1
   mkdir -p "$dir/dataflow"
   cp -R "$ROOT/setup.py" "$ROOT/constraints.txt" "$ROOT/pipeline" "$ROOT/transforms" "$ROOT/schemas" \
-    "$ROOT/examples" "$dir/"
+    "$ROOT/local_segment" "$ROOT/examples" "$dir/"
   cp "$ROOT/dataflow/launch.py" "$ROOT/dataflow/requirements.lock" "$dir/dataflow/"
   cp "$ROOT/dataflow/Dockerfile" "$dir/Dockerfile"  # Cloud Build's --tag wants it at the root
   find "$dir" -name __pycache__ -prune -exec rm -rf {} +

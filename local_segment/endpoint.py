@@ -1,50 +1,22 @@
-"""A local, Segment-compatible HTTP endpoint: try flows without an account, test without network.
-
-It speaks the part of Segment's HTTP Tracking API the server SDKs use (``POST /v1/batch`` and the
-single-call routes ``/v1/{identify,track,page,screen,group,alias}``) and answers as Segment does
-(its HTTP API docs, "Errors", "Max request size"; the Spec's common fields and dedup guide):
-
-* request-level problems get a 400 (wrong Content-Type, bad gzip, a body over 500 KB -- 32 KB on
-  single routes --, bad JSON, no write key, any message over 32 KB), and nothing is accepted;
-* per-message problems (no ids, a track without ``event``, ...) are answered 200 and the message
-  is silently dropped -- here recorded in ``invalid`` and counted, so tests can see them;
-* an unknown write key is answered 200 and its messages dropped (``strict=True``: 401);
-* more than 2,500 messages: 200, the rest dropped;
-* messages are deduplicated on ``messageId`` like Segment does.
-
-Faults (``pipeline.local_segment_faults``) are injected per request for tests. Accepted messages
-are kept in memory and, with ``record_path``, appended to a JSON Lines file flushed per request.
-The write key is never logged nor recorded: requests record only the state of their auth.
-
-Command line: ``walkeros-segment local-segment --port P --record FILE`` or
-``python -m pipeline.local_segment --port P``.
+"""The local Segment-compatible endpoint: ``LocalSegment`` validates each request as Segment does,
+applies the injected faults, deduplicates on messageId and records what it accepted and why.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import binascii
 import collections
-import http.server
 import logging
-import os
-import signal
 import socket
-import socketserver
-import struct
-import sys
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
 
-from pipeline.local_segment_faults import (  # re-exported: tests import faults from here
+from local_segment.faults import (
     BAD_REQUEST_WHEN,
     CLOSE,
     DELAY,
@@ -55,79 +27,27 @@ from pipeline.local_segment_faults import (  # re-exported: tests import faults 
     FaultPlan,
     MessagePredicate,
     bad_request_when,
-    close,
-    delay,
-    empty_2xx,
     error_body,
-    healthy,
-    redirect,
-    reset,
-    status,
 )
-
-__all__ = [
-    "LocalSegment",
-    "RequestRecord",
-    "Fault",
-    "status",
-    "delay",
-    "reset",
-    "close",
-    "empty_2xx",
-    "bad_request_when",
-    "healthy",
-    "redirect",
-    "main",
-]
+from local_segment.http_server import Reply, Server, abort_connection, read_body, send_reply
+from local_segment.validation import (
+    AUTH_MISSING,
+    Envelope,
+    Limits,
+    Rejected,
+    check_auth,
+    decode_request,
+    message_problem,
+    message_times,
+    read_auth,
+    resolve_route,
+    stored_message,
+)
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
-OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
-MAX_MESSAGE_ID_CHARS = 100
-SUCCESS_BODY = b'{"success":true}'
-JSON_TYPE = "application/json"
-
-# Auth states recorded per request (never the key itself).
-AUTH_OK = "ok"
-AUTH_MISSING = "missing"
-AUTH_MISMATCH = "mismatch"  # the Basic header and the body writeKey differ
-AUTH_WRONG_KEY = "wrong_key"  # a key other than the expected one
-AUTH_BEARER = "bearer"
-
-# A keep-alive connection idle this long is closed, so abandoned clients do not pin threads.
-IDLE_TIMEOUT_SECONDS = 120
 # Keys shorter than this are not redacted from the record file: redacting "k" would mangle it.
 MIN_REDACTED_KEY_CHARS = 8
-
-
-class Rejected(Exception):
-    """A request-level error: the whole request is answered ``status`` and nothing is accepted."""
-
-    def __init__(self, status_code: int, code: str, message: str, close_connection: bool = False):
-        super().__init__(message)
-        self.status = status_code
-        self.code = code
-        self.message = message
-        self.close_connection = close_connection
-
-
-@dataclass
-class Reply:
-    """What to do with one request: send an answer, or drop the connection (reset / close)."""
-
-    status: int | None = 200
-    body: bytes = SUCCESS_BODY
-    content_type: str | None = JSON_TYPE
-    headers: tuple[tuple[str, str], ...] = ()
-    action: str = "send"  # "send" | RESET | CLOSE
-    delay: float = 0.0
-    close_connection: bool = False
-
-    @classmethod
-    def error(cls, status_code: int, code: str, message: str, close_connection: bool = False) -> "Reply":
-        body = orjson.dumps({"code": code, "message": message})
-        return cls(status_code, body, close_connection=close_connection)
 
 
 @dataclass
@@ -157,396 +77,6 @@ class RequestRecord:
     fault: str | None = None  # the injected fault, if any
     client_gone: bool = False  # the client had hung up before the answer (e.g. its timeout)
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Segment's documented size limits (32 KB a message, 500 KB a batch, 2,500 messages)."""
-
-    request_bytes: int
-    message_bytes: int
-    batch_messages: int
-
-
-@dataclass
-class Envelope:
-    """A decoded request body: its messages and the envelope fields that apply to all of them."""
-
-    messages: list
-    body_key: Any
-    sent_at: Any
-    decoded_bytes: int
-
-
-# --------------------------------------------------------------------------------------------
-# Request decoding and request-level validation (in the order Segment applies it)
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_route(path: str, prefix: str) -> str | None:
-    """``"batch"`` or a message type for a known route, None for any other path."""
-    path = path.split("?", 1)[0]
-    if prefix:
-        if not path.startswith(prefix + "/"):
-            return None
-        path = path[len(prefix) :]
-    if not path.startswith("/v1/"):
-        return None
-    name = path[len("/v1/") :]
-    return name if name == "batch" or name in MESSAGE_TYPES else None
-
-
-def check_content_type(value: str | None) -> None:
-    media_type = (value or "").split(";", 1)[0].strip().lower()
-    if media_type != JSON_TYPE:
-        raise Rejected(400, "invalid_content_type", f"Content-Type must be {JSON_TYPE}")
-
-
-def decode_content(raw: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body after Content-Encoding, never inflating past ``limit + 1`` bytes (gzip bombs)."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return raw
-    if encoding != "gzip":
-        raise Rejected(400, "invalid_content_encoding", f"unsupported Content-Encoding {encoding!r}")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise Rejected(400, "invalid_gzip", f"body is not valid gzip: {exc}") from None
-    if len(data) <= limit and not inflater.eof:
-        raise Rejected(400, "invalid_gzip", "gzip body is truncated")
-    return data
-
-
-def check_size(decoded: bytes, limit: int, what: str) -> None:
-    if len(decoded) > limit:
-        raise Rejected(400, "payload_too_large", f"Exceed payload limit: {what} is {len(decoded)} bytes, limit {limit}")
-
-
-def parse_json_object(decoded: bytes) -> dict:
-    try:
-        body = orjson.loads(decoded)
-    except orjson.JSONDecodeError as exc:
-        raise Rejected(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise Rejected(400, "invalid_json", "body must be a JSON object")
-    return body
-
-
-def decode_request(headers, raw: bytes, route: str, limits: Limits) -> Envelope:
-    """Steps 1-4 of the request validation; raises ``Rejected``."""
-    check_content_type(headers.get("Content-Type"))
-    limit = limits.request_bytes if route == "batch" else limits.message_bytes
-    decoded = decode_content(raw, headers.get("Content-Encoding"), limit)
-    check_size(decoded, limit, "the request" if route == "batch" else "a single-message request")
-    body = parse_json_object(decoded)
-    if route == "batch":
-        messages = body.get("batch")
-        if not isinstance(messages, list):
-            raise Rejected(400, "invalid_batch", "body must have a 'batch' array")
-    else:
-        messages = [body]
-    return Envelope(messages, body.get("writeKey"), body.get("sentAt"), len(decoded))
-
-
-# --------------------------------------------------------------------------------------------
-# Auth (step 5)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Auth:
-    key: str | None  # the key the request is accounted to; never logged nor recorded
-    state: str
-    scheme: str | None  # "basic" | "bearer" | None (body writeKey only)
-
-
-def key_from_basic(value: str) -> str:
-    """The username of ``Basic base64("<key>:")``; a missing colon is tolerated as Segment does."""
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise Rejected(400, "invalid_authorization", "Authorization Basic value is not valid base64") from None
-    return decoded.partition(":")[0]
-
-
-def read_auth(authorization: str | None, body_key: Any, accept_bearer: bool) -> Auth:
-    """The request's key and the state of its auth, from the Basic header and the body writeKey."""
-    body_key = body_key if isinstance(body_key, str) and body_key else None
-    scheme, _, value = (authorization or "").strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme == "bearer":
-        if not accept_bearer:
-            raise Rejected(401, "unauthorized", "Bearer tokens are not enabled on this endpoint")
-        # With OAuth the write key still travels in the body.
-        return Auth(body_key, AUTH_BEARER if body_key else AUTH_MISSING, "bearer")
-    header_key = key_from_basic(value) if scheme == "basic" else None
-    header_key = header_key or None
-    key = header_key or body_key
-    if key is None:
-        return Auth(None, AUTH_MISSING, "basic" if scheme == "basic" else None)
-    if header_key and body_key and header_key != body_key:
-        return Auth(key, AUTH_MISMATCH, "basic")
-    return Auth(key, AUTH_OK, "basic" if header_key else None)
-
-
-def check_auth(auth: Auth, expected: str | None, strict: bool) -> bool:
-    """Raise for a request that must be refused; return False when its messages are dropped."""
-    if auth.key is None:
-        raise Rejected(400, "missing_write_key", "no write key: send Basic auth base64('<writeKey>:') or a body writeKey")
-    if strict and auth.state == AUTH_MISMATCH:
-        raise Rejected(401, "write_key_mismatch", "the Basic auth key and the body writeKey differ")
-    if expected is not None and auth.key != expected:
-        auth.state = AUTH_WRONG_KEY
-        if strict:
-            raise Rejected(401, "invalid_write_key", "unknown write key")
-        return False  # Segment answers 200 and silently drops the events of an unknown key
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# Per-message validation (request still 200; failures are dropped silently by Segment)
-# --------------------------------------------------------------------------------------------
-
-
-def _non_empty_str(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
-
-
-def parse_instant(value: Any) -> datetime | None:
-    """An ISO 8601 instant with an offset; None when absent; ValueError when unusable."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError("not a string")
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError("no UTC offset")
-    return parsed
-
-
-def _ids_problem(msg: dict, kind: str) -> str | None:
-    user_id, anonymous_id = msg.get("userId"), msg.get("anonymousId")
-    for value in (user_id, anonymous_id):
-        if value is not None and not isinstance(value, str):
-            return "invalid_id_type"
-    if kind == "alias":
-        if not (_non_empty_str(msg.get("previousId")) and _non_empty_str(user_id)):
-            return "alias_missing_ids"
-        return None
-    if not (_non_empty_str(user_id) or _non_empty_str(anonymous_id)):
-        return "no_user_anon_id"
-    return None
-
-
-def _type_fields_problem(msg: dict, kind: str) -> str | None:
-    if kind == "track" and not _non_empty_str(msg.get("event")):
-        return "missing_event"
-    if kind == "group" and not _non_empty_str(msg.get("groupId")):
-        return "missing_group_id"
-    if kind in ("page", "screen"):
-        for name in ("name", "category"):
-            value = msg.get(name)
-            if value is not None and not isinstance(value, str):
-                return f"invalid_{name}"
-    for name in OBJECT_FIELDS:
-        value = msg.get(name)
-        if value is not None and not isinstance(value, dict):
-            return f"invalid_{name}"
-    return None
-
-
-def _consent_problem(msg: dict) -> str | None:
-    context = msg.get("context")
-    consent = context.get("consent") if isinstance(context, dict) else None
-    if consent is None:
-        return None
-    preferences = consent.get("categoryPreferences") if isinstance(consent, dict) else None
-    if not isinstance(preferences, dict) or not all(isinstance(v, bool) for v in preferences.values()):
-        return "invalid_consent"
-    return None
-
-
-def _message_id_problem(msg: dict) -> str | None:
-    message_id = msg.get("messageId")
-    if message_id is None:
-        return None  # Segment assigns one
-    if not _non_empty_str(message_id):
-        return "invalid_message_id"
-    if len(message_id) > MAX_MESSAGE_ID_CHARS:
-        return "message_id_too_long"
-    return None
-
-
-def message_problem(msg: Any, route_type: str | None = None) -> str | None:
-    """Why Segment would drop this message, or None when it is acceptable.
-
-    Timestamps are checked apart (``message_times``) because their parsed values are needed.
-    """
-    if not isinstance(msg, dict):
-        return "not_an_object"
-    kind = route_type or msg.get("type")
-    if kind not in MESSAGE_TYPES:
-        return "invalid_type"
-    return _ids_problem(msg, kind) or _type_fields_problem(msg, kind) or _message_id_problem(msg) or _consent_problem(msg)
-
-
-def format_instant(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def message_times(msg: dict, envelope_sent_at: Any, received_at: datetime) -> dict | str:
-    """Segment's clock-skew correction, or the reason the timestamps are unusable.
-
-    ``timestamp = receivedAt - (sentAt - originalTimestamp)`` (Segment's Spec, "Timestamps"); without a timestamp
-    Segment uses its own clock, without sentAt it cannot correct.
-    """
-    sent_at_value = msg.get("sentAt", envelope_sent_at)
-    try:
-        original = parse_instant(msg.get("timestamp"))
-    except ValueError:
-        return "invalid_timestamp"
-    try:
-        sent_at = parse_instant(sent_at_value)
-    except ValueError:
-        return "invalid_sent_at"
-    if original is None:
-        corrected = received_at
-    elif sent_at is None:
-        corrected = original
-    else:
-        corrected = received_at - (sent_at - original)
-    return {
-        "receivedAt": format_instant(received_at),
-        "sentAt": sent_at_value,
-        "originalTimestamp": msg.get("timestamp"),
-        "correctedTimestamp": format_instant(corrected),
-    }
-
-
-def stored_message(msg: dict, route_type: str | None) -> dict:
-    """The message as Segment would store it: as received, minus any writeKey.
-
-    Single routes take the type from the path. Existing fields are never changed otherwise.
-    """
-    if "writeKey" not in msg and (route_type is None or msg.get("type") == route_type):
-        return msg
-    copy = {k: v for k, v in msg.items() if k != "writeKey"}
-    if route_type is not None:
-        copy["type"] = route_type
-    return copy
-
-
-# --------------------------------------------------------------------------------------------
-# HTTP plumbing
-# --------------------------------------------------------------------------------------------
-
-
-def read_chunked(rfile, hard_limit: int) -> bytes:
-    """A ``Transfer-Encoding: chunked`` body (the SDK never sends one; curl and others may)."""
-    parts, total = [], 0
-    while True:
-        line = rfile.readline(1024)
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise Rejected(400, "invalid_chunked_body", "malformed chunk size", close_connection=True) from None
-        if size == 0:
-            break
-        total += size
-        if total > hard_limit:
-            raise Rejected(400, "payload_too_large", "Exceed payload limit", close_connection=True)
-        parts.append(rfile.read(size))
-        rfile.readline(8)  # the CRLF after each chunk
-    while rfile.readline(8192) not in (b"\r\n", b"\n", b""):
-        pass  # trailers
-    return b"".join(parts)
-
-
-def read_body(handler, hard_limit: int) -> bytes:
-    """The raw request body. Bodies over ``hard_limit`` are not read: the connection is closed."""
-    if (handler.headers.get("Transfer-Encoding") or "").strip().lower() == "chunked":
-        return read_chunked(handler.rfile, hard_limit)
-    length = handler.headers.get("Content-Length")
-    if length is None:
-        return b""
-    try:
-        size = int(length)
-    except ValueError:
-        raise Rejected(400, "invalid_content_length", "bad Content-Length", close_connection=True) from None
-    if size < 0 or size > hard_limit:
-        raise Rejected(400, "payload_too_large", f"Exceed payload limit: {size} bytes", close_connection=True)
-    return handler.rfile.read(size)
-
-
-def abort_connection(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0, so the peer gets a TCP RST instead of an orderly FIN.
-
-    ``socket.close()`` would only mark the socket closed while the handler's rfile/wfile still
-    reference it; detaching and closing the descriptor sends the RST now.
-    """
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        os.close(sock.detach())
-    except OSError:
-        pass
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the SDK's requests.Session reuses connections
-    disable_nagle_algorithm = True  # else delayed ACKs cost ~40 ms per request
-    server_version = "LocalSegment/1.0"
-    timeout = IDLE_TIMEOUT_SECONDS
-
-    def setup(self):
-        super().setup()
-        self.server.owner._track(self.connection, True)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            self.server.owner._track(self.connection, False)
-
-    def do_POST(self):
-        self.server.owner._serve(self)
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_POST
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
-        # The base class writes an access log to stderr; our own summary line replaces it.
-        log.debug("%s - %s", self.address_string(), format % args)
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # a handler sleeping in a delay fault must not block shutdown
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address, owner: "LocalSegment"):
-        self.owner = owner
-        super().__init__(address, _Handler)
-
-    def server_bind(self):
-        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup we neither need nor want.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def handle_error(self, request, client_address):
-        # Clients hanging up mid-request are normal here (timeouts, injected resets).
-        log.debug("connection error from %s", client_address, exc_info=True)
-
-
-# --------------------------------------------------------------------------------------------
-# The endpoint
-# --------------------------------------------------------------------------------------------
 
 
 class LocalSegment:
@@ -608,7 +138,7 @@ class LocalSegment:
         self._faults = FaultPlan()
         self._connections: set = set()
         self._stopping = threading.Event()
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._record_file = None
 
@@ -621,7 +151,7 @@ class LocalSegment:
         if self.record_path:
             self._record_file = open(self.record_path, "ab")
         try:
-            self._server = _Server(self._address, self)
+            self._server = Server(self._address, self)
         except OSError:
             self._close_record_file()
             raise
@@ -967,114 +497,8 @@ def injected_status_reply(fault: Fault) -> Reply:
     data = body.encode() if isinstance(body, str) else bytes(body)
     return Reply(fault.code, data, "text/plain; charset=utf-8", headers=fault.headers)
 
-
-def send_reply(handler, reply: Reply) -> None:
-    handler.send_response(reply.status)
-    for name, value in reply.headers:
-        handler.send_header(name, value)
-    if reply.content_type:
-        handler.send_header("Content-Type", reply.content_type)
-    handler.send_header("Content-Length", str(len(reply.body)))
-    if reply.close_connection:
-        handler.send_header("Connection", "close")
-        handler.close_connection = True
-    handler.end_headers()
-    if handler.command != "HEAD" and reply.body:
-        handler.wfile.write(reply.body)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="walkeros-segment local-segment",
-        description="Run a local Segment-compatible endpoint (POST /v1/batch) to try flows without Segment.",
-    )
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port; the URL is printed)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--record", metavar="FILE", help="append accepted messages to FILE as JSON Lines")
-    parser.add_argument(
-        "--write-key",
-        help="the expected write key (default: env LOCAL_SEGMENT_WRITE_KEY; unset accepts any key). "
-        "Prefer the env variable: command lines are visible to other users",
-    )
-    parser.add_argument("--strict", action="store_true", help="answer 401 to a wrong write key instead of 200 + drop")
-    parser.add_argument("--path-prefix", default="", help="serve the routes under this prefix, e.g. /segment")
-    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
-    return parser
-
-
-def startup_line(server: LocalSegment, record_path: str | None) -> str:
-    where = f"recording accepted messages to {record_path}" if record_path else "not recording to a file"
-    return f"local Segment endpoint listening on {server.url} (POST /v1/batch); {where}"
-
-
-def totals_line(server: LocalSegment) -> str:
-    counters = server.counters
-    dropped = {k.split(":", 1)[1]: v for k, v in sorted(counters.items()) if k.startswith("dropped:")}
-    dropped_text = ", ".join(f"{reason} {n}" for reason, n in dropped.items()) or "none"
-    return (
-        f"local Segment endpoint stopped: {counters['requests']} requests, {counters['accepted']} accepted, "
-        f"{counters['duplicate']} duplicates, dropped: {dropped_text}"
-    )
-
-
-def _install_stop_signals(stop: threading.Event) -> dict:
-    """SIGINT/SIGTERM set ``stop``; only possible on the main thread (else a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, lambda *_: stop.set())
-    return previous
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``walkeros-segment local-segment``: serve until SIGINT/SIGTERM, then print totals; 0 or 2."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    previous_level = log.level
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+def _int_or_none(value: str | None) -> int | None:
     try:
-        return _serve_until_stopped(args)
-    finally:
-        log.setLevel(previous_level)  # main() may run inside a larger process (tests, the CLI)
-
-
-def _serve_until_stopped(args: argparse.Namespace) -> int:
-    write_key = args.write_key or os.environ.get("LOCAL_SEGMENT_WRITE_KEY") or None
-    server = LocalSegment(
-        write_key, host=args.host, port=args.port, record_path=args.record, strict=args.strict, path_prefix=args.path_prefix
-    )
-    try:
-        server.start()
-    except OSError as exc:
-        print(f"local-segment: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    previous = _install_stop_signals(stop)
-    print(startup_line(server, args.record), flush=True)
-    print(
-        "write key: " + ("checked against the configured key" if write_key else "any non-empty key accepted"),
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:  # signal handlers could not be installed (not the main thread)
-        pass
-    finally:
-        server.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    print(totals_line(server), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,4 +1,4 @@
-"""Fault injection for the local Segment endpoint (``pipeline.local_segment``).
+"""Fault injection for the local Segment endpoint (``local_segment``).
 
 A *fault* says how the endpoint answers one request instead of (or on top of) the healthy answer.
 Tests queue faults with ``LocalSegment.script(...)`` / ``fail_next(...)``: every request on a

@@ -823,7 +823,7 @@ def _flag_problems(opts, options) -> list[str]:
 
 
 def local_segment(argv: list[str]) -> int:
-    from pipeline.local_segment import main as local_main
+    from local_segment import main as local_main
 
     return local_main(argv)
 

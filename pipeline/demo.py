@@ -14,7 +14,7 @@ import sysconfig
 from collections import Counter
 from pathlib import Path
 
-from pipeline.local_segment import LocalSegment
+from local_segment import LocalSegment
 
 def _examples() -> Path:
     """examples/ of a checkout, else where the wheel installed them (setup.py's data_files)."""
