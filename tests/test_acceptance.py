@@ -7,7 +7,7 @@ from transforms.destination import DELIVERED
 from transforms.steps import compiled
 from pipeline.explain import explain_payloads
 
-from support import comparable, flow_document, load_json, make_spec, run_batch
+from support import comparable, flow_document, load_json, make_spec, run_pipeline
 
 VECTORS = load_json("acceptance/acceptance.json")["cases"]
 
@@ -30,7 +30,7 @@ def test_explain_gives_the_vector(case):
 
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
 def test_pipeline_sends_the_vector(case, endpoint):
-    run_batch(case_spec(case, endpoint.url), case["events"])
+    run_pipeline(case_spec(case, endpoint.url), case["events"])
     by_event: dict[str, list] = {}
     for message in endpoint.accepted:
         by_event.setdefault(message["messageId"].split(":")[1], []).append(comparable(message))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import emulators
-from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
+from emulators import GCS_BUCKET
 from pipeline import cli
 from pipeline.flow import FlowError, flow_from_document
 from support import WRITE_KEY, flow_document
@@ -228,7 +228,7 @@ def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(
 ])
 def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_sends_nothing(
         monkeypatch, endpoint, late_value, expected):
-    from support import run_batch
+    from support import run_pipeline
     from transforms.destination import DestinationSpec
 
     doc = _document("$env.SEGMENT_WRITE_KEY")
@@ -238,7 +238,7 @@ def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_
     monkeypatch.setenv("SEGMENT_WRITE_KEY", late_value)             # the worker's environment
     event = {"name": "page view", "id": "late-1", "timestamp": 1767225600000, "user": {"session": "s-1"}}
     with pytest.raises(Exception) as caught:
-        run_batch(spec, [json.dumps(event)])
+        run_pipeline(spec, [json.dumps(event)])
     assert "the Segment write key cannot be used" in str(caught.value) and expected in str(caught.value)
     assert not endpoint.requests
 
@@ -526,11 +526,9 @@ def _new_workers_at(marker: str):
 
 def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, monkeypatch):
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing import test_stream
 
-    from pipeline.graph import build_pipeline
-    from test_delivery_kit import event, fast, lines, request_sizes, spec_for
+    from support import event, fast, lines, request_sizes, run_pipeline, spec_for
     from transforms import sink
 
     monkeypatch.setattr(sink, "_PROCESS_SHARD", "before-update")
@@ -544,10 +542,7 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
               .advance_processing_time(3)     # flushInterval passes: the old key's timer sends its batch
               .advance_watermark_to_infinity())
     read = stream | "Workers" >> beam.Map(_new_workers_at(json.loads(after[0])["id"]))
-    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
-    build_pipeline(p, spec, streaming=True, read=read,
-                   send_options=fast(clock=lambda: 0.0, shards=sink.AUTO_SHARDS))
-    p.run().wait_until_finish()
+    run_pipeline(spec, read=read, streaming=True, options=fast(clock=lambda: 0.0, shards=sink.AUTO_SHARDS))
     assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
     assert len(endpoint.accepted) == 5
 

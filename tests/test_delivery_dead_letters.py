@@ -16,11 +16,11 @@ from apache_beam.transforms.window import TimestampedValue
 import schemas
 from pipeline import cli
 from pipeline.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
-from pipeline.local_segment import LocalSegment
+from local_segment import LocalSegment
 from pipeline.sources import ReadEvents, iter_payloads
 from pipeline.summary import reconcile, render
-from support import WRITE_KEY, flow_document
-from test_delivery_kit import DATA_MAPPING, assert_exactly_once, event, lines, planned_calls, run, spec_for
+from support import (DATA_MAPPING, WRITE_KEY, assert_exactly_once, event, flow_document, lines, planned_calls,
+                     run_pipeline, spec_for)
 from transforms.dead_letter import DeadLetter
 
 EVENTS = [event(i) for i in range(6)]
@@ -35,7 +35,7 @@ def dead_url() -> str:
 
 def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_path):
     inputs = [*EVENTS, "[1, 2"]
-    first = run(spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro"))
+    first = run_pipeline(spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro"))
     assert len(first.dead) == 7
 
     [path] = tmp_path.glob("dead*.avro")
@@ -54,23 +54,23 @@ def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_
     # Replay: the payloads, as they were received, through the whole pipeline.
     assert sorted(map(str, iter_payloads(str(path), "dead_letter"))) == sorted(r["payload"] for r in records)
     spec = spec_for(endpoint.url)
-    replay = run(spec, read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
-                 previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")))
+    replay = run_pipeline(spec, read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
+                          previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")))
     assert_exactly_once(endpoint, replay, planned_calls(spec, EVENTS))
     [again] = replay.dead
     assert (again.reason, again.payload, again.attempts) == ("not_json", "[1, 2", 2)
 
 
 def test_a_glob_of_jsonl_and_avro_dead_letters_replays_both(endpoint, tmp_path):
-    run(spec_for(dead_url()), EVENTS[:3], dead_letter_sink=WriteDeadLetters(str(tmp_path / "a"), "avro"))
-    run(spec_for(dead_url()), EVENTS[3:], dead_letter_sink=WriteDeadLetters(str(tmp_path / "b"), "jsonl"))
+    run_pipeline(spec_for(dead_url()), EVENTS[:3], dead_letter_sink=WriteDeadLetters(str(tmp_path / "a"), "avro"))
+    run_pipeline(spec_for(dead_url()), EVENTS[3:], dead_letter_sink=WriteDeadLetters(str(tmp_path / "b"), "jsonl"))
     # A gzipped copy, with a blank line and a line that is not a dead letter.
     [jsonl] = tmp_path.glob("b*.jsonl")
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b"\n" + jsonl.read_bytes() + b"\n{\"not\": \"a record\"}\n"))
     jsonl.unlink()
 
     spec = spec_for(endpoint.url)
-    replay = run(spec, read=ReadEvents(str(tmp_path / "*"), "dead_letter"))
+    replay = run_pipeline(spec, read=ReadEvents(str(tmp_path / "*"), "dead_letter"))
     assert_exactly_once(endpoint, replay, planned_calls(spec, EVENTS))
     [odd] = replay.dead  # the stray line is parsed as input: an event without a name
     assert odd.reason == "invalid_name" and json.loads(odd.payload) == {"not": "a record"}

@@ -18,13 +18,13 @@ import fastavro
 import pytest
 
 import schemas
-from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
+from emulators import GCS_BUCKET
 from pipeline.cli import main as cli_main
 from pipeline.dead_letters import dead_letter_records
 from pipeline.explain import explain_payloads
 from pipeline.flow import load_flow
 from pipeline.sources import ReadEvents, iter_payloads
-from support import WRITE_KEY, load_json, run_batch
+from support import WRITE_KEY, load_json, run_pipeline
 from transforms.calls import strip_sdk_fields
 from transforms.destination import DestinationSpec
 from transforms.steps import compiled
@@ -108,9 +108,9 @@ def test_every_format_reads_from_gcs(backfill, endpoint, monkeypatch, name):
     lines = list(explain_payloads(compiled(spec), iter_payloads(f"{GS}/formats/{name}")))
     assert lines == explained()[:5]
     # ... and through the batch pipeline, gs:// glob and all.
-    delivered, dead = run_batch(spec, [], read=ReadEvents(pattern, fmt))
-    assert not dead
-    assert sorted(delivered) == sorted(line["id"] for line in explained()[:5] if line["outcome"] == "delivered")
+    result = run_pipeline(spec, read=ReadEvents(pattern, fmt))
+    assert not result.dead
+    assert sorted(result.delivered) == sorted(line["id"] for line in explained()[:5] if line["outcome"] == "delivered")
     expected = [call for line in explained()[:5] for call in line["calls"]]
     received = [strip_sdk_fields(m) for m in endpoint.accepted]
     assert sorted(received, key=lambda m: m["messageId"]) == sorted(expected, key=lambda m: m["messageId"])

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from segment.analytics import Client
 
-from pipeline.local_segment import (
+from local_segment import (
     LocalSegment,
     bad_request_when,
     delay,
@@ -606,7 +606,7 @@ def test_command_line_serves_until_sigint(tmp_path, sdk_clients):
     record = tmp_path / "out.jsonl"
     env = {**os.environ, "LOCAL_SEGMENT_WRITE_KEY": WRITE_KEY, "NO_PROXY": "127.0.0.1,localhost"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.local_segment", "--port", "0", "--record", str(record)],
+        [sys.executable, "-m", "local_segment", "--port", "0", "--record", str(record)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -242,7 +242,8 @@ def test_setup_py_works_as_beams_setup_file(tmp_path):
     [tarball] = staging.glob("*.tar.gz")
     with tarfile.open(tarball) as archive:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in archive.getnames()}
-    for module in ("pipeline/cli.py", "pipeline/graph.py", "transforms/sink.py", "schemas/__init__.py"):
+    for module in ("pipeline/cli.py", "pipeline/graph.py", "transforms/sink.py", "schemas/__init__.py",
+                   "local_segment/__init__.py"):
         assert module in names
     for schema in ("flow.schema.json", "event.avsc", "dead_letter.avsc", "mapping.schema.json"):
         assert f"schemas/{schema}" in names, f"schemas/{schema} is not in the staged package"
@@ -276,8 +277,8 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
 
     command = venv / "bin" / "walkeros-segment"
     assert command.exists()
-    where = _run([str(python), "-c", "import pipeline, schemas, transforms; "
-                  "print(pipeline.__file__, schemas.__file__, transforms.__file__)"], cwd=tmp_path)
+    where = _run([str(python), "-c", "import pipeline, schemas, transforms, local_segment; "
+                  "print(pipeline.__file__, schemas.__file__, transforms.__file__, local_segment.__file__)"], cwd=tmp_path)
     assert all(path.startswith(str(site)) for path in where.split()), where
 
     assert "commands:" in _run([str(command), "--help"], cwd=tmp_path)

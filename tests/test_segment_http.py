@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_segment import LocalSegment, redirect, status
-from support import WRITE_KEY
-from test_delivery_batching import client_built
-from test_delivery_kit import event, fast, spec_for
+from local_segment import LocalSegment, redirect, status
+from support import WRITE_KEY, client_built, event, fast, spec_for
 from transforms.secrets import REDACTED, redact_secret
 from transforms.segment_http import USER_AGENT, EndpointConfigError
 from transforms.sink import Delivery, SegmentConnection
