@@ -15,6 +15,7 @@ import pytest
 import emulators
 from local_segment import LocalSegment
 from support import WRITE_KEY
+from transforms.segment_http import SegmentHttp
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
@@ -23,6 +24,20 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 def endpoint():
     with LocalSegment(WRITE_KEY) as server:
         yield server
+
+
+@pytest.fixture
+def retry_waits(monkeypatch) -> list[float]:
+    """The seconds the send layer waits between attempts, recorded instead of slept: every
+    SegmentHttp built during the test gets this ``sleep`` (its injection point)."""
+    waits: list[float] = []
+    build = SegmentHttp.__init__
+
+    def recording(self, *args, **kwargs):
+        build(self, *args, **{**kwargs, "sleep": waits.append})
+
+    monkeypatch.setattr(SegmentHttp, "__init__", recording)
+    return waits
 
 
 @pytest.fixture
