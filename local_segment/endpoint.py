@@ -497,6 +497,7 @@ def injected_status_reply(fault: Fault) -> Reply:
     data = body.encode() if isinstance(body, str) else bytes(body)
     return Reply(fault.code, data, "text/plain; charset=utf-8", headers=fault.headers)
 
+
 def _int_or_none(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None

@@ -124,6 +124,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection; its handler hands each request and connection to ``owner``."""
+
     daemon_threads = True  # a handler sleeping in a delay fault must not block shutdown
     allow_reuse_address = True
     request_queue_size = 128

@@ -5,12 +5,15 @@ Pipelines run in this process: batch on the FnApiRunner (named: the default Dire
 first try to download Prism), streaming on the DirectRunner's streaming mode (TestStream)."""
 from __future__ import annotations
 
+import base64
+import bz2
 import collections
 import datetime as dt
 import json
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -182,6 +185,28 @@ def poll_until(condition: Callable[[], bool], timeout_s: float, interval_s: floa
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval_s)
+
+
+def pickled_code(payload: bytes) -> bytes:
+    """A transform's payload followed by its pickled DoFn as raw bytes (Beam base64-encodes a bz2
+    or zlib stream), so a test can search what a job would ship to its workers."""
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    out = payload
+    try:
+        fn = beam_runner_api_pb2.ParDoPayload.FromString(payload).do_fn.payload
+    except Exception:  # not a ParDo
+        return out
+    try:
+        raw = base64.b64decode(fn)
+    except Exception:
+        return out + fn
+    for decompress in (bz2.decompress, zlib.decompress):
+        try:
+            return out + decompress(raw)
+        except Exception:
+            continue
+    return out + raw
 
 
 # -- checks ------------------------------------------------------------------------------------

@@ -76,11 +76,11 @@ def _launch_dry(monkeypatch, argv: list[str]):
 def _job_text(job) -> bytes:
     """Everything the job request would carry: options, environment and the pipeline proto
     with every pickled DoFn decoded."""
-    from test_packaging import _unpickled
+    from support import pickled_code
 
     pipeline = job.proto_pipeline
     payloads = [t.spec.payload for t in pipeline.components.transforms.values() if t.spec.payload]
-    return b"\n".join([str(job).encode(), pipeline.SerializeToString(), *[_unpickled(p) for p in payloads]])
+    return b"\n".join([str(job).encode(), pipeline.SerializeToString(), *[pickled_code(p) for p in payloads]])
 
 
 # -- the launch ----------------------------------------------------------------------------------

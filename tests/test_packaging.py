@@ -5,8 +5,6 @@ into a clean virtual environment where the command runs (outside this repository
 from __future__ import annotations
 
 import argparse
-import base64
-import bz2
 import importlib.util
 import json
 import os
@@ -16,14 +14,13 @@ import sys
 import sysconfig
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import ONE_OF_FLAGS, REQUIRED_FLAGS, WalkerosOptions
-from support import WRITE_KEY
+from support import WRITE_KEY, pickled_code
 
 ROOT = Path(__file__).resolve().parent.parent
 DATAFLOW = ROOT / "dataflow"
@@ -331,26 +328,6 @@ def test_the_write_key_is_not_in_the_job_graph(monkeypatch):
     graph = p.to_runner_api()
     payloads = [t.spec.payload for t in graph.components.transforms.values() if t.spec.payload]
     assert payloads
-    texts = [graph.SerializeToString(), *[_unpickled(x) for x in payloads]]
+    texts = [graph.SerializeToString(), *[pickled_code(x) for x in payloads]]
     assert not any(secret.encode() in text for text in texts)
 
-
-def _unpickled(payload: bytes) -> bytes:
-    """A ParDo payload's pickled DoFn as raw bytes (Beam base64-encodes a bz2 or zlib stream)."""
-    from apache_beam.portability.api import beam_runner_api_pb2
-
-    out = payload
-    try:
-        fn = beam_runner_api_pb2.ParDoPayload.FromString(payload).do_fn.payload
-    except Exception:  # not a ParDo
-        return out
-    try:
-        raw = base64.b64decode(fn)
-    except Exception:
-        return out + fn
-    for decompress in (bz2.decompress, zlib.decompress):
-        try:
-            return out + decompress(raw)
-        except Exception:
-            continue
-    return out + raw
