@@ -8,6 +8,7 @@ import enum
 import json
 import logging
 import math
+import threading
 import time
 from decimal import Decimal
 
@@ -258,12 +259,16 @@ def test_connections_are_pooled_per_configuration(endpoint):
     assert again is first  # the next setup() reuses the idle one
     other_key, other = sink.acquire_connection(spec_for(endpoint.url, max_retries=3).settings, options)
     assert other is not first and other_key != key
+    closed = threading.Event()
+    close = first.close
+
+    def close_and_tell() -> None:
+        close()
+        closed.set()
+    first.close = close_and_tell
     for k, c in ((key, first), (key, second), (other_key, other)):
         sink.release_connection(k, c, grace_s=0.05)
-    deadline = time.monotonic() + 3
-    while first._http is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first._http is None  # closed after the grace period
+    assert closed.wait(3) and first._http is None  # closed after the grace period
     assert WRITE_KEY not in key  # the pool's key is a hash
 
 
