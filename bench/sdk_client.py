@@ -8,9 +8,9 @@ from typing import Any
 
 def client_call(client: Any, message: dict) -> tuple[bool, dict]:
     """``client.<type>(...)`` for ``message``; the Client's ``(queued, message it built)``."""
-    common = dict(user_id=message.get("userId"), anonymous_id=message.get("anonymousId"),
-                  context=dict(message.get("context") or {}), integrations=message.get("integrations"),
-                  timestamp=dt.datetime.fromisoformat(message["timestamp"]), message_id=message["messageId"])
+    common = {"user_id": message.get("userId"), "anonymous_id": message.get("anonymousId"),
+                  "context": dict(message.get("context") or {}), "integrations": message.get("integrations"),
+                  "timestamp": dt.datetime.fromisoformat(message["timestamp"]), "message_id": message["messageId"]}
     kind = message["type"]
     if kind == "track":
         return client.track(event=message["event"], properties=message.get("properties"), **common)

@@ -65,11 +65,11 @@ class _Span:
 
 # -- transform / calls -------------------------------------------------------------------------
 def _transform(flow: str, path: str, calls_out: str | None) -> dict:
-    from pipeline.cli import load_spec
     from decide.calls import EventCalls
     from decide.dead_letter import DeadLetter
-    from decide.event import parse_payload
     from decide.destination import CONSENT_DENIED, DEAD_LETTER, IGNORED, compiled
+    from decide.event import parse_payload
+    from pipeline.cli import load_spec
 
     out = open(calls_out, "wb", buffering=1 << 20) if calls_out else None
     inputs = events = dead = denied = ignored = delivered = messages_sent = suppressed_calls = 0
@@ -117,10 +117,10 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
 
 # -- send --------------------------------------------------------------------------------------
 def _send(calls_path: str, flush_at: int, client: str, flow_path: str) -> dict:
-    from pipeline.cli import load_spec
     from decide.wire import MAX_BATCH_MESSAGES, EventMessages
-    from segment_api.sender import PipelinedSender
+    from pipeline.cli import load_spec
     from segment_api.connection import SegmentConnection, SendOptions
+    from segment_api.sender import PipelinedSender
 
     spec = load_spec(flow_path)  # settings (host from $BENCH_SEGMENT_HOST, write key, retries)
     settings = spec.settings
@@ -188,8 +188,7 @@ def _send_post(calls_path: str, cap: int, settings, counts: dict) -> dict:
     ``segment.analytics.request.post``, one after the other, messages in the Client's form."""
     from segment.analytics.request import post
 
-    from decide.wire import sdk_message
-    from decide.wire import EventMessages
+    from decide.wire import EventMessages, sdk_message
 
     with _Span() as span:
         key, host = settings.write_key.reveal(), settings.sdk_host()
@@ -234,9 +233,8 @@ def _explain(flow: str, path: str) -> dict:
     import transforms.steps  # noqa: F401
     from pipeline.cli import main as cli_main
 
-    with open(os.devnull, "w") as devnull:
-        with _Span() as span, contextlib.redirect_stdout(devnull):
-            code = cli_main(["explain", "--flow", flow, "--input", path])
+    with open(os.devnull, "w") as devnull, _Span() as span, contextlib.redirect_stdout(devnull):
+        code = cli_main(["explain", "--flow", flow, "--input", path])
     return {"work_s": span.wall, "cpu_s": span.cpu, "exit_code": code}
 
 

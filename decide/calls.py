@@ -203,13 +203,13 @@ class CallBuilder:
                 group_signature = _group_signature(candidate)
         return identify_signature, group_signature
 
-    def _plan_for(self, rule: CompiledRule | None) -> "_CallPlan":
+    def _plan_for(self, rule: CompiledRule | None) -> _CallPlan:
         plan = self._plans.get(rule)
         if plan is None:
             plan = self._plans[rule] = self._plan(rule)
         return plan
 
-    def _plan(self, rule: CompiledRule | None) -> "_CallPlan":
+    def _plan(self, rule: CompiledRule | None) -> _CallPlan:
         """A rule's settings override the destination's identify and group (a literal null or
         boolean there means none); page and screen come from the rule only."""
         settings = rule.settings if rule is not None else _NO_SETTINGS

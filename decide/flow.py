@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jsonschema
 from referencing import Registry, Resource
@@ -74,7 +75,8 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     errors = _schema_errors(document, "flow.schema.json", "$")
     if errors:
         raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors, key_options))
-    return _flow_from_checked_document(document, flow_name, destination_id, env, **key_options)
+    return _flow_from_checked_document(document, flow_name, destination_id, env, defer_write_key=defer_write_key,
+                                       write_key_secret=write_key_secret)
 
 
 def _later_errors(document: Any, flow_name: str | None, destination_id: str | None, env: Mapping[str, str],
@@ -166,14 +168,14 @@ def _endpoint_errors(settings: dict, path: str) -> list[str]:
     return errors
 
 
-def _key_reference(step: dict, resolver: "_References") -> Any:
+def _key_reference(step: dict, resolver: _References) -> Any:
     """The write key as written, with whole-string ``$var`` references followed (so that
     ``$var.wk`` whose value is ``"$env.SEGMENT_WRITE_KEY"`` is that reference, not its value)."""
     raw = ((step.get("config") or {}).get("settings") or {}).get("writeKey")
     return resolver.follow_variables(raw)
 
 
-def _defer_write_key(config: dict, env: Mapping[str, str], resolver: "_References", key_path: str,
+def _defer_write_key(config: dict, env: Mapping[str, str], resolver: _References, key_path: str,
                      defer: bool, secret_version: str | None) -> tuple[dict, WriteKey | None]:
     """The write key that is left to the workers, if any, and the config to validate meanwhile.
 

@@ -13,7 +13,6 @@ import orjson
 from decide.mapping import UNDEFINED, compile_value
 from decide.paths import compile_checked_getter, split_path
 
-
 # Makes the same tuple as calling a NamedTuple class, without that class's Python-level
 # __new__: for the tuples made once per event.
 _new_tuple = tuple.__new__

@@ -21,16 +21,31 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from decide.functions import (
-    JS_PREFIX, PY_PREFIX, FunctionNotAllowed, Functions, FunctionSyntaxError, PythonDeadline,
+    JS_PREFIX,
+    PY_PREFIX,
+    FunctionNotAllowed,
+    Functions,
+    FunctionSyntaxError,
+    PythonDeadline,
     describe_failure,
 )
 from decide.paths import (
-    INCLUDE_SECTIONS, UNDEFINED, compile_checked_getter, compile_getter, delete_by_path,
-    flatten_include, js_truthy, same_value_zero, set_by_path, split_path, to_plain,
+    INCLUDE_SECTIONS,
+    UNDEFINED,
+    compile_checked_getter,
+    compile_getter,
+    delete_by_path,
+    flatten_include,
+    js_truthy,
+    same_value_zero,
+    set_by_path,
+    split_path,
+    to_plain,
 )
 
 __all__ = [
@@ -481,7 +496,7 @@ class _ConfigCompiler:
         self.consent_keys = self._consent()
         self.keys = self._key()
         self.getter = compile_getter(self.keys) if self.keys else None
-        key_holes = bool(self.keys) and "*" in self.keys
+        key_holes = self.keys is not None and "*" in self.keys
         self.container = self._container()
 
         container = self.container
@@ -500,7 +515,7 @@ class _ConfigCompiler:
         """(keys, fallback) when `_lean_run` made this config a checked read of its key."""
         if (self.condition or self.fn or self.validate or self.consent_keys is not None
                 or self.container is not None or self.getter is None
-                or isinstance(self.static, (dict, list)) or "*" in self.keys):
+                or isinstance(self.static, (dict, list)) or self.keys is None or "*" in self.keys):
             return None
         return self.keys, self.static if self.static_valid else UNDEFINED
 
@@ -529,7 +544,7 @@ class _ConfigCompiler:
         if container is None and not isinstance(self.static, (dict, list)):
             # {"key"[, "value"]}: a missing path gives the default, which is the static value:
             # valid, it is the result; invalid, the check fails; so missing → fallback.
-            return compile_checked_getter(self.keys, _is_property_type, self.static, fallback)
+            return compile_checked_getter(self.keys or (), _is_property_type, self.static, fallback)
         if (container is not None and self.getter is None and not self.has_static
                 and container.always_produces and container.checked):
             return container.run  # {"map": ...} or {"set": ...}
@@ -546,7 +561,8 @@ class _ConfigCompiler:
         def run(value: Any, ctx: _Ctx | None) -> Any:
             if condition is not None and not js_truthy(condition(value, ctx, False)):
                 return UNDEFINED
-            if consent_keys is not None and not _granted(consent_keys, ctx.consent):
+            # (a config with consent is contextual: ctx is given)
+            if consent_keys is not None and not _granted(consent_keys, ctx.consent):  # type: ignore[union-attr]
                 # as configured, not property-checked: walkerOS returns it raw
                 return static_result() if has_static else UNDEFINED
             result = static if has_static else value
@@ -680,7 +696,7 @@ def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) 
     sections: dict[str, str] = {}
     if all_reads:
         for k0, k1, _ in reads:
-            if k1 is not None and k0 not in sections:
+            if k0 is not None and k1 is not None and k0 not in sections:
                 sections[k0] = name = f"section{len(sections)}"
                 lines.append(f"    {name} = value.get({k0!r}, UNDEFINED)")
         if sections:
@@ -732,7 +748,7 @@ def _entering(node: _Node) -> Run:
     if not node.contextual:
         return lambda value, ctx: UNDEFINED if value is UNDEFINED else run(value, ctx)
 
-    def enter(value: Any, ctx: _Ctx) -> Any:
+    def enter(value: Any, ctx: Any) -> Any:  # a contextual node: ctx is a _Ctx
         if value is UNDEFINED:
             return UNDEFINED
         consent = _resolve_consent(value, ctx.consent, None)
@@ -773,7 +789,7 @@ class CompiledValue:
         result = node.run(value, _context_for(value, context) if node.contextual else None)
         return to_plain(result) if node.holes else result
 
-    def evaluator(self) -> Callable[[Any, dict | None], Any]:
+    def evaluator(self) -> Callable[[Any, Any], Any]:
         """A function `f(value, context)` doing what calling this value does, for a value
         that is never UNDEFINED (an event, say), with the steps that cannot apply to this
         value left out: for callers that run it on every event."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = [
     "UNDEFINED", "js_truthy", "same_value_zero", "split_path", "compile_getter",
@@ -24,9 +25,9 @@ class _Undefined:
     """JS `undefined`: what a missing value is. Falsy, distinct from `None` (JSON null)."""
 
     __slots__ = ()
-    _instance: "_Undefined | None" = None
+    _instance: _Undefined | None = None
 
-    def __new__(cls) -> "_Undefined":
+    def __new__(cls) -> _Undefined:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -41,10 +42,10 @@ class _Undefined:
     def __reduce__(self) -> str:
         return "UNDEFINED"
 
-    def __copy__(self) -> "_Undefined":
+    def __copy__(self) -> _Undefined:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "_Undefined":
+    def __deepcopy__(self, memo: dict) -> _Undefined:
         return self
 
 

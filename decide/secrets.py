@@ -82,6 +82,7 @@ class WriteKey:
     def _resolve(self) -> str:
         if self.secret_version is not None:
             return _worker_checked(_from_secret_version(self.secret_version), f"secret {self.secret_version}")
+        assert self.env_name is not None  # a key is named by a secret version or an environment variable
         value = os.environ.get(self.env_name)
         if value:
             return _worker_checked(value, f"environment variable {self.env_name}")
@@ -93,7 +94,7 @@ class WriteKey:
         """Whether this process can supply the key without asking Secret Manager."""
         if self.secret_version is not None:
             return self._value is not None
-        return self._value is not None or bool(os.environ.get(self.env_name)) or self.default is not None
+        return self._value is not None or bool(os.environ.get(self.env_name or "")) or self.default is not None
 
     def fingerprint(self) -> str:
         """Tells keys apart (for pooling clients) without revealing them."""

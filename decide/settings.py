@@ -38,7 +38,7 @@ class SegmentSettings:
     integrations: dict | None = None
 
     @classmethod
-    def from_config(cls, settings: dict, write_key: WriteKey | None = None) -> "SegmentSettings":
+    def from_config(cls, settings: dict, write_key: WriteKey | None = None) -> SegmentSettings:
         """From an already coerced and schema-validated ``config.settings`` dict; ``write_key``
         carries where the key came from (see decide.secrets), else it is the literal."""
         return cls(

@@ -17,10 +17,11 @@ import enum
 import json
 import math
 import numbers
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib.metadata import version
-from typing import Any, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -142,7 +143,7 @@ def encode_message(message: dict) -> tuple[bytes, int, str | None]:
 
 # -- the message as the SDK Client builds it ---------------------------------------------------------
 # The fields the Client writes for each call type when the call has none (null or {}).
-_CLIENT_FIELDS = {
+_CLIENT_FIELDS: dict[str, dict[str, Any]] = {
     "track": {"integrations": {}, "anonymousId": None, "properties": {}, "context": {}, "userId": None},
     "identify": {"integrations": {}, "context": {}, "anonymousId": None, "userId": None, "traits": {}},
     "group": {"integrations": {}, "context": {}, "userId": None, "anonymousId": None, "traits": {}},
@@ -150,7 +151,7 @@ _CLIENT_FIELDS = {
              "anonymousId": None, "name": None},
 }
 _CLIENT_FIELDS["screen"] = _CLIENT_FIELDS["page"]
-_COMMON_FIELDS = {"integrations": {}, "context": {}, "anonymousId": None, "userId": None}
+_COMMON_FIELDS: dict[str, Any] = {"integrations": {}, "context": {}, "anonymousId": None, "userId": None}
 # What format_timestamp writes, which is what the SDK writes for an aware UTC datetime.
 _TIMESTAMP_CHARS = len("2026-01-01T00:00:00.000+00:00")
 
@@ -159,7 +160,7 @@ def sdk_message(message: dict) -> dict:
     """``message`` as segment-analytics-python's Client puts it on the wire: the fields it writes
     as null or ``{}`` when a call has none, ``context.library``, ids as strings, the timestamp
     in its ISO form. The caller's dicts are not changed (``context`` is copied, nothing else)."""
-    out = {**_CLIENT_FIELDS.get(message.get("type"), _COMMON_FIELDS), **message}
+    out = {**_CLIENT_FIELDS.get(message.get("type", ""), _COMMON_FIELDS), **message}
     context = message.get("context")
     out["context"] = {**context, "library": LIBRARY} if isinstance(context, dict) else (
         {"library": LIBRARY} if context is None else context)
@@ -265,6 +266,8 @@ class EventMessages:
                 sizes.append(size)
                 problem = problem or refused
             self.wire, self.sizes, self.problem, self.size = wire, sizes, problem, sum(sizes)
+            return wire, sizes, problem
+        assert self.sizes is not None  # set with the wire form
         return self.wire, self.sizes, self.problem
 
     def __getstate__(self):

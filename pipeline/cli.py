@@ -68,11 +68,10 @@ def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str 
     surface every configuration error before anything starts. Compiling a function only
     parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python);
     ``key_options`` go to :func:`decide.flow.flow_from_document` (where the write key is resolved)."""
+    from decide.destination import DestinationSpec, compiled
     from decide.flow import FlowError
-    from decide.destination import DestinationSpec
     from decide.functions import Functions
     from decide.mapping import MappingConfigError, function_syntax_errors
-    from decide.destination import compiled
 
     flow = _read_flow(flow_path, flow_name, destination_id, **key_options)
     for notice in flow.notices:
@@ -248,13 +247,12 @@ def validate(argv: list[str]) -> int:
 
 
 def explain(argv: list[str]) -> int:
-    from pipeline.explain import dumps, explain_payloads, stdin_payloads
+    from decide.destination import DEAD_LETTER, compiled
     from decide.flow import FlowError
+    from pipeline.explain import dumps, explain_payloads, stdin_payloads
     from pipeline.flags import INPUT_FORMATS, parse_ratio, range_problems
-    from transforms.files import input_problem, iter_payloads
     from pipeline.summary import EXIT_FAILED, EXIT_USAGE, Outcome, decide
-    from decide.destination import DEAD_LETTER
-    from decide.destination import compiled
+    from transforms.files import input_problem, iter_payloads
 
     parser = _parser(
         "walkeros-segment explain",
@@ -421,7 +419,6 @@ def _local_write_key_problem(key) -> str | None:
 def launch(options, spec):
     """Build the graph and start it; returns the runner's PipelineResult at once."""
     import apache_beam as beam
-
     from apache_beam.options.pipeline_options import StandardOptions
 
     from pipeline.graph import build_from_options
@@ -850,7 +847,7 @@ def _flag_problems(opts, options) -> list[str]:
 
 
 def local_segment(argv: list[str]) -> int:
-    from pipeline.local_segment import main as local_main
+    from local_segment import main as local_main
 
     return local_main(argv)
 

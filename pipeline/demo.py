@@ -12,10 +12,11 @@ import os
 import secrets
 import sysconfig
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from pipeline.local_segment import LocalSegment
+from local_segment import LocalSegment
+
 
 def _examples() -> Path:
     """examples/ of a checkout, else where the wheel installed them (setup.py's data_files)."""

@@ -8,7 +8,8 @@ read; without them, each line is written as its event is read.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import orjson
 

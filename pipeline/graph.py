@@ -7,19 +7,18 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
-from transforms.read import ReadEvents
-from transforms.files import ReadLimits
 from decide.calls import EventCalls
-from transforms.dedup import DecideIdentity, DeduplicateIdentity
-from decide.destination import DestinationSpec
-from transforms import DEAD_LETTER_TAG
-from transforms.send import BatchAndSend, SendToSegment
-from transforms.batching import BatchDeliveries
+from decide.destination import DestinationSpec, compiled
 from decide.wire import EventMessages
 from segment_api.connection import SendOptions
+from transforms import DEAD_LETTER_TAG
+from transforms.batching import BatchDeliveries
+from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
+from transforms.dedup import DecideIdentity, DeduplicateIdentity
+from transforms.files import ReadLimits
+from transforms.read import ReadEvents
+from transforms.send import BatchAndSend, SendToSegment
 from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents, ParseEventsAtElementTime
-from decide.destination import compiled
 
 
 @dataclass

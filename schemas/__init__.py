@@ -6,7 +6,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str) -> dict:
     """The parsed schema file ``name`` (e.g. ``"flow.schema.json"``, ``"event.avsc"``)."""
     with open(_HERE / name, encoding="utf-8") as f:

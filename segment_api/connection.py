@@ -16,8 +16,8 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import orjson
 
@@ -117,7 +117,7 @@ class SegmentConnection:
         or disabled. A 400 for a request is narrowed down to the event(s) Segment refuses."""
         return self.finish(self.start(deliveries, flow))
 
-    def start(self, deliveries: list[EventMessages], flow: str) -> "_Batch":
+    def start(self, deliveries: list[EventMessages], flow: str) -> _Batch:
         """Check one batch and put it on the wire, returning at once: :meth:`finish` waits for
         Segment's answer. One batch at a time: finish it before starting the next."""
         batch = _Batch(flow)
@@ -141,7 +141,7 @@ class SegmentConnection:
             batch.request = self._launch(batch.chunks[0])
         return batch
 
-    def finish(self, batch: "_Batch", hold_s: float = 0.0) -> BatchResult:
+    def finish(self, batch: _Batch, hold_s: float = 0.0) -> BatchResult:
         """Wait for the batch :meth:`start` put on the wire, and settle each of its events.
 
         An endpoint-wide refusal (:class:`EndpointConfigError`) raises at once, or with
@@ -158,7 +158,7 @@ class SegmentConnection:
         return batch.result
 
     def _send_and_isolate(self, items: list[tuple[EventMessages, list]], flow: str, result: BatchResult,
-                          hold_s: float = 0.0, request: "_Request | None" = None) -> None:
+                          hold_s: float = 0.0, request: _Request | None = None) -> None:
         """Send ``items`` (or wait for ``request``, already on the wire with them) and settle them."""
         if items:
             answer = self._settle(request or self._launch(items), result)
@@ -182,7 +182,7 @@ class SegmentConnection:
         for delivery, _ in items:
             result.failed.append((delivery, _dead_letter(delivery, reason, answer.error, flow, status=answer.status)))
 
-    def _launch(self, items: list[tuple[EventMessages, list]]) -> "_Request":
+    def _launch(self, items: list[tuple[EventMessages, list]]) -> _Request:
         """Put the messages of ``items`` on the wire as one request, on a helper thread."""
         calls = sum(len(wire) for _, wire in items)
         batch_json = b"[" + b",".join(data for _, wire in items for data in wire) + b"]"
@@ -199,7 +199,7 @@ class SegmentConnection:
         thread.start()
         return request
 
-    def _settle(self, request: "_Request", result: BatchResult) -> "Answer | EndpointConfigError":
+    def _settle(self, request: _Request, result: BatchResult) -> Answer | EndpointConfigError:
         """Wait (up to the flush deadline, and a moment for the last attempt to return) for
         ``request``: Segment's answer after the retries, or the endpoint-wide error."""
         try:
@@ -280,7 +280,7 @@ class SegmentConnection:
             self._endpoint_error = None
 
 
-def _post_on_thread(request: "_Request", deadline: float) -> None:
+def _post_on_thread(request: _Request, deadline: float) -> None:
     try:
         request.answer = request.http.post(request.batch_json, deadline, request.cancelled)
     except BaseException as exc:  # handed to the waiting caller, who raises it
@@ -357,7 +357,7 @@ def _dead_letter(delivery: EventMessages, reason: str, error: str, flow: str, st
 # and is handed to the next setup() of the same configuration; concurrent DoFn instances (the
 # threads of a Dataflow worker) each get their own, so sends are not serialised across them.
 CLOSE_GRACE_S = 30.0
-_IDLE: dict[str, list["_Idle"]] = {}
+_IDLE: dict[str, list[_Idle]] = {}
 _POOL_LOCK = threading.Lock()
 
 

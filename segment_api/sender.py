@@ -17,7 +17,7 @@ class _Sent:
     carry (None: the global window, as in a batch run)."""
     deliveries: list[EventMessages]
     stamp: tuple[Any, Any] | None
-    batch: "_Batch"
+    batch: _Batch
 
 
 class PipelinedSender:

@@ -19,10 +19,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from support import poll_until
 
 PROJECT = "walkeros-test"  # a valid project id: Beam checks the form of Pub/Sub paths
+GCS_BUCKET = "walkeros-backfill"  # the bucket the GCS emulator starts with
 LOOPBACK = "127.0.0.1"
 
 
@@ -74,7 +77,7 @@ class EmulatorProcess:
         self.url: str | None = None      # http://host:port, where it is addressed so
         self.port: int | None = None     # checked closed once stopped
 
-    def start(self, timeout_s: float = 30.0) -> "EmulatorProcess":
+    def start(self, timeout_s: float = 30.0) -> EmulatorProcess:
         log = open(self.log_path, "wb")
         try:
             self.process = subprocess.Popen(["sh", "-c", _WATCHDOG.format(parent=os.getpid()), self.name, *self.argv],
@@ -82,14 +85,11 @@ class EmulatorProcess:
                                             start_new_session=True, env=self.env)
         finally:
             log.close()  # the child holds its own copy
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EmulatorError(f"the {self.name} exited with code {self.process.returncode} before it was "
-                                    f"ready: {self.log_tail()}")
-            if self.ready():
+        if poll_until(lambda: self.process.poll() is not None or self.ready(), timeout_s):
+            if self.process.poll() is None:
                 return self
-            time.sleep(0.1)
+            raise EmulatorError(f"the {self.name} exited with code {self.process.returncode} before it was "
+                                f"ready: {self.log_tail()}")
         self.stop()
         raise EmulatorError(f"the {self.name} was not ready within {timeout_s:.0f} s: {self.log_tail()}")
 
@@ -107,11 +107,9 @@ class EmulatorProcess:
                 os.killpg(pgid, signal.SIGKILL)
             process.wait(5)
         deadline = time.monotonic() + timeout_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            time.sleep(0.05)
-        if self.port is not None and not _port_closed(self.port, deadline):
+        poll_until(lambda: not _group_alive(pgid) or _kill_group(pgid), timeout_s, interval_s=0.05)
+        if self.port is not None and not poll_until(lambda: _port_closed(self.port),
+                                                  max(0.0, deadline - time.monotonic())):
             raise EmulatorError(f"the {self.name} still listens on port {self.port} after it was stopped")
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -121,13 +119,16 @@ class EmulatorProcess:
             return "(no log)"
 
 
-def _port_closed(port: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((LOOPBACK, port)) != 0:
-                return True
-        time.sleep(0.1)
+def _port_closed(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((LOOPBACK, port)) != 0
+
+
+def _kill_group(pgid: int) -> bool:
+    """SIGKILL the group; False, so a wait goes on until the group is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
     return False
 
 

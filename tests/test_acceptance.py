@@ -2,12 +2,10 @@
 through explain and through the Beam pipeline against the local endpoint: the same calls both
 ways, and equal to the vector. messageIds are checked for stability and uniqueness separately."""
 import pytest
+from support import comparable, flow_document, load_json, make_spec, run_pipeline
 
-from decide.destination import DELIVERED
-from decide.destination import compiled
+from decide.destination import DELIVERED, compiled
 from pipeline.explain import explain_payloads
-
-from support import comparable, flow_document, load_json, make_spec, run_batch
 
 VECTORS = load_json("acceptance/acceptance.json")["cases"]
 
@@ -30,7 +28,7 @@ def test_explain_gives_the_vector(case):
 
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
 def test_pipeline_sends_the_vector(case, endpoint):
-    run_batch(case_spec(case, endpoint.url), case["events"])
+    run_pipeline(case_spec(case, endpoint.url), case["events"])
     by_event: dict[str, list] = {}
     for message in endpoint.accepted:
         by_event.setdefault(message["messageId"].split(":")[1], []).append(comparable(message))

@@ -14,13 +14,13 @@ from pathlib import Path
 import fastavro
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import WRITE_KEY
 
 import schemas
 from pipeline.cli import main as cli_main
 from transforms.files import DamagedFile, ReadLimits, iter_payloads, payloads_of_file
-
-from support import WRITE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")

@@ -14,14 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import emulators
-from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
-from pipeline import cli
-from decide.flow import FlowError, flow_from_document
+import pytest
+from emulators import GCS_BUCKET
 from support import WRITE_KEY, flow_document
+
+from decide.flow import flow_from_document
 from decide.secrets import WriteKey, WriteKeyUnavailable
+from pipeline import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DATAFLOW = ROOT / "dataflow"
@@ -76,11 +76,11 @@ def _launch_dry(monkeypatch, argv: list[str]):
 def _job_text(job) -> bytes:
     """Everything the job request would carry: options, environment and the pipeline proto
     with every pickled DoFn decoded."""
-    from test_packaging import _unpickled
+    from support import pickled_code
 
     pipeline = job.proto_pipeline
     payloads = [t.spec.payload for t in pipeline.components.transforms.values() if t.spec.payload]
-    return b"\n".join([str(job).encode(), pipeline.SerializeToString(), *[_unpickled(p) for p in payloads]])
+    return b"\n".join([str(job).encode(), pipeline.SerializeToString(), *[pickled_code(p) for p in payloads]])
 
 
 # -- the launch ----------------------------------------------------------------------------------
@@ -228,7 +228,8 @@ def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(
 ])
 def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_sends_nothing(
         monkeypatch, endpoint, late_value, expected):
-    from support import run_batch
+    from support import run_pipeline
+
     from decide.destination import DestinationSpec
 
     doc = _document("$env.SEGMENT_WRITE_KEY")
@@ -238,7 +239,7 @@ def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_
     monkeypatch.setenv("SEGMENT_WRITE_KEY", late_value)             # the worker's environment
     event = {"name": "page view", "id": "late-1", "timestamp": 1767225600000, "user": {"session": "s-1"}}
     with pytest.raises(Exception) as caught:
-        run_batch(spec, [json.dumps(event)])
+        run_pipeline(spec, [json.dumps(event)])
     assert "the Segment write key cannot be used" in str(caught.value) and expected in str(caught.value)
     assert not endpoint.requests
 
@@ -364,7 +365,7 @@ def test_the_lock_pins_every_runtime_dependency_with_a_hash_as_constraints_txt_d
     for requirement in lock.runtime_requirements():
         name = re.match(r"^[^\[=]+", requirement).group(0)
         assert entries[lock.canonical(name)][0] == metadata.version(name)
-    for name, (version, digest) in entries.items():
+    for _version, digest in entries.values():
         assert re.fullmatch(r"[0-9a-f]{64}", digest)
     # The image builds the package with --no-build-isolation: what builds it is locked too.
     assert "setuptools" in entries and "wheel" in entries
@@ -481,8 +482,8 @@ def test_worker_shards_follow_the_threads_that_deliver():
     batches filling at once grows with the workers, never capped by a launch-time number."""
     import threading
 
-    from transforms import batching as sink
     from segment_api import connection
+    from transforms import batching as sink
 
     seen, lock = [], threading.Lock()
     all_running = threading.Barrier(6)  # six threads alive at once, as on a busy worker
@@ -503,8 +504,9 @@ def test_worker_shards_follow_the_threads_that_deliver():
     assert len({key for _, key in seen}) == len({ident for ident, _ in seen}) == 7
     assert all(key.startswith(sink._PROCESS_SHARD + ":") for _, key in seen)
     assert connection.SendOptions().shards == connection.AUTO_SHARDS == 0
-    from pipeline.options import WalkerosOptions
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import WalkerosOptions
 
     assert PipelineOptions([]).view_as(WalkerosOptions).delivery_shards == 0
 
@@ -516,26 +518,24 @@ def _new_workers_at(marker: str):
     """In the read: when the marker event arrives, the "workers" change (an update or a scale
     event gives new processes, so new shard keys); nothing is ever sent to the old keys again."""
     def switch(payload):
-        from transforms import batching
+        from transforms import batching as sink
 
         if marker in str(payload):
             _WORKERS["generation"] = "after-update"
-        batching._PROCESS_SHARD = _WORKERS["generation"]
+        sink._PROCESS_SHARD = _WORKERS["generation"]
         return payload
     return switch
 
 
 def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, monkeypatch):
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing import test_stream
+    from support import event, fast, lines, request_sizes, run_pipeline, spec_for
 
-    from pipeline.graph import build_pipeline
     from segment_api.connection import AUTO_SHARDS
-    from test_delivery_kit import event, fast, lines, request_sizes, spec_for
-    from transforms import batching
+    from transforms import batching as sink
 
-    monkeypatch.setattr(batching, "_PROCESS_SHARD", "before-update")
+    monkeypatch.setattr(sink, "_PROCESS_SHARD", "before-update")
     _WORKERS["generation"] = "before-update"
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
     before = lines([event(i) for i in range(3)])
@@ -546,10 +546,7 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
               .advance_processing_time(3)     # flushInterval passes: the old key's timer sends its batch
               .advance_watermark_to_infinity())
     read = stream | "Workers" >> beam.Map(_new_workers_at(json.loads(after[0])["id"]))
-    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
-    build_pipeline(p, spec, streaming=True, read=read,
-                   send_options=fast(clock=lambda: 0.0, shards=AUTO_SHARDS))
-    p.run().wait_until_finish()
+    run_pipeline(spec, read=read, streaming=True, options=fast(clock=lambda: 0.0, shards=AUTO_SHARDS))
     assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
     assert len(endpoint.accepted) == 5
 

@@ -10,17 +10,15 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import comparable, flow_document, make_spec, run_pipeline
 
+from decide.calls import EventCalls
+from decide.destination import compiled
+from decide.identity import decide
 from pipeline.explain import explain_payloads
 from pipeline.graph import build_pipeline
-from pipeline.summary import counters
-from support import comparable, flow_document, make_spec, run_batch
-from decide.calls import EventCalls
-from transforms.dedup import (BUCKETS, decide_records, decision_record, event_digest, fire_key,
-                              signature_digest)
-from decide.identity import decide
 from segment_api.connection import SendOptions
-from decide.destination import compiled
+from transforms.dedup import BUCKETS, decide_records, decision_record, event_digest, fire_key, signature_digest
 
 T0 = 1_700_000_000_000
 _SIGNATURES = st.sampled_from([None, ("", ""), ("u1", ""), ("u1", '{"email":"a"}'), ("", '{"email":"b"}')])
@@ -126,8 +124,8 @@ def test_an_event_without_a_timestamp_gets_its_identify_although_each_read_stamp
     spec = make_spec(flow_document(settings=EMAIL, host=endpoint.url))
     event = _page(1, "u1", "a@x")
     del event["timestamp"]
-    delivered, dead = run_batch(spec, [event])
-    assert delivered == [event["id"]] and dead == []
+    result = run_pipeline(spec, [event])
+    assert result.delivered == [event["id"]] and result.dead == []
     assert sorted(m["type"] for m in endpoint.accepted) == ["identify", "track"]
 
 
@@ -137,7 +135,7 @@ def test_copies_of_an_event_share_its_decision_and_segment_keeps_one(endpoint):
     spec = make_spec(flow_document(settings=EMAIL, host=endpoint.url))
     events = [_page(1, "u1", "a@x"), _page(2, "u1", "a@x"), _page(1, "u1", "a@x"), _page(3, "u1", "b@x")]
     explained = {c["messageId"]: comparable(c) for l in explain_payloads(compiled(spec), events) for c in l["calls"]}
-    run_batch(spec, list(reversed(events)))
+    run_pipeline(spec, list(reversed(events)))
     assert {m["messageId"]: comparable(m) for m in endpoint.accepted} == explained
     assert [c["type"] for c in explained.values()].count("identify") == 2
 
@@ -150,11 +148,7 @@ def test_the_second_pass_counts_nothing_twice():
     events = [_page(i, f"u{i % 2}", "a@x", data={"title": 7 if i % 2 else "home"}) for i in range(6)]
     events.append("not json")
     random.Random(3).shuffle(events)
-    p = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
-    build_pipeline(p, spec, streaming=False, read=beam.Create(events), send_options=SendOptions(flush_deadline_s=5))
-    result = p.run()
-    result.wait_until_finish()
-    counts = counters(result)
+    counts = run_pipeline(spec, events, options=SendOptions(flush_deadline_s=5)).counts
     assert counts["mapping_function_errors"] == 3
     assert counts["events_parsed"] == 6 and counts["inputs_read"] == 7
     assert counts["identify_suppressed"] == 4  # two users, each identified once
@@ -190,11 +184,12 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
     JavaScript functions) they agree with the calls."""
     import json
 
-    from bench.generate import flow_document as bench_flow, write_events
-    from decide.flow import flow_from_document
+    from bench.generate import flow_document as bench_flow
+    from bench.generate import write_events
     from decide.dead_letter import DeadLetter
     from decide.destination import DestinationSpec
     from decide.event import parse_payload
+    from decide.flow import flow_from_document
 
     path = tmp_path / "events.jsonl"
     write_events(path, 3_000, 11)
@@ -225,8 +220,8 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
 def _identify_flow_with(data_fn: str, allow_python: bool = False):
     from decide.destination import DestinationSpec
     from decide.functions import FunctionPolicy
-    from decide.settings import SegmentSettings
     from decide.secrets import WriteKey
+    from decide.settings import SegmentSettings
 
     # Identity read by functions too: they see the event as JavaScript functions share it.
     config = {"settings": {"userId": {"key": "user.id",

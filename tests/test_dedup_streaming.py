@@ -4,11 +4,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline, test_stream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
-
-from transforms.dedup import DeduplicateIdentity
-from decide.destination import compiled
-
 from support import flow_document, make_spec
+
+from decide.destination import compiled
+from transforms.dedup import DeduplicateIdentity
 
 TTL_S = 60
 T0 = 1_700_000_000_000

@@ -8,18 +8,27 @@ import time
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
+from support import (
+    WRITE_KEY,
+    assert_exactly_once,
+    collect,
+    event,
+    fast,
+    lines,
+    planned_calls,
+    request_sizes,
+    run_pipeline,
+    spec_for,
+)
 
-from transforms.dead_letters import ReadPreviousAttempts, WriteDeadLetters
+from decide.wire import EventMessages
+from local_segment import LocalSegment, close, delay, reset, status
 from pipeline.graph import build_pipeline
-from pipeline.local_segment import LocalSegment, close, delay, reset, status
-from transforms.read import ReadEvents
 from pipeline.summary import reconcile, render
-from support import WRITE_KEY, _collect
-from test_delivery_kit import (assert_exactly_once, event, fast, lines, planned_calls, request_sizes, run,
-                               spec_for)
 from transforms import DEAD_LETTER_TAG
 from transforms.batching import BatchDeliveries
-from decide.wire import EventMessages
+from transforms.dead_letters import ReadPreviousAttempts, WriteDeadLetters
+from transforms.read import ReadEvents
 from transforms.send import SendToSegment
 
 EVENTS = [event(i) for i in range(12)]
@@ -28,7 +37,7 @@ EVENTS = [event(i) for i in range(12)]
 def test_a_500_then_success_is_retried_by_the_sdk(endpoint):
     spec = spec_for(endpoint.url, max_retries=2, timeout_ms=5_000)  # only the 500 may cause a retry
     endpoint.script(status(500))
-    result = run(spec, EVENTS)
+    result = run_pipeline(spec, EVENTS)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, EVENTS))
     assert [(r.status, r.retry_count) for r in endpoint.requests] == [(500, None), (200, 1)]
@@ -39,7 +48,7 @@ def test_a_burst_of_429_with_retry_after_waits_and_delivers(endpoint):
     spec = spec_for(endpoint.url, max_retries=1, timeout_ms=5_000)
     endpoint.script(status(429, retry_after=1), status(429, retry_after=1))
     started = time.monotonic()
-    result = run(spec, EVENTS)
+    result = run_pipeline(spec, EVENTS)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, EVENTS))
     assert [r.status for r in endpoint.requests] == [429, 429, 200]
@@ -54,7 +63,7 @@ def test_a_400_batch_is_narrowed_to_its_bad_message(endpoint):
     spec = spec_for(endpoint.url, timeout_ms=5_000)
     endpoint.reject_when(lambda m: (m.get("properties") or {}).get("poison") is True,
                          message="Invalid message in batch: property poison")
-    result = run(spec, events)
+    result = run_pipeline(spec, events)
 
     planned = planned_calls(spec, events)
     assert_exactly_once(endpoint, result, planned, dead_ids={events[5]["id"]})
@@ -74,7 +83,7 @@ def test_a_400_batch_is_narrowed_to_its_bad_message(endpoint):
 def test_transient_faults_are_retried_without_duplicate_effect(endpoint, fault):
     spec = spec_for(endpoint.url, max_retries=1)
     endpoint.script(fault)
-    result = run(spec, EVENTS)
+    result = run_pipeline(spec, EVENTS)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, EVENTS))
     assert len(endpoint.requests) == 2 and not result.dead
@@ -83,7 +92,7 @@ def test_transient_faults_are_retried_without_duplicate_effect(endpoint, fault):
 def test_latency_beyond_the_client_timeout_duplicates_requests_not_effects(endpoint):
     spec = spec_for(endpoint.url, max_retries=2, timeout_ms=400)
     endpoint.script(delay(1.0))  # accepted at once, answered after the client gave up
-    result = run(spec, EVENTS)
+    result = run_pipeline(spec, EVENTS)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, EVENTS))
     assert endpoint.counters["duplicate"] == len(EVENTS)  # the retry carried the same messageIds
@@ -94,7 +103,7 @@ def test_latency_beyond_the_client_timeout_duplicates_requests_not_effects(endpo
 def test_retries_used_up_give_delivery_failed_dead_letters(endpoint):
     spec = spec_for(endpoint.url, max_retries=1)
     endpoint.fail_next(2, status(503))
-    result = run(spec, EVENTS)
+    result = run_pipeline(spec, EVENTS)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, EVENTS), dead_ids={e["id"] for e in EVENTS})
     assert {(d.reason, d.http_status) for d in result.dead} == {("delivery_failed", 503)}
@@ -106,7 +115,7 @@ def test_fail_bundle_on_delivery_error_raises_instead_of_dead_lettering(endpoint
     spec = spec_for(endpoint.url, max_retries=0)
     endpoint.fail_next(1, status(500))
     with pytest.raises(Exception, match="could not be delivered to Segment; failing the bundle"):
-        run(spec, EVENTS, options=fast(fail_bundle_on_error=True))
+        run_pipeline(spec, EVENTS, options=fast(fail_bundle_on_error=True))
 
 
 def test_a_dead_endpoint_then_replay_delivers_everything_once(endpoint, tmp_path):
@@ -115,21 +124,21 @@ def test_a_dead_endpoint_then_replay_delivers_everything_once(endpoint, tmp_path
     dead_server.stop()  # nothing listens there any more: connection refused
     inputs = [*EVENTS, "not json at all {"]
 
-    first = run(spec_for(dead_url), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "run1/dead")))
+    first = run_pipeline(spec_for(dead_url), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "run1/dead")))
     assert {d.reason for d in first.dead} == {"delivery_failed", "not_json"} and not first.delivered
     assert all(d.attempts == 1 for d in first.dead)
 
     # Replay against the dead endpoint again: failing a second time counts a second attempt.
-    second = run(spec_for(dead_url), read=ReadEvents(str(tmp_path / "run1/dead*"), "dead_letter"),
-                 previous_attempts=ReadPreviousAttempts(str(tmp_path / "run1/dead*")),
-                 dead_letter_sink=WriteDeadLetters(str(tmp_path / "run2/dead")))
+    second = run_pipeline(spec_for(dead_url), read=ReadEvents(str(tmp_path / "run1/dead*"), "dead_letter"),
+                          previous_attempts=ReadPreviousAttempts(str(tmp_path / "run1/dead*")),
+                          dead_letter_sink=WriteDeadLetters(str(tmp_path / "run2/dead")))
     assert len(second.dead) == len(inputs) and all(d.attempts == 2 for d in second.dead)
     assert second.counts["dead_letters_failed_again"] == len(inputs)
 
     # Replay against a healthy endpoint, through the whole pipeline: everything delivered once.
     spec = spec_for(endpoint.url)
-    third = run(spec, read=ReadEvents(str(tmp_path / "run2/dead*"), "dead_letter"),
-                previous_attempts=ReadPreviousAttempts(str(tmp_path / "run2/dead*")))
+    third = run_pipeline(spec, read=ReadEvents(str(tmp_path / "run2/dead*"), "dead_letter"),
+                         previous_attempts=ReadPreviousAttempts(str(tmp_path / "run2/dead*")))
     assert_exactly_once(endpoint, third, planned_calls(spec, EVENTS))
     [still_bad] = third.dead  # the input that is not JSON stays what it was, never wrapped
     assert (still_bad.reason, still_bad.payload, still_bad.attempts) == ("not_json", "not json at all {", 3)
@@ -154,7 +163,7 @@ def test_delivered_plus_dead_lettered_plus_dropped_equals_the_inputs(endpoint):
     spec = spec_for(endpoint.url, mapping=mapping, config={"consent": {"analytics": True}},
                     collector={"consent": {"analytics": True}})
     endpoint.reject_when(lambda m: (m.get("properties") or {}).get("poison") is True)
-    result = run(spec, inputs, options=fast(shards=3))
+    result = run_pipeline(spec, inputs, options=fast(shards=3))
 
     counts = result.counts
     check = reconcile(counts)
@@ -219,7 +228,7 @@ def test_a_bundles_events_reach_the_endpoint_before_the_bundle_finishes(endpoint
         p = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
         outputs = build_pipeline(p, spec, streaming=False, read=beam.Create(lines(events)),
                                  send_options=fast(shards=2))
-        _collect(outputs.delivered | beam.ParDo(_ArrivedAlready(endpoint.url)), arrived, "arrived")
+        collect(outputs.delivered | beam.ParDo(_ArrivedAlready(endpoint.url)), arrived, "arrived")
         # The same check at finish_bundle, on a SendToSegment of its own.
         (p | "Again" >> beam.Create([event(100 + i) for i in range(7)])
            | "Calls" >> beam.Map(_as_delivery)

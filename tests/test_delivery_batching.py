@@ -5,22 +5,35 @@ bundle (BatchAndSend, the last one in finish_bundle); streaming gathers them in 
 from __future__ import annotations
 
 import json
-
-import orjson
 import statistics
 
-import apache_beam as beam
+import orjson
 import pytest
+from apache_beam.testing import test_stream
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing import test_stream
+from support import (
+    assert_exactly_once,
+    client_built,
+    event,
+    fast,
+    lines,
+    planned_calls,
+    request_sizes,
+    run_pipeline,
+    spec_for,
+)
 
-from pipeline.graph import build_pipeline
-from test_delivery_kit import (assert_exactly_once, event, fast, lines, planned_calls, request_sizes, run,
-                               spec_for)
-from decide.wire import (LIBRARY, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, EventMessages, encode_message, exceeds_request_limits,
-                         json_text_size, split_batches)
+from decide.wire import (
+    LIBRARY,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    EventMessages,
+    encode_message,
+    exceeds_request_limits,
+    json_text_size,
+    split_batches,
+)
 
 
 def delivery(i: int, calls: int = 1, blob: int = 0) -> EventMessages:
@@ -70,15 +83,6 @@ def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
     assert 0 <= encode_message(message)[1] - sdk_size <= 16 + sdk_size // 50
 
 
-def client_built(message: dict) -> dict:
-    """The message segment-analytics-python's Client builds for the same call."""
-    from segment.analytics import Client
-
-    from bench.sdk_client import client_call
-
-    return client_call(Client("k", send=False), message)[1]
-
-
 _JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -110,7 +114,7 @@ def test_the_library_version_is_the_installed_sdks():
 def test_flush_at_is_respected_with_a_saturating_input(endpoint):
     spec = spec_for(endpoint.url, flush_at=10, timeout_ms=5_000)  # no timeout retry may add requests
     events = [event(i) for i in range(300)]
-    result = run(spec, events, options=fast(shards=4))
+    result = run_pipeline(spec, events, options=fast(shards=4))
 
     assert_exactly_once(endpoint, result, planned_calls(spec, events))
     sizes = request_sizes(endpoint)
@@ -123,7 +127,7 @@ def test_flush_at_is_respected_with_a_saturating_input(endpoint):
 def test_a_flush_at_beyond_the_limits_is_cut_by_them(endpoint):
     spec = spec_for(endpoint.url, flush_at=5000, timeout_ms=10_000)  # big requests: no client timeout
     events = [event(i) for i in range(1_800)]
-    result = run(spec, events)
+    result = run_pipeline(spec, events)
 
     sizes = request_sizes(endpoint)
     assert sum(sizes) == 1_800 and len(sizes) >= 2 and max(sizes) <= MAX_BATCH_MESSAGES
@@ -135,7 +139,7 @@ def test_a_flush_at_beyond_the_limits_is_cut_by_them(endpoint):
 def test_no_request_passes_the_size_limit(endpoint):
     spec = spec_for(endpoint.url, flush_at=1000, timeout_ms=10_000)
     events = [event(i, data={"blob": "é" * 4_000}) for i in range(40)]  # ~24 KB each as the SDK writes it
-    result = run(spec, events)
+    result = run_pipeline(spec, events)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, events))
     assert request_sizes(endpoint) == [18, 18, 4]  # one request per batch: the SDK never cut one
@@ -146,7 +150,7 @@ def test_no_request_passes_the_size_limit(endpoint):
 def test_the_calls_of_one_event_are_never_split_and_stay_in_order(endpoint):
     spec = spec_for(endpoint.url, flush_at=3, identify=True, timeout_ms=5_000)
     events = [event(i, user={"session": f"s-{i % 7}", "email": f"{i}@example.com"}) for i in range(40)]
-    result = run(spec, events, options=fast(shards=3))
+    result = run_pipeline(spec, events, options=fast(shards=3))
 
     planned = planned_calls(spec, events)
     assert_exactly_once(endpoint, result, planned)
@@ -164,16 +168,14 @@ def test_the_bundle_based_runner_flushes_everything_at_the_end(endpoint):
     """Its bundles are small: each bundle's partial last batch is sent when the bundle finishes."""
     spec = spec_for(endpoint.url, flush_at=7)
     events = [event(i) for i in range(30)]
-    result = run(spec, events, options=fast(shards=2), runner="BundleBasedDirectRunner")
+    result = run_pipeline(spec, events, options=fast(shards=2), runner="BundleBasedDirectRunner")
     assert_exactly_once(endpoint, result, planned_calls(spec, events))
 
 
 # -- in Beam, streaming (TestStream) ----------------------------------------------------------------
 def _stream(spec, stream: test_stream.TestStream) -> None:
-    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
     # Under TestStream processing time starts at 0: the batching clock must say so too.
-    build_pipeline(p, spec, streaming=True, read=stream, send_options=fast(clock=lambda: 0.0))
-    p.run().wait_until_finish()
+    run_pipeline(spec, read=stream, streaming=True, options=fast(clock=lambda: 0.0))
 
 
 def test_streaming_the_flush_interval_timer_sends_a_partial_batch(endpoint):

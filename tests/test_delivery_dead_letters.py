@@ -12,17 +12,26 @@ import orjson
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_stream
 from apache_beam.transforms.window import TimestampedValue
+from support import (
+    DATA_MAPPING,
+    WRITE_KEY,
+    assert_exactly_once,
+    event,
+    flow_document,
+    lines,
+    planned_calls,
+    run_pipeline,
+    spec_for,
+)
 
 import schemas
-from pipeline import cli
-from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
-from pipeline.local_segment import LocalSegment
-from transforms.read import ReadEvents
-from transforms.files import iter_payloads
-from pipeline.summary import reconcile, render
-from support import WRITE_KEY, flow_document
-from test_delivery_kit import DATA_MAPPING, assert_exactly_once, event, lines, planned_calls, run, spec_for
 from decide.dead_letter import DeadLetter
+from local_segment import LocalSegment
+from pipeline import cli
+from pipeline.summary import reconcile, render
+from transforms.dead_letters import CountDeadLetters, ReadPreviousAttempts, WriteDeadLetters
+from transforms.files import iter_payloads
+from transforms.read import ReadEvents
 
 EVENTS = [event(i) for i in range(6)]
 
@@ -36,7 +45,7 @@ def dead_url() -> str:
 
 def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_path):
     inputs = [*EVENTS, "[1, 2"]
-    first = run(spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro"))
+    first = run_pipeline(spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro"))
     assert len(first.dead) == 7
 
     [path] = tmp_path.glob("dead*.avro")
@@ -55,23 +64,23 @@ def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_
     # Replay: the payloads, as they were received, through the whole pipeline.
     assert sorted(map(str, iter_payloads(str(path), "dead_letter"))) == sorted(r["payload"] for r in records)
     spec = spec_for(endpoint.url)
-    replay = run(spec, read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
-                 previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")))
+    replay = run_pipeline(spec, read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
+                          previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")))
     assert_exactly_once(endpoint, replay, planned_calls(spec, EVENTS))
     [again] = replay.dead
     assert (again.reason, again.payload, again.attempts) == ("not_json", "[1, 2", 2)
 
 
 def test_a_glob_of_jsonl_and_avro_dead_letters_replays_both(endpoint, tmp_path):
-    run(spec_for(dead_url()), EVENTS[:3], dead_letter_sink=WriteDeadLetters(str(tmp_path / "a"), "avro"))
-    run(spec_for(dead_url()), EVENTS[3:], dead_letter_sink=WriteDeadLetters(str(tmp_path / "b"), "jsonl"))
+    run_pipeline(spec_for(dead_url()), EVENTS[:3], dead_letter_sink=WriteDeadLetters(str(tmp_path / "a"), "avro"))
+    run_pipeline(spec_for(dead_url()), EVENTS[3:], dead_letter_sink=WriteDeadLetters(str(tmp_path / "b"), "jsonl"))
     # A gzipped copy, with a blank line and a line that is not a dead letter.
     [jsonl] = tmp_path.glob("b*.jsonl")
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b"\n" + jsonl.read_bytes() + b"\n{\"not\": \"a record\"}\n"))
     jsonl.unlink()
 
     spec = spec_for(endpoint.url)
-    replay = run(spec, read=ReadEvents(str(tmp_path / "*"), "dead_letter"))
+    replay = run_pipeline(spec, read=ReadEvents(str(tmp_path / "*"), "dead_letter"))
     assert_exactly_once(endpoint, replay, planned_calls(spec, EVENTS))
     [odd] = replay.dead  # the stray line is parsed as input: an event without a name
     assert odd.reason == "invalid_name" and json.loads(odd.payload) == {"not": "a record"}
@@ -114,7 +123,7 @@ def test_streaming_dead_letters_are_written_as_avro(tmp_path):
 
 
 def test_streaming_dead_letters_behind_the_watermark_are_still_written(tmp_path):
-    """A batch can wait in BatchDeliveries for flushInterval (and its send for the flush deadline)
+    """A batch can wait in BatchCalls for flushInterval (and its send for the flush deadline)
     while the watermark moves on: its dead letters then carry a time whose file window has
     closed. They must still be written, not dropped as late data."""
     p = beam.Pipeline(options=PipelineOptions([], streaming=True))

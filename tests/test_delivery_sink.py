@@ -8,29 +8,26 @@ import enum
 import json
 import logging
 import math
+import threading
 import time
 from decimal import Decimal
 
-import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.testing import test_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing import test_stream
+from support import WRITE_KEY, assert_exactly_once, event, fast, lines, planned_calls, run_pipeline, spec_for
 
-from pipeline.graph import build_pipeline
-from pipeline.local_segment import delay
-from pipeline.summary import reconcile, render
-from test_delivery_kit import assert_exactly_once, event, fast, lines, planned_calls, run, spec_for
-from support import WRITE_KEY
 from decide import wire
-from segment_api import connection
-from segment_api.sender import PipelinedSender
 from decide.secrets import key_forms
-from segment_api.http import SegmentHttp
 from decide.wire import EventMessages, to_wire
+from local_segment import delay
+from pipeline.summary import reconcile, render
+from segment_api import connection
 from segment_api.connection import SegmentConnection
+from segment_api.http import SegmentHttp
+from segment_api.sender import PipelinedSender
 
 TS = "2026-01-01T00:00:00.000+00:00"
 
@@ -130,7 +127,7 @@ def test_odd_values_arrive_converted(endpoint):
 def test_a_message_over_32_kb_is_dead_lettered_before_sending(endpoint):
     spec = spec_for(endpoint.url)
     events = [event(i) for i in range(5)] + [event(9, data={"blob": "x" * 33_000})]
-    result = run(spec, events)
+    result = run_pipeline(spec, events)
 
     assert_exactly_once(endpoint, result, planned_calls(spec, events), dead_ids={events[-1]["id"]})
     [dead] = result.dead
@@ -161,7 +158,7 @@ def test_a_call_the_sdk_refuses_is_dead_lettered_whole(endpoint):
 def test_disable_sends_nothing_and_counts_it(endpoint):
     spec = spec_for(endpoint.url, identify=True, disable=True)
     events = [event(i, user={"session": "s", "email": "e@x"}) for i in range(6)]
-    result = run(spec, events)
+    result = run_pipeline(spec, events)
 
     assert not endpoint.requests and not result.delivered and not result.dead
     assert result.counts["events_disabled"] == 6
@@ -233,7 +230,7 @@ def test_a_batch_run_batches_within_each_bundle_and_settles_all_of_it(endpoint):
     partial last one when it finishes, and nothing is left behind."""
     spec = spec_for(endpoint.url, flush_at=4, timeout_ms=5_000)
     events = [event(i) for i in range(50)]
-    result = run(spec, events, runner="BundleBasedDirectRunner")
+    result = run_pipeline(spec, events, runner="BundleBasedDirectRunner")
     assert_exactly_once(endpoint, result, planned_calls(spec, events))
     assert all(n <= 4 for n in (len(r.message_ids) for r in endpoint.requests))
     assert result.counts["batches_flushed_in_bundle"] == len(endpoint.requests)
@@ -265,12 +262,16 @@ def test_connections_are_pooled_per_configuration(endpoint):
     assert again is first  # the next setup() reuses the idle one
     other_key, other = connection.acquire_connection(spec_for(endpoint.url, max_retries=3).settings, options)
     assert other is not first and other_key != key
+    closed = threading.Event()
+    close = first.close
+
+    def close_and_tell() -> None:
+        close()
+        closed.set()
+    first.close = close_and_tell
     for k, c in ((key, first), (key, second), (other_key, other)):
         connection.release_connection(k, c, grace_s=0.05)
-    deadline = time.monotonic() + 3
-    while first._http is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first._http is None  # closed after the grace period
+    assert closed.wait(3) and first._http is None  # closed after the grace period
     assert WRITE_KEY not in key  # the pool's key is a hash
 
 
@@ -280,10 +281,8 @@ def test_the_streaming_runner_reuses_one_client_across_bundles(endpoint):
     stream = test_stream.TestStream()
     for i in range(4):  # one bundle per add_elements: setup() and teardown() for each
         stream = stream.add_elements(lines([event(2 * i), event(2 * i + 1)]))
-    p = beam.Pipeline(options=PipelineOptions([], streaming=True))
-    build_pipeline(p, spec, streaming=True, read=stream.advance_watermark_to_infinity(),
-                   send_options=fast(clock=lambda: 0.0, flush_deadline_s=4.5))
-    p.run().wait_until_finish()
+    run_pipeline(spec, read=stream.advance_watermark_to_infinity(), streaming=True,
+                 options=fast(clock=lambda: 0.0, flush_deadline_s=4.5))
     assert len(endpoint.accepted) == 8 and len(endpoint.requests) == 4
     assert _clients_built() - before == 1
 
@@ -307,7 +306,7 @@ def _count_clients(monkeypatch):
 def test_progress_is_logged_while_a_run_delivers(endpoint, caplog):
     spec = spec_for(endpoint.url, flush_at=5)
     with caplog.at_level(logging.INFO, logger="segment_api.progress"):
-        run(spec, [event(i) for i in range(40)], options=fast(progress_interval_s=1e-6))
+        run_pipeline(spec, [event(i) for i in range(40)], options=fast(progress_interval_s=1e-6))
     progress = [r.getMessage() for r in caplog.records if r.name == "segment_api.progress"]
     assert progress and all("delivery to Segment so far" in line for line in progress)
     assert len(progress) < 10  # a line per batch at most, never per event

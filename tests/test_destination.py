@@ -4,11 +4,10 @@ checked to agree on a multi-user scenario."""
 import random
 
 import pytest
+from support import comparable, flow_document, make_spec, run_pipeline
 
-from pipeline.explain import explain_payloads
 from decide.destination import compiled
-
-from support import comparable, flow_document, make_spec, run_batch
+from pipeline.explain import explain_payloads
 
 T0 = 1_700_000_000_000
 
@@ -251,7 +250,7 @@ def test_batch_pipeline_equals_explain_and_ignores_input_order(endpoint):
                        key=lambda c: c["messageId"])
     shuffled = events[:]
     random.Random(7).shuffle(shuffled)
-    run_batch(spec, shuffled)
+    run_pipeline(spec, shuffled)
     received = sorted((comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted),
                       key=lambda c: c["messageId"])
     assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]
@@ -283,7 +282,7 @@ def test_batch_pipeline_equals_explain_when_a_users_events_share_a_millisecond(e
     spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING, host=endpoint.url))
     explained = sorted((c for l in explain_payloads(compiled(spec), events) for c in l["calls"]),
                        key=lambda c: c["messageId"])
-    run_batch(spec, events[::-1])
+    run_pipeline(spec, events[::-1])
     received = sorted((comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted),
                       key=lambda c: c["messageId"])
     assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]

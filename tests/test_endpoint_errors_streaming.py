@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
-from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
+from support import WRITE_KEY, RunWatch, streaming_flow, timed_event
+
+from decide.destination import compiled
+from local_segment import LocalSegment
 from pipeline import cli
 from pipeline.explain import explain_payloads
-from pipeline.local_segment import LocalSegment
-from support import WRITE_KEY
-from test_pubsub_streaming import _wait, event, streaming_flow
-from decide.destination import compiled
 from transforms import send
 
 USERS = [{"session": f"s-{i}"} for i in range(3)]
@@ -31,7 +29,7 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
     subscription = pubsub.subscription(topic, f"events-{unique}")
     dead_topic = pubsub.topic(f"dead-{unique}")
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
-    events = [event("product view", f"f00000000000000{i}", i, USERS[i % 3], data={"id": f"p{i}"}) for i in range(6)]
+    events = [timed_event("product view", f"f00000000000000{i}", i, USERS[i % 3], data={"id": f"p{i}"}) for i in range(6)]
     for e in events:
         pubsub.publish(topic, json.dumps(e))
 
@@ -40,10 +38,9 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
     planned = [call["messageId"] for line in explain_payloads(compiled(spec), [json.dumps(e) for e in events])
                for call in line["calls"]]
     fixed = None
-    failure: list[BaseException] = []
     with caplog.at_level(logging.ERROR, logger="segment_api.connection"):
         result = cli.launch(options, spec)
-        threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
+        failure = RunWatch(result).failure
         try:
             with pubsub.heartbeats(topic):
                 refused_twice = refusing.wait_for(lambda s: sum(r.status == 401 for r in s.requests) >= 2, timeout=60)

@@ -1,7 +1,8 @@
 """Parsing envelopes into events: every invalid input becomes a dead letter with a reason."""
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decide import dead_letter as dl
 from decide.dead_letter import DeadLetter

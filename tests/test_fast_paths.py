@@ -7,7 +7,8 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import decide.mapping as mapping_module
 from decide.calls import format_timestamp, timestamp_datetime

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline.cli import main as cli_main
 from decide.flow import FlowError, flow_from_document, load_flow
+from pipeline.cli import main as cli_main
 
 SECRET = "wk-very-secret-123"
 DEST = "$.flows.default.destinations.segment.config"

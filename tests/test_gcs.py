@@ -16,19 +16,17 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from emulators import GCS_BUCKET
+from support import WRITE_KEY, load_json, run_pipeline
 
 import schemas
-from conftest_emulators import GCS_BUCKET, gcs  # noqa: F401  (pytest fixture)
-from pipeline.cli import main as cli_main
-from transforms.files import dead_letter_records
-from pipeline.explain import explain_payloads
-from decide.flow import load_flow
-from transforms.read import ReadEvents
-from transforms.files import iter_payloads
-from support import WRITE_KEY, load_json, run_batch
 from decide.calls import strip_sdk_fields
-from decide.destination import DestinationSpec
-from decide.destination import compiled
+from decide.destination import DestinationSpec, compiled
+from decide.flow import load_flow
+from pipeline.cli import main as cli_main
+from pipeline.explain import explain_payloads
+from transforms.files import dead_letter_records, iter_payloads
+from transforms.read import ReadEvents
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = ROOT / "examples" / "flow.json"
@@ -109,9 +107,9 @@ def test_every_format_reads_from_gcs(backfill, endpoint, monkeypatch, name):
     lines = list(explain_payloads(compiled(spec), iter_payloads(f"{GS}/formats/{name}")))
     assert lines == explained()[:5]
     # ... and through the batch pipeline, gs:// glob and all.
-    delivered, dead = run_batch(spec, [], read=ReadEvents(pattern, fmt))
-    assert not dead
-    assert sorted(delivered) == sorted(line["id"] for line in explained()[:5] if line["outcome"] == "delivered")
+    result = run_pipeline(spec, read=ReadEvents(pattern, fmt))
+    assert not result.dead
+    assert sorted(result.delivered) == sorted(line["id"] for line in explained()[:5] if line["outcome"] == "delivered")
     expected = [call for line in explained()[:5] for call in line["calls"]]
     received = [strip_sdk_fields(m) for m in endpoint.accepted]
     assert sorted(received, key=lambda m: m["messageId"]) == sorted(expected, key=lambda m: m["messageId"])

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from segment.analytics import Client
 
-from pipeline.local_segment import (
+from local_segment import (
     LocalSegment,
     bad_request_when,
     delay,
@@ -59,7 +59,7 @@ class Sdk:
 
     def __init__(self, url: str, write_key: str = WRITE_KEY, **options):
         self.errors: list[tuple[Exception, list]] = []
-        settings = dict(thread=1, max_retries=1, timeout=2, upload_interval=0.05, upload_size=100)
+        settings = {"thread": 1, "max_retries": 1, "timeout": 2, "upload_interval": 0.05, "upload_size": 100}
         settings.update(options)
         self.client = Client(write_key, host=url, on_error=self._on_error, **settings)
 
@@ -606,7 +606,7 @@ def test_command_line_serves_until_sigint(tmp_path, sdk_clients):
     record = tmp_path / "out.jsonl"
     env = {**os.environ, "LOCAL_SEGMENT_WRITE_KEY": WRITE_KEY, "NO_PROXY": "127.0.0.1,localhost"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.local_segment", "--port", "0", "--record", str(record)],
+        [sys.executable, "-m", "local_segment", "--port", "0", "--record", str(record)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

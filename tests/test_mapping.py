@@ -19,13 +19,18 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from schemas import load as load_schema
 from decide.functions import PY_PREFIX, FunctionPolicy, Functions
 from decide.mapping import (
-    UNDEFINED, CompiledRule, DestinationMapping, MappingConfigError, MappingResult, compile_value,
+    UNDEFINED,
+    CompiledRule,
+    DestinationMapping,
+    MappingConfigError,
+    MappingResult,
+    compile_value,
     is_property,
 )
 from decide.paths import get_by_path, set_by_path, split_path
+from schemas import load as load_schema
 
 DATA = Path(__file__).parent / "data" / "mapping"
 UNDEFINED_MARK = "__undefined__"

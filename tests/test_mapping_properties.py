@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from decide.mapping import UNDEFINED, DestinationMapping, compile_value, is_property
 from decide.paths import to_plain

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import WRITE_KEY
 
 from pipeline.cli import main as cli_main
 from pipeline.flags import RANGES
-
-from support import WRITE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")

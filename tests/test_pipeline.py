@@ -5,17 +5,15 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support import WRITE_KEY, load_json, run_pipeline
 
+from decide.calls import strip_sdk_fields
+from decide.destination import DestinationSpec, compiled
+from decide.flow import load_flow
 from pipeline.cli import main as cli_main
 from pipeline.explain import explain_payloads
-from decide.flow import load_flow
-from transforms.read import ReadEvents
 from transforms.files import iter_payloads
-from decide.calls import strip_sdk_fields
-from decide.destination import Destination, DestinationSpec
-from decide.destination import compiled
-
-from support import WRITE_KEY, load_json, run_batch
+from transforms.read import ReadEvents
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")
@@ -34,7 +32,7 @@ def expected_messages() -> list[dict]:
 
 def test_example_file_delivers_exactly_the_expected_messages(endpoint, monkeypatch):
     spec = example_spec(endpoint, monkeypatch)
-    delivered, dead = run_batch(spec, [], read=ReadEvents(EXAMPLE_EVENTS))
+    result = run_pipeline(spec, read=ReadEvents(EXAMPLE_EVENTS))
 
     received = [strip_sdk_fields(m) for m in endpoint.accepted]
     expected = expected_messages()
@@ -50,21 +48,21 @@ def test_example_file_delivers_exactly_the_expected_messages(endpoint, monkeypat
     assert all(m["context"]["library"]["name"] == "analytics-python" for m in endpoint.accepted)
     assert endpoint.counters["duplicate"] == 0 and not endpoint.invalid
 
-    assert sorted(delivered) == sorted(l["id"] for l in load_json("pipeline/example_explained.json")
+    assert sorted(result.delivered) == sorted(l["id"] for l in load_json("pipeline/example_explained.json")
                                        if l["outcome"] == "delivered")
-    assert sorted(d.reason for d in dead) == ["invalid_name", "no_identity", "not_json"]
-    assert all(WRITE_KEY not in orjson.dumps(d.to_dict()).decode() for d in dead)
-    [not_json] = [d for d in dead if d.reason == "not_json"]
+    assert sorted(d.reason for d in result.dead) == ["invalid_name", "no_identity", "not_json"]
+    assert all(WRITE_KEY not in orjson.dumps(d.to_dict()).decode() for d in result.dead)
+    [not_json] = [d for d in result.dead if d.reason == "not_json"]
     assert not_json.payload == Path(EXAMPLE_EVENTS).read_text().splitlines()[9]
     assert not_json.stage == "parse" and not_json.flow == "default"
 
 
 def test_message_ids_are_stable_across_runs(endpoint, monkeypatch):
     spec = example_spec(endpoint, monkeypatch)
-    run_batch(spec, [], read=ReadEvents(EXAMPLE_EVENTS))
+    run_pipeline(spec, read=ReadEvents(EXAMPLE_EVENTS))
     first = sorted(m["messageId"] for m in endpoint.accepted)
     endpoint.reset()
-    run_batch(spec, [], read=ReadEvents(EXAMPLE_EVENTS))
+    run_pipeline(spec, read=ReadEvents(EXAMPLE_EVENTS))
     # The second run's requests carried the very same ids: Segment deduplicates them all.
     assert endpoint.counters["duplicate"] == len(first) and not endpoint.accepted
     assert len(set(first)) == len(first) and all(len(i) <= 100 for i in first)
@@ -83,7 +81,9 @@ def test_explain_matches_the_frozen_example(monkeypatch, capsys):
 @pytest.mark.parametrize("fmt", ["json-array", "json-batch", "jsonl.gz", "avro"])
 def test_every_file_format_gives_the_same_calls(tmp_path, fmt, monkeypatch):
     import gzip
+
     import fastavro
+
     import schemas
 
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)

@@ -6,15 +6,15 @@ import base64
 
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import flow_document, make_spec, run_pipeline
 
-from pipeline.explain import explain_payloads
 from decide import dead_letter as dl
 from decide.dead_letter import DeadLetter
-from decide.event import MAX_DEPTH, MAX_TIMESTAMP_MS, parse_payload
 from decide.destination import compiled
-
-from support import flow_document, make_spec, run_batch
+from decide.event import MAX_DEPTH, MAX_TIMESTAMP_MS, parse_payload
+from pipeline.explain import explain_payloads
 
 GOOD = {"name": "page view", "id": "0000000000000001", "timestamp": 1700000000000, "user": {"session": "s1"}}
 
@@ -71,9 +71,9 @@ def test_bad_timestamps_cost_their_event_only_in_a_batch_run(endpoint):
     spec = make_spec(flow_document(host=endpoint.url))
     payloads = [orjson.dumps({**GOOD, "id": f"{i:016x}", "timestamp": t}) for i, t in enumerate(OUT_OF_RANGE[:5])]
     payloads.append(orjson.dumps(GOOD))
-    delivered, dead = run_batch(spec, payloads)
-    assert delivered == [GOOD["id"]]
-    assert sorted(d.reason for d in dead) == ["invalid_field"] * 5
+    result = run_pipeline(spec, payloads)
+    assert result.delivered == [GOOD["id"]]
+    assert sorted(d.reason for d in result.dead) == ["invalid_field"] * 5
     assert len(endpoint.accepted) == 1
 
 
@@ -137,9 +137,9 @@ def test_deeply_nested_input_through_the_pipeline_is_dead_lettered_not_a_crash(e
     mapping = {"page": {"view": {"data": {"map": {"deep": "data"}}}}}
     spec = make_spec(flow_document(host=endpoint.url, mapping=mapping))
     deep = {**GOOD, "id": "0000000000000002", "data": nested(400)}
-    delivered, dead = run_batch(spec, [orjson.dumps(GOOD), _dumps_deep(deep)])
-    assert delivered == [GOOD["id"]]
-    assert [d.reason for d in dead] == [dl.TOO_DEEP]
+    result = run_pipeline(spec, [orjson.dumps(GOOD), _dumps_deep(deep)])
+    assert result.delivered == [GOOD["id"]]
+    assert [d.reason for d in result.dead] == [dl.TOO_DEEP]
 
 
 def test_an_event_at_the_depth_limit_is_delivered_with_all_its_properties(endpoint):
@@ -147,8 +147,8 @@ def test_an_event_at_the_depth_limit_is_delivered_with_all_its_properties(endpoi
     mapping = {"page": {"view": {"data": {"map": {"deep": "data"}}}}}
     spec = make_spec(flow_document(host=endpoint.url, mapping=mapping))
     data = nested(MAX_DEPTH - 1)  # the event is level 1: its data reaches the limit
-    delivered, dead = run_batch(spec, [orjson.dumps({**GOOD, "data": data})])
-    assert delivered == [GOOD["id"]] and not dead
+    result = run_pipeline(spec, [orjson.dumps({**GOOD, "data": data})])
+    assert result.delivered == [GOOD["id"]] and not result.dead
     [message] = endpoint.accepted
     assert message["properties"] == {"deep": data}
 
@@ -159,8 +159,8 @@ def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_bat
     import fastavro
 
     import schemas
-    from transforms.read import ReadEvents
     from transforms.files import iter_payloads
+    from transforms.read import ReadEvents
 
     records = [{**GOOD, "user": json.dumps(GOOD["user"]), "id": "0000000000000009", "timestamp": 2**62 - 1},
                {**GOOD, "user": json.dumps(GOOD["user"])}]
@@ -170,8 +170,8 @@ def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_bat
     spec = make_spec(flow_document(host=endpoint.url))
     lines = list(explain_payloads(compiled(spec), iter_payloads(str(path))))
     assert [(l["outcome"], l["reason"]) for l in lines] == [("dead_letter", "invalid_field"), ("delivered", None)]
-    delivered, dead = run_batch(spec, [], read=ReadEvents(str(path)))
-    assert delivered == [GOOD["id"]] and [d.event_id for d in dead] == ["0000000000000009"]
+    result = run_pipeline(spec, read=ReadEvents(str(path)))
+    assert result.delivered == [GOOD["id"]] and [d.event_id for d in result.dead] == ["0000000000000009"]
 
 
 @settings(max_examples=25, deadline=None)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 
 import orjson
+from support import RunWatch, flow_document
 
-from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
 from pipeline import cli
-from support import WRITE_KEY, flow_document
 
 T0 = 1767225600000  # 2026-01-01T00:00:00Z
 
@@ -61,8 +59,7 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
                                 "--timestamp_attribute", "ts", "--dead_letter_topic", dead_topic])
     assert not isinstance(prepared, int)
     result = cli.launch(*prepared)
-    failure: list[BaseException] = []
-    threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
+    failure = RunWatch(result).failure
     try:
         with pubsub.heartbeats(topic):
             assert endpoint.wait_until(3, timeout=30), (len(endpoint.accepted), failure)
@@ -90,16 +87,17 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
 
 
 def test_a_dead_letter_too_big_for_the_topic_is_cut_to_fit_and_the_run_goes_on(pubsub, unique, endpoint):  # noqa: F811
+    from support import make_spec, run_pipeline
+
     from transforms.dead_letters import WriteDeadLetters
-    from support import make_spec, run_batch
 
     dead_topic = pubsub.topic(f"dead-{unique}")
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
     huge = b"x" * 12_000_000  # one input over Pub/Sub's 10 MB message limit: not JSON
     spec = make_spec(flow_document(host=endpoint.url))
-    delivered, dead = run_batch(spec, [huge, orjson.dumps(event("a000000000000001"))],
-                                dead_letter_sink=WriteDeadLetters(topic=dead_topic))
-    assert delivered == ["a000000000000001"]
+    result = run_pipeline(spec, [huge, orjson.dumps(event("a000000000000001"))],
+                           dead_letter_sink=WriteDeadLetters(topic=dead_topic))
+    assert result.delivered == ["a000000000000001"]
     [message] = _pull_big(pubsub, dead_subscription)
     assert len(message.data) <= 10_000_000
     record = orjson.loads(message.data)
@@ -112,8 +110,8 @@ def _pull_big(pubsub, subscription: str) -> list:  # noqa: F811
     import os
 
     import grpc
-    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
     from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
     channel = grpc.insecure_channel(os.environ["PUBSUB_EMULATOR_HOST"],
                                     options=[("grpc.max_receive_message_length", -1)])
@@ -124,10 +122,3 @@ def _pull_big(pubsub, subscription: str) -> list:  # noqa: F811
         return [m.message for m in response.received_messages]
     finally:
         client.close()
-
-
-def _wait(result, failure: list) -> None:
-    try:
-        result.wait_until_finish()
-    except BaseException as exc:  # noqa: BLE001 - reported by the test
-        failure.append(exc)

@@ -9,33 +9,23 @@ ReadEvents) makes the pull in flight return, so ``cancel()`` is immediate.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
+import emulators
 import orjson
 import pytest
+from support import CONSENT, T0, WRITE_KEY, RunWatch, poll_until, streaming_flow, timed_event
 
-import emulators
-from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
+from decide.calls import strip_sdk_fields
+from decide.destination import compiled
 from pipeline import cli
 from pipeline.explain import explain_payloads
 from transforms.read import HEARTBEAT_ATTRIBUTE
-from support import WRITE_KEY
-from decide.calls import strip_sdk_fields
-from decide.destination import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")
 NAMESPACE = "streaming-test"
-CONSENT = {"analytics": True, "marketing": False}
-T0 = 1767225600000  # 2026-01-01T00:00:00Z
-
-
-def event(name: str, event_id: str, offset_s: int, user: dict, **fields) -> dict:
-    out = {"name": name, "id": event_id, "timestamp": T0 + offset_s * 1000, "user": user, "consent": CONSENT}
-    out.update(fields)
-    return out
 
 
 ANNA = {"session": "s-anna", "email": "anna@example.com"}
@@ -46,31 +36,31 @@ DORA = {"session": "s-dora"}
 # Phase 1: every envelope form, invalid inputs, a dropped-by-policy event each way.
 PHASE_1 = [
     # one event object
-    json.dumps(event("page view", "e000000000000001", 0, ANNA, data={"id": "/", "title": "Home"},
+    json.dumps(timed_event("page view", "e000000000000001", 0, ANNA, data={"id": "/", "title": "Home"},
                      globals={"pagegroup": "home"})),
     # a JSON array of events (one user: order inside a message is kept)
-    json.dumps([event("product view", "e000000000000002", 1, BEN, data={"id": "p1", "name": "Cap", "price": 42}),
-                event("product add", "e000000000000003", 2, BEN,
+    json.dumps([timed_event("product view", "e000000000000002", 1, BEN, data={"id": "p1", "name": "Cap", "price": 42}),
+                timed_event("product add", "e000000000000003", 2, BEN,
                       data={"id": "p1", "name": "Cap", "price": 42, "quantity": 2})]),
     # the multi-event envelope {"batch": [...]}
     json.dumps({"batch": [
-        event("order complete", "e000000000000004", 3, CARL, data={"id": "o-1", "total": 84, "currency": "EUR"},
+        timed_event("order complete", "e000000000000004", 3, CARL, data={"id": "o-1", "total": 84, "currency": "EUR"},
               nested=[{"entity": "product", "data": {"id": "p1", "name": "Cap", "price": 42}}]),
-        event("user login", "e000000000000005", 4, DORA,
+        timed_event("user login", "e000000000000005", 4, DORA,
               data={"user_id": "dora-1", "email": "dora@example.com", "plan": "pro"}),
         {"name": "broken", "id": "e000000000000006"},  # invalid_name, inside an envelope
     ]}),
     "this is not json {",                                                  # not_json
-    json.dumps(event("product view", "e000000000000007", 5, {}, data={"id": "p2"})),  # no_identity
-    json.dumps(event("debug ping", "e000000000000008", 6, BEN)),            # ignored by the rule
-    json.dumps({**event("product view", "e000000000000009", 7, BEN, data={"id": "p3"}),
+    json.dumps(timed_event("product view", "e000000000000007", 5, {}, data={"id": "p2"})),  # no_identity
+    json.dumps(timed_event("debug ping", "e000000000000008", 6, BEN)),            # ignored by the rule
+    json.dumps({**timed_event("product view", "e000000000000009", 7, BEN, data={"id": "p3"}),
                 "consent": {"analytics": False}}),                          # consent denied
 ]
 # Phase 2, after phase 1 was delivered: the same users again (identify state across bundles),
 # and an event without a timestamp, which takes the message's publish time.
 PHASE_2 = [
-    json.dumps(event("product view", "e00000000000000a", 60, ANNA, data={"id": "p9", "name": "Hat", "price": 7})),
-    json.dumps(event("product view", "e00000000000000b", 61, {**BEN, "email": "ben@example.com"},
+    json.dumps(timed_event("product view", "e00000000000000a", 60, ANNA, data={"id": "p9", "name": "Hat", "price": 7})),
+    json.dumps(timed_event("product view", "e00000000000000b", 61, {**BEN, "email": "ben@example.com"},
                      data={"id": "p1", "name": "Cap", "price": 42})),
     json.dumps({"name": "product view", "id": "e00000000000000c", "user": CARL, "consent": CONSENT,
                 "data": {"id": "p4"}}),
@@ -90,15 +80,6 @@ def by_id(messages: list[dict]) -> dict[str, dict]:
 
 def without_timestamp(message: dict) -> dict:
     return {k: v for k, v in message.items() if k != "timestamp"}
-
-
-def streaming_flow(tmp_path: Path) -> str:
-    """The bundled example flow, flushing batches after 200 ms instead of 10 s."""
-    document = json.loads(Path(EXAMPLE_FLOW).read_text())
-    document["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["flushInterval"] = 200
-    path = tmp_path / "flow.json"
-    path.write_text(json.dumps(document))
-    return str(path)
 
 
 def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch, tmp_path):  # noqa: F811
@@ -125,9 +106,8 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     phase_1_count = sum(len(line["calls"]) for line in explain_payloads(compiled(spec), PHASE_1))
 
     result = cli.launch(options, spec)
-    failure: list[BaseException] = []
-    waiter = threading.Thread(target=_wait, args=(result, failure), daemon=True)
-    waiter.start()
+    watch = RunWatch(result)
+    failure = watch.failure
     try:
         with pubsub.heartbeats(topic):
             assert endpoint.wait_until(phase_1_count, timeout=20), \
@@ -143,7 +123,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
         stop_started = time.monotonic()
         cli.stop_local_streaming(result, subscription=subscription)
         stop_took = time.monotonic() - stop_started
-        waiter.join(0.5)  # wait_until_finish() may not return after cancel(): its errors are what counts
+        watch.join(0.5)  # wait_until_finish() may not return after cancel(): its errors are what counts
     assert not failure, failure
     assert stop_took < 5, f"stopping took {stop_took:.1f} s"
 
@@ -189,7 +169,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
                                          "event_id": "e000000000000007"}
     assert attributes["not_json"] == {"reason": "not_json", "stage": "parse", "flow": "default"}
     # (No counter totals here: on the streaming DirectRunner, Beam's counters stop at the first
-    # bundle of each step -- measured, see docs/local-testing.md, "Streaming locally". The calls and dead letters above
+    # bundle of each step -- measured, see the README's "Running on Dataflow". The calls and dead letters above
     # are the accounting: every input ended delivered, dead-lettered or dropped by policy.)
     assert time.monotonic() - started < 45
 
@@ -206,13 +186,11 @@ def test_streaming_from_a_topic(pubsub, unique, endpoint, monkeypatch, tmp_path)
     options, spec = cli.prepare_run(["--flow", streaming_flow(tmp_path), "--input_topic", topic,
                                      "--dead_letter_topic", dead_topic, "--message_id_namespace", NAMESPACE])
     result = cli.launch(options, spec)
-    failure: list[BaseException] = []
-    threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
+    failure = RunWatch(result).failure
     try:
-        deadline = time.monotonic() + 20
-        while not list(pubsub.publisher.list_topic_subscriptions(topic=topic)):
-            assert time.monotonic() < deadline and not failure, f"no temporary subscription; {failure}"
-            time.sleep(0.1)
+        subscribed = poll_until(lambda: failure or list(pubsub.publisher.list_topic_subscriptions(topic=topic)),
+                                timeout_s=20)
+        assert subscribed and not failure, f"no temporary subscription; {failure}"
         with pubsub.heartbeats(topic):
             pubsub.publish(topic, PHASE_2[0])
             pubsub.publish(topic, "[1, 2]")
@@ -259,11 +237,11 @@ def test_streaming_dead_letters_to_files(tmp_path, fmt):
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing import test_stream
     from apache_beam.utils.timestamp import Timestamp
+    from support import flow_document, make_spec
 
+    from pipeline.graph import build_pipeline
     from transforms.dead_letters import STREAMING_FILE_WINDOW_S, WriteDeadLetters
     from transforms.files import dead_letter_records
-    from pipeline.graph import build_pipeline
-    from support import flow_document, make_spec
 
     spec = make_spec(flow_document())
     start = T0 / 1000
@@ -285,13 +263,6 @@ def test_streaming_dead_letters_to_files(tmp_path, fmt):
     assert len(files) == 2, files  # one per window that had dead letters
     records = [r for f in files for r in dead_letter_records(str(f))]
     assert sorted(r["reason"] for r in records) == ["empty_envelope", "invalid_name", "not_json"]
-
-
-def _wait(result, failure: list) -> None:
-    try:
-        result.wait_until_finish()
-    except BaseException as exc:  # noqa: BLE001 - reported by the test
-        failure.append(exc)
 
 
 def _instant(text: str) -> float:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import WRITE_KEY
 
 from pipeline.cli import main as cli_main
-
-from support import WRITE_KEY
 
 TWO_FLOWS = {"version": 4, "flows": {
     name: {"destinations": {"segment": {
@@ -83,10 +82,9 @@ def test_the_dead_letter_layout_is_the_same_in_batch_and_streaming(tmp_path, fmt
     from apache_beam.testing import test_stream
 
     import schemas
-    from transforms.dead_letters import WriteDeadLetters
-    from transforms.files import dead_letter_records
-    from transforms.files import iter_payloads
     from decide.dead_letter import DeadLetter
+    from transforms.dead_letters import WriteDeadLetters
+    from transforms.files import dead_letter_records, iter_payloads
 
     fields = [f["name"] for f in schemas.load("dead_letter.avsc")["fields"]]
     letters = [DeadLetter(payload="x", stage="parse", reason="not_json", error="e", flow="a", namespace="n"),
@@ -100,7 +98,7 @@ def test_the_dead_letter_layout_is_the_same_in_batch_and_streaming(tmp_path, fmt
     p.run().wait_until_finish()
 
     for mode in ("batch", "streaming"):
-        [path] = [f for f in (tmp_path / mode).rglob(f"*.{fmt}")]
+        [path] = list((tmp_path / mode).rglob(f"*.{fmt}"))
         records = list(dead_letter_records(str(path)))
         assert [sorted(r) for r in records] == [sorted(fields)] * 2, mode
         assert sorted(iter_payloads(str(path), "dead_letter"), key=str) == [b"\xff", "x"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from support import WRITE_KEY, flow_document, poll_until
 
 import schemas
 from pipeline.cli import main as cli_main
 from pipeline.summary import EXIT_DEAD_LETTERS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_outcome
-from support import WRITE_KEY, flow_document
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")
@@ -261,9 +261,8 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
     """SIGTERM (a scheduler's timeout) while the run waits for Segment: the summary says the run
     was stopped, exit 1, no traceback."""
     import signal
-    import time
 
-    from pipeline.local_segment import delay
+    from local_segment import delay
 
     endpoint.fail_next(50, delay(60))
     flow = tmp_path / "flow.json"
@@ -274,9 +273,8 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        deadline = time.monotonic() + 90
-        while not endpoint._connections and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # until the run is sending (private: the endpoint's open connections)
+        # Until the run is sending: a request has reached the endpoint (where it waits 60 s).
+        poll_until(lambda: endpoint.requests or proc.poll() is not None, timeout_s=90)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)

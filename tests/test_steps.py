@@ -7,12 +7,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from support import flow_document, make_spec
 
 from pipeline.explain import explain_payloads
 from pipeline.summary import counters
 from transforms.steps import ParseEvents, ParseEventsAtElementTime, compiled
-
-from support import flow_document, make_spec
 
 
 def test_a_pubsub_event_without_timestamp_takes_its_element_time():

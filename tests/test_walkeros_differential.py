@@ -11,9 +11,9 @@ import tempfile
 
 import pytest
 
-from tests.walkeros import differential
 from decide.functions import Functions
 from decide.mapping import UNDEFINED, compile_value
+from tests.walkeros import differential
 
 RECORDED = json.loads(differential.RECORDED.read_text())["cases"]
 

@@ -13,17 +13,16 @@ deduplicates on), and checks what reaches Segment against ``explain`` of the sam
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import emulators
-from conftest_emulators import pubsub, unique  # noqa: F401  (pytest fixtures)
-from pipeline import cli
-from pipeline.explain import explain_payloads
-from support import WRITE_KEY, flow_document
+from support import WRITE_KEY, RunWatch, flow_document
+
 from decide.calls import strip_sdk_fields
 from decide.destination import compiled
+from pipeline import cli
+from pipeline.explain import explain_payloads
 
 NAMESPACE = "walkeros-gcp"
 WALKEROS_VERSION = "4.4.0"
@@ -94,8 +93,7 @@ def test_walkeros_gcp_destination_messages_arrive_unchanged(pubsub, unique, endp
     pubsub.publish(topic, bodies[1], **published_attributes(PAGE))
     pubsub.publish(topic, published_body(MAPPED_DATA))  # default push with a `data` mapping
     result = cli.launch(options, spec)
-    failure: list[BaseException] = []
-    threading.Thread(target=_wait, args=(result, failure), daemon=True).start()
+    failure = RunWatch(result).failure
     started = time.monotonic()
     try:
         with pubsub.heartbeats(topic):
@@ -122,10 +120,3 @@ def test_walkeros_gcp_destination_messages_arrive_unchanged(pubsub, unique, endp
     [letter] = [json.loads(m.data) for m in dead]
     assert letter["reason"] == "invalid_name" and json.loads(letter["payload"]) == MAPPED_DATA
     assert time.monotonic() - started < 60
-
-
-def _wait(result, failure: list) -> None:
-    try:
-        result.wait_until_finish()
-    except BaseException as exc:  # noqa: BLE001 - reported by the test
-        failure.append(exc)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-import typing
 import uuid
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -148,6 +147,6 @@ class BatchDeliveries(beam.PTransform):
         shard_of = worker_shard if shards <= AUTO_SHARDS else (lambda d: user_shard(d, shards))
         return (deliveries
                 | "ShardKey" >> beam.Map(lambda d: (shard_of(d), d)).with_output_types(
-                    typing.Tuple[str, EventMessages])
+                    tuple[str, EventMessages])
                 | "Gather" >> beam.ParDo(_BatchInState(self.flush_at, self.flush_interval_ms, self.streaming,
                                                        self.options.clock)))

@@ -29,7 +29,8 @@ from decide.calls import EventCalls
 from decide.dead_letter import DeadLetter
 from decide.destination import DestinationSpec, Mapped
 from decide.event import parse_payload
-from decide.identity import IdentityState, decide, digest64 as _digest, event_digest
+from decide.identity import IdentityState, decide, event_digest
+from decide.identity import digest64 as _digest
 from decide.wire import EventMessages
 from transforms.metrics import counter
 from transforms.steps import compiled
@@ -344,9 +345,9 @@ class DecideIdentity(beam.PTransform):
     def expand(self, payloads):
         return (payloads
                 | "DecisionRecords" >> beam.ParDo(_DecisionRecords(self.spec)).with_output_types(
-                    typing.Tuple[int, bytes])
+                    tuple[int, bytes])
                 | "DecidePerUser" >> beam.CombinePerKey(_DecidePerUser(self.spec.state_ttl_ms)).with_output_types(
-                    typing.Tuple[int, bytes])
+                    tuple[int, bytes])
                 | "FireKeys" >> beam.Values().with_output_types(bytes)
                 | "AllFired" >> beam.CombineGlobally(_AllFired()).with_output_types(bytes))
 
@@ -364,7 +365,7 @@ class DeduplicateIdentity(beam.PTransform):
         if self.streaming:
             # Left as it is (pickled values): a running job's update needs the same coders.
             keyed_calls = keyed_calls | "TypeKeys" >> beam.Map(lambda kv: kv).with_output_types(
-                typing.Tuple[str, typing.Any])
+                tuple[str, typing.Any])
             return keyed_calls | "PerKeyState" >> beam.ParDo(_DedupStateful(self.spec))
         if self.decisions is None:
             raise ValueError("a batch DeduplicateIdentity needs the decisions of DecideIdentity")

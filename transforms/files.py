@@ -14,8 +14,9 @@ import itertools
 import logging
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from apache_beam.io.filesystems import FileSystems
@@ -24,7 +25,6 @@ from apache_beam.metrics import Metrics
 from decide.dead_letter import decode_payload
 from decide.event import RejectedInput
 from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
-
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
 

@@ -24,7 +24,15 @@ from apache_beam.utils.timestamp import Timestamp
 
 from decide.dead_letter import INVALID_FIELD
 from decide.event import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, RejectedInput
-from transforms.files import ReadLimits, _is_compressed, detect_format, ignore_damage, line_payload, payloads_of_file, report_damage
+from transforms.files import (
+    ReadLimits,
+    _is_compressed,
+    detect_format,
+    ignore_damage,
+    line_payload,
+    payloads_of_file,
+    report_damage,
+)
 from transforms.metrics import NAMESPACE
 
 # A Pub/Sub message with this attribute is a heartbeat, never an event (see the module doc).
@@ -99,7 +107,7 @@ class ReadEvents(beam.PTransform):
             return payloads
         return (lines, payloads) | "AllPayloads" >> beam.Flatten()
 
-    def second_read(self) -> "ReadEvents":
+    def second_read(self) -> ReadEvents:
         """The same files again, for a step that only decides (batch deduplication): damage is
         counted once, by the main read, and nothing is spread (one small record per event follows)."""
         return ReadEvents(self.input_pattern, self.input_format, self.subscription, self.topic, self.id_label,

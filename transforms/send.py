@@ -15,7 +15,8 @@ dead-lettered, before the bundle commits.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -25,8 +26,14 @@ from apache_beam.utils.windowed_value import WindowedValue
 from decide import dead_letter as dl
 from decide.settings import SegmentSettings
 from decide.wire import Batcher, EventMessages
-from segment_api.connection import (DEFAULT_ENDPOINT_ERROR_HOLD_S, BatchResult, SegmentConnection, SendOptions,
-                                    acquire_connection, release_connection)
+from segment_api.connection import (
+    DEFAULT_ENDPOINT_ERROR_HOLD_S,
+    BatchResult,
+    SegmentConnection,
+    SendOptions,
+    acquire_connection,
+    release_connection,
+)
 from segment_api.sender import PipelinedSender, _Sent
 from transforms import DEAD_LETTER_TAG
 from transforms.metrics import NAMESPACE, counter
@@ -107,7 +114,7 @@ class _SegmentSink(beam.DoFn):
         if result.disabled:
             counter("events_disabled").inc(len(result.disabled))
             counter("calls_disabled").inc(sum(len(d.messages) for d in result.disabled))
-        for delivery, dead in result.failed:
+        for _, dead in result.failed:
             counter("events_dead_lettered_at_send").inc()
             counter(f"dead_letter_{dead.reason}").inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, _stamped(dead, sent.stamp, finishing))

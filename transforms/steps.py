@@ -11,10 +11,12 @@ import apache_beam as beam
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from decide.dead_letter import DeadLetter
-from decide.destination import Destination, DestinationSpec, compiled as compiled_destination
+from decide.destination import Destination, DestinationSpec
+from decide.destination import compiled as compiled_destination
 from decide.event import RejectedInput, parse_payload
-from transforms.metrics import count as _count
 from transforms import DEAD_LETTER_TAG
+from transforms.metrics import count as _count
+
 
 def compiled(spec: DestinationSpec, quiet: bool = False) -> Destination:
     """The process's compiled destination for ``spec`` (see :func:`decide.destination.compiled`),

@@ -1,4 +1,4 @@
-"""Fault injection for the local Segment endpoint (``pipeline.local_segment``).
+"""Fault injection for the local Segment endpoint (``local_segment``).
 
 A *fault* says how the endpoint answers one request instead of (or on top of) the healthy answer.
 Tests queue faults with ``LocalSegment.script(...)`` / ``fail_next(...)``: every request on a
@@ -16,9 +16,10 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Callable, Iterable
+from typing import Any
 
 MessagePredicate = Callable[[dict], bool]
 
@@ -40,7 +41,7 @@ class Fault:
     body: Any = None  # None: Segment's JSON error shape; str/bytes: raw text; dict/list: JSON
     headers: tuple[tuple[str, str], ...] = ()
     seconds: float = 0.0
-    then: "Fault | None" = None
+    then: Fault | None = None
     accept: bool = False  # process (accept) the messages before acting
     predicate: MessagePredicate | None = None
     message: str = ""
