@@ -3,6 +3,7 @@
 Also serves as Dataflow's ``--setup_file``: workers install this distribution, so every
 runtime dependency is listed here, pinned, and nothing else is needed on a worker.
 """
+
 import setuptools
 
 RUNTIME = [

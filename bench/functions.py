@@ -4,6 +4,7 @@ evaluated on every event, mapped and planned in one process (no Beam, no network
 The issue's target: the functions add at most 30 µs an event. Measured in CPU time, which
 other load on the shared machine disturbs less than wall time; best of a few repeats.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,19 +22,22 @@ PLAIN = {"data": {"map": {"id": "data.id", "label": "name", "user": "user.id"}}}
 # A rule condition on the event, an fn on the event, a validate on a read value: three calls.
 WITH_FUNCTIONS = {
     "condition": "$code:(event) => event.name.length > 0",
-    "data": {"map": {
-        "id": "data.id",
-        "label": {"fn": "$code:(event) => event.name.toUpperCase()"},
-        "user": {"key": "user.id", "validate": "$code:(value) => typeof value === 'string'"}}},
+    "data": {
+        "map": {
+            "id": "data.id",
+            "label": {"fn": "$code:(event) => event.name.toUpperCase()"},
+            "user": {"key": "user.id", "validate": "$code:(value) => typeof value === 'string'"},
+        }
+    },
 }
 
 
 def _destination(rule: dict) -> Destination:
-    config = {"settings": {"userId": "user.id", "anonymousId": "user.session"},
-              "mapping": {"*": {"*": rule}}}
+    config = {"settings": {"userId": "user.id", "anonymousId": "user.session"}, "mapping": {"*": {"*": rule}}}
     settings = SegmentSettings.from_config({"writeKey": "k", **config["settings"]}, WriteKey("k"))
-    spec = DestinationSpec(flow_name="bench", settings=settings, config=config,
-                           collector={"globals": {}, "consent": {}, "user": {}})
+    spec = DestinationSpec(
+        flow_name="bench", settings=settings, config=config, collector={"globals": {}, "consent": {}, "user": {}}
+    )
     return Destination(spec)
 
 
@@ -65,8 +69,14 @@ def measure(events_path: Path, limit: int = 10_000, repeats: int = 3) -> dict:
     functions_us = min(_cpu_per_event(functions, events) for _ in range(repeats))
     assert not functions.function_errors.counts, functions.function_errors.counts
     added = functions_us - plain_us
-    return {"events": len(events), "plain_cpu_us": plain_us, "functions_cpu_us": functions_us,
-            "added_cpu_us": added, "target_us": TARGET_US, "met": added <= TARGET_US}
+    return {
+        "events": len(events),
+        "plain_cpu_us": plain_us,
+        "functions_cpu_us": functions_us,
+        "added_cpu_us": added,
+        "target_us": TARGET_US,
+        "met": added <= TARGET_US,
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ event the flow ignores, events no rule names (the ``* *`` fallback), consent mix
 marketing denied, analytics denied, no consent at all), a few events without any identity
 and a few invalid lines (not JSON, no name, wrong types).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,72 +30,183 @@ BIG_ORDER = "$code:(event) => ((event.data || {}).total || 0) >= 500"
 IS_PRODUCT = "$code:(entity) => entity.entity === 'product'"
 LOWER = "$code:(value) => typeof value === 'string' ? value.trim().toLowerCase() : value"
 
-PRODUCT_ITEM = {"condition": IS_PRODUCT,
-                "map": {"product_id": "data.id", "name": "data.name", "price": "data.price",
-                        "quantity": {"key": "data.quantity", "value": 1}}}
+PRODUCT_ITEM = {
+    "condition": IS_PRODUCT,
+    "map": {
+        "product_id": "data.id",
+        "name": "data.name",
+        "price": "data.price",
+        "quantity": {"key": "data.quantity", "value": 1},
+    },
+}
 
 
 def flow_document(flush_at: int) -> dict:
     """A flow with 17 rules: identify and group, consent forwarding, loops, conditional rules."""
-    product = {"map": {"product_id": "data.id", "name": "data.name", "price": "data.price",
-                       "category": "data.category", "currency": {"key": "globals.currency", "value": "EUR"}}}
+    product = {
+        "map": {
+            "product_id": "data.id",
+            "name": "data.name",
+            "price": "data.price",
+            "category": "data.category",
+            "currency": {"key": "globals.currency", "value": "EUR"},
+        }
+    }
     mapping = {
-        "page": {"view": {
-            "silent": True,
-            "settings": {"page": {"map": {
-                "name": "data.title", "category": "globals.pagegroup",
-                "properties": {"map": {"path": "data.id", "referrer": "data.referrer", "title": "data.title",
-                                       "url": "source.url"}}}}}}},
+        "page": {
+            "view": {
+                "silent": True,
+                "settings": {
+                    "page": {
+                        "map": {
+                            "name": "data.title",
+                            "category": "globals.pagegroup",
+                            "properties": {
+                                "map": {
+                                    "path": "data.id",
+                                    "referrer": "data.referrer",
+                                    "title": "data.title",
+                                    "url": "source.url",
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
         "product": {
             "view": {"name": "Product Viewed", "data": product},
-            "add": {"name": "Product Added",
-                    "data": {"map": {**product["map"], "quantity": {"key": "data.quantity", "value": 1}}}},
+            "add": {
+                "name": "Product Added",
+                "data": {"map": {**product["map"], "quantity": {"key": "data.quantity", "value": 1}}},
+            },
             "remove": {"name": "Product Removed", "data": {"map": {"product_id": "data.id"}}},
         },
-        "cart": {"view": {"name": "Cart Viewed", "data": {"map": {
-            "value": "data.value", "products": {"loop": ["nested", PRODUCT_ITEM]}}}}},
-        "checkout": {"start": {"name": "Checkout Started", "data": {"map": {
-            "order_id": "data.id", "value": "data.value", "currency": "data.currency",
-            "products": {"loop": ["nested", PRODUCT_ITEM]}}}}},
-        "order": {"complete": [
-            # conditional: big orders are flagged (first matching rule wins)
-            {"condition": BIG_ORDER, "name": "Order Completed",
-             "data": {"map": {"order_id": "data.id", "revenue": "data.total", "currency": "data.currency",
-                              "tier": {"value": "big"},
-                              "products": {"loop": ["nested", PRODUCT_ITEM]}}}},
-            {"name": "Order Completed",
-             "data": {"map": {"order_id": "data.id", "revenue": "data.total", "currency": "data.currency",
-                              "products": {"loop": ["nested", PRODUCT_ITEM]}}}},
-        ]},
-        "user": {
-            "login": {"silent": True, "settings": {"identify": {"map": {
-                "userId": "data.user_id",
-                "traits": {"map": {"email": "data.email", "plan": "data.plan"}}}}}},
-            "signup": {"name": "Signed Up", "consent": {"analytics": True},
-                       "data": {"map": {"method": "data.method", "plan": "data.plan"}},
-                       "settings": {"identify": {"map": {
-                           "userId": "data.user_id",
-                           "traits": {"map": {"email": "data.email", "plan": "data.plan",
-                                              "created_at": "data.created_at"}}}}}},
+        "cart": {
+            "view": {
+                "name": "Cart Viewed",
+                "data": {"map": {"value": "data.value", "products": {"loop": ["nested", PRODUCT_ITEM]}}},
+            }
         },
-        "newsletter": {"subscribe": {"name": "Newsletter Subscribed", "consent": {"marketing": True},
-                                     "data": {"map": {"list": "data.list"}}}},
-        "search": {"submit": {"name": "Products Searched", "data": {"map": {
-            "query": {"key": "data.term", "fn": LOWER}, "results": "data.results"}}}},
-        "promotion": {"*": {"name": "Promotion Interacted", "data": {"map": {
-            "promotion_id": "data.id", "creative": "data.creative", "position": "data.position"}},
-            "include": ["globals"]}},
-        "screen": {"view": {"silent": True, "settings": {"screen": {"map": {
-            "name": "data.name", "properties": {"map": {"app_version": "source.version"}}}}}}},
-        "account": {"update": {"name": "Account Updated",
-                               "data": {"map": {"seats": "data.seats"}},
-                               "settings": {"group": {"map": {
-                                   "groupId": "data.company_id",
-                                   "traits": {"map": {"name": "data.company", "plan": "data.plan",
-                                                      "seats": "data.seats"}}}}}}},
+        "checkout": {
+            "start": {
+                "name": "Checkout Started",
+                "data": {
+                    "map": {
+                        "order_id": "data.id",
+                        "value": "data.value",
+                        "currency": "data.currency",
+                        "products": {"loop": ["nested", PRODUCT_ITEM]},
+                    }
+                },
+            }
+        },
+        "order": {
+            "complete": [
+                # conditional: big orders are flagged (first matching rule wins)
+                {
+                    "condition": BIG_ORDER,
+                    "name": "Order Completed",
+                    "data": {
+                        "map": {
+                            "order_id": "data.id",
+                            "revenue": "data.total",
+                            "currency": "data.currency",
+                            "tier": {"value": "big"},
+                            "products": {"loop": ["nested", PRODUCT_ITEM]},
+                        }
+                    },
+                },
+                {
+                    "name": "Order Completed",
+                    "data": {
+                        "map": {
+                            "order_id": "data.id",
+                            "revenue": "data.total",
+                            "currency": "data.currency",
+                            "products": {"loop": ["nested", PRODUCT_ITEM]},
+                        }
+                    },
+                },
+            ]
+        },
+        "user": {
+            "login": {
+                "silent": True,
+                "settings": {
+                    "identify": {
+                        "map": {
+                            "userId": "data.user_id",
+                            "traits": {"map": {"email": "data.email", "plan": "data.plan"}},
+                        }
+                    }
+                },
+            },
+            "signup": {
+                "name": "Signed Up",
+                "consent": {"analytics": True},
+                "data": {"map": {"method": "data.method", "plan": "data.plan"}},
+                "settings": {
+                    "identify": {
+                        "map": {
+                            "userId": "data.user_id",
+                            "traits": {
+                                "map": {"email": "data.email", "plan": "data.plan", "created_at": "data.created_at"}
+                            },
+                        }
+                    }
+                },
+            },
+        },
+        "newsletter": {
+            "subscribe": {
+                "name": "Newsletter Subscribed",
+                "consent": {"marketing": True},
+                "data": {"map": {"list": "data.list"}},
+            }
+        },
+        "search": {
+            "submit": {
+                "name": "Products Searched",
+                "data": {"map": {"query": {"key": "data.term", "fn": LOWER}, "results": "data.results"}},
+            }
+        },
+        "promotion": {
+            "*": {
+                "name": "Promotion Interacted",
+                "data": {"map": {"promotion_id": "data.id", "creative": "data.creative", "position": "data.position"}},
+                "include": ["globals"],
+            }
+        },
+        "screen": {
+            "view": {
+                "silent": True,
+                "settings": {
+                    "screen": {"map": {"name": "data.name", "properties": {"map": {"app_version": "source.version"}}}}
+                },
+            }
+        },
+        "account": {
+            "update": {
+                "name": "Account Updated",
+                "data": {"map": {"seats": "data.seats"}},
+                "settings": {
+                    "group": {
+                        "map": {
+                            "groupId": "data.company_id",
+                            "traits": {"map": {"name": "data.company", "plan": "data.plan", "seats": "data.seats"}},
+                        }
+                    }
+                },
+            }
+        },
         "debug": {"*": {"ignore": True}},
-        "*": {"*": {"data": {"map": {"entity": "entity", "action": "action", "trigger": "trigger"}},
-                    "remove": ["trigger"]}},
+        "*": {
+            "*": {
+                "data": {"map": {"entity": "entity", "action": "action", "trigger": "trigger"}},
+                "remove": ["trigger"],
+            }
+        },
     }
     config = {
         "consent": {"analytics": True},
@@ -105,26 +217,27 @@ def flow_document(flush_at: int) -> dict:
             "maxRetries": 3,
             "userId": "user.id",
             "anonymousId": "user.session",
-            "consent": {"analytics": "Analytics", "marketing": "Advertising",
-                        "personalization": "Personalization"},
+            "consent": {"analytics": "Analytics", "marketing": "Advertising", "personalization": "Personalization"},
             "identify": {"map": {"traits": {"map": {"email": "user.email", "country": "user.country"}}}},
-            "group": {"map": {"groupId": "globals.company_id",
-                              "traits": {"map": {"name": "globals.company"}}}},
+            "group": {"map": {"groupId": "globals.company_id", "traits": {"map": {"name": "globals.company"}}}},
             "integrations": {"All": True, "Mixpanel": False},
         },
         "mapping": mapping,
     }
-    return {"version": 4,
-            "flows": {"default": {
-                "destinations": {"segment": {"package": "@walkeros/server-destination-segment",
-                                             "config": config}},
-                "collector": {"globals": {"environment": "production"}, "consent": {}}}}}
+    return {
+        "version": 4,
+        "flows": {
+            "default": {
+                "destinations": {"segment": {"package": "@walkeros/server-destination-segment", "config": config}},
+                "collector": {"globals": {"environment": "production"}, "consent": {}},
+            }
+        },
+    }
 
 
 def rule_count(document: dict) -> int:
     mapping = document["flows"]["default"]["destinations"]["segment"]["config"]["mapping"]
-    return sum(len(slot) if isinstance(slot, list) else 1
-               for actions in mapping.values() for slot in actions.values())
+    return sum(len(slot) if isinstance(slot, list) else 1 for actions in mapping.values() for slot in actions.values())
 
 
 def write_flow(path: Path, flush_at: int, disable: bool = False) -> Path:
@@ -150,11 +263,24 @@ TERMS = ("  Running Shoes", "rain JACKET ", "Backpack", "wool socks", "Trail  ",
 
 # (name, weight)
 EVENT_MIX = (
-    ("page view", 300), ("product view", 180), ("product add", 60), ("product remove", 15),
-    ("cart view", 35), ("checkout start", 25), ("order complete", 22), ("user login", 30),
-    ("user signup", 8), ("newsletter subscribe", 10), ("search submit", 60),
-    ("promotion view", 35), ("promotion click", 12), ("screen view", 40), ("account update", 6),
-    ("debug ping", 20), ("video play", 15), ("form submit", 12),
+    ("page view", 300),
+    ("product view", 180),
+    ("product add", 60),
+    ("product remove", 15),
+    ("cart view", 35),
+    ("checkout start", 25),
+    ("order complete", 22),
+    ("user login", 30),
+    ("user signup", 8),
+    ("newsletter subscribe", 10),
+    ("search submit", 60),
+    ("promotion view", 35),
+    ("promotion click", 12),
+    ("screen view", 40),
+    ("account update", 6),
+    ("debug ping", 20),
+    ("video play", 15),
+    ("form submit", 12),
 )
 _NAMES = [name for name, _ in EVENT_MIX]
 _WEIGHTS = [weight for _, weight in EVENT_MIX]
@@ -176,7 +302,9 @@ class _User:
         self.user_id = None
         self.email = None
         self.country = rng.choice(COUNTRIES)
-        self.company = (f"c{rng.randrange(2000):05d}", f"Company {rng.randrange(2000)}") if rng.random() < 0.12 else None
+        self.company = (
+            (f"c{rng.randrange(2000):05d}", f"Company {rng.randrange(2000)}") if rng.random() < 0.12 else None
+        )
 
 
 class EventStream:
@@ -213,10 +341,18 @@ class EventStream:
         out = []
         for _ in range(k):
             pid = rng.randrange(5000)
-            out.append({"entity": "product",
-                        "data": {"id": f"p{pid:05d}", "name": f"Product {pid}",
-                                 "price": round(rng.uniform(5, 400), 2), "quantity": rng.randint(1, 3),
-                                 "category": CATEGORIES[pid % len(CATEGORIES)]}})
+            out.append(
+                {
+                    "entity": "product",
+                    "data": {
+                        "id": f"p{pid:05d}",
+                        "name": f"Product {pid}",
+                        "price": round(rng.uniform(5, 400), 2),
+                        "quantity": rng.randint(1, 3),
+                        "category": CATEGORIES[pid % len(CATEGORIES)],
+                    },
+                }
+            )
         if rng.random() < 0.2:  # a non-product entity in the basket (filtered by the loop's condition)
             out.append({"entity": "voucher", "data": {"id": f"v{rng.randrange(100)}", "value": 10}})
         return out
@@ -263,12 +399,19 @@ class EventStream:
             globals_["company_id"], globals_["company"] = user.company
         if entity == "page":
             page = rng.choice(PAGES)
-            data = {"id": f"/{page}/{rng.randrange(300)}", "title": f"{page.title()} page",
-                    "referrer": rng.choice(("https://www.google.com/", "https://shop.example.com/", ""))}
+            data = {
+                "id": f"/{page}/{rng.randrange(300)}",
+                "title": f"{page.title()} page",
+                "referrer": rng.choice(("https://www.google.com/", "https://shop.example.com/", "")),
+            }
         elif entity == "product":
             pid = rng.randrange(5000)
-            data = {"id": f"p{pid:05d}", "name": f"Product {pid}", "price": round(rng.uniform(5, 400), 2),
-                    "category": CATEGORIES[pid % len(CATEGORIES)]}
+            data = {
+                "id": f"p{pid:05d}",
+                "name": f"Product {pid}",
+                "price": round(rng.uniform(5, 400), 2),
+                "category": CATEGORIES[pid % len(CATEGORIES)],
+            }
             if action == "add":
                 data["quantity"] = rng.randint(1, 3)
         elif entity in ("cart", "checkout", "order"):
@@ -280,8 +423,12 @@ class EventStream:
             if user.user_id is None:
                 user.user_id = f"u{user.n:07d}"
                 user.email = f"user{user.n}@example.com"
-            data = {"user_id": user.user_id, "email": user.email, "plan": rng.choice(PLANS),
-                    "method": rng.choice(("password", "google", "apple"))}
+            data = {
+                "user_id": user.user_id,
+                "email": user.email,
+                "plan": rng.choice(PLANS),
+                "method": rng.choice(("password", "google", "apple")),
+            }
             if action == "signup":
                 data["created_at"] = self.time_ms
         elif entity == "newsletter":
@@ -289,14 +436,21 @@ class EventStream:
         elif entity == "search":
             data = {"term": rng.choice(TERMS), "results": rng.randrange(200)}
         elif entity == "promotion":
-            data = {"id": f"promo{rng.randrange(40)}", "creative": rng.choice(("banner", "tile")),
-                    "position": rng.randrange(1, 6)}
+            data = {
+                "id": f"promo{rng.randrange(40)}",
+                "creative": rng.choice(("banner", "tile")),
+                "position": rng.randrange(1, 6),
+            }
         elif entity == "screen":
             data = {"name": rng.choice(("Home", "Product", "Cart", "Settings"))}
         elif entity == "account":
             company = user.company or (f"c{rng.randrange(2000):05d}", "Acme")
-            data = {"company_id": company[0], "company": company[1], "plan": rng.choice(PLANS),
-                    "seats": rng.randint(1, 50)}
+            data = {
+                "company_id": company[0],
+                "company": company[1],
+                "plan": rng.choice(PLANS),
+                "seats": rng.randint(1, 50),
+            }
         elif entity == "debug":
             data = {"level": "info", "message": "heartbeat"}
         else:
@@ -306,13 +460,21 @@ class EventStream:
         if user.user_id is not None:
             u["id"] = user.user_id
             u["email"] = user.email
-        event = {"name": name, "data": data, "globals": globals_, "user": u,
-                 "context": {"stage": [rng.choice(("browse", "checkout")), 1]},
-                 "timestamp": self.time_ms, "timing": round(rng.uniform(0, 30), 2),
-                 "trigger": rng.choice(("load", "click", "visible")),
-                 "source": {"type": "server" if entity == "screen" else "browser",
-                            "url": f"https://shop.example.com/{rng.choice(PAGES)}",
-                            **({"version": "3.2.1"} if entity == "screen" else {})}}
+        event = {
+            "name": name,
+            "data": data,
+            "globals": globals_,
+            "user": u,
+            "context": {"stage": [rng.choice(("browse", "checkout")), 1]},
+            "timestamp": self.time_ms,
+            "timing": round(rng.uniform(0, 30), 2),
+            "trigger": rng.choice(("load", "click", "visible")),
+            "source": {
+                "type": "server" if entity == "screen" else "browser",
+                "url": f"https://shop.example.com/{rng.choice(PAGES)}",
+                **({"version": "3.2.1"} if entity == "screen" else {}),
+            },
+        }
         if rng.random() < 0.97:  # a few events come without an id: one is derived from the content
             event["id"] = f"{rng.getrandbits(64):016x}"
         if nested:

@@ -22,6 +22,7 @@ steady rate is ``(N - N0) / (T(N) - T(N0))`` where ``T`` is the variant's measur
 (median of the repeats). Results go to out/bench/results/; with --update-docs to bench/results/,
 and docs/bench.md is rewritten from them. See docs/bench.md for the method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,15 +75,22 @@ def ensure_events(workdir: Path, n: int, seed: int) -> Path:
 
     path = workdir / f"events-{n}.jsonl"
     meta_path = path.with_suffix(".meta.json")
-    meta = {"n": n, "seed": seed, "generator": GENERATOR_VERSION,
-            "source": hashlib.sha256((ROOT / "bench" / "generate.py").read_bytes()).hexdigest()}
+    meta = {
+        "n": n,
+        "seed": seed,
+        "generator": GENERATOR_VERSION,
+        "source": hashlib.sha256((ROOT / "bench" / "generate.py").read_bytes()).hexdigest(),
+    }
     if path.exists() and _meta_matches(meta_path, meta):
         return path
     started = time.perf_counter()
     facts = write_events(path, n, seed)
     meta_path.write_text(json.dumps(meta))
-    print(f"  generated {n:,} events ({facts['bytes'] / 1e6:.1f} MB, {facts['mean_line_bytes']:.0f} B/line) "
-          f"in {time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"  generated {n:,} events ({facts['bytes'] / 1e6:.1f} MB, {facts['mean_line_bytes']:.0f} B/line) "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     return path
 
 
@@ -90,14 +98,28 @@ def ensure_calls(workdir: Path, flow: Path, events: Path, n: int) -> tuple[Path,
     """The messages each delivered event sends (input of the send variants), via the transform."""
     path = workdir / f"calls-{n}.jsonl"
     meta_path = path.with_suffix(".meta.json")
-    meta = {"events": hashlib.sha256(events.with_suffix(".meta.json").read_bytes()).hexdigest(),
-            "flow": hashlib.sha256(flow.read_bytes()).hexdigest()}
+    meta = {
+        "events": hashlib.sha256(events.with_suffix(".meta.json").read_bytes()).hexdigest(),
+        "flow": hashlib.sha256(flow.read_bytes()).hexdigest(),
+    }
     counts_path = path.with_suffix(".counts.json")
     if path.exists() and _meta_matches(meta_path, meta) and counts_path.exists():
         return path, json.loads(counts_path.read_text())
     result = _spawn("calls", workdir, ["--flow", str(flow), "--input", str(events), "--calls", str(path)])
-    counts = {k: result[k] for k in ("inputs", "events", "dead_letters", "consent_denied", "ignored",
-                                     "delivered", "messages", "suppressed", "keys")}
+    counts = {
+        k: result[k]
+        for k in (
+            "inputs",
+            "events",
+            "dead_letters",
+            "consent_denied",
+            "ignored",
+            "delivered",
+            "messages",
+            "suppressed",
+            "keys",
+        )
+    }
     counts_path.write_text(json.dumps(counts))
     meta_path.write_text(json.dumps(meta))
     return path, counts
@@ -106,8 +128,7 @@ def ensure_calls(workdir: Path, flow: Path, events: Path, n: int) -> tuple[Path,
 # ---------------------------------------------------------------------------------------------
 # running one variant
 # ---------------------------------------------------------------------------------------------
-def _spawn(mode: str, workdir: Path, args: list[str], env: dict | None = None,
-           profile: Path | None = None) -> dict:
+def _spawn(mode: str, workdir: Path, args: list[str], env: dict | None = None, profile: Path | None = None) -> dict:
     result_path = workdir / f"result-{mode}-{os.getpid()}.json"
     result_path.unlink(missing_ok=True)
     log_path = workdir / f"worker-{mode}.log"
@@ -116,8 +137,14 @@ def _spawn(mode: str, workdir: Path, args: list[str], env: dict | None = None,
         command += ["--profile", str(profile)]
     started = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -167,16 +194,15 @@ class _Endpoint:
             "statuses": statuses,
             "mean_messages_per_request": (sum(per_request) / len(per_request)) if per_request else None,
             "max_messages_per_request": max(per_request) if per_request else None,
-            "mean_request_bytes": (statistics.fmean(r.decoded_bytes for r in segment.requests
-                                                    if r.decoded_bytes) if per_request else None),
+            "mean_request_bytes": (
+                statistics.fmean(r.decoded_bytes for r in segment.requests if r.decoded_bytes) if per_request else None
+            ),
         }
 
 
-def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
-                profile: Path | None = None) -> dict:
+def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int, profile: Path | None = None) -> dict:
     endpoint = _Endpoint() if variant in NEEDS_ENDPOINT else None
-    env = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-           "BENCH_SEGMENT_WRITE_KEY": WRITE_KEY}
+    env = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "BENCH_SEGMENT_WRITE_KEY": WRITE_KEY}
     if endpoint is not None:
         env["BENCH_SEGMENT_HOST"] = endpoint.segment.url
     flow = ["--flow", str(paths["flow"])]
@@ -185,15 +211,24 @@ def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
             result = _spawn("transform", workdir, [*flow, "--input", str(paths["events"][n])], env, profile)
         elif variant in ("send", "send-post", "send-sink"):
             client = {"send": "bare", "send-post": "post", "send-sink": "sink"}[variant]
-            result = _spawn("send", workdir, [*flow, "--calls", str(paths["calls"][n]), "--flush-at", str(flush_at),
-                                              "--client", client],
-                            env, profile)
+            result = _spawn(
+                "send",
+                workdir,
+                [*flow, "--calls", str(paths["calls"][n]), "--flush-at", str(flush_at), "--client", client],
+                env,
+                profile,
+            )
         elif variant in ("pipeline", "pipeline-nosend"):
             dead = workdir / f"dead-letters-{n}" / "dl"
             if variant == "pipeline-nosend":
                 flow = ["--flow", str(paths["flow-nosend"])]
-            result = _spawn("pipeline", workdir, [*flow, "--input", str(paths["events"][n]),
-                                                  "--dead-letter", str(dead)], env, profile)
+            result = _spawn(
+                "pipeline",
+                workdir,
+                [*flow, "--input", str(paths["events"][n]), "--dead-letter", str(dead)],
+                env,
+                profile,
+            )
         else:
             result = _spawn("explain", workdir, [*flow, "--input", str(paths["events"][n])], env, profile)
     finally:
@@ -211,8 +246,7 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at: int,
-              expected: dict) -> dict:
+def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at: int, expected: dict) -> dict:
     def pick(variant, n):
         return [r for r in runs if r["variant"] == variant and r["n"] == n]
 
@@ -242,15 +276,17 @@ def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at:
                 "peak_rss_mb": _median(r["peak_rss_kb"] for r in rs) / 1024,
             }
             if variant in NEEDS_ENDPOINT:
-                row.update({
-                    "http_requests": _median(r["http_requests"] for r in rs),
-                    "messages_accepted": _median(r["accepted"] for r in rs),
-                    "messages_expected": expected.get(n, {}).get("messages"),
-                    "duplicates": max(r["duplicates"] for r in rs),
-                    "dropped": max(r["dropped"] for r in rs),
-                    "mean_messages_per_request": _median(r["mean_messages_per_request"] for r in rs),
-                    "mean_request_kb": (_median(r["mean_request_bytes"] for r in rs) or 0) / 1000,
-                })
+                row.update(
+                    {
+                        "http_requests": _median(r["http_requests"] for r in rs),
+                        "messages_accepted": _median(r["accepted"] for r in rs),
+                        "messages_expected": expected.get(n, {}).get("messages"),
+                        "duplicates": max(r["duplicates"] for r in rs),
+                        "dropped": max(r["dropped"] for r in rs),
+                        "mean_messages_per_request": _median(r["mean_messages_per_request"] for r in rs),
+                        "mean_request_kb": (_median(r["mean_request_bytes"] for r in rs) or 0) / 1000,
+                    }
+                )
             per_n[str(n)] = row
         out["variants"][variant] = per_n
 
@@ -269,16 +305,21 @@ def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at:
     small, big = (10_000, 100_000) if {10_000, 100_000} <= set(sizes) else (None, None)
     if small:
         out["ratios"]["cost_per_event_100k_over_10k"] = {
-            v: (rate(v, small) / rate(v, big)) if rate(v, small) and rate(v, big) else None for v in variants}
+            v: (rate(v, small) / rate(v, big)) if rate(v, small) and rate(v, big) else None for v in variants
+        }
 
         def cpu(variant, n):
             return out["variants"].get(variant, {}).get(str(n), {}).get("cpu_us_per_event")
+
         out["ratios"]["cpu_per_event_100k_over_10k"] = {
-            v: (cpu(v, big) / cpu(v, small)) if cpu(v, small) and cpu(v, big) else None for v in variants}
+            v: (cpu(v, big) / cpu(v, small)) if cpu(v, small) and cpu(v, big) else None for v in variants
+        }
     if {100_000, 1_000_000} <= set(sizes):
         out["ratios"]["peak_rss_1m_over_100k"] = {
             v: out["variants"][v]["1000000"]["peak_rss_mb"] / out["variants"][v]["100000"]["peak_rss_mb"]
-            for v in variants if "1000000" in out["variants"].get(v, {}) and "100000" in out["variants"][v]}
+            for v in variants
+            if "1000000" in out["variants"].get(v, {}) and "100000" in out["variants"][v]
+        }
     # the batch size Segment's limits and our settings allow
     mean_bytes = None
     for n in sizes:
@@ -289,8 +330,13 @@ def summarise(runs: list[dict], sizes: list[int], variants: list[str], flush_at:
 
     byte_cap = int(MAX_BATCH_BYTES / mean_bytes) if mean_bytes else None
     binding = min(x for x in (flush_at, MAX_BATCH_MESSAGES, byte_cap) if x)
-    out["batching"] = {"flush_at": flush_at, "message_cap": MAX_BATCH_MESSAGES, "mean_message_bytes": mean_bytes,
-                       "byte_cap_messages": byte_cap, "binding_limit": binding}
+    out["batching"] = {
+        "flush_at": flush_at,
+        "message_cap": MAX_BATCH_MESSAGES,
+        "mean_message_bytes": mean_bytes,
+        "byte_cap_messages": byte_cap,
+        "binding_limit": binding,
+    }
     return out
 
 
@@ -305,22 +351,44 @@ def targets(summary: dict, sizes: list[int]) -> list[tuple[str, str, bool | None
 
     p, s = at("pipeline", top, "events_per_s"), at("send", top, "events_per_s")
     pc, sc = at("pipeline", top, "cpu_us_per_event"), at("send", top, "cpu_us_per_event")
-    rows.append((f"pipeline events/s ≥ the bare SDK Client sending the same messages, at {top:,}",
-                 f"{p:,.0f} vs {s:,.0f}/s ({p / s:.0%}); CPU {pc:.0f} vs {sc:.0f} µs/event" if p and s and pc and sc
-                 else "n/a", None if not (p and s) else p >= s))
+    rows.append(
+        (
+            f"pipeline events/s ≥ the bare SDK Client sending the same messages, at {top:,}",
+            f"{p:,.0f} vs {s:,.0f}/s ({p / s:.0%}); CPU {pc:.0f} vs {sc:.0f} µs/event"
+            if p and s and pc and sc
+            else "n/a",
+            None if not (p and s) else p >= s,
+        )
+    )
     rss = r.get("peak_rss_1m_over_100k", {}).get("pipeline")
-    rows.append(("pipeline peak RSS at 1M ≤ 1.5× 100k (identify and group flow)",
-                 f"{rss:.2f}×" if rss else "not measured (--full)", None if rss is None else rss <= 1.5))
+    rows.append(
+        (
+            "pipeline peak RSS at 1M ≤ 1.5× 100k (identify and group flow)",
+            f"{rss:.2f}×" if rss else "not measured (--full)",
+            None if rss is None else rss <= 1.5,
+        )
+    )
     cost = r.get("cpu_per_event_100k_over_10k", {}).get("pipeline")
-    rows.append(("pipeline CPU per event at 100k within 10% of 10k (100k ÷ 10k ≤ 1.10)",
-                 f"{cost:.2f}" if cost else "n/a", None if cost is None else cost <= 1.10))
+    rows.append(
+        (
+            "pipeline CPU per event at 100k within 10% of 10k (100k ÷ 10k ≤ 1.10)",
+            f"{cost:.2f}" if cost else "n/a",
+            None if cost is None else cost <= 1.10,
+        )
+    )
     t = at("transform", top, "cpu_us_per_event")
-    rows.append((f"transform ≤ 37 CPU µs/event at {top:,}", f"{t:.0f} µs" if t else "n/a",
-                 None if t is None else t <= 37))
+    rows.append(
+        (f"transform ≤ 37 CPU µs/event at {top:,}", f"{t:.0f} µs" if t else "n/a", None if t is None else t <= 37)
+    )
     mpr = at("pipeline", top, "mean_messages_per_request")
     binding = summary["batching"]["binding_limit"]
-    rows.append((f"pipeline messages/request ≥ 90% of {binding} (binding limit)",
-                 f"{mpr:.1f} ({mpr / binding:.0%})" if mpr else "n/a", None if mpr is None else mpr >= 0.9 * binding))
+    rows.append(
+        (
+            f"pipeline messages/request ≥ 90% of {binding} (binding limit)",
+            f"{mpr:.1f} ({mpr / binding:.0%})" if mpr else "n/a",
+            None if mpr is None else mpr >= 0.9 * binding,
+        )
+    )
     grown = _memory_per_event(v.get("pipeline", {}))
     if grown is not None:
         rows.append(("pipeline memory per event, (RSS at 1M − RSS at 100k) ÷ 900,000", f"{grown:,.0f} B", None))
@@ -355,9 +423,13 @@ def table_rows(summary: dict, sizes: list[int], variants: list[str]) -> tuple[li
                 row += ["–"] * 5
                 continue
             cpu = d.get("cpu_us_per_event")
-            row += [_fmt_rate(d["events_per_s"]), f"{cpu:.0f}" if cpu else "–", f"{d['peak_rss_mb']:.0f}",
-                    f"{d['http_requests']:,.0f}" if "http_requests" in d else "–",
-                    f"{d['mean_messages_per_request']:.1f}" if d.get("mean_messages_per_request") else "–"]
+            row += [
+                _fmt_rate(d["events_per_s"]),
+                f"{cpu:.0f}" if cpu else "–",
+                f"{d['peak_rss_mb']:.0f}",
+                f"{d['http_requests']:,.0f}" if "http_requests" in d else "–",
+                f"{d['mean_messages_per_request']:.1f}" if d.get("mean_messages_per_request") else "–",
+            ]
         rows.append(row)
     harmonic = ["harmonic limit 1/(1/t+1/s)"]
     ratio = ["pipeline ÷ harmonic limit"]
@@ -371,8 +443,10 @@ def table_rows(summary: dict, sizes: list[int], variants: list[str]) -> tuple[li
 
 def render_text(header, rows) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -388,33 +462,49 @@ def machine_facts() -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "load_average_at_end": load}
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_at_end": load,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated N (default 10000,100000)")
     parser.add_argument("--full", action="store_true", help="add N = 1,000,000 (several minutes more)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per variant at N ≤ 10,000 and at N0 (median taken); larger N run "
-                             "once unless --repeats-large is given (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per variant at N ≤ 10,000 and at N0 (median taken); larger N run "
+        "once unless --repeats-large is given (default 3)",
+    )
     parser.add_argument("--repeats-large", type=int, default=1, help="runs per variant at N > 10,000 (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--flush-at", type=int, default=500, help="the flow's flushAt (default 500)")
     parser.add_argument("--seed", type=int, default=None, help="event generator seed")
     parser.add_argument("--workdir", default=str(ROOT / "out" / "bench"), help="where inputs and logs go")
-    parser.add_argument("--profile", action="store_true",
-                        help="also write cProfile reports of the transform loop and the pipeline")
-    parser.add_argument("--update-docs", action="store_true",
-                        help="keep the results in bench/results/ and rewrite docs/bench.md from them (otherwise "
-                             "they go to <workdir>/results/ and no tracked file changes)")
-    parser.add_argument("--render-docs", action="store_true",
-                        help="measure nothing: rewrite docs/bench.md (and print the table) from bench/results/latest.json")
+    parser.add_argument(
+        "--profile", action="store_true", help="also write cProfile reports of the transform loop and the pipeline"
+    )
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="keep the results in bench/results/ and rewrite docs/bench.md from them (otherwise "
+        "they go to <workdir>/results/ and no tracked file changes)",
+    )
+    parser.add_argument(
+        "--render-docs",
+        action="store_true",
+        help="measure nothing: rewrite docs/bench.md (and print the table) from bench/results/latest.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -435,12 +525,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    print(f"bench: N = {', '.join(f'{n:,}' for n in sizes)} (start-up measured at N0 = {N0:,}); "
-          f"variants: {', '.join(variants)}; flushAt {args.flush_at}", flush=True)
+    print(
+        f"bench: N = {', '.join(f'{n:,}' for n in sizes)} (start-up measured at N0 = {N0:,}); "
+        f"variants: {', '.join(variants)}; flushAt {args.flush_at}",
+        flush=True,
+    )
     flow = generate.write_flow(workdir / "flow.json", args.flush_at)
     all_sizes = [N0, *sizes]
-    paths = {"flow": flow, "flow-nosend": generate.write_flow(workdir / "flow-nosend.json", args.flush_at, disable=True),
-             "events": {}, "calls": {}}
+    paths = {
+        "flow": flow,
+        "flow-nosend": generate.write_flow(workdir / "flow-nosend.json", args.flush_at, disable=True),
+        "events": {},
+        "calls": {},
+    }
     expected = {}
     for n in all_sizes:
         paths["events"][n] = ensure_events(workdir, n, seed)
@@ -456,14 +553,18 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 extra = ""
                 if variant in NEEDS_ENDPOINT:
-                    extra = (f", {result['http_requests']} requests, "
-                             f"{result['mean_messages_per_request'] or 0:.1f} msgs/req, {result['accepted']} accepted")
+                    extra = (
+                        f", {result['http_requests']} requests, "
+                        f"{result['mean_messages_per_request'] or 0:.1f} msgs/req, {result['accepted']} accepted"
+                    )
                     want = expected.get(n, {}).get("messages")
                     if want is not None and result["accepted"] != want:
                         extra += f" (EXPECTED {want})"
-                print(f"  N={n:>9,} #{repeat + 1} {variant:<10} {result['work_s']:7.2f} s work, "
-                      f"{result['process_wall_s']:6.2f} s process, {result['peak_rss_kb'] / 1024:6.0f} MB{extra}",
-                      flush=True)
+                print(
+                    f"  N={n:>9,} #{repeat + 1} {variant:<10} {result['work_s']:7.2f} s work, "
+                    f"{result['process_wall_s']:6.2f} s process, {result['peak_rss_kb'] / 1024:6.0f} MB{extra}",
+                    flush=True,
+                )
 
     summary = summarise(runs, sizes, variants, args.flush_at, expected)
     header, rows = table_rows(summary, sizes, variants)
@@ -472,21 +573,42 @@ def main(argv: list[str] | None = None) -> int:
 
     summary["functions"] = function_cost.measure(paths["events"][min(sizes)])
     added = summary["functions"]["added_cpu_us"]
-    print(f"  three $code: functions per event add {added:.1f} µs CPU an event "
-          f"({summary['functions']['plain_cpu_us']:.1f} → {summary['functions']['functions_cpu_us']:.1f})",
-          flush=True)
-    goal_rows.append((f"three JavaScript functions per event add ≤ {function_cost.TARGET_US:.0f} µs an event "
-                      "(CPU, map + plan)", f"{added:.1f} µs", added <= function_cost.TARGET_US))
+    print(
+        f"  three $code: functions per event add {added:.1f} µs CPU an event "
+        f"({summary['functions']['plain_cpu_us']:.1f} → {summary['functions']['functions_cpu_us']:.1f})",
+        flush=True,
+    )
+    goal_rows.append(
+        (
+            f"three JavaScript functions per event add ≤ {function_cost.TARGET_US:.0f} µs an event (CPU, map + plan)",
+            f"{added:.1f} µs",
+            added <= function_cost.TARGET_US,
+        )
+    )
     profile_report = run_profiles(paths, workdir, results, sizes, args.flush_at) if args.profile else None
 
-    meta = {"time": stamp, "command": argv_text(argv), "sizes": sizes, "n0": N0, "variants": variants, "flush_at": args.flush_at,
-            "seed": seed, "rules": generate.rule_count(generate.flow_document(args.flush_at)),
-            "repeats": args.repeats, "repeats_large": args.repeats_large,
-            "machine": machine_facts(), "bench_seconds": time.perf_counter() - started,
-            "expected": {str(k): v for k, v in expected.items()}}
-    document = {"meta": meta, "summary": summary,
-                "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in goal_rows],
-                "profile": profile_report, "runs": runs}
+    meta = {
+        "time": stamp,
+        "command": argv_text(argv),
+        "sizes": sizes,
+        "n0": N0,
+        "variants": variants,
+        "flush_at": args.flush_at,
+        "seed": seed,
+        "rules": generate.rule_count(generate.flow_document(args.flush_at)),
+        "repeats": args.repeats,
+        "repeats_large": args.repeats_large,
+        "machine": machine_facts(),
+        "bench_seconds": time.perf_counter() - started,
+        "expected": {str(k): v for k, v in expected.items()},
+    }
+    document = {
+        "meta": meta,
+        "summary": summary,
+        "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in goal_rows],
+        "profile": profile_report,
+        "runs": runs,
+    }
     text = json.dumps(document, indent=1, default=str)
     (results / f"bench-{stamp}.json").write_text(text)
     (results / "latest.json").write_text(text)
@@ -497,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     for target, measured, ok in goal_rows:
         mark = "n/a " if ok is None else ("met " if ok else "MISS")
         print(f"  [{mark}] {target}: {measured}")
-    print(f"\nresults: {results / f'bench-{stamp}.json'} (and latest.json); "
-          f"{time.perf_counter() - started:.0f} s in all")
+    print(
+        f"\nresults: {results / f'bench-{stamp}.json'} (and latest.json); {time.perf_counter() - started:.0f} s in all"
+    )
     if args.update_docs:
         write_docs(document, header, rows, goal_rows, argv_text(argv))
         print(f"docs: {DOCS.relative_to(ROOT)}")
@@ -536,17 +659,29 @@ def run_profiles(paths: dict, workdir: Path, results: Path, sizes: list[int], fl
         with open(text_path, "w") as f:
             stats = pstats.Stats(str(prof), stream=f)
             stats.strip_dirs()
-            f.write(f"# cProfile of the {variant} variant, N = {size:,} (main thread only; cProfile slows "
-                    "Python code down, so shares are what matters)\n")
+            f.write(
+                f"# cProfile of the {variant} variant, N = {size:,} (main thread only; cProfile slows "
+                "Python code down, so shares are what matters)\n"
+            )
             stats.sort_stats("tottime").print_stats(40)
             stats.sort_stats("cumulative").print_stats(40)
         stats = pstats.Stats(str(prof))
         total = stats.total_tt
         top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
         report[variant] = {
-            "n": size, "total_s": total, "file": str(text_path.relative_to(ROOT)),
-            "top_tottime": [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "tottime_s": round(v[2], 3),
-                             "share": round(v[2] / total, 3), "cumtime_s": round(v[3], 3)} for k, v in top]}
+            "n": size,
+            "total_s": total,
+            "file": str(text_path.relative_to(ROOT)),
+            "top_tottime": [
+                {
+                    "function": f"{Path(k[0]).name}:{k[1]}({k[2]})",
+                    "tottime_s": round(v[2], 3),
+                    "share": round(v[2] / total, 3),
+                    "cumtime_s": round(v[3], 3),
+                }
+                for k, v in top
+            ],
+        }
         print(f"  profile of {variant} at N={size:,}: {text_path.relative_to(ROOT)}", flush=True)
     return report
 
@@ -594,9 +729,14 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
     cost = summary["ratios"].get("cost_per_event_100k_over_10k") or {}
     cpu_cost = summary["ratios"].get("cpu_per_event_100k_over_10k") or {}
     if cost:
-        lines += ["", "Cost per event at 100k ÷ cost per event at 10k (1.00 = linear), wall time: " + ", ".join(
-            f"{v} {c:.2f}" for v, c in cost.items() if c) + "; CPU time: " + ", ".join(
-            f"{v} {c:.2f}" for v, c in cpu_cost.items() if c) + "."]
+        lines += [
+            "",
+            "Cost per event at 100k ÷ cost per event at 10k (1.00 = linear), wall time: "
+            + ", ".join(f"{v} {c:.2f}" for v, c in cost.items() if c)
+            + "; CPU time: "
+            + ", ".join(f"{v} {c:.2f}" for v, c in cpu_cost.items() if c)
+            + ".",
+        ]
     rss = summary["ratios"].get("peak_rss_1m_over_100k") or {}
     if rss:
         lines += ["", "Peak RSS at 1M ÷ peak RSS at 100k: " + ", ".join(f"{v} {c:.2f}×" for v, c in rss.items()) + "."]
@@ -637,10 +777,15 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
     ]
     profile = document.get("profile")
     if profile:
-        lines += ["### Where the time goes", "",
-                  "cProfile of the measured span (`--profile`; main thread only, so a request's helper thread "
-                  "(or the SDK Client's consumer thread) is not in it; cProfile inflates Python-heavy code, so read the shares, not the seconds). "
-                  "Functions with the most own time:", ""]
+        lines += [
+            "### Where the time goes",
+            "",
+            "cProfile of the measured span (`--profile`; main thread only, so a request's helper thread "
+            "(or the SDK Client's consumer thread) is not in it; cProfile inflates Python-heavy code, "
+            "so read the shares, not the seconds). "
+            "Functions with the most own time:",
+            "",
+        ]
         for variant, report in profile.items():
             top = ", ".join(f"`{_function_label(t['function'])}` {t['share']:.0%}" for t in report["top_tottime"][:8])
             lines += [f"- **{variant}** (N = {report['n']:,}, full report `{report['file']}`): {top}."]
@@ -652,5 +797,5 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
     if DOCS.exists():
         previous = DOCS.read_text()
         if ANALYSIS_MARKER in previous:
-            kept = previous[previous.index(ANALYSIS_MARKER):]
+            kept = previous[previous.index(ANALYSIS_MARKER) :]
     DOCS.write_text("\n".join(lines) + ("\n" + kept if kept else ""))

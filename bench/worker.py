@@ -23,6 +23,7 @@ Modes:
              reading the file and delivering to ``$BENCH_SEGMENT_HOST``.
   explain    ``walkeros-segment explain`` in this process, its output written to /dev/null.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,9 +110,17 @@ def _transform(flow: str, path: str, calls_out: str | None) -> dict:
                         out.write(b"\n")
     if out is not None:
         out.close()
-    counts = {"inputs": inputs, "events": events, "dead_letters": dead, "consent_denied": denied,
-              "ignored": ignored, "delivered": delivered, "messages": messages_sent,
-              "suppressed": suppressed_calls, "keys": len(states)}
+    counts = {
+        "inputs": inputs,
+        "events": events,
+        "dead_letters": dead,
+        "consent_denied": denied,
+        "ignored": ignored,
+        "delivered": delivered,
+        "messages": messages_sent,
+        "suppressed": suppressed_calls,
+        "keys": len(states),
+    }
     return {"work_s": span.wall, "cpu_s": span.cpu, **counts}
 
 
@@ -165,9 +174,15 @@ def _send_bare(calls_path: str, cap: int, settings, counts: dict) -> dict:
     failures = []
     with _Span() as span:
         key = settings.write_key.reveal()
-        client = Client(key, host=settings.sdk_host(), upload_size=cap, max_queue_size=50_000,
-                        max_retries=settings.max_retries, thread=1,
-                        on_error=lambda exc, batch: failures.append(len(batch)))
+        client = Client(
+            key,
+            host=settings.sdk_host(),
+            upload_size=cap,
+            max_queue_size=50_000,
+            max_retries=settings.max_retries,
+            thread=1,
+            on_error=lambda exc, batch: failures.append(len(batch)),
+        )
         queue = client.queue
         with open(calls_path, "rb") as f:
             for line in f:

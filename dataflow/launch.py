@@ -13,6 +13,7 @@ holds the package. Without it the workers run Beam's stock image, so this file s
 package with ``--setup_file`` instead (what ``FLEX_TEMPLATE_PYTHON_SETUP_FILE`` would do, but
 only when it is needed).
 """
+
 import logging
 import os
 import sys
@@ -29,10 +30,17 @@ def _given(argv: list[str], flag: str) -> bool:
 def main(argv: list[str]) -> int:
     if not _given(argv, "--runner"):
         argv = [*argv, "--runner=DataflowRunner"]
-    if (not _given(argv, "--sdk_container_image") and not _given(argv, "--setup_file")
-            and os.path.exists(SETUP_FILE) and any("Dataflow" in a for a in argv if a.startswith("--runner"))):
-        logging.warning("sdk_container_image is not set: the workers will install this package from %s "
-                        "at start; set it to the template's image to skip that", SETUP_FILE)
+    if (
+        not _given(argv, "--sdk_container_image")
+        and not _given(argv, "--setup_file")
+        and os.path.exists(SETUP_FILE)
+        and any("Dataflow" in a for a in argv if a.startswith("--runner"))
+    ):
+        logging.warning(
+            "sdk_container_image is not set: the workers will install this package from %s "
+            "at start; set it to the template's image to skip that",
+            SETUP_FILE,
+        )
         argv = [*argv, f"--setup_file={SETUP_FILE}"]
     return cli_main(["run", *argv])
 

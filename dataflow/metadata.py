@@ -9,6 +9,7 @@ does. tests/test_packaging.py fails when the file is out of date.
     python dataflow/metadata.py           # rewrite dataflow/metadata.json
     python dataflow/metadata.py --check   # exit 1 if it is out of date
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ BOOLEAN = r"^(true|false)$"
 REGEXES = {
     # The launcher reads the flow file: on gs://, or a path inside the template image.
     "flow": [r"^(gs://[a-z0-9][-_.a-z0-9]*[a-z0-9]/|/)[^\n\r]+$"],
-    "input": [GCS_PATH],        # workers cannot read the launcher's disk
+    "input": [GCS_PATH],  # workers cannot read the launcher's disk
     "dead_letter": [GCS_PATH],
     "input_subscription": [SUBSCRIPTION],
     "input_topic": [TOPIC],
@@ -100,8 +101,10 @@ def parameters() -> list[dict]:
         extra = {}
         if action.choices:
             regexes, param_type = ["^(" + "|".join(action.choices) + ")$"], "ENUM"
-            extra = {"enumOptions": [{"value": c, "label": c} for c in action.choices],
-                     "defaultValue": str(action.default)}
+            extra = {
+                "enumOptions": [{"value": c, "label": c} for c in action.choices],
+                "defaultValue": str(action.default),
+            }
         elif action.type is parse_bool:
             regexes, param_type = [BOOLEAN], "BOOLEAN"
             extra = {"defaultValue": "true" if action.default else "false"}
@@ -110,15 +113,17 @@ def parameters() -> list[dict]:
             extra = {"defaultValue": str(action.default)}
         else:
             regexes, param_type = REGEXES.get(name, [LINE]), PARAM_TYPES.get(name, "TEXT")
-        out.append({
-            "name": name,
-            "label": LABELS.get(name, name.replace("_", " ").capitalize()),
-            "helpText": help_text,
-            "isOptional": name not in REQUIRED_FLAGS,
-            "regexes": regexes,
-            "paramType": param_type,
-            **extra,
-        })
+        out.append(
+            {
+                "name": name,
+                "label": LABELS.get(name, name.replace("_", " ").capitalize()),
+                "helpText": help_text,
+                "isOptional": name not in REQUIRED_FLAGS,
+                "regexes": regexes,
+                "paramType": param_type,
+                **extra,
+            }
+        )
     return out
 
 
@@ -128,7 +133,8 @@ def metadata() -> dict:
         "description": (
             "Delivers walkerOS events to Segment as walkerOS's Segment destination does, mapped by a walkerOS "
             "flow file: streaming from a Pub/Sub subscription, or a batch backfill from files on GCS. Invalid "
-            "input and undeliverable events go to dead letters (files or a Pub/Sub topic)."),
+            "input and undeliverable events go to dead letters (files or a Pub/Sub topic)."
+        ),
         # Both streaming (Pub/Sub) and batch (files); in streaming, both Dataflow modes work:
         # exactly-once, and at-least-once (--dataflow_service_options=streaming_mode_at_least_once),
         # which the deterministic messageIds make safe (docs/operations.md).

@@ -5,6 +5,7 @@ SDK adds while sending (``context.library``, ``sentAt``) and minus fields that w
 identify and group are built as *candidates*: whether they are sent depends on the per-user
 state (``decide.identity.decide``).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,14 +26,15 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 @dataclass(slots=True)
 class EventCalls:
     """One event's calls before identify/group deduplication; what AssignIdentity emits."""
-    event: dict                      # the normalised event (the dead-letter payload: it replays)
-    key: str                         # the per-user state key
+
+    event: dict  # the normalised event (the dead-letter payload: it replays)
+    key: str  # the per-user state key
     timestamp_ms: int
-    identify: dict | None = None     # candidate message
+    identify: dict | None = None  # candidate message
     identify_signature: Signature | None = None
     group: dict | None = None
     group_signature: Signature | None = None
-    others: list[dict] = field(default_factory=list)   # page, screen, track in that order
+    others: list[dict] = field(default_factory=list)  # page, screen, track in that order
 
     def messages(self, *, identify: bool, group: bool) -> list[dict]:
         """The event's messages in order, with its identify and group where they fire."""
@@ -51,7 +53,7 @@ def timestamp_datetime(timestamp_ms: int | float) -> _dt.datetime:
 
 
 _DAY_MS = 86_400_000
-_DATES: dict[int, str] = {}   # day since the epoch -> "YYYY-MM-DD"; events come from few days
+_DATES: dict[int, str] = {}  # day since the epoch -> "YYYY-MM-DD"; events come from few days
 _DATES_MAX = 4096
 # second since the epoch -> "YYYY-MM-DDTHH:MM:SS."; events mostly arrive in time order, so
 # neighbours share their second and only the milliseconds are new.
@@ -102,17 +104,30 @@ def make_message_id(namespace: str, event_id: str, call_type: str) -> str:
     if len(plain) <= MESSAGE_ID_MAX:
         return plain
     digest = hashlib.sha256(f"{namespace}\x00{event_id}".encode()).hexdigest()[:40]
-    return f"{namespace[:MESSAGE_ID_MAX - len(call_type) - 42]}:{digest}:{call_type}"
+    return f"{namespace[: MESSAGE_ID_MAX - len(call_type) - 42]}:{digest}:{call_type}"
 
 
 class CallBuilder:
     """Compiled once from the destination settings; builds the calls of each event."""
 
-    def __init__(self, identify_spec: Any, group_spec: Any, integrations: dict | None,
-                 namespace: str, settings_path: str, on_error=None, functions=None):
-        self._identify = None if identify_spec is None else \
-            compile_value(identify_spec, f"{settings_path}.identify", on_error, functions)
-        self._group = None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error, functions)
+    def __init__(
+        self,
+        identify_spec: Any,
+        group_spec: Any,
+        integrations: dict | None,
+        namespace: str,
+        settings_path: str,
+        on_error=None,
+        functions=None,
+    ):
+        self._identify = (
+            None
+            if identify_spec is None
+            else compile_value(identify_spec, f"{settings_path}.identify", on_error, functions)
+        )
+        self._group = (
+            None if group_spec is None else compile_value(group_spec, f"{settings_path}.group", on_error, functions)
+        )
         self._integrations = integrations or None
         self._namespace = namespace
         # What each rule's settings make of the calls, worked out on the rule's first event.
@@ -122,8 +137,15 @@ class CallBuilder:
         # Plans hold compiled closures and are only a cache: they are worked out again.
         return {**self.__dict__, "_plans": {}}
 
-    def build(self, event: dict, rule: CompiledRule | None, data: Any, identity: Identity,
-              preferences: dict | None, context: dict) -> EventCalls:
+    def build(
+        self,
+        event: dict,
+        rule: CompiledRule | None,
+        data: Any,
+        identity: Identity,
+        preferences: dict | None,
+        context: dict,
+    ) -> EventCalls:
         identify_value, group_value, page_likes, track = self._plan_for(rule)
         timestamp_ms = int(event["timestamp"])
         user_id, anonymous_id = identity
@@ -173,8 +195,7 @@ class CallBuilder:
         for call_type, setting in page_likes:
             message = self._page_like(call_type, setting, event, context, common)
             if message is not None:
-                message["messageId"] = (self._message_id(event_id, call_type) if long_ids
-                                        else prefix + call_type)
+                message["messageId"] = self._message_id(event_id, call_type) if long_ids else prefix + call_type
                 others.append(message)
 
         if track:
@@ -184,11 +205,20 @@ class CallBuilder:
             message["properties"] = data if isinstance(data, dict) else {}
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
-        return EventCalls(event, state_key(user_id, anonymous_id), timestamp_ms, identify, identify_signature,
-                          group, group_signature, others)
+        return EventCalls(
+            event,
+            state_key(user_id, anonymous_id),
+            timestamp_ms,
+            identify,
+            identify_signature,
+            group,
+            group_signature,
+            others,
+        )
 
-    def signatures(self, event: dict, rule: CompiledRule | None, identity: Identity,
-                   context: dict) -> tuple[Signature | None, Signature | None]:
+    def signatures(
+        self, event: dict, rule: CompiledRule | None, identity: Identity, context: dict
+    ) -> tuple[Signature | None, Signature | None]:
         """Only the identify and group signatures :meth:`build` would give the event, without
         building any message: what batch deduplication decides on."""
         plan = self._plan_for(rule)
@@ -213,12 +243,17 @@ class CallBuilder:
         """A rule's settings override the destination's identify and group (a literal null or
         boolean there means none); page and screen come from the rule only."""
         settings = rule.settings if rule is not None else _NO_SETTINGS
-        page_likes = tuple((call_type, True if settings[call_type] is True else _evaluator(settings[call_type]))
-                           for call_type in ("page", "screen")
-                           if settings.get(call_type) is not None and settings[call_type] is not False)
-        return _CallPlan(_evaluator(settings.get("identify", self._identify)),
-                         _evaluator(settings.get("group", self._group)),
-                         page_likes, rule is None or not rule.silent)
+        page_likes = tuple(
+            (call_type, True if settings[call_type] is True else _evaluator(settings[call_type]))
+            for call_type in ("page", "screen")
+            if settings.get(call_type) is not None and settings[call_type] is not False
+        )
+        return _CallPlan(
+            _evaluator(settings.get("identify", self._identify)),
+            _evaluator(settings.get("group", self._group)),
+            page_likes,
+            rule is None or not rule.silent,
+        )
 
     def _page_like(self, call_type: str, setting: Any, event: dict, context: dict, common: dict) -> dict | None:
         """``setting`` is True or the function of the configured value."""
@@ -248,8 +283,10 @@ def _identify_candidate(identify_value, event: dict, context: dict, user_id: str
         return None
     override = resolved.get("userId")
     traits = resolved.get("traits")
-    return (override if isinstance(override, str) and override else user_id,
-            traits if isinstance(traits, dict) else None)
+    return (
+        override if isinstance(override, str) and override else user_id,
+        traits if isinstance(traits, dict) else None,
+    )
 
 
 def _group_candidate(group_value, event: dict, context: dict):
@@ -276,10 +313,11 @@ def _group_signature(candidate: tuple) -> Signature:
 
 class _CallPlan(NamedTuple):
     """What a rule's settings make of an event's calls."""
-    identify: Any                                  # the identify value's function, or None
-    group: Any                                     # the group value's function, or None
-    page_likes: tuple[tuple[str, Any], ...]        # (page or screen, True or its value's function)
-    track: bool                                    # whether the event's own track call is sent
+
+    identify: Any  # the identify value's function, or None
+    group: Any  # the group value's function, or None
+    page_likes: tuple[tuple[str, Any], ...]  # (page or screen, True or its value's function)
+    track: bool  # whether the event's own track call is sent
 
 
 def _evaluator(value: Any) -> Any:

@@ -1,4 +1,5 @@
 """Consent: the gate (required consent) and the forwarding to Segment's categoryPreferences."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ the write key never appears in it) lives in one place. A record's ``payload`` is
 input text (or the event as normalised, which carries its id), so replaying it through the
 same transforms gives the same messageIds.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,23 +22,24 @@ IDENTITY = "identity"
 SEND = "send"
 
 # Reasons. The README documents each one.
-NOT_JSON = "not_json"                # bytes that are not UTF-8 JSON
-NOT_AN_EVENT = "not_an_event"        # JSON, but not an object (or an envelope item that is not one)
+NOT_JSON = "not_json"  # bytes that are not UTF-8 JSON
+NOT_AN_EVENT = "not_an_event"  # JSON, but not an object (or an envelope item that is not one)
 INVALID_ENVELOPE = "invalid_envelope"  # {"batch": ...} whose batch is not a list
-EMPTY_ENVELOPE = "empty_envelope"    # [] or {"batch": []}: nothing to deliver, said out loud
-INVALID_NAME = "invalid_name"        # name missing, not a string, or not "entity action"
-INVALID_FIELD = "invalid_field"      # a known field of the wrong type or range (the error names it)
-TOO_DEEP = "too_deep"                # objects and lists nested beyond decide.event.MAX_DEPTH
-NO_IDENTITY = "no_identity"          # neither userId nor anonymousId resolved to a non-empty string
-TOO_LARGE = "too_large"              # a message over Segment's 32 KB limit
-INVALID_CALL = "invalid_call"        # the SDK refuses to build the call (e.g. an id of the wrong type)
-REJECTED = "rejected"                # Segment answered 4xx for the message (after isolating it)
+EMPTY_ENVELOPE = "empty_envelope"  # [] or {"batch": []}: nothing to deliver, said out loud
+INVALID_NAME = "invalid_name"  # name missing, not a string, or not "entity action"
+INVALID_FIELD = "invalid_field"  # a known field of the wrong type or range (the error names it)
+TOO_DEEP = "too_deep"  # objects and lists nested beyond decide.event.MAX_DEPTH
+NO_IDENTITY = "no_identity"  # neither userId nor anonymousId resolved to a non-empty string
+TOO_LARGE = "too_large"  # a message over Segment's 32 KB limit
+INVALID_CALL = "invalid_call"  # the SDK refuses to build the call (e.g. an id of the wrong type)
+REJECTED = "rejected"  # Segment answered 4xx for the message (after isolating it)
 DELIVERY_FAILED = "delivery_failed"  # retries used up (5xx, 429, timeouts, resets), or the flush deadline
 
 # Reasons given while parsing: such a dead letter stands for an input (or an envelope item)
 # that never became an event, which matters for the accounting (pipeline.summary).
-PARSE_REASONS = frozenset({NOT_JSON, NOT_AN_EVENT, INVALID_ENVELOPE, EMPTY_ENVELOPE, INVALID_NAME, INVALID_FIELD,
-                           TOO_DEEP})
+PARSE_REASONS = frozenset(
+    {NOT_JSON, NOT_AN_EVENT, INVALID_ENVELOPE, EMPTY_ENVELOPE, INVALID_NAME, INVALID_FIELD, TOO_DEEP}
+)
 
 
 # The most a record's payload may take as JSON text, so that a whole record stays well inside
@@ -79,8 +81,11 @@ class DeadLetter:
         if encoded <= MAX_PAYLOAD_BYTES:
             return
         if self.payload_truncated_from is None:
-            self.payload_truncated_from = (len(base64.b64decode(self.payload)) if self.payload_encoding == BASE64
-                                           else len(self.payload.encode("utf-8", errors="surrogatepass")))
+            self.payload_truncated_from = (
+                len(base64.b64decode(self.payload))
+                if self.payload_encoding == BASE64
+                else len(self.payload.encode("utf-8", errors="surrogatepass"))
+            )
         keep = len(self.payload)
         while encoded > MAX_PAYLOAD_BYTES:
             keep = int(keep * MAX_PAYLOAD_BYTES / encoded * 0.98)

@@ -4,6 +4,7 @@ The Beam DoFns call these steps one by one (so each step is its own named transf
 own counters); ``explain`` calls :meth:`Destination.process`, which runs the same steps in
 the same order. Nothing here talks to the network or to Beam.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,6 +39,7 @@ _new_tuple = tuple.__new__
 @dataclass(frozen=True)
 class DestinationSpec:
     """Everything the destination is built from: plain, picklable data (no compiled code)."""
+
     flow_name: str
     settings: SegmentSettings
     config: dict
@@ -48,11 +50,23 @@ class DestinationSpec:
     functions: FunctionPolicy = FunctionPolicy()
 
     @classmethod
-    def from_flow(cls, flow, namespace: str | None = None, state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS,
-                  functions: FunctionPolicy | None = None):
-        return cls(flow_name=flow.name, settings=flow.settings, config=flow.config, collector=flow.collector,
-                   config_path=flow.config_path, namespace=namespace or default_namespace(flow.name),
-                   state_ttl_ms=state_ttl_ms, functions=functions or FunctionPolicy())
+    def from_flow(
+        cls,
+        flow,
+        namespace: str | None = None,
+        state_ttl_ms: int | None = DEFAULT_STATE_TTL_MS,
+        functions: FunctionPolicy | None = None,
+    ):
+        return cls(
+            flow_name=flow.name,
+            settings=flow.settings,
+            config=flow.config,
+            collector=flow.collector,
+            config_path=flow.config_path,
+            namespace=namespace or default_namespace(flow.name),
+            state_ttl_ms=state_ttl_ms,
+            functions=functions or FunctionPolicy(),
+        )
 
     def __repr__(self) -> str:  # config holds the write key
         return f"DestinationSpec(flow_name={self.flow_name!r}, namespace={self.namespace!r})"
@@ -65,6 +79,7 @@ def default_namespace(flow_name: str) -> str:
 class Mapped(NamedTuple):
     """A mapped event as it travels between pipeline steps: plain data only (compiled rules
     hold closures and cannot be encoded), the rule named by its position in the mapping."""
+
     event: dict
     rule_index: int | None
     data: Any  # the mapped data; None when it resolved to nothing
@@ -72,6 +87,7 @@ class Mapped(NamedTuple):
 
 class DecisionInputs(NamedTuple):
     """One event as identify/group deduplication sees it (the fields of EventCalls it uses)."""
+
     key: str
     timestamp_ms: int
     event_id: str
@@ -107,8 +123,11 @@ class FunctionErrors:
             return
         count = self.counts[place] = self.counts.get(place, 0) + 1
         if count == 1:
-            log.warning("the function at %s failed: %s (its value is undefined; later errors there "
-                        "are only counted)", place, describe_failure(exc))
+            log.warning(
+                "the function at %s failed: %s (its value is undefined; later errors there are only counted)",
+                place,
+                describe_failure(exc),
+            )
         if self.hook is not None:
             self.hook(place)
 
@@ -127,22 +146,35 @@ class Destination:
         # One set of functions for the whole destination: each worker thread compiles them
         # all into one sandbox on its first call.
         functions = Functions(spec.functions)
-        self.mapping = DestinationMapping(spec.config, spec.config_path, on_error=self.function_errors,
-                                          functions=functions)
+        self.mapping = DestinationMapping(
+            spec.config, spec.config_path, on_error=self.function_errors, functions=functions
+        )
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
-        self._rules: list[CompiledRule] = [rule for actions in self.mapping.rules.values()
-                                           for slot in actions.values() for rule in slot]
+        self._rules: list[CompiledRule] = [
+            rule for actions in self.mapping.rules.values() for slot in actions.values() for rule in slot
+        ]
         self._rule_index: dict[CompiledRule | None, int | None] = {rule: i for i, rule in enumerate(self._rules)}
         self._rule_index[None] = None  # no rule: no index
-        self.identity = IdentityResolver(settings.user_id, settings.anonymous_id, settings_path,
-                                         self.function_errors, functions)
-        self.calls = CallBuilder(settings.identify, settings.group, settings.integrations,
-                                 spec.namespace, settings_path, self.function_errors, functions)
+        self.identity = IdentityResolver(
+            settings.user_id, settings.anonymous_id, settings_path, self.function_errors, functions
+        )
+        self.calls = CallBuilder(
+            settings.identify,
+            settings.group,
+            settings.integrations,
+            spec.namespace,
+            settings_path,
+            self.function_errors,
+            functions,
+        )
         # With no identify or group anywhere in the flow there is nothing to deduplicate, and
         # the keyed stateful step can be left out of the pipeline.
-        self.needs_identity_state = settings.identify is not None or settings.group is not None or \
-            _rules_set(spec.config.get("mapping"), ("identify", "group"))
+        self.needs_identity_state = (
+            settings.identify is not None
+            or settings.group is not None
+            or _rules_set(spec.config.get("mapping"), ("identify", "group"))
+        )
         # What identify/group deduplication decides on never reads the mapped data, so its
         # planning skips the data mapping, unless a `$py:` function could change the event
         # in place while mapping it (JavaScript functions work on a copy of their own).
@@ -174,8 +206,7 @@ class Destination:
     def to_mapped(self, result: MappingResult) -> Mapped:
         """The mapping's result as it travels between steps (plain data, the rule by position)."""
         data = result.data
-        return _new_tuple(Mapped, (result.event, self._rule_index[result.rule],
-                                   None if data is UNDEFINED else data))
+        return _new_tuple(Mapped, (result.event, self._rule_index[result.rule], None if data is UNDEFINED else data))
 
     def _planning(self, mapped: Mapped):
         """``(event, rule, context, identity)`` as plan and decision_inputs both see them: the
@@ -188,8 +219,12 @@ class Destination:
         # whether or not the data was mapped before it.
         granted = _granted_only(event.get("consent") or {})
         event = {**event, "consent": granted}
-        context = {"event": event, "mapping": rule.raw if rule else None,
-                   "collector": self._collector, "consent": granted}
+        context = {
+            "event": event,
+            "mapping": rule.raw if rule else None,
+            "collector": self._collector,
+            "consent": granted,
+        }
         return event, rule, context, self.identity.resolve(event, context)
 
     def decision_inputs(self, mapped: Mapped) -> DecisionInputs | None:
@@ -200,28 +235,40 @@ class Destination:
         if key is None:
             return None
         identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
-        return _new_tuple(DecisionInputs, (key, int(event["timestamp"]), event["id"], identify_signature,
-                                           group_signature))
+        return _new_tuple(
+            DecisionInputs, (key, int(event["timestamp"]), event["id"], identify_signature, group_signature)
+        )
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
         original = mapped[0]
         event, rule, context, identity = self._planning(mapped)
         if identity.state_key is None:
-            return DeadLetter(payload=payload_text(original), stage=dl.IDENTITY, reason=dl.NO_IDENTITY,
-                              error="neither userId nor anonymousId resolved to a non-empty string "
-                                    f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
-                                    f"{self.spec.settings.anonymous_id!r})",
-                              flow=self.spec.flow_name, event_id=event.get("id"))
+            return DeadLetter(
+                payload=payload_text(original),
+                stage=dl.IDENTITY,
+                reason=dl.NO_IDENTITY,
+                error="neither userId nor anonymousId resolved to a non-empty string "
+                f"(userId from {self.spec.settings.user_id!r}, anonymousId from "
+                f"{self.spec.settings.anonymous_id!r})",
+                flow=self.spec.flow_name,
+                event_id=event.get("id"),
+            )
         # Segment's categoryPreferences carry true and false: from the event's whole consent.
-        preferences = consent_rules.category_preferences(self._consent_map, original.get("consent") or {}) \
-            if self._consent_map else None
+        preferences = (
+            consent_rules.category_preferences(self._consent_map, original.get("consent") or {})
+            if self._consent_map
+            else None
+        )
         return self.calls.build(event, rule, mapped[2], identity, preferences, context)
 
-    def deduplicate(self, calls: EventCalls, state: IdentityState | None) -> tuple[list[dict], IdentityState, list[str]]:
+    def deduplicate(
+        self, calls: EventCalls, state: IdentityState | None
+    ) -> tuple[list[dict], IdentityState, list[str]]:
         """The messages to send and the new state; ``suppressed`` names identify/group held back."""
         fire_identify, fire_group, new_state = decide(
-            state, calls.timestamp_ms, calls.identify_signature, calls.group_signature, self.spec.state_ttl_ms)
+            state, calls.timestamp_ms, calls.identify_signature, calls.group_signature, self.spec.state_ttl_ms
+        )
         suppressed = []
         if calls.identify is not None and not fire_identify:
             suppressed.append("identify")
@@ -278,8 +325,8 @@ def _rules_set(mapping: Any, keys: tuple[str, ...]) -> bool:
     if not isinstance(mapping, dict):
         return False
     for actions in mapping.values():
-        for rules in (actions.values() if isinstance(actions, dict) else ()):
-            for rule in (rules if isinstance(rules, list) else [rules]):
+        for rules in actions.values() if isinstance(actions, dict) else ():
+            for rule in rules if isinstance(rules, list) else [rules]:
                 settings = rule.get("settings") if isinstance(rule, dict) else None
                 if isinstance(settings, dict) and any(k in settings for k in keys):
                     return True
@@ -306,6 +353,17 @@ def compiled(spec: DestinationSpec, quiet: bool = False) -> Destination:
 
 
 def _spec_key(spec: DestinationSpec) -> str:
-    text = orjson.dumps([spec.flow_name, spec.config, spec.collector, spec.namespace, spec.state_ttl_ms,
-                         spec.config_path, spec.functions], option=orjson.OPT_SORT_KEYS, default=repr)
+    text = orjson.dumps(
+        [
+            spec.flow_name,
+            spec.config,
+            spec.collector,
+            spec.namespace,
+            spec.state_ttl_ms,
+            spec.config_path,
+            spec.functions,
+        ],
+        option=orjson.OPT_SORT_KEYS,
+        default=repr,
+    )
     return hashlib.sha256(text).hexdigest()

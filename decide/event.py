@@ -4,6 +4,7 @@ Accepts what walkerOS server sources accept: one event object, a JSON array of e
 ``{"batch": [events...]}``. Nothing here raises on bad input: every problem becomes a
 :class:`DeadLetter` with a reason, so one bad line never stops a pipeline.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,6 +42,7 @@ MAX_DEPTH = 64
 class RejectedInput:
     """An input its reader already found unusable (e.g. a Pub/Sub message whose timestamp
     attribute is not a time): parsing makes it the dead letter it describes."""
+
     payload: bytes | str
     reason: str
     error: str
@@ -89,8 +91,9 @@ def parse_payload(
     if isinstance(document, dict) and not _is_batch_envelope(document):
         # One event, kept as received if it is invalid.
         try:
-            yield normalise(document, collector=collector, default_timestamp_ms=default_timestamp_ms,
-                            check_depth=check_depth)
+            yield normalise(
+                document, collector=collector, default_timestamp_ms=default_timestamp_ms, check_depth=check_depth
+            )
         except InvalidEvent as exc:
             yield _dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))
         return
@@ -100,8 +103,9 @@ def parse_payload(
             yield item
             continue
         try:
-            yield normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms,
-                            check_depth=check_depth)
+            yield normalise(
+                item, collector=collector, default_timestamp_ms=default_timestamp_ms, check_depth=check_depth
+            )
         except InvalidEvent as exc:
             yield _dead(item, exc.reason, str(exc), flow, event_id=_given_id(item))
 
@@ -131,8 +135,9 @@ def _envelope_items(document: Any, payload, flow: str) -> Iterator[Any]:
             yield _dead(item, dl.NOT_AN_EVENT, f"expected an event object, got {_json_type(item)}", flow)
 
 
-def normalise(event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None,
-              check_depth: bool = True) -> dict:
+def normalise(
+    event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None, check_depth: bool = True
+) -> dict:
     """Validate one event and return a normalised copy (the input is not changed).
 
     Fills ``entity``/``action`` from ``name``, keeps ``id`` or derives one from the content,
@@ -155,8 +160,11 @@ def normalise(event: dict, *, collector: dict | None = None, default_timestamp_m
         elif MIN_TIMESTAMP_MS <= default_timestamp_ms <= MAX_TIMESTAMP_MS:
             out["timestamp"] = default_timestamp_ms
         else:
-            raise InvalidEvent(dl.INVALID_FIELD, "no timestamp, and the record's own time (e.g. the Pub/Sub "
-                                                 f"timestamp attribute) is out of range: {_timestamp_problem(default_timestamp_ms)}")
+            raise InvalidEvent(
+                dl.INVALID_FIELD,
+                "no timestamp, and the record's own time (e.g. the Pub/Sub "
+                f"timestamp attribute) is out of range: {_timestamp_problem(default_timestamp_ms)}",
+            )
     for section in _DEFAULT_SECTIONS:
         if section not in out:
             out[section] = {}
@@ -191,7 +199,7 @@ _ABSENT_OBJECT: dict = {}
 _ABSENT_LIST: list = []
 # math.isfinite converts ints to float, which overflows beyond this; the quick check
 # leaves such ints to the ordered checks (which raise as they always did).
-_FLOAT_SAFE = 2.0 ** 1023
+_FLOAT_SAFE = 2.0**1023
 
 
 def _plainly_valid(event: dict) -> bool:
@@ -200,15 +208,17 @@ def _plainly_valid(event: dict) -> bool:
     Exact JSON types only (what a JSON parser makes); subclasses go to the ordered checks.
     Written out field by field: it runs for every event."""
     get = event.get
-    if (type(get("data", _ABSENT_OBJECT)) is not dict
-            or type(get("globals", _ABSENT_OBJECT)) is not dict
-            or type(get("custom", _ABSENT_OBJECT)) is not dict
-            or type(get("user", _ABSENT_OBJECT)) is not dict
-            or type(get("source", _ABSENT_OBJECT)) is not dict
-            or type(get("context", _ABSENT_OBJECT)) is not dict
-            or type(get("entity", "")) is not str
-            or type(get("action", "")) is not str
-            or type(get("trigger", "")) is not str):
+    if (
+        type(get("data", _ABSENT_OBJECT)) is not dict
+        or type(get("globals", _ABSENT_OBJECT)) is not dict
+        or type(get("custom", _ABSENT_OBJECT)) is not dict
+        or type(get("user", _ABSENT_OBJECT)) is not dict
+        or type(get("source", _ABSENT_OBJECT)) is not dict
+        or type(get("context", _ABSENT_OBJECT)) is not dict
+        or type(get("entity", "")) is not str
+        or type(get("action", "")) is not str
+        or type(get("trigger", "")) is not str
+    ):
         return False
     event_id = get("id", "-")
     if type(event_id) is not str or not event_id:
@@ -239,10 +249,10 @@ def _plainly_valid(event: dict) -> bool:
 
 def _validate_in_order(event: dict, name: Any) -> tuple[str, str]:
     if not isinstance(name, str):
-        raise InvalidEvent(dl.INVALID_NAME, f"name must be a string \"entity action\", got {_json_type(name)}")
+        raise InvalidEvent(dl.INVALID_NAME, f'name must be a string "entity action", got {_json_type(name)}')
     tokens = name.split(" ")
     if len(tokens) < 2 or not tokens[0] or not tokens[1]:
-        raise InvalidEvent(dl.INVALID_NAME, f"name must be \"entity action\" (two space-separated words), got {name!r}")
+        raise InvalidEvent(dl.INVALID_NAME, f'name must be "entity action" (two space-separated words), got {name!r}')
     for key in _OBJECT_FIELDS:
         if key in event and type(event[key]) is not dict and not isinstance(event[key], dict):
             raise InvalidEvent(dl.INVALID_FIELD, f"{key} must be an object, got {_json_type(event[key])}")
@@ -253,7 +263,10 @@ def _validate_in_order(event: dict, name: Any) -> tuple[str, str]:
         raise InvalidEvent(dl.INVALID_FIELD, f"id must be a non-empty string, got {_json_type(event['id'])}")
     if "timestamp" in event:
         if not _is_number(event["timestamp"]):
-            raise InvalidEvent(dl.INVALID_FIELD, f"timestamp must be epoch milliseconds (a number), got {_json_type(event['timestamp'])}")
+            raise InvalidEvent(
+                dl.INVALID_FIELD,
+                f"timestamp must be epoch milliseconds (a number), got {_json_type(event['timestamp'])}",
+            )
         if not MIN_TIMESTAMP_MS <= event["timestamp"] <= MAX_TIMESTAMP_MS:
             raise InvalidEvent(dl.INVALID_FIELD, _timestamp_problem(event["timestamp"]))
     for key in _NUMBER_FIELDS:
@@ -289,7 +302,7 @@ def _brackets(text: bytes | bytearray | memoryview | str) -> int:
 def _within_depth(container: dict | list, levels_below: int) -> bool:
     """Whether no object or list nests more than ``levels_below`` levels under ``container``.
     Recursive, but never deeper than the limit: it stops at the first container beyond it."""
-    for child in (container.values() if type(container) is dict else container):
+    for child in container.values() if type(container) is dict else container:
         kind = type(child)
         if kind is dict or kind is list or isinstance(child, (dict, list)):
             if not levels_below or not _within_depth(child, levels_below - 1):
@@ -340,5 +353,12 @@ def _json_type(value: Any) -> str:
 
 def _dead(payload, reason: str, error: str, flow: str, event_id: str | None = None) -> DeadLetter:
     text, encoding = encode_payload(payload)
-    return DeadLetter(payload=text, payload_encoding=encoding, stage=dl.PARSE, reason=reason, error=error, flow=flow,
-                      event_id=event_id)
+    return DeadLetter(
+        payload=text,
+        payload_encoding=encoding,
+        stage=dl.PARSE,
+        reason=reason,
+        error=error,
+        flow=flow,
+        event_id=event_id,
+    )

@@ -4,6 +4,7 @@ Everything here happens once, at start-up, and every problem is reported with th
 where it sits. Unlike walkerOS, a missing ``$env`` variable without a default is an error,
 not a silent ``undefined``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,20 +40,25 @@ class FlowError(Exception):
 
 @dataclass(frozen=True)
 class Flow:
-    name: str                 # the flow's name in the file
-    destination_id: str       # the destination's id in the flow
+    name: str  # the flow's name in the file
+    destination_id: str  # the destination's id in the flow
     settings: SegmentSettings
-    config: dict              # the destination config (mapping, data, policy, include, consent), resolved
-    collector: dict           # {"globals": {...}, "consent": {...}, "user": {...}}
-    config_path: str          # JSON path of `config`, for messages from later compilation
+    config: dict  # the destination config (mapping, data, policy, include, consent), resolved
+    collector: dict  # {"globals": {...}, "consent": {...}, "user": {...}}
+    config_path: str  # JSON path of `config`, for messages from later compilation
     notices: tuple[str, ...] = ()  # things fixed on the way that the user should hear about (stderr)
 
     def __repr__(self) -> str:  # the config holds the write key: never print it whole
         return f"Flow(name={self.name!r}, destination_id={self.destination_id!r})"
 
 
-def load_flow(path: str, flow_name: str | None = None, destination_id: str | None = None,
-              env: Mapping[str, str] | None = None, **key_options) -> Flow:
+def load_flow(
+    path: str,
+    flow_name: str | None = None,
+    destination_id: str | None = None,
+    env: Mapping[str, str] | None = None,
+    **key_options,
+) -> Flow:
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -63,9 +69,15 @@ def load_flow(path: str, flow_name: str | None = None, destination_id: str | Non
     return flow_from_document(document, flow_name, destination_id, env, **key_options)
 
 
-def flow_from_document(document: Any, flow_name: str | None = None, destination_id: str | None = None,
-                       env: Mapping[str, str] | None = None, *, defer_write_key: bool = False,
-                       write_key_secret: str | None = None) -> Flow:
+def flow_from_document(
+    document: Any,
+    flow_name: str | None = None,
+    destination_id: str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    defer_write_key: bool = False,
+    write_key_secret: str | None = None,
+) -> Flow:
     """``defer_write_key``: the key is resolved on the workers, never here (a Flex Template
     launcher has no secrets): a ``$env.NAME`` or ``$secret.NAME`` write key is kept as that
     reference even when this process cannot see it. ``write_key_secret``: the key is that
@@ -75,12 +87,19 @@ def flow_from_document(document: Any, flow_name: str | None = None, destination_
     errors = _schema_errors(document, "flow.schema.json", "$")
     if errors:
         raise FlowError(errors + _later_errors(document, flow_name, destination_id, env, errors, key_options))
-    return _flow_from_checked_document(document, flow_name, destination_id, env, defer_write_key=defer_write_key,
-                                       write_key_secret=write_key_secret)
+    return _flow_from_checked_document(
+        document, flow_name, destination_id, env, defer_write_key=defer_write_key, write_key_secret=write_key_secret
+    )
 
 
-def _later_errors(document: Any, flow_name: str | None, destination_id: str | None, env: Mapping[str, str],
-                  reported: list[str], key_options: dict) -> list[str]:
+def _later_errors(
+    document: Any,
+    flow_name: str | None,
+    destination_id: str | None,
+    env: Mapping[str, str],
+    reported: list[str],
+    key_options: dict,
+) -> list[str]:
     """What the destination's own checks say about a file whose outline is already faulty, so
     that one run of ``validate`` lists every error; nothing when the outline is too broken to
     find the destination."""
@@ -93,9 +112,15 @@ def _later_errors(document: Any, flow_name: str | None, destination_id: str | No
     return []
 
 
-def _flow_from_checked_document(document: Any, flow_name: str | None, destination_id: str | None,
-                                env: Mapping[str, str], *, defer_write_key: bool = False,
-                                write_key_secret: str | None = None) -> Flow:
+def _flow_from_checked_document(
+    document: Any,
+    flow_name: str | None,
+    destination_id: str | None,
+    env: Mapping[str, str],
+    *,
+    defer_write_key: bool = False,
+    write_key_secret: str | None = None,
+) -> Flow:
     name = _choose_flow(document["flows"], flow_name)
     flow_doc = document["flows"][name]
     dest_id = _choose_destination(flow_doc.get("destinations") or {}, destination_id, name)
@@ -105,8 +130,9 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
     config_path = f"$.flows.{name}.destinations.{dest_id}.config"
     resolver = _References(variables, env)
     key_path = f"{config_path}.settings.writeKey"
-    raw_config, deferred_key = _defer_write_key(step.get("config") or {}, env, resolver, key_path,
-                                                defer_write_key, write_key_secret)
+    raw_config, deferred_key = _defer_write_key(
+        step.get("config") or {}, env, resolver, key_path, defer_write_key, write_key_secret
+    )
     config = resolver.resolve(raw_config, config_path)
     collector = resolver.resolve(flow_doc.get("collector") or {}, f"$.flows.{name}.collector")
     # Every error of the file at once (a user fixes them in one go): each check runs even when
@@ -120,14 +146,18 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
     schema_errors += _schema_errors(collector, "flow.schema.json#/$defs/collector", f"$.flows.{name}.collector")
     errors += [e for e in schema_errors if not _already_reported(e, value_errors)]
     if isinstance(config.get("settings"), dict):
-        errors += [e for e in _endpoint_errors(config["settings"], f"{config_path}.settings")
-                   if not _already_reported(e, value_errors)]
+        errors += [
+            e
+            for e in _endpoint_errors(config["settings"], f"{config_path}.settings")
+            if not _already_reported(e, value_errors)
+        ]
     if errors:
         raise FlowError(_redact(errors, config))
 
     notices: list[str] = []
-    write_key = deferred_key or _write_key(_key_reference(step, resolver), config["settings"]["writeKey"],
-                                           key_path, notices)
+    write_key = deferred_key or _write_key(
+        _key_reference(step, resolver), config["settings"]["writeKey"], key_path, notices
+    )
     settings = SegmentSettings.from_config(config["settings"], write_key)
     # The resolved key stays in `settings` (which pickles it as a reference); the plain config,
     # which travels to every worker, does not keep a copy.
@@ -137,8 +167,15 @@ def _flow_from_checked_document(document: Any, flow_name: str | None, destinatio
         "consent": collector.get("consent") or {},
         "user": collector.get("user") or {},
     }
-    return Flow(name=name, destination_id=dest_id, settings=settings, config=config,
-                collector=collector, config_path=config_path, notices=tuple(notices))
+    return Flow(
+        name=name,
+        destination_id=dest_id,
+        settings=settings,
+        config=config,
+        collector=collector,
+        config_path=config_path,
+        notices=tuple(notices),
+    )
 
 
 _KEY_REFERENCE = re.compile(r"^\$(?:env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\s\"'}]*))?|secret\.([A-Za-z_][A-Za-z0-9_]*))$")
@@ -152,19 +189,21 @@ def _already_reported(error: str, reported: list[str]) -> bool:
     return any(where == r.split(": ", 1)[0] or where.startswith(r.split(": ", 1)[0] + ".") for r in reported)
 
 
-
-
 def _endpoint_errors(settings: dict, path: str) -> list[str]:
     """``host`` and ``path`` as the SDK will combine them: it always posts to ``<host>/v1/batch``."""
     errors = []
     host, api_path = settings.get("host"), settings.get("path", SDK_PATH)
     if isinstance(host, str) and host.rstrip("/").endswith(SDK_PATH):
         base = host.rstrip("/")[: -len(SDK_PATH)] or "https://api.segment.io"
-        errors.append(f"{path}.host: {host!r} already ends in {SDK_PATH}, and the SDK adds {SDK_PATH} itself "
-                      f"(it would post to {host.rstrip('/')}{SDK_PATH}): give the base URL only, {base!r}")
+        errors.append(
+            f"{path}.host: {host!r} already ends in {SDK_PATH}, and the SDK adds {SDK_PATH} itself "
+            f"(it would post to {host.rstrip('/')}{SDK_PATH}): give the base URL only, {base!r}"
+        )
     if isinstance(api_path, str) and not api_path.endswith(SDK_PATH):
-        errors.append(f"{path}.path: settings.path {api_path!r}: segment-analytics-python always posts to "
-                      f"<host>{SDK_PATH}, so the path must end with {SDK_PATH} (a prefix before it is fine)")
+        errors.append(
+            f"{path}.path: settings.path {api_path!r}: segment-analytics-python always posts to "
+            f"<host>{SDK_PATH}, so the path must end with {SDK_PATH} (a prefix before it is fine)"
+        )
     return errors
 
 
@@ -175,8 +214,9 @@ def _key_reference(step: dict, resolver: _References) -> Any:
     return resolver.follow_variables(raw)
 
 
-def _defer_write_key(config: dict, env: Mapping[str, str], resolver: _References, key_path: str,
-                     defer: bool, secret_version: str | None) -> tuple[dict, WriteKey | None]:
+def _defer_write_key(
+    config: dict, env: Mapping[str, str], resolver: _References, key_path: str, defer: bool, secret_version: str | None
+) -> tuple[dict, WriteKey | None]:
     """The write key that is left to the workers, if any, and the config to validate meanwhile.
 
     ``--write_key_secret`` names the key's secret version: the flow's own writeKey is then not
@@ -192,12 +232,20 @@ def _defer_write_key(config: dict, env: Mapping[str, str], resolver: _References
     placeholder = {**config, "settings": {**settings, "writeKey": DEFERRED}}
     if secret_version is not None:
         if not SECRET_VERSION.match(secret_version):
-            raise FlowError([f"--write_key_secret {secret_version!r}: expected a Secret Manager version name, "
-                             "projects/PROJECT/secrets/NAME/versions/VERSION (a number or latest)"])
+            raise FlowError(
+                [
+                    f"--write_key_secret {secret_version!r}: expected a Secret Manager version name, "
+                    "projects/PROJECT/secrets/NAME/versions/VERSION (a number or latest)"
+                ]
+            )
         if raw is not None and match is None:
-            raise FlowError([f"{key_path}: the flow file holds a literal write key and --write_key_secret names "
-                             "a secret: give the key in one place (write \"$secret.SEGMENT_WRITE_KEY\" in the "
-                             "flow, or drop writeKey's literal value)"])
+            raise FlowError(
+                [
+                    f"{key_path}: the flow file holds a literal write key and --write_key_secret names "
+                    'a secret: give the key in one place (write "$secret.SEGMENT_WRITE_KEY" in the '
+                    "flow, or drop writeKey's literal value)"
+                ]
+            )
         return placeholder, WriteKey(secret_version=secret_version)
     if match is None:
         return config, None
@@ -253,22 +301,30 @@ def _choose_flow(flows: dict, wanted: str | None) -> str:
         return next(iter(flows))
     if "default" in flows:
         return "default"
-    raise FlowError([f"$.flows: the file has several flows ({', '.join(sorted(flows))}) and none is named "
-                     "'default': choose one with --flow_name"])
+    raise FlowError(
+        [
+            f"$.flows: the file has several flows ({', '.join(sorted(flows))}) and none is named "
+            "'default': choose one with --flow_name"
+        ]
+    )
 
 
 def _choose_destination(destinations: dict, wanted: str | None, flow_name: str) -> str:
     where = f"$.flows.{flow_name}.destinations"
     if wanted is not None:
         if wanted not in destinations:
-            raise FlowError([f"{where}: no destination {wanted!r} (the flow has: {', '.join(sorted(destinations)) or 'none'})"])
+            raise FlowError(
+                [f"{where}: no destination {wanted!r} (the flow has: {', '.join(sorted(destinations)) or 'none'})"]
+            )
         return wanted
     segment = [d for d, step in destinations.items() if _is_segment_package(step.get("package"))]
     if len(segment) == 1:
         return segment[0]
     if not segment:
         raise FlowError([f"{where}: no destination with package {SEGMENT_PACKAGE!r}; name one with --destination_id"])
-    raise FlowError([f"{where}: several Segment destinations ({', '.join(sorted(segment))}); choose one with --destination_id"])
+    raise FlowError(
+        [f"{where}: several Segment destinations ({', '.join(sorted(segment))}); choose one with --destination_id"]
+    )
 
 
 def _is_segment_package(package: Any) -> bool:
@@ -341,8 +397,10 @@ class _References:
             return self.env[name]
         if default is not None:
             return default
-        self.errors.append(f"{path}: environment variable {name} is not set and $env.{name} has no default "
-                           f"(write $env.{name}:default to give one)")
+        self.errors.append(
+            f"{path}: environment variable {name} is not set and $env.{name} has no default "
+            f"(write $env.{name}:default to give one)"
+        )
         return match.group(0)
 
     def _variable(self, name: str, sub_path: str, path: str) -> Any:
@@ -407,7 +465,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     """Say what was expected; for anyOf/oneOf, the closest branch's complaint is the useful one."""
     if error.context:
         best = jsonschema.exceptions.best_match(error.context)
-        return f"{best.message} (in {_join('', best.relative_path) or 'the value'})" if best.relative_path else best.message
+        return (
+            f"{best.message} (in {_join('', best.relative_path) or 'the value'})"
+            if best.relative_path
+            else best.message
+        )
     if error.validator == "additionalProperties":
         return f"{error.message}; allowed keys: {', '.join(sorted(error.schema.get('properties', {})))}"
     return error.message

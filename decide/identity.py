@@ -3,6 +3,7 @@
 The change detection is a pure function over a small state tuple, so the keyed stateful DoFn
 (streaming), the sorted per-key pass (batch) and ``explain`` all share it.
 """
+
 from __future__ import annotations
 
 from hashlib import blake2b
@@ -39,11 +40,9 @@ class Identity(NamedTuple):
 
 
 class IdentityResolver:
-    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str, on_error=None,
-                 functions=None):
+    def __init__(self, user_id_spec: Any, anonymous_id_spec: Any, settings_path: str, on_error=None, functions=None):
         self._user_id = compile_value(user_id_spec, f"{settings_path}.userId", on_error, functions)
-        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId", on_error,
-                                           functions)
+        self._anonymous_id = compile_value(anonymous_id_spec, f"{settings_path}.anonymousId", on_error, functions)
         # The usual settings ("user.id", "user.session") are plain paths: read them directly.
         self._read_user_id = _plain_path_reader(user_id_spec) or self._user_id
         self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id
@@ -52,8 +51,13 @@ class IdentityResolver:
         user_id = self._read_user_id(event, context)
         anonymous_id = self._read_anonymous_id(event, context)
         # walkerOS uses an id only when it is a non-empty string: numbers are not ids.
-        return _new_tuple(Identity, (user_id if isinstance(user_id, str) and user_id else None,
-                                     anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None))
+        return _new_tuple(
+            Identity,
+            (
+                user_id if isinstance(user_id, str) and user_id else None,
+                anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None,
+            ),
+        )
 
 
 def _plain_path_reader(spec: Any):
@@ -89,13 +93,19 @@ _NOTHING_SENT: Signature = ("", "")
 
 class IdentityState(NamedTuple):
     """What was last sent for one key. ``last_seen_ms`` is the event time of its last event."""
+
     identify: Signature = _NOTHING_SENT
     group: Signature | None = None
     last_seen_ms: int | None = None
 
 
-def decide(state: IdentityState | None, timestamp_ms: int, identify: Signature | None,
-           group: Signature | None, ttl_ms: int | None) -> tuple[bool, bool, IdentityState]:
+def decide(
+    state: IdentityState | None,
+    timestamp_ms: int,
+    identify: Signature | None,
+    group: Signature | None,
+    ttl_ms: int | None,
+) -> tuple[bool, bool, IdentityState]:
     """Whether identify and group fire for this event, and the state after it.
 
     ``identify``/``group`` are the event's candidate signatures (None: no candidate). State
@@ -110,11 +120,18 @@ def decide(state: IdentityState | None, timestamp_ms: int, identify: Signature |
             sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
     fire_identify = identify is not None and identify != sent_identify
     fire_group = group is not None and group != sent_group
-    return fire_identify, fire_group, _new_tuple(IdentityState, (
-        identify if fire_identify else sent_identify,
-        group if fire_group else sent_group,
-        timestamp_ms if last_seen_ms is None else max(last_seen_ms, timestamp_ms),
-    ))
+    return (
+        fire_identify,
+        fire_group,
+        _new_tuple(
+            IdentityState,
+            (
+                identify if fire_identify else sent_identify,
+                group if fire_group else sent_group,
+                timestamp_ms if last_seen_ms is None else max(last_seen_ms, timestamp_ms),
+            ),
+        ),
+    )
 
 
 def digest64(text: str) -> int:

@@ -15,6 +15,7 @@ Missing values are `UNDEFINED` (JS undefined), never `None` (JSON null). Inside 
 stay UNDEFINED while evaluating, because walkerOS's property check accepts `undefined` but not
 `null`; everything handed out publicly is converted to its JSON view (holes become None).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,17 +50,36 @@ from decide.paths import (
 )
 
 __all__ = [
-    "UNDEFINED", "MappingConfigError", "compile_value", "CompiledValue", "DestinationMapping",
-    "CompiledRule", "MappingResult", "is_property",
+    "UNDEFINED",
+    "MappingConfigError",
+    "compile_value",
+    "CompiledValue",
+    "DestinationMapping",
+    "CompiledRule",
+    "MappingResult",
+    "is_property",
 ]
 
 logger = logging.getLogger(__name__)
 
 CODE_PREFIX = JS_PREFIX
-VALUE_CONFIG_KEYS = frozenset(
-    {"key", "value", "fn", "condition", "consent", "validate", "loop", "map", "set"})
-RULE_KEYS = frozenset({"name", "data", "settings", "ignore", "silent", "condition", "consent",
-                       "policy", "include", "remove", "batch", "extend"})
+VALUE_CONFIG_KEYS = frozenset({"key", "value", "fn", "condition", "consent", "validate", "loop", "map", "set"})
+RULE_KEYS = frozenset(
+    {
+        "name",
+        "data",
+        "settings",
+        "ignore",
+        "silent",
+        "condition",
+        "consent",
+        "policy",
+        "include",
+        "remove",
+        "batch",
+        "extend",
+    }
+)
 
 
 class MappingConfigError(ValueError):
@@ -72,6 +92,7 @@ class MappingConfigError(ValueError):
 
 
 # --- the Property check (property.ts) -----------------------------------------------------------
+
 
 def _is_property_type(value: Any) -> bool:
     """walkerOS `isPropertyType`: JSON-like values without null; `undefined` passes (so holes
@@ -142,6 +163,7 @@ def is_property(value: Any) -> bool:
 
 # --- runtime errors of user functions -------------------------------------------------------------
 
+
 class _ErrorLog:
     """Counts user-function failures by place; logs the first one of each place only."""
 
@@ -155,9 +177,12 @@ class _ErrorLog:
         if self._on_error is not None:
             self._on_error(place, exc)
         elif count == 1:
-            logger.warning("mapping function at %s failed: %s (the value is undefined; "
-                           "later errors at this place are only counted)",
-                           place, describe_failure(exc))
+            logger.warning(
+                "mapping function at %s failed: %s (the value is undefined; "
+                "later errors at this place are only counted)",
+                place,
+                describe_failure(exc),
+            )
 
 
 # --- $code functions ----------------------------------------------------------------------------
@@ -166,8 +191,9 @@ class _ErrorLog:
 UserFunction = Callable[[Any, Any, Any, Any], Any]
 
 
-def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
-                      predicate: bool, awaited: bool = True) -> UserFunction | None:
+def _compile_function(
+    spec: Any, path: str, functions: Functions, mapping: Any, predicate: bool, awaited: bool = True
+) -> UserFunction | None:
     """`fn`/`condition`/`validate` → a callable, or None when absent (JS-falsy, like "").
 
     `mapping` is what the function sees as `context.mapping`. A string without a function
@@ -179,13 +205,13 @@ def _compile_function(spec: Any, path: str, functions: Functions, mapping: Any,
     if callable(spec):
         return _python_callable(spec, mapping, functions.policy.time_limit_s)
     if not isinstance(spec, str):
-        raise MappingConfigError(
-            path, f"expected a function (a \"$code:\" string), got {type(spec).__name__}")
+        raise MappingConfigError(path, f'expected a function (a "$code:" string), got {type(spec).__name__}')
     if not spec.startswith((CODE_PREFIX, PY_PREFIX)):
-        message = f"{spec!r} is not a function: function strings start with \"{CODE_PREFIX}\""
+        message = f'{spec!r} is not a function: function strings start with "{CODE_PREFIX}"'
 
         def not_a_function(*_args: Any) -> Any:
             raise TypeError(message)
+
         return not_a_function
     try:
         return functions.compile(spec, path, mapping, predicate, awaited)
@@ -234,13 +260,19 @@ def _python_callable(function: Callable, mapping: Any, time_limit_s: float) -> U
     deadline = PythonDeadline.shared()
 
     def call(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-        context = {"event": event, "mapping": mapping, "collector": collector,
-                   "consent": None if consent is UNDEFINED else consent}
+        context = {
+            "event": event,
+            "mapping": mapping,
+            "collector": collector,
+            "consent": None if consent is UNDEFINED else consent,
+        }
         return deadline.run(function, value, context, time_limit_s)
+
     return call
 
 
 # --- evaluation context -------------------------------------------------------------------------
+
 
 class _Ctx:
     """What walkerOS's Mapping.Context carries down a value: the event, the collector and the
@@ -301,8 +333,8 @@ Run = Callable[[Any, "_Ctx | None"], Any]
 @dataclass(frozen=True, slots=True)
 class _Node:
     run: Run
-    checked: bool     # the result is UNDEFINED or a valid property (no raw static passes through)
-    holes: bool       # the result may hold UNDEFINED inside lists (needs `to_plain` for output)
+    checked: bool  # the result is UNDEFINED or a valid property (no raw static passes through)
+    holes: bool  # the result may hold UNDEFINED inside lists (needs `to_plain` for output)
     contextual: bool  # it reads the context (functions, consent): build one before running it
     # When `run` is just a read of a path without `*`: (keys, fallback), where the fallback
     # (UNDEFINED or a valid property) stands in for a missing value or one that is no property.
@@ -371,6 +403,7 @@ class _Compiler:
                 if result is not UNDEFINED:
                     return result
             return UNDEFINED
+
         return _combined(first_defined, alternatives)
 
     # processMappingValue: a list here is a chain where the first *truthy* result wins (else
@@ -390,6 +423,7 @@ class _Compiler:
                 if js_truthy(result):
                     return result
             return result
+
         return _combined(first_truthy, items)
 
     def item(self, spec: Any, path: str) -> _Node:
@@ -413,23 +447,26 @@ class _Compiler:
             # Convenience for Python callers: a bare function means {"fn": function}.
             return self.config({"fn": spec}, path)
         raise MappingConfigError(
-            path, f"expected a path string, a value config object or a list, "
-                  f"got {type(spec).__name__}")
+            path, f"expected a path string, a value config object or a list, got {type(spec).__name__}"
+        )
 
     @staticmethod
     def path_item(source: str) -> _Node:
         """A string is `{key: source}`: a path read and the Property check."""
         keys = split_path(source)
         starred = "*" in keys
-        return _Node(compile_checked_getter(keys, _is_property_type, UNDEFINED, UNDEFINED),
-                     True, starred, False, None if starred else (keys, UNDEFINED))
+        return _Node(
+            compile_checked_getter(keys, _is_property_type, UNDEFINED, UNDEFINED),
+            True,
+            starred,
+            False,
+            None if starred else (keys, UNDEFINED),
+        )
 
-    def function(self, spec: dict, name: str, path: str, predicate: bool,
-                 awaited: bool = True) -> Callable | None:
+    def function(self, spec: dict, name: str, path: str, predicate: bool, awaited: bool = True) -> Callable | None:
         """A guarded user function: its exceptions are reported and turn into `failed`."""
         place = _child_path(path, name)
-        function = _compile_function(spec.get(name), place, self.functions, spec, predicate,
-                                     awaited)
+        function = _compile_function(spec.get(name), place, self.functions, spec, predicate, awaited)
         if function is None:
             return None
         log = self.log
@@ -440,22 +477,26 @@ class _Compiler:
             except Exception as exc:  # any error in user code makes the value undefined
                 log.report(place, exc)
                 return failed
+
         return call
 
     def config(self, spec: dict, path: str) -> _Node:
         unknown = sorted(set(spec) - VALUE_CONFIG_KEYS)
         if unknown:
             raise MappingConfigError(
-                path, f"unknown key(s) {', '.join(map(repr, unknown))} in a value config; "
-                      f"allowed: {', '.join(sorted(VALUE_CONFIG_KEYS))}")
+                path,
+                f"unknown key(s) {', '.join(map(repr, unknown))} in a value config; "
+                f"allowed: {', '.join(sorted(VALUE_CONFIG_KEYS))}",
+            )
         if not spec:
             return _UNDEFINED_NODE  # {} → undefined
         return _ConfigCompiler(self, spec, path).build()
 
 
 def _combined(run: Run, children: list[_Node]) -> _Node:
-    return _Node(run, all(n.checked for n in children), any(n.holes for n in children),
-                 any(n.contextual for n in children))
+    return _Node(
+        run, all(n.checked for n in children), any(n.holes for n in children), any(n.contextual for n in children)
+    )
 
 
 class _Container:
@@ -500,22 +541,38 @@ class _ConfigCompiler:
         self.container = self._container()
 
         container = self.container
-        holes = (key_holes or (container is not None and container.holes)
-                 # A user function may hand back holes too (UNDEFINED in a list is a property).
-                 or self.fn is not None or (self.has_static and _has_holes(self.static)))
-        contextual = (self.condition is not None or self.fn is not None
-                      or self.validate is not None or self.consent_keys is not None
-                      or (container is not None and container.contextual))
-        returns_raw_static = (self.consent_keys is not None and self.has_static
-                              and not self.static_valid)
-        return _Node(self._lean_run() or self._full_run(), not returns_raw_static, holes,
-                     contextual, self._plain_read())
+        holes = (
+            key_holes
+            or (container is not None and container.holes)
+            # A user function may hand back holes too (UNDEFINED in a list is a property).
+            or self.fn is not None
+            or (self.has_static and _has_holes(self.static))
+        )
+        contextual = (
+            self.condition is not None
+            or self.fn is not None
+            or self.validate is not None
+            or self.consent_keys is not None
+            or (container is not None and container.contextual)
+        )
+        returns_raw_static = self.consent_keys is not None and self.has_static and not self.static_valid
+        return _Node(
+            self._lean_run() or self._full_run(), not returns_raw_static, holes, contextual, self._plain_read()
+        )
 
     def _plain_read(self) -> tuple[tuple[str, ...], Any] | None:
         """(keys, fallback) when `_lean_run` made this config a checked read of its key."""
-        if (self.condition or self.fn or self.validate or self.consent_keys is not None
-                or self.container is not None or self.getter is None
-                or isinstance(self.static, (dict, list)) or self.keys is None or "*" in self.keys):
+        if (
+            self.condition
+            or self.fn
+            or self.validate
+            or self.consent_keys is not None
+            or self.container is not None
+            or self.getter is None
+            or isinstance(self.static, (dict, list))
+            or self.keys is None
+            or "*" in self.keys
+        ):
             return None
         return self.keys, self.static if self.static_valid else UNDEFINED
 
@@ -528,7 +585,7 @@ class _ConfigCompiler:
 
     def _lean_run(self) -> Run | None:
         """A closure for configs made of `value`, `key` or one container only, or None."""
-        if (self.condition or self.fn or self.validate or self.consent_keys is not None):
+        if self.condition or self.fn or self.validate or self.consent_keys is not None:
             return None
         static_result = self._static_result()
         fallback = self.static if self.static_valid else UNDEFINED
@@ -539,14 +596,18 @@ class _ConfigCompiler:
                 # the input and nothing changes it, so the input comes back if it is a property.
                 return _passthrough_run
             constant = fallback  # {"value": v}
-            return (lambda _value, _ctx: static_result()) if constant is not UNDEFINED \
-                else _undefined_run
+            return (lambda _value, _ctx: static_result()) if constant is not UNDEFINED else _undefined_run
         if container is None and not isinstance(self.static, (dict, list)):
             # {"key"[, "value"]}: a missing path gives the default, which is the static value:
             # valid, it is the result; invalid, the check fails; so missing → fallback.
             return compile_checked_getter(self.keys or (), _is_property_type, self.static, fallback)
-        if (container is not None and self.getter is None and not self.has_static
-                and container.always_produces and container.checked):
+        if (
+            container is not None
+            and self.getter is None
+            and not self.has_static
+            and container.always_produces
+            and container.checked
+        ):
             return container.run  # {"map": ...} or {"set": ...}
         return None
 
@@ -584,6 +645,7 @@ class _ConfigCompiler:
             if result is UNDEFINED:
                 return static_result() if static_valid else UNDEFINED
             return static_result() if result is static else result
+
         return run
 
     def _consent(self) -> tuple[str, ...] | None:
@@ -592,9 +654,9 @@ class _ConfigCompiler:
         if consent is None:
             return None
         if not isinstance(consent, dict):
-            raise MappingConfigError(_child_path(self.path, "consent"),
-                                     f"expected an object of consent states, "
-                                     f"got {type(consent).__name__}")
+            raise MappingConfigError(
+                _child_path(self.path, "consent"), f"expected an object of consent states, got {type(consent).__name__}"
+            )
         if not consent:
             return None  # {} requires nothing: always granted
         return tuple(name for name, required in consent.items() if js_truthy(required))
@@ -604,8 +666,7 @@ class _ConfigCompiler:
         if key is None or key == "":
             return None  # JS-falsy: no key
         if not isinstance(key, str):
-            raise MappingConfigError(_child_path(self.path, "key"),
-                                     f"expected a path string, got {type(key).__name__}")
+            raise MappingConfigError(_child_path(self.path, "key"), f"expected a path string, got {type(key).__name__}")
         return split_path(key)
 
     def _container(self) -> _Container | None:
@@ -625,8 +686,7 @@ class _ConfigCompiler:
         scope_spec, item_spec = loop
         item = self.compiler.value(item_spec, _child_path(path, 1))
         item_run = _entering(item)
-        scope = None if scope_spec == "this" else self.compiler.value(scope_spec,
-                                                                      _child_path(path, 0))
+        scope = None if scope_spec == "this" else self.compiler.value(scope_spec, _child_path(path, 0))
         scope_run = scope.run if scope is not None else None
 
         def run_loop(value: Any, ctx: _Ctx | None) -> Any:
@@ -639,16 +699,15 @@ class _ConfigCompiler:
                 if result is not UNDEFINED:
                     mapped.append(result)
             return mapped
+
         children = [item] if scope is None else [item, scope]
         # Elements of a scope list with holes may carry holes into the item mapping.
         return _Container(run_loop, children, any(n.holes for n in children), False)
 
     def _map(self, mapping: Any, path: str) -> _Container:
         if not isinstance(mapping, dict):
-            raise MappingConfigError(path, f"expected an object of mapping values, "
-                                           f"got {type(mapping).__name__}")
-        entries = [(key, self.compiler.value(spec, _child_path(path, key)))
-                   for key, spec in mapping.items()]
+            raise MappingConfigError(path, f"expected an object of mapping values, got {type(mapping).__name__}")
+        entries = [(key, self.compiler.value(spec, _child_path(path, key))) for key, spec in mapping.items()]
         runs = tuple((key, node.run) for key, node in entries)
 
         def run_map(value: Any, ctx: _Ctx | None) -> Any:
@@ -658,20 +717,19 @@ class _ConfigCompiler:
                 if result is not UNDEFINED:
                     mapped[key] = result
             return mapped
+
         children = [node for _, node in entries]
-        return _Container(_specialised_map(entries, run_map, path), children,
-                          any(n.holes for n in children), True)
+        return _Container(_specialised_map(entries, run_map, path), children, any(n.holes for n in children), True)
 
     def _set(self, items_spec: Any, path: str) -> _Container:
         if not isinstance(items_spec, list):
-            raise MappingConfigError(path, f"expected a list of mapping values, "
-                                           f"got {type(items_spec).__name__}")
-        items = [self.compiler.process(spec, _child_path(path, i))
-                 for i, spec in enumerate(items_spec)]
+            raise MappingConfigError(path, f"expected a list of mapping values, got {type(items_spec).__name__}")
+        items = [self.compiler.process(spec, _child_path(path, i)) for i, spec in enumerate(items_spec)]
         runs = tuple(node.run for node in items)
 
         def run_set(value: Any, ctx: _Ctx | None) -> Any:
             return [run(value, ctx) for run in runs]  # undefined results stay, as holes
+
         return _Container(run_set, items, True, True)
 
 
@@ -688,11 +746,8 @@ def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) 
     the source as literals (`repr` of a str is always one)."""
     reads = [_inline_read(node) for _, node in entries]
     all_reads = all(k0 is not None for k0, _, _ in reads)
-    namespace: dict[str, Any] = {"UNDEFINED": UNDEFINED, "accept": _is_property_type,
-                                 "general": general}
-    lines = ["def run_map(value, ctx):",
-             "    if type(value) is not dict:",
-             "        return general(value, ctx)"]
+    namespace: dict[str, Any] = {"UNDEFINED": UNDEFINED, "accept": _is_property_type, "general": general}
+    lines = ["def run_map(value, ctx):", "    if type(value) is not dict:", "        return general(value, ctx)"]
     sections: dict[str, str] = {}
     if all_reads:
         for k0, k1, _ in reads:
@@ -706,9 +761,11 @@ def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) 
     for i, ((key, node), (k0, k1, fallback)) in enumerate(zip(entries, reads)):
         namespace[f"run{i}"] = node.run
         if k0 is None:
-            lines += [f"    found = run{i}(value, ctx)",
-                      "    if found is not UNDEFINED:",
-                      f"        mapped[{key!r}] = found"]
+            lines += [
+                f"    found = run{i}(value, ctx)",
+                "    if found is not UNDEFINED:",
+                f"        mapped[{key!r}] = found",
+            ]
             continue
         if k1 is None:
             lines.append(f"    found = value.get({k0!r}, UNDEFINED)")
@@ -716,14 +773,17 @@ def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) 
             lines.append(f"    found = {sections[k0]}.get({k1!r}, UNDEFINED)")
         else:
             # run's result is already checked: the check below leaves it as it is
-            lines += [f"    found = value.get({k0!r}, UNDEFINED)",
-                      f"    found = found.get({k1!r}, UNDEFINED) if type(found) is dict"
-                      f" else run{i}(value, ctx)"]
+            lines += [
+                f"    found = value.get({k0!r}, UNDEFINED)",
+                f"    found = found.get({k1!r}, UNDEFINED) if type(found) is dict else run{i}(value, ctx)",
+            ]
         # the property check of the read, its common cases first
-        lines += ["    kind = type(found)",
-                  "    if (kind is str or kind is int or kind is bool or (kind is float and found == found)",
-                  "            or (found is not UNDEFINED and accept(found))):",
-                  f"        mapped[{key!r}] = found"]
+        lines += [
+            "    kind = type(found)",
+            "    if (kind is str or kind is int or kind is bool or (kind is float and found == found)",
+            "            or (found is not UNDEFINED and accept(found))):",
+            f"        mapped[{key!r}] = found",
+        ]
         if fallback is not UNDEFINED:
             namespace[f"fallback{i}"] = fallback
             lines += ["    else:", f"        mapped[{key!r}] = fallback{i}"]
@@ -755,10 +815,12 @@ def _entering(node: _Node) -> Run:
         if consent is not ctx.consent:
             ctx = _Ctx(ctx.event, ctx.collector, consent)
         return run(value, ctx)
+
     return enter
 
 
 # --- public: one value -------------------------------------------------------------------------
+
 
 class CompiledValue:
     """A mapping value compiled once. Call it as `compiled(input, context)`.
@@ -811,9 +873,12 @@ class CompiledValue:
         return f"CompiledValue({self.spec!r}, path={self.path!r})"
 
 
-def compile_value(spec: Any, path: str,
-                  on_error: Callable[[str, BaseException], None] | None = None,
-                  functions: Functions | None = None) -> CompiledValue:
+def compile_value(
+    spec: Any,
+    path: str,
+    on_error: Callable[[str, BaseException], None] | None = None,
+    functions: Functions | None = None,
+) -> CompiledValue:
     """Compile a mapping value (path string, value config, list; numbers/booleans give a
     value that is always undefined). Raises MappingConfigError naming the JSON path.
     `functions` compiles its `$code:`/`$py:` functions (share one per destination)."""
@@ -828,29 +893,41 @@ def _compile_shared(compiler: _Compiler, spec: Any, path: str) -> CompiledValue:
 
 # --- rules --------------------------------------------------------------------------------------
 
+
 class CompiledRule:
     """One mapping rule, compiled. `raw` is the rule as configured (walkerOS's context.mapping)."""
 
-    __slots__ = ("key", "name", "ignore", "silent", "consent", "settings", "raw",
-                 "_condition", "_policy", "_data", "_include", "_remove")
+    __slots__ = (
+        "key",
+        "name",
+        "ignore",
+        "silent",
+        "consent",
+        "settings",
+        "raw",
+        "_condition",
+        "_policy",
+        "_data",
+        "_include",
+        "_remove",
+    )
 
     def __init__(self, raw: dict, key: str, path: str, compiler: _Compiler):
         unknown = sorted(set(raw) - RULE_KEYS)
         if unknown:
             raise MappingConfigError(
-                path, f"unknown key(s) {', '.join(map(repr, unknown))} in a rule; "
-                      f"allowed: {', '.join(sorted(RULE_KEYS))}")
+                path,
+                f"unknown key(s) {', '.join(map(repr, unknown))} in a rule; allowed: {', '.join(sorted(RULE_KEYS))}",
+            )
         self.raw = raw
         self.key = key
         self.name = _optional(raw, "name", str, path)
         self.ignore = js_truthy(raw.get("ignore"))
         self.silent = js_truthy(raw.get("silent"))
         self.consent = _optional(raw, "consent", dict, path)
-        self.settings = _compile_settings(compiler, raw.get("settings"),
-                                          _child_path(path, "settings"))
+        self.settings = _compile_settings(compiler, raw.get("settings"), _child_path(path, "settings"))
         # walkerOS does not await a rule condition: a promise (any async function) matches.
-        self._condition = compiler.function(raw, "condition", path, predicate=True,
-                                            awaited=False)
+        self._condition = compiler.function(raw, "condition", path, predicate=True, awaited=False)
         self._policy = _compile_policy(compiler, raw.get("policy"), _child_path(path, "policy"))
         data = raw.get("data")
         # walkerOS: `if (eventMapping.data)`, so a falsy rule data ("" or 0) is no data at all.
@@ -872,8 +949,7 @@ class CompiledRule:
 def _optional(raw: dict, field: str, kind: type, path: str) -> Any:
     value = raw.get(field)
     if value is not None and not isinstance(value, kind):
-        raise MappingConfigError(_child_path(path, field),
-                                 f"expected {kind.__name__}, got {type(value).__name__}")
+        raise MappingConfigError(_child_path(path, field), f"expected {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -884,9 +960,10 @@ def _compile_settings(compiler: _Compiler, settings: Any, path: str) -> dict:
         return {}
     if not isinstance(settings, dict):
         raise MappingConfigError(path, f"expected an object, got {type(settings).__name__}")
-    return {key: spec if spec is None or isinstance(spec, bool)
-            else _compile_shared(compiler, spec, _child_path(path, key))
-            for key, spec in settings.items()}
+    return {
+        key: spec if spec is None or isinstance(spec, bool) else _compile_shared(compiler, spec, _child_path(path, key))
+        for key, spec in settings.items()
+    }
 
 
 _PolicyEntry = tuple[tuple[str, ...], _Node]
@@ -896,10 +973,10 @@ def _compile_policy(compiler: _Compiler, policy: Any, path: str) -> tuple[_Polic
     if policy is None:
         return ()
     if not isinstance(policy, dict):
-        raise MappingConfigError(path, f"expected an object of \"dot.path\": value, "
-                                       f"got {type(policy).__name__}")
-    return tuple((split_path(target), compiler.value(spec, _child_path(path, target)))
-                 for target, spec in policy.items())
+        raise MappingConfigError(path, f'expected an object of "dot.path": value, got {type(policy).__name__}')
+    return tuple(
+        (split_path(target), compiler.value(spec, _child_path(path, target))) for target, spec in policy.items()
+    )
 
 
 def _compile_include(include: Any, path: str) -> tuple[str, ...] | None:
@@ -910,8 +987,8 @@ def _compile_include(include: Any, path: str) -> tuple[str, ...] | None:
     unknown = [s for s in include if s not in INCLUDE_SECTIONS and s != "all"]
     if unknown:
         raise MappingConfigError(
-            path, f"unknown section(s) {', '.join(map(repr, unknown))}; "
-                  f"known: {', '.join(INCLUDE_SECTIONS)}, all")
+            path, f"unknown section(s) {', '.join(map(repr, unknown))}; known: {', '.join(INCLUDE_SECTIONS)}, all"
+        )
     return tuple(include)
 
 
@@ -923,8 +1000,7 @@ def _compile_remove(remove: Any, path: str) -> tuple[tuple[str, ...], ...]:
     return tuple(split_path(target) for target in remove)
 
 
-def _compile_config_data(compiler: _Compiler, config: dict,
-                         path: str) -> tuple[_Node | None, Any]:
+def _compile_config_data(compiler: _Compiler, config: dict, path: str) -> tuple[_Node | None, Any]:
     """walkerOS: `data = config.data && getMappingValue(...)`: a falsy data (null, false, 0,
     "") is the data as it is; an absent one is undefined."""
     if "data" not in config:
@@ -964,12 +1040,13 @@ def _assign(target: dict, source: dict) -> dict:
 
 # --- public: a destination's whole mapping ---------------------------------------------------
 
+
 @dataclass(slots=True)
 class MappingResult:
-    event: dict              # the event as the destination sees it (policies, `name` applied)
+    event: dict  # the event as the destination sees it (policies, `name` applied)
     rule: CompiledRule | None
     ignored: bool
-    data: Any                # the produced data, or UNDEFINED
+    data: Any  # the produced data, or UNDEFINED
 
 
 _RuleTable = dict[str, dict[str, tuple[CompiledRule, ...]]]
@@ -983,9 +1060,13 @@ class DestinationMapping:
     with the input event (nothing here mutates them): treat them as read-only.
     """
 
-    def __init__(self, config: dict, path: str = "$.config",
-                 on_error: Callable[[str, BaseException], None] | None = None,
-                 functions: Functions | None = None):
+    def __init__(
+        self,
+        config: dict,
+        path: str = "$.config",
+        on_error: Callable[[str, BaseException], None] | None = None,
+        functions: Functions | None = None,
+    ):
         if not isinstance(config, dict):
             raise MappingConfigError(path, f"expected an object, got {type(config).__name__}")
         self._config = config
@@ -995,11 +1076,9 @@ class DestinationMapping:
         self._log = _ErrorLog(on_error)
         compiler = _Compiler(self._log, self._functions)
         self._policy = _compile_policy(compiler, config.get("policy"), _child_path(path, "policy"))
-        self._data_node, self._data_literal = _compile_config_data(
-            compiler, config, _child_path(path, "data"))
+        self._data_node, self._data_literal = _compile_config_data(compiler, config, _child_path(path, "data"))
         self._include = _compile_include(config.get("include"), _child_path(path, "include"))
-        self.rules = self._compile_rules(compiler, config.get("mapping"),
-                                         _child_path(path, "mapping"))
+        self.rules = self._compile_rules(compiler, config.get("mapping"), _child_path(path, "mapping"))
         self._plain_event, self._plain_data = self._holes_possible()
         # Rule lookup by event name: the rules getMappingEvent would try, in order, up to
         # the first that has no condition. Names repeat, so this is worked out once per name.
@@ -1009,33 +1088,30 @@ class DestinationMapping:
         if mapping is None:
             return {}
         if not isinstance(mapping, dict):
-            raise MappingConfigError(path, f"expected an object of entities, "
-                                           f"got {type(mapping).__name__}")
+            raise MappingConfigError(path, f"expected an object of entities, got {type(mapping).__name__}")
         table: _RuleTable = {}
         for entity, actions in mapping.items():
             entity_path = _child_path(path, entity)
             if not js_truthy(actions):
                 continue  # walkerOS `if (!mapping[entity])`: as if absent
             if not isinstance(actions, dict):
-                raise MappingConfigError(entity_path, f"expected an object of actions, "
-                                                      f"got {type(actions).__name__}")
+                raise MappingConfigError(entity_path, f"expected an object of actions, got {type(actions).__name__}")
             table[entity] = {}
             for action, slot in actions.items():
                 if js_truthy(slot):
                     table[entity][action] = self._compile_slot(
-                        compiler, slot, f"{entity} {action}", _child_path(entity_path, action))
+                        compiler, slot, f"{entity} {action}", _child_path(entity_path, action)
+                    )
         return table
 
     @staticmethod
-    def _compile_slot(compiler: _Compiler, slot: Any, key: str,
-                      path: str) -> tuple[CompiledRule, ...]:
+    def _compile_slot(compiler: _Compiler, slot: Any, key: str, path: str) -> tuple[CompiledRule, ...]:
         rules = slot if isinstance(slot, list) else [slot]
         compiled = []
         for index, rule in enumerate(rules):
             rule_path = _child_path(path, index) if isinstance(slot, list) else path
             if not isinstance(rule, dict):
-                raise MappingConfigError(rule_path,
-                                         f"expected a rule object, got {type(rule).__name__}")
+                raise MappingConfigError(rule_path, f"expected a rule object, got {type(rule).__name__}")
             compiled.append(CompiledRule(rule, key, rule_path, compiler))
         return tuple(compiled)
 
@@ -1043,8 +1119,7 @@ class DestinationMapping:
         """Whether results can hold UNDEFINED holes and so need `to_plain` before output: for
         the event, and for the data by the rule that made it (None: no rule). Known at compile
         time, so plain configs and rules pay nothing per event."""
-        rules = [rule for actions in self.rules.values() for slot in actions.values()
-                 for rule in slot]
+        rules = [rule for actions in self.rules.values() for slot in actions.values() for rule in slot]
         policies = list(self._policy) + [entry for rule in rules for entry in rule._policy]
         # A policy may write holes into the event (a `*` path, or an index past a list's end).
         event_holes = any(node.holes or any(_is_index(k) for k in keys) for keys, node in policies)
@@ -1094,7 +1169,7 @@ class DestinationMapping:
             candidates += self.rules.get("*", {}).get("*") or ()
             for position, rule in enumerate(candidates):
                 if rule._condition is None:
-                    candidates = candidates[:position + 1]
+                    candidates = candidates[: position + 1]
                     break
         if len(self._candidates) >= _CANDIDATES_MAX:
             self._candidates.clear()  # arbitrary names: keep the memory bounded
@@ -1140,8 +1215,7 @@ class DestinationMapping:
     def _include_sections(self, rule: CompiledRule | None, event: dict, data: Any) -> Any:
         """Rule `include` replaces the config's (even an empty list does); flattened sections
         go under the data: data wins on conflicts, and with no data they become the data."""
-        include = rule._include if rule is not None and rule._include is not None \
-            else self._include
+        include = rule._include if rule is not None and rule._include is not None else self._include
         if not include:
             return data
         flat, produced = flatten_include(event, include)
@@ -1151,8 +1225,7 @@ class DestinationMapping:
             return _assign(flat, data)
         return flat if data is None or data is UNDEFINED else data
 
-    def _result(self, event: dict, rule: CompiledRule | None, ignored: bool,
-                data: Any) -> MappingResult:
+    def _result(self, event: dict, rule: CompiledRule | None, ignored: bool, data: Any) -> MappingResult:
         if self._plain_event:
             event = to_plain(event)
         if data is not UNDEFINED and self._plain_data[rule]:

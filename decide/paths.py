@@ -7,6 +7,7 @@ are walked the way `byPath.ts` walks them. This module holds those primitives so
 
 Everything here is copy-on-write: no function mutates the objects it is given.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
-    "UNDEFINED", "js_truthy", "same_value_zero", "split_path", "compile_getter",
-    "compile_checked_getter", "get_by_path",
-    "set_by_path", "delete_by_path", "INCLUDE_SECTIONS", "flatten_include", "to_plain",
+    "UNDEFINED",
+    "js_truthy",
+    "same_value_zero",
+    "split_path",
+    "compile_getter",
+    "compile_checked_getter",
+    "get_by_path",
+    "set_by_path",
+    "delete_by_path",
+    "INCLUDE_SECTIONS",
+    "flatten_include",
+    "to_plain",
 ]
 
 
@@ -120,8 +130,10 @@ def compile_getter(keys: tuple[str, ...]) -> Callable[[Any, Any], Any]:
     common case, a dict, costs one `.get` per key."""
     steps = tuple((key, _array_index(key)) for key in keys)
     if "*" in keys:
+
         def get_starred(value: Any, default: Any = UNDEFINED) -> Any:
             return _walk(value, steps, default)
+
         return get_starred
     if len(steps) == 1:
         return _getter_1(*steps[0])
@@ -136,6 +148,7 @@ def compile_getter(keys: tuple[str, ...]) -> Callable[[Any, Any], Any]:
             if value is UNDEFINED:
                 return default
         return value
+
     return get_plain
 
 
@@ -143,6 +156,7 @@ def _getter_1(k0: str, i0: int | None) -> Callable[[Any, Any], Any]:
     def get_1(value: Any, default: Any = UNDEFINED) -> Any:
         value = value.get(k0, UNDEFINED) if type(value) is dict else _step(value, k0, i0)
         return default if value is UNDEFINED else value
+
     return get_1
 
 
@@ -153,11 +167,11 @@ def _getter_2(k0: str, i0: int | None, k1: str, i1: int | None) -> Callable[[Any
             return default
         value = value.get(k1, UNDEFINED) if type(value) is dict else _step(value, k1, i1)
         return default if value is UNDEFINED else value
+
     return get_2
 
 
-def _getter_3(k0: str, i0: int | None, k1: str, i1: int | None,
-              k2: str, i2: int | None) -> Callable[[Any, Any], Any]:
+def _getter_3(k0: str, i0: int | None, k1: str, i1: int | None, k2: str, i2: int | None) -> Callable[[Any, Any], Any]:
     def get_3(value: Any, default: Any = UNDEFINED) -> Any:
         value = value.get(k0, UNDEFINED) if type(value) is dict else _step(value, k0, i0)
         if value is UNDEFINED:
@@ -167,11 +181,13 @@ def _getter_3(k0: str, i0: int | None, k1: str, i1: int | None,
             return default
         value = value.get(k2, UNDEFINED) if type(value) is dict else _step(value, k2, i2)
         return default if value is UNDEFINED else value
+
     return get_3
 
 
-def compile_checked_getter(keys: tuple[str, ...], accept: Callable[[Any], bool],
-                           default: Any, fallback: Any) -> Callable[[Any, Any], Any]:
+def compile_checked_getter(
+    keys: tuple[str, ...], accept: Callable[[Any], bool], default: Any, fallback: Any
+) -> Callable[[Any, Any], Any]:
     """`reader(value, _ctx)`: the value at the path (`default` when missing, which also
     fills the holes of a `*`) if `accept` takes it, else `fallback`. The caller guarantees
     that a missing path may give `fallback` directly (the default checked is the fallback).
@@ -190,7 +206,7 @@ def compile_checked_getter(keys: tuple[str, ...], accept: Callable[[Any], bool],
         getter = compile_getter(keys)
         return lambda value, _ctx: finish(getter(value, default))
     if len(steps) == 1:
-        (k0, i0), = steps
+        ((k0, i0),) = steps
 
         def read_1(value: Any, _ctx: Any) -> Any:
             value = value.get(k0, UNDEFINED) if type(value) is dict else _step(value, k0, i0)
@@ -198,6 +214,7 @@ def compile_checked_getter(keys: tuple[str, ...], accept: Callable[[Any], bool],
             if kind is str or kind is int or kind is bool:
                 return value
             return fallback if value is UNDEFINED or not accept(value) else value
+
         return read_1
     (k0, i0), (k1, i1) = steps
 
@@ -210,6 +227,7 @@ def compile_checked_getter(keys: tuple[str, ...], accept: Callable[[Any], bool],
         if kind is str or kind is int or kind is bool:
             return value
         return fallback if value is UNDEFINED or not accept(value) else value
+
     return read_2
 
 
@@ -222,7 +240,7 @@ def _walk(value: Any, steps: tuple[tuple[str, int | None], ...], default: Any) -
     for position, (key, index) in enumerate(steps):
         if key == "*" and isinstance(value, list):
             # JS joins the remaining keys and splits them again: no rest is the key "".
-            rest = steps[position + 1:] or _EMPTY_REST
+            rest = steps[position + 1 :] or _EMPTY_REST
             return [_walk(item, rest, default) for item in value]
         value = _step(value, key, index)
         if value is UNDEFINED:
@@ -386,6 +404,7 @@ def flatten_include(event: dict, sections: Iterable[str]) -> tuple[dict, bool]:
 
 
 # --- output ----------------------------------------------------------------------------------
+
 
 def to_plain(value: Any) -> Any:
     """The JSON view of a mapped value (what `JSON.stringify` sends): holes in lists become

@@ -12,6 +12,7 @@ Wherever a key is resolved (start-up or a worker), it is checked the same way
 (:func:`checked_key`): surrounding whitespace is stripped and said so, and a key that is empty
 or still a reference is refused, so nothing is ever sent with a key that cannot be right.
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,8 +44,10 @@ def checked_key(value: str, source: str) -> tuple[str, str | None]:
     key = value.strip()
     notice = None
     if key != value:
-        notice = (f"the write key from {source} had surrounding whitespace or newlines "
-                  f"({len(value) - len(key)} characters); they were removed")
+        notice = (
+            f"the write key from {source} had surrounding whitespace or newlines "
+            f"({len(value) - len(key)} characters); they were removed"
+        )
     if not key:
         raise WriteKeyProblem(f"the write key from {source} is empty")
     left = _LEFT_REFERENCE.search(key)
@@ -53,7 +56,8 @@ def checked_key(value: str, source: str) -> tuple[str, str | None]:
         shown = key if left.group(0) == key else left.group(0)[:80] + "..."
         raise WriteKeyProblem(
             f"the write key from {source} is the unresolved reference {shown!r}: write the reference "
-            "itself as writeKey (\"$secret.NAME\" or \"$env.NAME\")")
+            'itself as writeKey ("$secret.NAME" or "$env.NAME")'
+        )
     return key, notice
 
 
@@ -64,8 +68,13 @@ class WriteKeyUnavailable(RuntimeError):
 class WriteKey:
     __slots__ = ("_value", "env_name", "default", "secret_version")
 
-    def __init__(self, value: str | None = None, env_name: str | None = None, default: str | None = None,
-                 secret_version: str | None = None):
+    def __init__(
+        self,
+        value: str | None = None,
+        env_name: str | None = None,
+        default: str | None = None,
+        secret_version: str | None = None,
+    ):
         if value is None and env_name is None and secret_version is None:
             raise ValueError("a write key needs a value or a reference")
         self._value = value
@@ -112,7 +121,10 @@ class WriteKey:
         if isinstance(other, str):
             return self.reveal() == other
         return isinstance(other, WriteKey) and (self.secret_version, self.env_name, self.reveal()) == (
-            other.secret_version, other.env_name, other.reveal())
+            other.secret_version,
+            other.env_name,
+            other.reveal(),
+        )
 
     def __hash__(self) -> int:
         return hash(self.fingerprint())
@@ -139,9 +151,12 @@ def _from_secret_version(version_name: str) -> str:
     """Exactly this secret version, through Beam's own Secret Manager client wrapper."""
     return _read_secret(
         {"version_name": version_name},
-        lambda cause: f"the Segment write key is not available: Secret Manager secret version {version_name} "
-                      f"could not be read ({cause}). Grant the worker service account "
-                      "roles/secretmanager.secretAccessor on that secret (in its own project).")
+        lambda cause: (
+            f"the Segment write key is not available: Secret Manager secret version {version_name} "
+            f"could not be read ({cause}). Grant the worker service account "
+            "roles/secretmanager.secretAccessor on that secret (in its own project)."
+        ),
+    )
 
 
 def _from_secret_manager(name: str) -> str:
@@ -149,10 +164,13 @@ def _from_secret_manager(name: str) -> str:
     the worker's project (``GOOGLE_CLOUD_PROJECT``, else the credentials' project)."""
     return _read_secret(
         {"name": name},
-        lambda cause: f"the Segment write key is not available on this worker: environment variable {name} is "
-                      f"not set and Secret Manager secret {name!r} could not be read ({cause}). On Dataflow, "
-                      f"create the secret and grant the worker service account roles/secretmanager.secretAccessor, "
-                      f"or name any secret version with the write_key_secret parameter.")
+        lambda cause: (
+            f"the Segment write key is not available on this worker: environment variable {name} is "
+            f"not set and Secret Manager secret {name!r} could not be read ({cause}). On Dataflow, "
+            f"create the secret and grant the worker service account roles/secretmanager.secretAccessor, "
+            f"or name any secret version with the write_key_secret parameter."
+        ),
+    )
 
 
 def _read_secret(spec: dict, failure) -> str:

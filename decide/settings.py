@@ -4,6 +4,7 @@ Values that arrive through ``$env`` are strings; :func:`coerce_settings` turns t
 number or boolean a setting needs and reports, per setting, what did not parse. The write key
 is held here but never shown: it is left out of ``repr`` and of every error message.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class SegmentSettings:
     max_retries: int = 3
     http_request_timeout_ms: int = 10000
     disable: bool = False
-    gzip: bool = False               # gzip request bodies (segment-analytics-python's gzip option)
+    gzip: bool = False  # gzip request bodies (segment-analytics-python's gzip option)
     identify: Any = None
     group: Any = None
     consent: dict | None = None

@@ -10,6 +10,7 @@ every sender and batching step applies.
 
 Plain data, no Beam and no SDK import: the SDK's version comes from its installed metadata.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -111,8 +112,9 @@ def json_text_size(data: bytes) -> int:
     Python does, longer (0.00001 for 1e-05), or one byte shorter (1e-9 for 1e-09: counted as
     every "e-").
     """
-    size = (len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f")
-            + data.count(b"e-"))  # orjson writes 1e-9 where Python writes 1e-09
+    size = (
+        len(data) + data.count(b",") + data.count(b":") + 5 * data.count(b"\x7f") + data.count(b"e-")
+    )  # orjson writes 1e-9 where Python writes 1e-09
     if not data.isascii():
         size += 4 * (len(data) - len(data.decode()))
     return size
@@ -139,16 +141,21 @@ def encode_message(message: dict) -> tuple[bytes, int, str | None]:
     return data, json_text_size(data), call_problem(form)
 
 
-
-
 # -- the message as the SDK Client builds it ---------------------------------------------------------
 # The fields the Client writes for each call type when the call has none (null or {}).
 _CLIENT_FIELDS: dict[str, dict[str, Any]] = {
     "track": {"integrations": {}, "anonymousId": None, "properties": {}, "context": {}, "userId": None},
     "identify": {"integrations": {}, "context": {}, "anonymousId": None, "userId": None, "traits": {}},
     "group": {"integrations": {}, "context": {}, "userId": None, "anonymousId": None, "traits": {}},
-    "page": {"integrations": {}, "properties": {}, "category": None, "context": {}, "userId": None,
-             "anonymousId": None, "name": None},
+    "page": {
+        "integrations": {},
+        "properties": {},
+        "category": None,
+        "context": {},
+        "userId": None,
+        "anonymousId": None,
+        "name": None,
+    },
 }
 _CLIENT_FIELDS["screen"] = _CLIENT_FIELDS["page"]
 _COMMON_FIELDS: dict[str, Any] = {"integrations": {}, "context": {}, "anonymousId": None, "userId": None}
@@ -162,8 +169,11 @@ def sdk_message(message: dict) -> dict:
     in its ISO form. The caller's dicts are not changed (``context`` is copied, nothing else)."""
     out = {**_CLIENT_FIELDS.get(message.get("type", ""), _COMMON_FIELDS), **message}
     context = message.get("context")
-    out["context"] = {**context, "library": LIBRARY} if isinstance(context, dict) else (
-        {"library": LIBRARY} if context is None else context)
+    out["context"] = (
+        {**context, "library": LIBRARY}
+        if isinstance(context, dict)
+        else ({"library": LIBRARY} if context is None else context)
+    )
     for name in _OBJECT_FIELDS:
         if name in message and message[name] is None:
             out[name] = {}
@@ -242,9 +252,10 @@ def _is_iso(text: str) -> bool:
 @dataclass(slots=True)
 class EventMessages:
     """The messages of one event, which travel together and are delivered or fail together."""
-    event: dict                      # normalised event: the dead-letter payload
+
+    event: dict  # normalised event: the dead-letter payload
     messages: list[dict]
-    size: int = 0                    # the messages' size on the wire (0 = not measured yet)
+    size: int = 0  # the messages' size on the wire (0 = not measured yet)
     # The messages' wire form, their sizes and the first call the SDK would refuse, worked out
     # once when the batch is cut and kept for sending (not pickled: it would double what a
     # EventMessages costs in Beam state).

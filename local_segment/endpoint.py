@@ -79,7 +79,6 @@ class RequestRecord:
     client_gone: bool = False  # the client had hung up before the answer (e.g. its timeout)
 
 
-
 class LocalSegment:
     """A Segment-compatible endpoint on loopback, for trying flows and for tests.
 
@@ -214,7 +213,9 @@ class LocalSegment:
         """Give each request without a scripted fault ``fault`` with ``probability``."""
         self._faults.set_random(probability, fault, seed)
 
-    def reject_when(self, predicate: MessagePredicate, code: int = 400, message: str = "Invalid message in batch") -> None:
+    def reject_when(
+        self, predicate: MessagePredicate, code: int = 400, message: str = "Invalid message in batch"
+    ) -> None:
         """Answer ``code`` to *every* request carrying a message that matches ``predicate``."""
         self._faults.add_rule(bad_request_when(predicate, code, message))
 
@@ -368,7 +369,9 @@ class LocalSegment:
         limit = self.limits.message_bytes
         for data in serialized:
             if len(data) > limit:
-                raise Rejected(400, "payload_too_large", f"Exceed payload limit: a message is {len(data)} bytes, limit {limit}")
+                raise Rejected(
+                    400, "payload_too_large", f"Exceed payload limit: a message is {len(data)} bytes, limit {limit}"
+                )
         return serialized
 
     def _check_rules(self, messages: list, extra_rules) -> None:
@@ -412,7 +415,9 @@ class LocalSegment:
                     continue
                 self._seen[message_id] = now
                 self.accepted.append(stored)
-                self.records.append({"message": stored, "messageId": message_id, "path": record.path, "request": record.index, **times})
+                self.records.append(
+                    {"message": stored, "messageId": message_id, "path": record.path, "request": record.index, **times}
+                )
                 lines.append(data)
                 record.accepted += 1
             self.counters["accepted"] += record.accepted

@@ -18,13 +18,13 @@ import orjson
 from local_segment.validation import JSON_TYPE, Rejected
 
 
-
 class Owner(Protocol):
     """What the server hands its requests and connections to (a ``LocalSegment``)."""
 
     def track_connection(self, sock: Any, is_open: bool) -> None: ...
 
     def serve_request(self, handler: Any) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def abort_connection(sock: socket.socket) -> None:
         os.close(sock.detach())
     except OSError:
         pass
-
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 def _serve_until_stopped(args: argparse.Namespace) -> int:
     write_key = args.write_key or os.environ.get("LOCAL_SEGMENT_WRITE_KEY") or None
     server = LocalSegment(
-        write_key, host=args.host, port=args.port, record_path=args.record, strict=args.strict, path_prefix=args.path_prefix
+        write_key,
+        host=args.host,
+        port=args.port,
+        record_path=args.record,
+        strict=args.strict,
+        path_prefix=args.path_prefix,
     )
     try:
         server.start()

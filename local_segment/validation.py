@@ -40,7 +40,6 @@ class Rejected(Exception):
         self.close_connection = close_connection
 
 
-
 @dataclass(frozen=True)
 class Limits:
     """Segment's documented size limits (32 KB a message, 500 KB a batch, 2,500 messages)."""
@@ -176,7 +175,9 @@ def read_auth(authorization: str | None, body_key: Any, accept_bearer: bool) -> 
 def check_auth(auth: Auth, expected: str | None, strict: bool) -> bool:
     """Raise for a request that must be refused; return False when its messages are dropped."""
     if auth.key is None:
-        raise Rejected(400, "missing_write_key", "no write key: send Basic auth base64('<writeKey>:') or a body writeKey")
+        raise Rejected(
+            400, "missing_write_key", "no write key: send Basic auth base64('<writeKey>:') or a body writeKey"
+        )
     if strict and auth.state == AUTH_MISMATCH:
         raise Rejected(401, "write_key_mismatch", "the Basic auth key and the body writeKey differ")
     if expected is not None and auth.key != expected:
@@ -271,7 +272,9 @@ def message_problem(msg: Any, route_type: str | None = None) -> str | None:
     kind = route_type or msg.get("type")
     if kind not in MESSAGE_TYPES:
         return "invalid_type"
-    return _ids_problem(msg, kind) or _type_fields_problem(msg, kind) or _message_id_problem(msg) or _consent_problem(msg)
+    return (
+        _ids_problem(msg, kind) or _type_fields_problem(msg, kind) or _message_id_problem(msg) or _consent_problem(msg)
+    )
 
 
 def format_instant(value: datetime) -> str:

@@ -1,4 +1,5 @@
 """walkeros-segment: run | explain | validate | local-segment | demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,15 @@ def _declared_version(setup_py: Path) -> str:
 
 
 # -- shared start-up -------------------------------------------------------------------------
-def load_spec(flow_path: str, flow_name: str | None = None, destination_id: str | None = None,
-              namespace: str | None = None, ttl_hours: float | None = 24.0, functions=None, **key_options):
+def load_spec(
+    flow_path: str,
+    flow_name: str | None = None,
+    destination_id: str | None = None,
+    namespace: str | None = None,
+    ttl_hours: float | None = 24.0,
+    functions=None,
+    **key_options,
+):
     """Flow file → DestinationSpec, compiled now (and kept: the graph and explain reuse it) to
     surface every configuration error before anything starts. Compiling a function only
     parses it: nothing of it runs here. ``functions`` is a FunctionPolicy (default: no Python);
@@ -124,8 +132,7 @@ def function_policy(opts):
     """The FunctionPolicy the flags ask for (their values are checked with the other ranges)."""
     from decide.functions import FunctionPolicy
 
-    return FunctionPolicy(allow_python=bool(opts.allow_python_functions),
-                          time_limit_s=opts.function_time_limit_seconds)
+    return FunctionPolicy(allow_python=bool(opts.allow_python_functions), time_limit_s=opts.function_time_limit_seconds)
 
 
 def _replay_refused(pattern: str | None, input_format: str, spec) -> bool:
@@ -194,14 +201,17 @@ def unknown_flag_problems(unknown: list[str], known: list[str]) -> list[str]:
         if arg.startswith("-") and arg != "-":
             name = arg.split("=", 1)[0]
             guess = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
-            problems.append(f"unknown flag {name}" + (f": did you mean {guess[0]}?" if guess else
-                                                       " (see --help for the flags)"))
+            problems.append(
+                f"unknown flag {name}" + (f": did you mean {guess[0]}?" if guess else " (see --help for the flags)")
+            )
             value_of_unknown = "=" not in arg
         elif value_of_unknown:
             value_of_unknown = False
         else:
-            problems.append(f"unexpected argument {arg!r}: give each value after its flag (--name value or "
-                            "--name=value); a flag such as --streaming takes none")
+            problems.append(
+                f"unexpected argument {arg!r}: give each value after its flag (--name value or "
+                "--name=value); a flag such as --streaming takes none"
+            )
     return problems
 
 
@@ -257,15 +267,19 @@ def explain(argv: list[str]) -> int:
     parser = _parser(
         "walkeros-segment explain",
         "Each input event through the pipeline's functions, in input order, no network: "
-        "one JSON object per event. Exit status as for run: 3 when an event would be dead-lettered.")
+        "one JSON object per event. Exit status as for run: 3 when an event would be dead-lettered.",
+    )
     _flow_arguments(parser)
-    parser.add_argument("--input", required=True,
-                        help="events file or glob (local or gs://), or - for standard input")
+    parser.add_argument("--input", required=True, help="events file or glob (local or gs://), or - for standard input")
     parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
     parser.add_argument("--message_id_namespace", default=None)
     parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
-    parser.add_argument("--max_dead_letter_ratio", type=parse_ratio, default=0.0,
-                        help="share of events that may be dead-lettered while the exit status stays 0")
+    parser.add_argument(
+        "--max_dead_letter_ratio",
+        type=parse_ratio,
+        default=0.0,
+        help="share of events that may be dead-lettered while the exit status stays 0",
+    )
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -276,8 +290,14 @@ def explain(argv: list[str]) -> int:
         print("\n".join(problems), file=sys.stderr)
         return EXIT_USAGE
     try:
-        spec = load_spec(args.flow, args.flow_name, args.destination_id, args.message_id_namespace,
-                         args.identity_state_ttl_hours, functions=function_policy(args))
+        spec = load_spec(
+            args.flow,
+            args.flow_name,
+            args.destination_id,
+            args.message_id_namespace,
+            args.identity_state_ttl_hours,
+            functions=function_policy(args),
+        )
     except FlowError as exc:
         return _report_flow_errors(exc)
     if args.input != "-" and _replay_refused(args.input, args.input_format, spec):
@@ -352,9 +372,16 @@ def prepare_run(argv: list[str]):
     local = _is_direct(options)
     try:
         # On Dataflow the key is resolved by the workers only: the launcher never needs it.
-        spec = load_spec(opts.flow, opts.flow_name, opts.destination_id, opts.message_id_namespace,
-                         opts.identity_state_ttl_hours, functions=function_policy(opts), defer_write_key=not local,
-                         write_key_secret=opts.write_key_secret)
+        spec = load_spec(
+            opts.flow,
+            opts.flow_name,
+            opts.destination_id,
+            opts.message_id_namespace,
+            opts.identity_state_ttl_hours,
+            functions=function_policy(opts),
+            defer_write_key=not local,
+            write_key_secret=opts.write_key_secret,
+        )
     except FlowError as exc:
         problems += exc.errors
     if spec is not None and _replay_refused(opts.input, opts.input_format, spec):
@@ -365,9 +392,12 @@ def prepare_run(argv: list[str]):
         if problem:
             problems.append(problem)
     elif key is not None and key.env_name is None and key.secret_version is None:
-        print("warning: the write key is written literally in the flow file, so it travels inside the job "
-              "Dataflow stores and shows; write \"$secret.SEGMENT_WRITE_KEY\" in the flow (or use "
-              "--write_key_secret) so that only workers ever read it", file=sys.stderr)
+        print(
+            "warning: the write key is written literally in the flow file, so it travels inside the job "
+            'Dataflow stores and shows; write "$secret.SEGMENT_WRITE_KEY" in the flow (or use '
+            "--write_key_secret) so that only workers ever read it",
+            file=sys.stderr,
+        )
     problems += _input_problems(opts)
     if problems:
         for p in problems:
@@ -425,8 +455,13 @@ def launch(options, spec):
     from pipeline.options import WalkerosOptions
 
     pipeline = beam.Pipeline(options=options)
-    build_from_options(pipeline, spec, options.view_as(WalkerosOptions),
-                       bool(options.view_as(StandardOptions).streaming), local=_is_direct(options))
+    build_from_options(
+        pipeline,
+        spec,
+        options.view_as(WalkerosOptions),
+        bool(options.view_as(StandardOptions).streaming),
+        local=_is_direct(options),
+    )
     _settle_heap()
     return pipeline.run()
 
@@ -499,14 +534,17 @@ def _submit(options, spec, streaming: bool) -> int:
         return outcome.status
     if _dry_run(options):
         # --dry_run=true: Beam built the whole Dataflow job (what a launch sends) and stopped there.
-        outcome = Outcome(EXIT_OK, f"dry run: the {'streaming' if streaming else 'batch'} job was built for "
-                                   "Dataflow and not submitted")
+        outcome = Outcome(
+            EXIT_OK,
+            f"dry run: the {'streaming' if streaming else 'batch'} job was built for Dataflow and not submitted",
+        )
         print(outcome.line())
         return outcome.status
     job_id = getattr(result, "job_id", None)
     job = f" as job {job_id()}" if callable(job_id) else ""
-    text = (f"{'streaming' if streaming else 'batch'} job submitted{job}; "
-            + ("it runs until drained or cancelled" if streaming else "it stops when the input is read"))
+    text = f"{'streaming' if streaming else 'batch'} job submitted{job}; " + (
+        "it runs until drained or cancelled" if streaming else "it stops when the input is read"
+    )
     outcome = Outcome(EXIT_OK, text)
     print(outcome.line())
     if opts.summary_json:
@@ -523,8 +561,15 @@ def _dead_letter_location(opts) -> str:
 def _write_summary(opts, options, spec, counts, outcome, where: str) -> bool:
     from pipeline.summary import summary_document, write_summary_json
 
-    document = summary_document(counts, outcome, command="run", run_id=opts.run_id, flow=spec.flow_name,
-                                dead_letters=where, options=run_options(options))
+    document = summary_document(
+        counts,
+        outcome,
+        command="run",
+        run_id=opts.run_id,
+        flow=spec.flow_name,
+        dead_letters=where,
+        options=run_options(options),
+    )
     document = _without_key(document, spec.settings.write_key)
     try:
         write_summary_json(opts.summary_json, document)
@@ -599,8 +644,7 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
 
 def _is_user_facing(exc: BaseException) -> bool:
     # Most errors speak for themselves; a bare KeyError('x') or TypeError does not without its name.
-    return not isinstance(exc, (LookupError, AttributeError, TypeError, NameError, ArithmeticError,
-                                AssertionError))
+    return not isinstance(exc, (LookupError, AttributeError, TypeError, NameError, ArithmeticError, AssertionError))
 
 
 class _DropStepTracebacks:
@@ -608,18 +652,30 @@ class _DropStepTracebacks:
     in one line instead. WALKEROS_SEGMENT_DEBUG=1 keeps Beam's tracebacks."""
 
     def filter(self, record) -> bool:
-        return not (record.exc_info or "Traceback (most recent call last)" in str(record.msg)
-                    or "Traceback (most recent call last)" in "".join(map(str, record.args or ())))
+        return not (
+            record.exc_info
+            or "Traceback (most recent call last)" in str(record.msg)
+            or "Traceback (most recent call last)" in "".join(map(str, record.args or ()))
+        )
 
 
 class _one_line_failures:
     def __enter__(self):
         self.filter = _DropStepTracebacks()
-        self.loggers = [] if os.environ.get("WALKEROS_SEGMENT_DEBUG") else [
-            logging.getLogger(name) for name in
-            ("apache_beam.runners.common", "apache_beam.runners.direct.executor",
-             "apache_beam.runners.worker.sdk_worker", "apache_beam.runners.worker.bundle_processor",
-             "apache_beam.runners.portability.fn_api_runner.fn_runner")]
+        self.loggers = (
+            []
+            if os.environ.get("WALKEROS_SEGMENT_DEBUG")
+            else [
+                logging.getLogger(name)
+                for name in (
+                    "apache_beam.runners.common",
+                    "apache_beam.runners.direct.executor",
+                    "apache_beam.runners.worker.sdk_worker",
+                    "apache_beam.runners.worker.bundle_processor",
+                    "apache_beam.runners.portability.fn_api_runner.fn_runner",
+                )
+            ]
+        )
         for logger in self.loggers:
             logger.addFilter(self.filter)
         return self
@@ -636,8 +692,11 @@ def _run_local_streaming(result, opts) -> bool:
     was stopped without draining (a second Ctrl-C)."""
     from pipeline import local_streaming
 
-    print("streaming on the local DirectRunner; Ctrl-C stops it (after sending what it holds)",
-          file=sys.stderr, flush=True)
+    print(
+        "streaming on the local DirectRunner; Ctrl-C stops it (after sending what it holds)",
+        file=sys.stderr,
+        flush=True,
+    )
     # The runner is waited for on another thread: a KeyboardInterrupt inside the DirectRunner's
     # own wait shuts its workers down at once, which is the loss a drain is there to avoid.
     finished = _Waiter(result)
@@ -647,8 +706,12 @@ def _run_local_streaming(result, opts) -> bool:
             return True
         except KeyboardInterrupt:
             pass
-        print("draining: no more reading; sending or dead-lettering what is buffered "
-              "(Ctrl-C again stops at once and loses it)...", file=sys.stderr, flush=True)
+        print(
+            "draining: no more reading; sending or dead-lettering what is buffered "
+            "(Ctrl-C again stops at once and loses it)...",
+            file=sys.stderr,
+            flush=True,
+        )
         local_streaming.drain()
         _wake_the_reader(opts.input_subscription, opts.input_topic)
         try:
@@ -745,8 +808,10 @@ def stop_local_streaming(result, subscription: str | None = None, topic: str | N
         try:
             publish_heartbeat(topic=topic, subscription=subscription, timeout_s=5)
         except Exception as exc:  # then the cancel just takes longer
-            print(f"could not publish a heartbeat ({type(exc).__name__}: {exc}); stopping may take up to 30 s",
-                  file=sys.stderr)
+            print(
+                f"could not publish a heartbeat ({type(exc).__name__}: {exc}); stopping may take up to 30 s",
+                file=sys.stderr,
+            )
     else:
         print("stopping may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
     result.cancel()
@@ -767,8 +832,11 @@ def _with_default_runner(argv: list[str]) -> list[str]:
     # silently changes semantics: name the runner unless the user did.
     if any(a == "--runner" or a.startswith("--runner=") for a in argv):
         return argv
-    streaming = any(a in ("--streaming", "--input_subscription", "--input_topic") or
-                    a.startswith(("--input_subscription=", "--input_topic=")) for a in argv)
+    streaming = any(
+        a in ("--streaming", "--input_subscription", "--input_topic")
+        or a.startswith(("--input_subscription=", "--input_topic="))
+        for a in argv
+    )
     return [*argv, "--runner", "BundleBasedDirectRunner" if streaming else "FnApiRunner"]
 
 
@@ -803,46 +871,63 @@ def _flag_problems(opts, options) -> list[str]:
     from transforms.read import check_pubsub_path
 
     problems = []
-    inputs = [f for f, v in (("--input", opts.input), ("--input_subscription", opts.input_subscription),
-                             ("--input_topic", opts.input_topic)) if v]
+    inputs = [
+        f
+        for f, v in (
+            ("--input", opts.input),
+            ("--input_subscription", opts.input_subscription),
+            ("--input_topic", opts.input_topic),
+        )
+        if v
+    ]
     if len(inputs) > 1:
         problems.append(f"give one input, not {' and '.join(inputs)}")
     if opts.dead_letter and opts.dead_letter_topic:
         problems.append("give --dead_letter or --dead_letter_topic, not both")
-    for flag, kind, value in (("--input_subscription", "subscription", opts.input_subscription),
-                              ("--input_topic", "topic", opts.input_topic),
-                              ("--dead_letter_topic", "topic", opts.dead_letter_topic)):
+    for flag, kind, value in (
+        ("--input_subscription", "subscription", opts.input_subscription),
+        ("--input_topic", "topic", opts.input_topic),
+        ("--dead_letter_topic", "topic", opts.dead_letter_topic),
+    ):
         problem = value and check_pubsub_path(kind, value)
         if problem:
             problems.append(f"{flag}: {problem}")
     pubsub = bool(opts.input_subscription or opts.input_topic)
     if not pubsub and (opts.id_label or opts.timestamp_attribute):
-        problems.append("--id_label and --timestamp_attribute apply to Pub/Sub input only "
-                        "(--input_subscription / --input_topic)")
+        problems.append(
+            "--id_label and --timestamp_attribute apply to Pub/Sub input only (--input_subscription / --input_topic)"
+        )
     runner = str(options.view_as(StandardOptions).runner or "")
     if _is_direct(options):
         if pubsub and opts.id_label:
             problems.append(
                 "--id_label is supported on Dataflow only: the local DirectRunner cannot deduplicate on a "
                 "Pub/Sub attribute (Beam's reader raises NotImplementedError once the pipeline runs). "
-                "Drop --id_label to run locally, or run on Dataflow (--runner DataflowRunner).")
+                "Drop --id_label to run locally, or run on Dataflow (--runner DataflowRunner)."
+            )
         if opts.fail_bundle_on_delivery_error:
             # A local runner does not retry a failed bundle (the FnApiRunner fails the
             # run; the DirectRunner retries 4 times at once, then fails it): one exhausted batch
             # would throw away the whole run. Dead letters are the local way: they replay.
-            problems.append("--fail_bundle_on_delivery_error needs a runner that retries failed bundles "
-                            "(Dataflow); on the local runners one batch that runs out of retries would fail "
-                            "the whole run. Leave it off: such events are dead-lettered (delivery_failed) "
-                            "and replay with --input_format dead_letter")
+            problems.append(
+                "--fail_bundle_on_delivery_error needs a runner that retries failed bundles "
+                "(Dataflow); on the local runners one batch that runs out of retries would fail "
+                "the whole run. Leave it off: such events are dead-lettered (delivery_failed) "
+                "and replay with --input_format dead_letter"
+            )
         if pubsub and "FnApiRunner" in runner:
-            problems.append("--runner FnApiRunner cannot read Pub/Sub (the pipeline hangs without an error): "
-                            "use --runner BundleBasedDirectRunner (the default for Pub/Sub input), or Dataflow")
+            problems.append(
+                "--runner FnApiRunner cannot read Pub/Sub (the pipeline hangs without an error): "
+                "use --runner BundleBasedDirectRunner (the default for Pub/Sub input), or Dataflow"
+            )
     else:
         # Workers only see Cloud Storage, not the disk of the machine that launched the job.
         for flag, value in (("--input", opts.input), ("--dead_letter", opts.dead_letter)):
             if value and not value.startswith("gs://"):
-                problems.append(f"{flag} {value}: on {runner or 'this runner'} files must be on gs:// "
-                                "(the workers cannot read this machine's disk)")
+                problems.append(
+                    f"{flag} {value}: on {runner or 'this runner'} files must be on gs:// "
+                    "(the workers cannot read this machine's disk)"
+                )
     return problems
 
 

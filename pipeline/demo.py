@@ -4,6 +4,7 @@ real Segment SDK) into a local Segment-compatible endpoint. No credentials, no n
 The same pipeline sends to Segment for real with the user's own flow, input and write key:
 ``walkeros-segment run --flow FLOW --input PATH --dead_letter PREFIX``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ def main(argv: list[str] | None, run: Callable[[list[str]], int]) -> int:
         if code not in (0, 3):  # 3: dead letters, which the example's bad lines are there to show
             return code
         by_type = Counter(m.get("type") for m in endpoint.accepted)
-        print(f"\nthe endpoint accepted {len(endpoint.accepted)} messages in {len(endpoint.requests)} request(s): "
-              + ", ".join(f"{k} {v}" for k, v in sorted(by_type.items())))
+        print(
+            f"\nthe endpoint accepted {len(endpoint.accepted)} messages in {len(endpoint.requests)} request(s): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_type.items()))
+        )
     dead_files = sorted(glob.glob(str(out / "dead-letters*")))
     print(f"received messages: {received}")
     print(f"dead letters:      {', '.join(dead_files) or 'none'}")

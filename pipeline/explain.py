@@ -6,6 +6,7 @@ time order (then id), whatever the order of the input. So with identify or group
 every event is mapped and planned first, and the lines are written once the whole input has been
 read; without them, each line is written as its event is read.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -38,13 +39,13 @@ def explain_payloads(destination: Destination, payloads: Iterable[Any]) -> Itera
             if isinstance(outcome, EventCalls):
                 by_key.setdefault(outcome.key, []).append((index, outcome))
                 outcome = Outcome(DELIVERED, None)
-            lines.append(_line(index, item.get("id"), outcome.outcome, outcome.reason,
-                               outcome.calls))
+            lines.append(_line(index, item.get("id"), outcome.outcome, outcome.reason, outcome.calls))
     for planned in by_key.values():
         state: IdentityState | None = None
         # The batch pipeline's order (transforms.dedup): event time, then the event's digest.
-        for index, calls in sorted(planned, key=lambda p: (p[1].timestamp_ms,
-                                                           event_digest(p[1].key, p[1].event.get("id")))):
+        for index, calls in sorted(
+            planned, key=lambda p: (p[1].timestamp_ms, event_digest(p[1].key, p[1].event.get("id")))
+        ):
             lines[index]["calls"], state, _ = destination.deduplicate(calls, state)
     yield from lines
 

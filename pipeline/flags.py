@@ -1,6 +1,7 @@
 """What the pipeline's flags may be: formats, ranges, and the parsers of their values. No Beam,
 so `validate` and `explain` check their flags exactly as `run` does without loading Beam
 (``pipeline.options`` declares the flags to Beam from these)."""
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ ONE_OF_FLAGS = (("input", "input_subscription", "input_topic"), ("dead_letter", 
 @dataclass(frozen=True)
 class Range:
     """The values of a numeric flag that make sense; anything else is a usage error."""
+
     low: float
     high: float
     low_included: bool = True
@@ -28,8 +30,12 @@ class Range:
     def problem(self, value) -> str | None:
         if value is None:
             return None
-        if (isinstance(value, float) and not math.isfinite(value)) or value > self.high or \
-                value < self.low or (value == self.low and not self.low_included):
+        if (
+            (isinstance(value, float) and not math.isfinite(value))
+            or value > self.high
+            or value < self.low
+            or (value == self.low and not self.low_included)
+        ):
             low = f"at least {self.low:g}" if self.low_included else f"more than {self.low:g}"
             unit = f" {self.unit}" if self.unit else ""
             note = f" ({self.note})" if self.note else ""
@@ -40,13 +46,14 @@ class Range:
 # Every numeric flag, and what it may be. An identity memory that never expires (a TTL of 0
 # once meant that) grows without bound in a stream; a deadline of 0 fails every batch.
 RANGES = {
-    "identity_state_ttl_hours": Range(0, 24 * 366, low_included=False, unit="hours",
-                                      note="the identity memory must expire: state would grow forever"),
+    "identity_state_ttl_hours": Range(
+        0, 24 * 366, low_included=False, unit="hours", note="the identity memory must expire: state would grow forever"
+    ),
     "flush_deadline_seconds": Range(0, 3600, low_included=False, unit="seconds"),
     "delivery_shards": Range(0, 1024),  # 0: one shard per worker thread
     "progress_interval_seconds": Range(0, 86400, unit="seconds", note="0: never"),
     "max_inflation_ratio": Range(1, 1_000_000),
-    "max_inflated_mb": Range(1, 1024 ** 3, unit="MB"),
+    "max_inflated_mb": Range(1, 1024**3, unit="MB"),
     "function_time_limit_seconds": Range(0, 3600, low_included=False, unit="seconds"),
 }
 
@@ -85,12 +92,22 @@ parse_ratio.__name__ = "ratio (0 to 1)"
 def add_function_arguments(parser) -> None:
     """The flags about a flow's functions; `explain` and `validate` take them too."""
     # A value is optional (--flag, --flag=true): Flex Templates pass --name=value.
-    parser.add_argument("--allow_python_functions", nargs="?", const=True, default=False,
-                        type=parse_bool, metavar="true|false",
-                        help="Allow \"$py:\" functions in the flow: Python expressions that run with the "
-                             "worker's full rights (files, network, credentials). \"$code:\" JavaScript "
-                             "functions run in a sandbox and need no flag.")
-    parser.add_argument("--function_time_limit_seconds", type=float, default=1.0,
-                        help="Longest one call of a flow function may run (JavaScript: CPU time of the "
-                             "worker process; Python: wall time) before its value counts as a function "
-                             "error.")
+    parser.add_argument(
+        "--allow_python_functions",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_bool,
+        metavar="true|false",
+        help='Allow "$py:" functions in the flow: Python expressions that run with the '
+        'worker\'s full rights (files, network, credentials). "$code:" JavaScript '
+        "functions run in a sandbox and need no flag.",
+    )
+    parser.add_argument(
+        "--function_time_limit_seconds",
+        type=float,
+        default=1.0,
+        help="Longest one call of a flow function may run (JavaScript: CPU time of the "
+        "worker process; Python: wall time) before its value counts as a function "
+        "error.",
+    )

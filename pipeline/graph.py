@@ -1,6 +1,7 @@
 """The pipeline graph, from options and a compiled flow. No I/O of its own beyond the
 sources and sinks it wires in; transform names are stable so Dataflow can update a job.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,25 +24,31 @@ from transforms.steps import AssignIdentity, GateConsent, MapEvents, ParseEvents
 
 @dataclass
 class Outputs:
-    delivered: beam.PCollection     # EventMessages per delivered event
+    delivered: beam.PCollection  # EventMessages per delivered event
     dead_letters: beam.PCollection  # DeadLetter per failed input or event
 
 
-def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
-                   read: beam.PTransform | None = None, send_options: SendOptions | None = None,
-                   dead_letter_sink: beam.PTransform | None = None,
-                   previous_attempts: beam.PTransform | None = None) -> Outputs:
+def build_pipeline(
+    p: beam.Pipeline,
+    spec: DestinationSpec,
+    *,
+    streaming: bool,
+    read: beam.PTransform | None = None,
+    send_options: SendOptions | None = None,
+    dead_letter_sink: beam.PTransform | None = None,
+    previous_attempts: beam.PTransform | None = None,
+) -> Outputs:
     """Wire the whole path into ``p``. ``read`` yields raw payloads (default: nothing — tests
     and the command line always pass one); ``dead_letter_sink`` writes the dead letters."""
     destination = compiled(spec)  # compiles now: configuration errors surface before the job starts
     raw = p | "ReadEvents" >> read
     parse = ParseEventsAtElementTime if streaming else ParseEvents
     parsed = raw | "ParseEvents" >> beam.ParDo(parse(spec.collector, spec.flow_name)).with_outputs(
-        DEAD_LETTER_TAG, main="events")
+        DEAD_LETTER_TAG, main="events"
+    )
     gated = parsed.events | "GateConsent" >> beam.ParDo(GateConsent(spec))
     mapped = gated | "MapEvents" >> beam.ParDo(MapEvents(spec))
-    planned = mapped | "AssignIdentity" >> beam.ParDo(AssignIdentity(spec)).with_outputs(
-        DEAD_LETTER_TAG, main="calls")
+    planned = mapped | "AssignIdentity" >> beam.ParDo(AssignIdentity(spec)).with_outputs(DEAD_LETTER_TAG, main="calls")
     if destination.needs_identity_state and not streaming:
         # Decided on a second read of the input (files are re-readable; Pub/Sub is streaming
         # only): the shuffle then carries a small record per event, not the event.
@@ -62,9 +69,11 @@ def build_pipeline(p: beam.Pipeline, spec: DestinationSpec, *, streaming: bool,
         # A batch run's bundles are large: batches fill up within them, with no shuffle.
         sink = BatchAndSend(spec.settings, spec.flow_name, send_options)
     sent = deliveries | "SendToSegment" >> beam.ParDo(sink).with_outputs(DEAD_LETTER_TAG, main="delivered")
-    dead = ((parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
-            | "AllDeadLetters" >> beam.Flatten()
-            | "CountDeadLetters" >> CountDeadLetters(previous_attempts, spec.namespace))
+    dead = (
+        (parsed[DEAD_LETTER_TAG], planned[DEAD_LETTER_TAG], sent[DEAD_LETTER_TAG])
+        | "AllDeadLetters" >> beam.Flatten()
+        | "CountDeadLetters" >> CountDeadLetters(previous_attempts, spec.namespace)
+    )
     if dead_letter_sink is not None:
         dead | "WriteDeadLetters" >> dead_letter_sink
     return Outputs(delivered=sent.delivered, dead_letters=dead)
@@ -75,18 +84,34 @@ def _without_state(keyed: tuple[str, EventCalls]) -> EventMessages:
     return EventMessages(calls.event, calls.messages(identify=False, group=False))  # the flow has none
 
 
-def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool,
-                       local: bool = False) -> Outputs:
+def build_from_options(p: beam.Pipeline, spec: DestinationSpec, opts, streaming: bool, local: bool = False) -> Outputs:
     """``local``: on a local runner, records read whole are not spread over workers (there are
     none to spread to, and the FnApiRunner would hold every payload in memory for it)."""
-    read = ReadEvents(opts.input, opts.input_format, opts.input_subscription, opts.input_topic,
-                      opts.id_label, opts.timestamp_attribute,
-                      ReadLimits(opts.max_inflation_ratio, opts.max_inflated_mb * 1024 ** 2), spread=not local)
+    read = ReadEvents(
+        opts.input,
+        opts.input_format,
+        opts.input_subscription,
+        opts.input_topic,
+        opts.id_label,
+        opts.timestamp_attribute,
+        ReadLimits(opts.max_inflation_ratio, opts.max_inflated_mb * 1024**2),
+        spread=not local,
+    )
     sink = WriteDeadLetters(opts.dead_letter, opts.dead_letter_format, opts.dead_letter_topic, streaming)
-    send_options = SendOptions(flush_deadline_s=opts.flush_deadline_seconds,
-                               fail_bundle_on_error=opts.fail_bundle_on_delivery_error,
-                               shards=opts.delivery_shards, progress_interval_s=opts.progress_interval_seconds)
+    send_options = SendOptions(
+        flush_deadline_s=opts.flush_deadline_seconds,
+        fail_bundle_on_error=opts.fail_bundle_on_delivery_error,
+        shards=opts.delivery_shards,
+        progress_interval_s=opts.progress_interval_seconds,
+    )
     # A replay run: its dead letters that fail again carry the previous attempt count plus one.
     previous = ReadPreviousAttempts(opts.input) if opts.input and opts.input_format == "dead_letter" else None
-    return build_pipeline(p, spec, streaming=streaming, read=read, send_options=send_options,
-                          dead_letter_sink=sink, previous_attempts=previous)
+    return build_pipeline(
+        p,
+        spec,
+        streaming=streaming,
+        read=read,
+        send_options=send_options,
+        dead_letter_sink=sink,
+        previous_attempts=previous,
+    )

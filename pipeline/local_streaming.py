@@ -16,6 +16,7 @@ Two things the DirectRunner (Beam 2.77) does not do, added here for local runs o
 Both patch private classes of Beam's DirectRunner; :func:`install` checks they are still there
 and refuses (an error, not a silent loss) when a Beam upgrade moved them.
 """
+
 from __future__ import annotations
 
 import threading
@@ -42,8 +43,10 @@ def install() -> None:
     result_type = getattr(transform_evaluator, "TransformResult", None)
     transform_executor = getattr(executor, "TransformExecutor", None)
     if reader is None or result_type is None or transform_executor is None:
-        raise UnsupportedBeamVersion("this Beam version's DirectRunner has no _PubSubReadEvaluator / "
-                                     "TransformExecutor: local streaming cannot drain")
+        raise UnsupportedBeamVersion(
+            "this Beam version's DirectRunner has no _PubSubReadEvaluator / "
+            "TransformExecutor: local streaming cannot drain"
+        )
     read_bundle = reader.finish_bundle
     run_bundle = transform_executor.call
 
@@ -76,5 +79,3 @@ def start() -> None:
 
 def drain() -> None:
     _draining.set()
-
-

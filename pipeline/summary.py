@@ -12,6 +12,7 @@ where dropped by policy = ignored by a rule + consent denied + not sent (``disab
 input gives at least one unit; they are equal when no input is an envelope of several events.
 identify/group calls suppressed because nothing changed are calls, not events: shown apart.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,16 +56,18 @@ class Reconciliation:
         return self.outcomes == self.units
 
     def line(self) -> str:
-        text = (f"delivered {self.delivered} + dead-lettered {self.dead_lettered} + dropped {self.dropped} "
-                f"= {self.outcomes}; events parsed {self.events_parsed} + inputs dead-lettered at parse "
-                f"{self.parse_dead_letters} = {self.units}")
+        text = (
+            f"delivered {self.delivered} + dead-lettered {self.dead_lettered} + dropped {self.dropped} "
+            f"= {self.outcomes}; events parsed {self.events_parsed} + inputs dead-lettered at parse "
+            f"{self.parse_dead_letters} = {self.units}"
+        )
         if self.balanced:
             return text + f" (from {self.inputs} inputs): balanced"
         return text + f" (from {self.inputs} inputs): MISMATCH by {self.outcomes - self.units:+d}"
 
 
 def reconcile(counts: dict[str, int]) -> Reconciliation:
-    dead = {k[len("dead_letter_"):]: v for k, v in counts.items() if k.startswith("dead_letter_")}
+    dead = {k[len("dead_letter_") :]: v for k, v in counts.items() if k.startswith("dead_letter_")}
     if "dead_letters_total" in counts:  # counted once, where every dead letter passes
         dead_lettered = counts["dead_letters_total"]
         parse_dead = counts.get("dead_letters_stage_parse", 0)
@@ -77,7 +80,8 @@ def reconcile(counts: dict[str, int]) -> Reconciliation:
         parse_dead_letters=parse_dead,
         delivered=counts.get("events_delivered", 0),
         dead_lettered=dead_lettered,
-        dropped=counts.get("events_ignored", 0) + counts.get("events_consent_denied", 0)
+        dropped=counts.get("events_ignored", 0)
+        + counts.get("events_consent_denied", 0)
         + counts.get("events_disabled", 0),
     )
 
@@ -89,14 +93,18 @@ def render(counts: dict[str, int]) -> str:
     rows = [
         ("inputs read", counts.get("inputs_read", 0), ""),
         ("events parsed", counts.get("events_parsed", 0), ""),
-        ("events delivered", counts.get("events_delivered", 0),
-         calls and "calls: " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))),
+        (
+            "events delivered",
+            counts.get("events_delivered", 0),
+            calls and "calls: " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())),
+        ),
         ("events ignored (rule)", counts.get("events_ignored", 0), ""),
         ("events consent denied", counts.get("events_consent_denied", 0), ""),
     ]
     if counts.get("events_disabled"):
-        rows.append(("events not sent (disable)", counts["events_disabled"],
-                     f"{counts.get('calls_disabled', 0)} calls built"))
+        rows.append(
+            ("events not sent (disable)", counts["events_disabled"], f"{counts.get('calls_disabled', 0)} calls built")
+        )
     rows += [
         ("dead letters", check.dead_lettered, ", ".join(f"{k} {v}" for k, v in sorted(dead.items()))),
         ("identify suppressed", counts.get("identify_suppressed", 0), "unchanged since the last identify"),
@@ -104,11 +112,21 @@ def render(counts: dict[str, int]) -> str:
         ("requests to Segment", counts.get("requests_to_segment", 0), ""),
     ]
     if counts.get(DAMAGED_FILES_COUNTER):
-        rows.append(("input files damaged", counts[DAMAGED_FILES_COUNTER],
-                     "truncated, corrupt or refused: read only up to the damage; the log names each file"))
+        rows.append(
+            (
+                "input files damaged",
+                counts[DAMAGED_FILES_COUNTER],
+                "truncated, corrupt or refused: read only up to the damage; the log names each file",
+            )
+        )
     if counts.get("mapping_function_errors"):
-        rows.append(("mapping function errors", counts["mapping_function_errors"],
-                     "a function threw or ran out of time or memory; its value was undefined (see the log)"))
+        rows.append(
+            (
+                "mapping function errors",
+                counts["mapping_function_errors"],
+                "a function threw or ran out of time or memory; its value was undefined (see the log)",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     lines = [f"  {label:<{width}}  {value:>8}" + (f"   ({note})" if note else "") for label, value, note in rows]
     lines.append(f"  {'accounting':<{width}}  {check.line()}")
@@ -159,27 +177,36 @@ def decide(dead_lettered: int, units: int, max_ratio: float = 0.0, done: str = "
     return Outcome(EXIT_OK, f"{share}, within --max_dead_letter_ratio {max_ratio:g}")
 
 
-def run_outcome(counts: dict[str, int], max_ratio: float = 0.0, failure: str | None = None,
-                stopped: bool = False) -> Outcome:
+def run_outcome(
+    counts: dict[str, int], max_ratio: float = 0.0, failure: str | None = None, stopped: bool = False
+) -> Outcome:
     """The exit status of a run from its counters and how it ended."""
     if failure:
         return Outcome(EXIT_FAILED, f"the run failed: {failure}")
     if stopped:
-        return Outcome(EXIT_FAILED, "the run was stopped before it finished; run it again (messageIds are "
-                                    "deterministic: what was already delivered is deduplicated)")
+        return Outcome(
+            EXIT_FAILED,
+            "the run was stopped before it finished; run it again (messageIds are "
+            "deterministic: what was already delivered is deduplicated)",
+        )
     damaged = counts.get(DAMAGED_FILES_COUNTER, 0)
     if damaged:
-        return Outcome(EXIT_FAILED, f"the run failed: {damaged} input file{'s were' if damaged != 1 else ' was'} "
-                                    "truncated or corrupt and not read whole (see the log)")
+        return Outcome(
+            EXIT_FAILED,
+            f"the run failed: {damaged} input file{'s were' if damaged != 1 else ' was'} "
+            "truncated or corrupt and not read whole (see the log)",
+        )
     check = reconcile(counts)
     if not check.balanced:
-        return Outcome(EXIT_FAILED, f"the run failed: the accounting does not balance "
-                                    f"(outcomes {check.outcomes}, units {check.units})")
+        return Outcome(
+            EXIT_FAILED,
+            f"the run failed: the accounting does not balance (outcomes {check.outcomes}, units {check.units})",
+        )
     return decide(check.dead_lettered, check.units, max_ratio)
 
 
 def by_prefix(counts: dict[str, int], prefix: str) -> dict[str, int]:
-    return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix) and v}
+    return {k[len(prefix) :]: v for k, v in sorted(counts.items()) if k.startswith(prefix) and v}
 
 
 def summary_document(counts: dict[str, int], outcome: Outcome, **about) -> dict:

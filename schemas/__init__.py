@@ -1,4 +1,5 @@
 """JSON Schemas and Avro schemas of the project, loadable from an installed wheel."""
+
 import functools
 import json
 from pathlib import Path

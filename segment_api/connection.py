@@ -10,6 +10,7 @@ on an event (:class:`~segment_api.http.EndpointConfigError`). Connections are po
 and configuration (:func:`acquire_connection`), since the streaming DirectRunner builds a new
 DoFn for every bundle.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +39,11 @@ _BISECT_STATUSES = (400, 413)  # the request was refused for its content: some m
 @dataclass
 class SendOptions:
     """How delivery behaves beyond the flow's settings (pipeline options)."""
-    flush_deadline_s: float = 120.0       # longest one batch may take to settle, retries included
-    fail_bundle_on_error: bool = False    # transient failures fail the bundle instead of dead letters
-    shards: int = AUTO_SHARDS             # keys of BatchDeliveries' state: its parallelism
-    progress_interval_s: float = 30.0     # a progress line at most this often (0: never)
+
+    flush_deadline_s: float = 120.0  # longest one batch may take to settle, retries included
+    fail_bundle_on_error: bool = False  # transient failures fail the bundle instead of dead letters
+    shards: int = AUTO_SHARDS  # keys of BatchDeliveries' state: its parallelism
+    progress_interval_s: float = 30.0  # a progress line at most this often (0: never)
     # streaming: how long a batch the endpoint refuses as a whole (401/403/404, a redirect) is
     # held and the endpoint probed again before the bundle fails (and the runner retries it);
     # None: DEFAULT_ENDPOINT_ERROR_HOLD_S
@@ -59,7 +61,6 @@ class BatchResult:
 
 class _InvalidCall(ValueError):
     pass
-
 
 
 # How long a batch run keeps refusing to send after an endpoint-wide error (401/403/404, a
@@ -101,9 +102,13 @@ class SegmentConnection:
 
     def _new_http(self) -> SegmentHttp:
         self.clients_built += 1
-        return SegmentHttp(self.settings.write_key.reveal(), self._url,
-                           timeout_s=self.settings.http_request_timeout_ms / 1000.0,
-                           max_retries=self.settings.max_retries, gzip=self.settings.gzip)
+        return SegmentHttp(
+            self.settings.write_key.reveal(),
+            self._url,
+            timeout_s=self.settings.http_request_timeout_ms / 1000.0,
+            max_retries=self.settings.max_retries,
+            gzip=self.settings.gzip,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -157,8 +162,14 @@ class SegmentConnection:
             batch.chunks = []
         return batch.result
 
-    def _send_and_isolate(self, items: list[tuple[EventMessages, list]], flow: str, result: BatchResult,
-                          hold_s: float = 0.0, request: _Request | None = None) -> None:
+    def _send_and_isolate(
+        self,
+        items: list[tuple[EventMessages, list]],
+        flow: str,
+        result: BatchResult,
+        hold_s: float = 0.0,
+        request: _Request | None = None,
+    ) -> None:
         """Send ``items`` (or wait for ``request``, already on the wire with them) and settle them."""
         if items:
             answer = self._settle(request or self._launch(items), result)
@@ -166,8 +177,14 @@ class SegmentConnection:
                 answer = self._hold(items, answer, hold_s, result)
             self._isolate(items, answer, flow, result, hold_s)
 
-    def _isolate(self, items: list[tuple[EventMessages, list]], answer: Answer, flow: str, result: BatchResult,
-                 hold_s: float = 0.0) -> None:
+    def _isolate(
+        self,
+        items: list[tuple[EventMessages, list]],
+        answer: Answer,
+        flow: str,
+        result: BatchResult,
+        hold_s: float = 0.0,
+    ) -> None:
         if answer.ok:
             result.delivered.extend(delivery for delivery, _ in items)
             return
@@ -208,14 +225,20 @@ class SegmentConnection:
                 # Still not back (a connection hanging past every timeout): give up on this
                 # session, so the next batch cannot queue behind it; Segment's messageId dedup
                 # absorbs a late arrival.
-                log.warning("a batch to Segment did not settle within %.0f s; its events are failed and "
-                            "a new HTTP session will be used", self.options.flush_deadline_s)
+                log.warning(
+                    "a batch to Segment did not settle within %.0f s; its events are failed and "
+                    "a new HTTP session will be used",
+                    self.options.flush_deadline_s,
+                )
                 request.cancelled.set()
                 with self._lock:
                     if self._http is request.http:
                         self._http = None
-                answer = Answer(False, None, "no answer from Segment within the flush deadline "
-                                             f"({self.options.flush_deadline_s:g} s)")
+                answer = Answer(
+                    False,
+                    None,
+                    f"no answer from Segment within the flush deadline ({self.options.flush_deadline_s:g} s)",
+                )
             elif request.error is not None:
                 if isinstance(request.error, EndpointConfigError):
                     return request.error
@@ -269,8 +292,7 @@ class SegmentConnection:
             if due:
                 _ENDPOINT_LOGGED = now
         if due:  # once a minute per worker process, however many threads hold batches
-            log.error("%s The batch is held and the endpoint probed again; events are kept, "
-                      "not dead-lettered.", error)
+            log.error("%s The batch is held and the endpoint probed again; events are kept, not dead-lettered.", error)
 
     def _refuse_while_endpoint_is_wrong(self) -> None:
         seen = self._endpoint_error
@@ -292,6 +314,7 @@ def _post_on_thread(request: _Request, deadline: float) -> None:
 @dataclass(eq=False)
 class _Request:
     """One request on the wire: its JSON, and what came back."""
+
     calls: int
     started: float
     http: SegmentHttp
@@ -305,10 +328,11 @@ class _Request:
 @dataclass
 class _Batch:
     """A batch between :meth:`SegmentConnection.start` and :meth:`SegmentConnection.finish`."""
+
     flow: str
     result: BatchResult = field(default_factory=BatchResult)
     chunks: list[list[tuple[EventMessages, list]]] = field(default_factory=list)
-    request: _Request | None = None           # the first chunk, on the wire
+    request: _Request | None = None  # the first chunk, on the wire
 
 
 class _TooLarge(ValueError):
@@ -326,8 +350,9 @@ def _prepare(delivery: EventMessages) -> list[bytes]:
         for data, size in zip(wire, sizes):
             if size > MAX_MESSAGE_BYTES:
                 kind = orjson.loads(data).get("type")
-                raise _TooLarge(f"a {kind} message is about {size} bytes, over Segment's "
-                                f"{MAX_MESSAGE_BYTES}-byte limit")
+                raise _TooLarge(
+                    f"a {kind} message is about {size} bytes, over Segment's {MAX_MESSAGE_BYTES}-byte limit"
+                )
     return wire
 
 
@@ -346,9 +371,15 @@ def _reason(status: int | None) -> str:
 
 
 def _dead_letter(delivery: EventMessages, reason: str, error: str, flow: str, status: int | None = None) -> DeadLetter:
-    return DeadLetter(payload=payload_text(delivery.event), stage=dl.SEND, reason=reason, error=error,
-                      flow=flow, event_id=delivery.event.get("id"), http_status=status)
-
+    return DeadLetter(
+        payload=payload_text(delivery.event),
+        stage=dl.SEND,
+        reason=reason,
+        error=error,
+        flow=flow,
+        event_id=delivery.event.get("id"),
+        http_status=status,
+    )
 
 
 # -- connections, pooled per process and configuration -------------------------------------------
@@ -404,8 +435,16 @@ def _close_if_idle(key: str, entry: _Idle) -> None:
 
 def _fingerprint(settings: SegmentSettings, options: SendOptions) -> str:
     # Hashed, so the write key is never a readable dict key in a heap dump or a log.
-    text = repr((settings.write_key.fingerprint(), settings.host, settings.path, settings.max_retries,
-                 settings.http_request_timeout_ms, settings.disable, settings.gzip, options.flush_deadline_s))
+    text = repr(
+        (
+            settings.write_key.fingerprint(),
+            settings.host,
+            settings.path,
+            settings.max_retries,
+            settings.http_request_timeout_ms,
+            settings.disable,
+            settings.gzip,
+            options.flush_deadline_s,
+        )
+    )
     return hashlib.sha256(text.encode()).hexdigest()
-
-

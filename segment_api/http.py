@@ -23,6 +23,7 @@ followed: ``requests`` would turn a 301/302/303 POST into a body-less GET whose 
 success. A redirect, 401, 403 or 404 says the endpoint is misconfigured, not that an event is bad:
 :class:`EndpointConfigError`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,24 +67,34 @@ class EndpointConfigError(RuntimeError):
         self.host = host
         self.detail = detail
         self.advice = advice
-        super().__init__(f"Segment endpoint {host} answered HTTP {status}" + (f" ({detail})" if detail else "")
-                         + f": {advice}. Nothing more was sent; no event was dead-lettered for it.")
+        super().__init__(
+            f"Segment endpoint {host} answered HTTP {status}"
+            + (f" ({detail})" if detail else "")
+            + f": {advice}. Nothing more was sent; no event was dead-lettered for it."
+        )
 
 
 def _advice(status: int, url: str, location: str | None) -> str:
     if status == 401:
-        return ("the write key was refused: check writeKey (revoked, mistyped, or from another source) "
-                "and that it belongs to this region's host (an EU workspace's key needs "
-                "https://events.eu1.segmentapis.com)")
+        return (
+            "the write key was refused: check writeKey (revoked, mistyped, or from another source) "
+            "and that it belongs to this region's host (an EU workspace's key needs "
+            "https://events.eu1.segmentapis.com)"
+        )
     if status == 403:
-        return ("the write key is not allowed to send here: check writeKey and the region host "
-                "(https://api.segment.io for US workspaces, https://events.eu1.segmentapis.com for EU)")
+        return (
+            "the write key is not allowed to send here: check writeKey and the region host "
+            "(https://api.segment.io for US workspaces, https://events.eu1.segmentapis.com for EU)"
+        )
     if status == 404:
-        return (f"no batch endpoint at {url}: check host (without /v1/batch, e.g. https://api.segment.io) "
-                "and path (default /v1/batch)")
+        return (
+            f"no batch endpoint at {url}: check host (without /v1/batch, e.g. https://api.segment.io) "
+            "and path (default /v1/batch)"
+        )
     suggestion = _suggested_host(location)
-    return (f"a redirect to {location or '(no Location)'}; redirects are not followed for the batch POST"
-            + (f": set host to {suggestion}" if suggestion else ": set host to where Segment really is"))
+    return f"a redirect to {location or '(no Location)'}; redirects are not followed for the batch POST" + (
+        f": set host to {suggestion}" if suggestion else ": set host to where Segment really is"
+    )
 
 
 def _suggested_host(location: str | None) -> str | None:
@@ -102,6 +113,7 @@ def _suggested_host(location: str | None) -> str | None:
 @dataclass
 class Answer:
     """What became of one batch after the retries: accepted (``ok``), or the last failure."""
+
     ok: bool
     status: int | None = None
     error: str = ""
@@ -113,8 +125,16 @@ class SegmentHttp:
     """One pooled HTTP session (built in a DoFn's ``setup()``, never pickled) posting batches to
     ``url`` with the SDK's headers, body, auth and retry policy."""
 
-    def __init__(self, write_key: str, url: str, *, timeout_s: float, max_retries: int, gzip: bool = False,
-                 sleep: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        write_key: str,
+        url: str,
+        *,
+        timeout_s: float,
+        max_retries: int,
+        gzip: bool = False,
+        sleep: Callable[[float], None] | None = None,
+    ):
         self.url = url
         # For messages only: a key someone put into the URL (a proxy's user, say) is never shown.
         self.host = redact_secret(_origin(url), write_key)
@@ -125,8 +145,11 @@ class SegmentHttp:
         self._key = write_key
         self._key_json = orjson.dumps(write_key)
         credentials = base64.b64encode(f"{write_key}:".encode()).decode()
-        self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                         "Authorization": f"Basic {credentials}"}
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Authorization": f"Basic {credentials}",
+        }
         if gzip:
             self._headers["Content-Encoding"] = "gzip"
         self._sleep = sleep
@@ -190,8 +213,9 @@ class SegmentHttp:
         if self.gzip:
             data = _gzip.compress(data, compresslevel=GZIP_LEVEL)
         try:
-            response = self.session.post(self.url, data=data, headers=headers, timeout=max(timeout, 0.001),
-                                         allow_redirects=False)
+            response = self.session.post(
+                self.url, data=data, headers=headers, timeout=max(timeout, 0.001), allow_redirects=False
+            )
             return response, None
         except requests.RequestException as exc:
             return None, self.redact(f"{type(exc).__name__}: {exc}")
@@ -201,8 +225,9 @@ class SegmentHttp:
         if status in ENDPOINT_STATUSES or 300 <= status < 400:
             location = response.headers.get("Location")
             detail = self._describe(response) if status in ENDPOINT_STATUSES else ""
-            raise EndpointConfigError(status, self.host, detail, _advice(status, self._shown_url, self.redact(location)
-                                                                         if location else None))
+            raise EndpointConfigError(
+                status, self.host, detail, _advice(status, self._shown_url, self.redact(location) if location else None)
+            )
 
     def _describe(self, response) -> str:
         """``HTTP <status> <code>: <message>`` as the SDK reads an error body, never the key."""
@@ -233,8 +258,13 @@ def _origin(url: str) -> str:
 
 
 def _gave_up(last: Answer, attempts: int) -> Answer:
-    return Answer(False, last.status, f"gave up at the batch's flush deadline after {attempts} attempt(s); "
-                                      f"last: {last.error}", attempts, out_of_time=True)
+    return Answer(
+        False,
+        last.status,
+        f"gave up at the batch's flush deadline after {attempts} attempt(s); last: {last.error}",
+        attempts,
+        out_of_time=True,
+    )
 
 
 def _retryable(status: int) -> bool:

@@ -1,4 +1,5 @@
 """Progress of delivery: totals of one connection, logged at most every so often."""
+
 from __future__ import annotations
 
 import logging
@@ -33,10 +34,11 @@ class Progress:
             if interval_s > 0 and now - self._last >= interval_s:
                 self._last = now
                 rate = self.delivered / max(now - self._started, 1e-9)
-                line = (f"delivery to Segment so far: {self.delivered} events delivered, {self.dead} "
-                        f"dead-lettered" + (f", {self.disabled} not sent (disable)" if self.disabled else "")
-                        + f"; {self.requests} requests, {rate:.0f} events/s")
+                line = (
+                    f"delivery to Segment so far: {self.delivered} events delivered, {self.dead} "
+                    f"dead-lettered"
+                    + (f", {self.disabled} not sent (disable)" if self.disabled else "")
+                    + f"; {self.requests} requests, {rate:.0f} events/s"
+                )
         if line:
             progress_log.info(line)
-
-

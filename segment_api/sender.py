@@ -1,4 +1,5 @@
 """Sending while the next batch is prepared: one batch on the wire, one being filled."""
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 class _Sent:
     """One batch handed to the sender: its deliveries, and the timestamp and window its outputs
     carry (None: the global window, as in a batch run)."""
+
     deliveries: list[EventMessages]
     stamp: tuple[Any, Any] | None
     batch: _Batch
@@ -38,8 +40,9 @@ class PipelinedSender:
         self.hold_s = hold_s
         self._on_wire: _Sent | None = None
 
-    def submit(self, deliveries: list[EventMessages], stamp: tuple[Any, Any] | None = None
-               ) -> list[tuple[_Sent, BatchResult]]:
+    def submit(
+        self, deliveries: list[EventMessages], stamp: tuple[Any, Any] | None = None
+    ) -> list[tuple[_Sent, BatchResult]]:
         settled = self.drain()
         self._on_wire = _Sent(deliveries, stamp, self.connection.start(deliveries, self.flow))
         return settled
@@ -59,5 +62,3 @@ class PipelinedSender:
                 self.connection.finish(sent.batch)
         except Exception:  # best-effort: the bundle already failed
             log.warning("settling the last batch after a failed bundle failed", exc_info=True)
-
-

@@ -5,6 +5,7 @@ Each emulator lives for the module that uses it and is stopped (its whole proces
 end; the environment variables that point clients at it are restored afterwards. An emulator
 that cannot start fails the tests with the reason, it never skips them.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ emulator binary is a test failure with a message saying what to install, never a
 
 Measured facts behind the choices here: ../../shared/notes/beam-on-this-machine.md, §2 and §4.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,7 @@ stop
 class EmulatorProcess:
     """A server process in its own process group; ``stop()`` ends the group."""
 
-    def __init__(self, name: str, argv: list[str], ready: Callable[[], bool], log_path: Path,
-                 env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], ready: Callable[[], bool], log_path: Path, env: dict | None = None):
         self.name = name
         self.argv = argv
         self.ready = ready
@@ -74,22 +74,28 @@ class EmulatorProcess:
         self.env = env
         self.process: subprocess.Popen | None = None
         self.address: str | None = None  # host:port, where the emulator is addressed so
-        self.url: str | None = None      # http://host:port, where it is addressed so
-        self.port: int | None = None     # checked closed once stopped
+        self.url: str | None = None  # http://host:port, where it is addressed so
+        self.port: int | None = None  # checked closed once stopped
 
     def start(self, timeout_s: float = 30.0) -> EmulatorProcess:
         log = open(self.log_path, "wb")
         try:
-            self.process = subprocess.Popen(["sh", "-c", _WATCHDOG.format(parent=os.getpid()), self.name, *self.argv],
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=self.env)
+            self.process = subprocess.Popen(
+                ["sh", "-c", _WATCHDOG.format(parent=os.getpid()), self.name, *self.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.env,
+            )
         finally:
             log.close()  # the child holds its own copy
         if poll_until(lambda: self.process.poll() is not None or self.ready(), timeout_s):
             if self.process.poll() is None:
                 return self
-            raise EmulatorError(f"the {self.name} exited with code {self.process.returncode} before it was "
-                                f"ready: {self.log_tail()}")
+            raise EmulatorError(
+                f"the {self.name} exited with code {self.process.returncode} before it was ready: {self.log_tail()}"
+            )
         self.stop()
         raise EmulatorError(f"the {self.name} was not ready within {timeout_s:.0f} s: {self.log_tail()}")
 
@@ -108,8 +114,9 @@ class EmulatorProcess:
             process.wait(5)
         deadline = time.monotonic() + timeout_s
         poll_until(lambda: not _group_alive(pgid) or _kill_group(pgid), timeout_s, interval_s=0.05)
-        if self.port is not None and not poll_until(lambda: _port_closed(self.port),
-                                                  max(0.0, deadline - time.monotonic())):
+        if self.port is not None and not poll_until(
+            lambda: _port_closed(self.port), max(0.0, deadline - time.monotonic())
+        ):
             raise EmulatorError(f"the {self.name} still listens on port {self.port} after it was stopped")
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -149,6 +156,7 @@ def _http_ok(url: str, expect: bytes | None = None) -> Callable[[], bool]:
                 return expect is None or response.read().strip() == expect
         except (urllib.error.URLError, OSError):
             return False
+
     return check
 
 
@@ -163,7 +171,8 @@ def require_gcloud() -> str:
         raise EmulatorError(
             "the Pub/Sub emulator tests need the Google Cloud CLI with its Pub/Sub emulator "
             "(Debian packages google-cloud-cli and google-cloud-cli-pubsub-emulator, plus a Java 17 runtime): "
-            "`gcloud` is not on PATH")
+            "`gcloud` is not on PATH"
+        )
     return gcloud
 
 
@@ -176,9 +185,20 @@ def start_pubsub_emulator(data_dir: Path) -> EmulatorProcess:
     address = f"{LOOPBACK}:{port}"
     process = EmulatorProcess(
         "Pub/Sub emulator",
-        [gcloud, "beta", "emulators", "pubsub", "start", f"--host-port={address}", f"--data-dir={data_dir}",
-         f"--project={PROJECT}", "--quiet"],
-        _http_ok(f"http://{address}/", b"Ok"), data_dir.parent / f"pubsub-emulator-{port}.log")
+        [
+            gcloud,
+            "beta",
+            "emulators",
+            "pubsub",
+            "start",
+            f"--host-port={address}",
+            f"--data-dir={data_dir}",
+            f"--project={PROJECT}",
+            "--quiet",
+        ],
+        _http_ok(f"http://{address}/", b"Ok"),
+        data_dir.parent / f"pubsub-emulator-{port}.log",
+    )
     process.address, process.port = address, port
     return process.start(timeout_s=60)
 
@@ -224,13 +244,13 @@ class PubSub:
             if (extra_until is not None and now >= extra_until) or now >= deadline:
                 return received
             try:
-                response = self.subscriber.pull(subscription=subscription, max_messages=100, timeout=1.0,
-                                                retry=None)
+                response = self.subscriber.pull(subscription=subscription, max_messages=100, timeout=1.0, retry=None)
             except (exceptions.DeadlineExceeded, exceptions.RetryError):
                 continue
             if response.received_messages:
-                self.subscriber.acknowledge(subscription=subscription,
-                                            ack_ids=[m.ack_id for m in response.received_messages])
+                self.subscriber.acknowledge(
+                    subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
+                )
                 received.extend(m.message for m in response.received_messages)
             else:
                 time.sleep(0.05)
@@ -280,8 +300,10 @@ def close_direct_runner_pubsub_clients() -> None:
     evaluator = getattr(transform_evaluator, "_PubSubReadEvaluator", None)
     cache = getattr(evaluator, "_subscriber_client_cache", None)
     if cache is None:
-        raise EmulatorError("apache_beam's _PubSubReadEvaluator._subscriber_client_cache changed: update "
-                            "tests/emulators.close_direct_runner_pubsub_clients for this Beam version")
+        raise EmulatorError(
+            "apache_beam's _PubSubReadEvaluator._subscriber_client_cache changed: update "
+            "tests/emulators.close_direct_runner_pubsub_clients for this Beam version"
+        )
     for client in list(cache.values()):
         client.close()
 
@@ -298,9 +320,18 @@ def start_gcs_emulator(work_dir: Path, bucket: str) -> EmulatorProcess:
     url = f"http://{LOOPBACK}:{port}"
     process = EmulatorProcess(
         "GCS emulator",
-        [str(executable), "start", f"--host={LOOPBACK}", f"--port={port}", "--in-memory", "--quiet",
-         f"--default-bucket={bucket}"],
-        _http_ok(f"{url}/storage/v1/b/{bucket}"), work_dir / f"gcs-emulator-{port}.log")
+        [
+            str(executable),
+            "start",
+            f"--host={LOOPBACK}",
+            f"--port={port}",
+            "--in-memory",
+            "--quiet",
+            f"--default-bucket={bucket}",
+        ],
+        _http_ok(f"{url}/storage/v1/b/{bucket}"),
+        work_dir / f"gcs-emulator-{port}.log",
+    )
     process.url, process.port = url, port
     return process.start(timeout_s=30)
 
@@ -320,7 +351,9 @@ def short_circuit_gcp_credentials() -> None:
 
     credentials = getattr(auth, "_Credentials", None)
     if credentials is None or not hasattr(credentials, "_credentials_init"):
-        raise EmulatorError("apache_beam.internal.gcp.auth._Credentials changed: update "
-                            "tests/emulators.short_circuit_gcp_credentials for this Beam version")
+        raise EmulatorError(
+            "apache_beam.internal.gcp.auth._Credentials changed: update "
+            "tests/emulators.short_circuit_gcp_credentials for this Beam version"
+        )
     credentials._credentials_init = True
     credentials._credentials = None

@@ -3,6 +3,7 @@ the one way tests run the pipeline (``run_pipeline``), and checks on what reache
 
 Pipelines run in this process: batch on the FnApiRunner (named: the default DirectRunner would
 first try to download Prism), streaming on the DirectRunner's streaming mode (TestStream)."""
+
 from __future__ import annotations
 
 import base64
@@ -42,15 +43,37 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
 
 # -- flows -------------------------------------------------------------------------------------
-def flow_document(settings: dict | None = None, mapping: dict | None = None, host: str = "http://127.0.0.1:9",
-                  collector: dict | None = None, **config) -> dict:
-    return {"version": 4, "flows": {"default": {
-        "destinations": {"segment": {
-            "package": "@walkeros/server-destination-segment",
-            "config": {"settings": {"writeKey": WRITE_KEY, "host": host, "userId": "user.id",
-                                    "anonymousId": "user.session", **(settings or {})},
-                       "mapping": mapping or {}, **config}}},
-        "collector": collector or {}}}}
+def flow_document(
+    settings: dict | None = None,
+    mapping: dict | None = None,
+    host: str = "http://127.0.0.1:9",
+    collector: dict | None = None,
+    **config,
+) -> dict:
+    return {
+        "version": 4,
+        "flows": {
+            "default": {
+                "destinations": {
+                    "segment": {
+                        "package": "@walkeros/server-destination-segment",
+                        "config": {
+                            "settings": {
+                                "writeKey": WRITE_KEY,
+                                "host": host,
+                                "userId": "user.id",
+                                "anonymousId": "user.session",
+                                **(settings or {}),
+                            },
+                            "mapping": mapping or {},
+                            **config,
+                        },
+                    }
+                },
+                "collector": collector or {},
+            }
+        },
+    }
 
 
 def make_spec(document: dict, namespace: str = "test", ttl_ms: int | None = 24 * 3600 * 1000) -> DestinationSpec:
@@ -58,24 +81,46 @@ def make_spec(document: dict, namespace: str = "test", ttl_ms: int | None = 24 *
     return DestinationSpec.from_flow(flow, namespace=namespace, state_ttl_ms=ttl_ms)
 
 
-def spec_for(host: str, namespace: str = "delivery", *, flush_at: int = 100, flush_interval: int = 10_000,
-             max_retries: int = 1, timeout_ms: int = 500, identify: bool = False, mapping: dict | None = None,
-             config: dict | None = None, collector: dict | None = None, **settings):
+def spec_for(
+    host: str,
+    namespace: str = "delivery",
+    *,
+    flush_at: int = 100,
+    flush_interval: int = 10_000,
+    max_retries: int = 1,
+    timeout_ms: int = 500,
+    identify: bool = False,
+    mapping: dict | None = None,
+    config: dict | None = None,
+    collector: dict | None = None,
+    **settings,
+):
     """A flow whose SDK gives up fast: 1 retry, 500 ms HTTP timeout."""
-    settings = {"flushAt": flush_at, "flushInterval": flush_interval, "maxRetries": max_retries,
-                "httpRequestTimeout": timeout_ms, **settings}
+    settings = {
+        "flushAt": flush_at,
+        "flushInterval": flush_interval,
+        "maxRetries": max_retries,
+        "httpRequestTimeout": timeout_ms,
+        **settings,
+    }
     if identify:
         settings["identify"] = IDENTIFY
-    document = flow_document(settings, mapping if mapping is not None else DATA_MAPPING, host=host,
-                             collector=collector, **(config or {}))
+    document = flow_document(
+        settings, mapping if mapping is not None else DATA_MAPPING, host=host, collector=collector, **(config or {})
+    )
     return make_spec(document, namespace=namespace)
 
 
 # -- events ------------------------------------------------------------------------------------
 def event(i: int, *, user: dict | None = None, name: str = "product view", **fields) -> dict:
     """Event number ``i``: its own id (16 hex chars) and user, one second after the previous."""
-    out = {"name": name, "id": f"de11{i:012x}", "timestamp": T0 + i * 1000,
-           "user": {"session": f"s-{i}"} if user is None else user, "data": {"n": i}}
+    out = {
+        "name": name,
+        "id": f"de11{i:012x}",
+        "timestamp": T0 + i * 1000,
+        "user": {"session": f"s-{i}"} if user is None else user,
+        "data": {"n": i},
+    }
     out.update(fields)
     return out
 
@@ -109,15 +154,22 @@ def fast(**overrides) -> SendOptions:
 # -- running the pipeline ----------------------------------------------------------------------
 @dataclass
 class Run:
-    delivered: list[str]   # event ids, one per delivered event
-    dead: list             # DeadLetter records
+    delivered: list[str]  # event ids, one per delivered event
+    dead: list  # DeadLetter records
     counts: dict[str, int]  # the Beam counters (pipeline.summary.counters)
 
 
-def run_pipeline(spec, payloads: list | None = None, *, read: beam.PTransform | None = None,
-                 options: SendOptions | None = None, dead_letter_sink: beam.PTransform | None = None,
-                 previous_attempts: beam.PTransform | None = None, streaming: bool = False,
-                 runner: str | None = None) -> Run:
+def run_pipeline(
+    spec,
+    payloads: list | None = None,
+    *,
+    read: beam.PTransform | None = None,
+    options: SendOptions | None = None,
+    dead_letter_sink: beam.PTransform | None = None,
+    previous_attempts: beam.PTransform | None = None,
+    streaming: bool = False,
+    runner: str | None = None,
+) -> Run:
     """The whole pipeline on ``payloads`` (events or raw lines) or ``read``; its outputs and counters.
 
     Batch runs on ``runner`` (the FnApiRunner unless named); ``streaming`` reads a TestStream on
@@ -126,9 +178,15 @@ def run_pipeline(spec, payloads: list | None = None, *, read: beam.PTransform | 
         p = beam.Pipeline(runner=runner, options=PipelineOptions([], streaming=True))
     else:
         p = beam.Pipeline(runner=runner or "FnApiRunner", options=PipelineOptions([]))  # [] : not pytest's argv
-    outputs = build_pipeline(p, spec, streaming=streaming, read=read or beam.Create(lines(payloads or [])),
-                             send_options=options or fast(), dead_letter_sink=dead_letter_sink,
-                             previous_attempts=previous_attempts)
+    outputs = build_pipeline(
+        p,
+        spec,
+        streaming=streaming,
+        read=read or beam.Create(lines(payloads or [])),
+        send_options=options or fast(),
+        dead_letter_sink=dead_letter_sink,
+        previous_attempts=previous_attempts,
+    )
     collected: dict = {}
     collect(outputs.delivered | "IdsDelivered" >> beam.Map(lambda d: d.event["id"]), collected, "delivered")
     collect(outputs.dead_letters, collected, "dead")
@@ -218,12 +276,12 @@ def planned_calls(spec, payloads: list) -> dict[str, list[str]]:
     return out
 
 
-def assert_exactly_once(endpoint, result: Run, planned: dict[str, list[str]],
-                        dead_ids: set[str] = frozenset()) -> None:
+def assert_exactly_once(endpoint, result: Run, planned: dict[str, list[str]], dead_ids: set[str] = frozenset()) -> None:
     """Every planned event has exactly one outcome: delivered, with exactly one accepted
     messageId per call, or dead-lettered (``dead_ids``), with none of its calls accepted."""
     outcomes = collections.Counter(result.delivered) + collections.Counter(
-        d.event_id for d in result.dead if d.stage == "send")
+        d.event_id for d in result.dead if d.stage == "send"
+    )
     assert set(outcomes) == set(planned), (sorted(set(planned) - set(outcomes)), sorted(set(outcomes) - set(planned)))
     assert all(n == 1 for n in outcomes.values()), [k for k, n in outcomes.items() if n != 1]
     assert set(result.delivered) == set(planned) - set(dead_ids)

@@ -1,6 +1,7 @@
 """walkerOS's own Segment destination examples (tests/data/acceptance/acceptance.json), each run
 through explain and through the Beam pipeline against the local endpoint: the same calls both
 ways, and equal to the vector. messageIds are checked for stability and uniqueness separately."""
+
 import pytest
 from support import comparable, flow_document, load_json, make_spec, run_pipeline
 
@@ -22,8 +23,9 @@ def expected_outcomes(case):
 def test_explain_gives_the_vector(case):
     lines = list(explain_payloads(compiled(case_spec(case)), case["events"]))
     assert [l["outcome"] for l in lines] == expected_outcomes(case)
-    assert [[comparable(c) for c in l["calls"]] for l in lines] == \
-        [[comparable(c) for c in calls] for calls in case["calls"]]
+    assert [[comparable(c) for c in l["calls"]] for l in lines] == [
+        [comparable(c) for c in calls] for calls in case["calls"]
+    ]
 
 
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
@@ -41,8 +43,9 @@ def test_message_ids_are_stable_unique_and_per_call_type():
     for case in VECTORS:
         first = list(explain_payloads(compiled(case_spec(case)), case["events"]))
         again = list(explain_payloads(compiled(case_spec(case)), case["events"]))
-        assert [[c["messageId"] for c in l["calls"]] for l in first] == \
-            [[c["messageId"] for c in l["calls"]] for l in again]
+        assert [[c["messageId"] for c in l["calls"]] for l in first] == [
+            [c["messageId"] for c in l["calls"]] for l in again
+        ]
         ids += [c["messageId"] for l in first for c in l["calls"]]
     assert len(ids) == len(set(ids)) and all(0 < len(i) <= 100 for i in ids)
     assert all(i.startswith("test:") for i in ids)

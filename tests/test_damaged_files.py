@@ -2,6 +2,7 @@
 inflating too far) are a failure of the run, reported with the file and how far it was read;
 what was read before the damage is still processed. Lines and payloads that are not UTF-8 are
 dead letters that keep their bytes, and a replay gives those very bytes back."""
+
 from __future__ import annotations
 
 import base64
@@ -28,8 +29,17 @@ SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent",
 
 
 def events(n: int) -> list[dict]:
-    return [{"name": "page view", "id": f"{i:016x}", "timestamp": 1767225600000 + i, "user": {"session": f"s{i}"},
-             "data": {"id": f"/p{i}", "title": "x" * 200}, "consent": {"analytics": True}} for i in range(n)]
+    return [
+        {
+            "name": "page view",
+            "id": f"{i:016x}",
+            "timestamp": 1767225600000 + i,
+            "user": {"session": f"s{i}"},
+            "data": {"id": f"/p{i}", "title": "x" * 200},
+            "consent": {"analytics": True},
+        }
+        for i in range(n)
+    ]
 
 
 def jsonl(items) -> bytes:
@@ -48,9 +58,20 @@ def run(endpoint, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
 
     def run(input_path, *flags):
-        code = cli_main(["run", "--flow", EXAMPLE_FLOW, "--input", str(input_path),
-                         "--dead_letter", str(tmp_path / "out" / "dead"), *flags])
+        code = cli_main(
+            [
+                "run",
+                "--flow",
+                EXAMPLE_FLOW,
+                "--input",
+                str(input_path),
+                "--dead_letter",
+                str(tmp_path / "out" / "dead"),
+                *flags,
+            ]
+        )
         return code, capsys.readouterr().out
+
     return run
 
 
@@ -64,15 +85,17 @@ BAD_LINE = b'{"name": "page view", "data": {"title": "caf\xe9"}, "user": {"sessi
 
 
 @pytest.mark.parametrize("dead_letter_format", ["jsonl", "avro"])
-def test_a_line_that_is_not_utf8_is_one_not_json_dead_letter_keeping_its_bytes(run, endpoint, tmp_path,
-                                                                               dead_letter_format):
+def test_a_line_that_is_not_utf8_is_one_not_json_dead_letter_keeping_its_bytes(
+    run, endpoint, tmp_path, dead_letter_format
+):
     good = events(2)
     path = tmp_path / "events.jsonl"
     path.write_bytes(orjson.dumps(good[0]) + b"\n" + BAD_LINE + b"\n" + orjson.dumps(good[1]) + b"\n")
     code, summary = run(path, "--dead_letter_format", dead_letter_format)
     assert code == 3  # one dead letter: the run finished and says so
-    assert sorted(m["messageId"].split(":")[1] for m in endpoint.accepted if m["type"] == "page") == \
-        [e["id"] for e in good]
+    assert sorted(m["messageId"].split(":")[1] for m in endpoint.accepted if m["type"] == "page") == [
+        e["id"] for e in good
+    ]
     [dead_file] = (tmp_path / "out").glob("dead*")
     if dead_letter_format == "avro":
         with open(dead_file, "rb") as f:
@@ -119,11 +142,14 @@ def test_a_jsonl_gz_cut_in_half_is_a_damaged_file_and_its_first_half_is_delivere
     assert str(path) in line and f"read {delivered} records" in line
 
 
-@pytest.mark.parametrize("name, content", [
-    ("events.jsonl.gz", jsonl(events(3))),          # not gzip at all
-    ("events.avro", jsonl(events(3))),              # not Avro at all
-    ("events.json.gz", b"\x1f\x8b\x08\x00garbage"),  # a gzip header, then nothing valid
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("events.jsonl.gz", jsonl(events(3))),  # not gzip at all
+        ("events.avro", jsonl(events(3))),  # not Avro at all
+        ("events.json.gz", b"\x1f\x8b\x08\x00garbage"),  # a gzip header, then nothing valid
+    ],
+)
 def test_a_file_that_is_not_what_its_name_says_is_damaged(run, tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -185,8 +211,10 @@ def test_a_file_inflating_beyond_the_ratio_is_refused_before_it_is_read_whole(tm
     path.write_bytes(gzip.compress(b" " * 20_000_000 + b"\n"))  # one line, 20 MB of nothing
     damages = []
     limits = ReadLimits(max_inflation_ratio=100, inflation_floor_bytes=1_000_000)
-    assert list(payloads_of_file(str(path), "jsonl", limits=limits, size=path.stat().st_size,
-                                 on_damage=damages.append)) == []
+    assert (
+        list(payloads_of_file(str(path), "jsonl", limits=limits, size=path.stat().st_size, on_damage=damages.append))
+        == []
+    )
     [damage] = damages
     assert "refused" in damage.problem and "--max_inflation_ratio" in damage.problem
     assert damage.bytes_read < 2_000_000  # stopped early, not after reading it all
@@ -200,10 +228,13 @@ def test_max_inflated_mb_refuses_a_file_in_a_run(run, tmp_path):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from(["jsonl.gz", "json.gz", "avro", "avro.gz", "dead_letter", "jsonl"]),
-       st.one_of(st.binary(max_size=400),
-                 st.builds(lambda n, cut: gzip.compress(jsonl(events(n)))[:cut], st.integers(1, 20),
-                           st.integers(0, 3000))))
+@given(
+    st.sampled_from(["jsonl.gz", "json.gz", "avro", "avro.gz", "dead_letter", "jsonl"]),
+    st.one_of(
+        st.binary(max_size=400),
+        st.builds(lambda n, cut: gzip.compress(jsonl(events(n)))[:cut], st.integers(1, 20), st.integers(0, 3000)),
+    ),
+)
 def test_any_bytes_in_any_file_give_payloads_or_a_damage_never_an_exception(kind, content):
     import tempfile
 

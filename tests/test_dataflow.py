@@ -2,6 +2,7 @@
 the conventions (checked statically: no Docker daemon here), metadata.json carries what the
 console uses, and the write key is resolved where it is needed only, and checked wherever it is.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,11 +30,19 @@ EXAMPLE_FLOW = ROOT / "examples" / "flow.json"
 EXAMPLE_EVENTS = ROOT / "examples" / "events.jsonl"
 IMAGE = "europe-west1-docker.pkg.dev/my-project/dataflow/walkeros-segment:0123456789ab"
 # What a Flex Template launch passes besides the template parameters (Dataflow's own options).
-JOB_OPTIONS = ["--project=my-project", "--region=europe-west1", "--temp_location=gs://my-bucket/temp",
-               "--staging_location=gs://my-bucket/staging", f"--sdk_container_image={IMAGE}"]
-STREAMING_PARAMETERS = ["--input_subscription=projects/my-project/subscriptions/walkeros-events",
-                        "--dead_letter_topic=projects/my-project/topics/walkeros-dead-letters",
-                        "--id_label=event_id", "--message_id_namespace=acme-web-prod"]
+JOB_OPTIONS = [
+    "--project=my-project",
+    "--region=europe-west1",
+    "--temp_location=gs://my-bucket/temp",
+    "--staging_location=gs://my-bucket/staging",
+    f"--sdk_container_image={IMAGE}",
+]
+STREAMING_PARAMETERS = [
+    "--input_subscription=projects/my-project/subscriptions/walkeros-events",
+    "--dead_letter_topic=projects/my-project/topics/walkeros-dead-letters",
+    "--id_label=event_id",
+    "--message_id_namespace=acme-web-prod",
+]
 SECRET_VERSION = "projects/other-project/secrets/segment-write-key/versions/3"
 
 
@@ -86,7 +95,8 @@ def _job_text(job) -> bytes:
 # -- the launch ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("write_key", ["$env.SEGMENT_WRITE_KEY", "$secret.SEGMENT_WRITE_KEY"])
 def test_the_bundled_example_launches_as_a_template_with_no_secret_in_the_launcher(
-        monkeypatch, tmp_path, capsys, write_key):
+    monkeypatch, tmp_path, capsys, write_key
+):
     _without_key_in_environment(monkeypatch)
     flow = json.loads(EXAMPLE_FLOW.read_text())
     flow["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["writeKey"] = write_key
@@ -103,8 +113,9 @@ def test_the_bundled_example_launches_as_a_template_with_no_secret_in_the_launch
     # ...and the reference, never a key, is what travels: the workers resolve it.
     from apache_beam.portability.api import beam_runner_api_pb2
 
-    reads = [t for t in job.proto_pipeline.components.transforms.values()
-             if t.spec.urn == "beam:transform:pubsub_read:v1"]
+    reads = [
+        t for t in job.proto_pipeline.components.transforms.values() if t.spec.urn == "beam:transform:pubsub_read:v1"
+    ]
     assert reads and beam_runner_api_pb2.PubSubReadPayload.FromString(reads[0].spec.payload).id_attribute == "event_id"
     assert b"SEGMENT_WRITE_KEY" in _job_text(job)
 
@@ -116,9 +127,20 @@ def test_the_launcher_process_runs_the_entry_point_file_with_no_secret_anywhere(
     entry = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/(\S+)$", dockerfile, re.M).group(1)
     environment = {k: v for k, v in os.environ.items() if "WRITE_KEY" not in k and not k.startswith("SEG")}
     result = subprocess.run(
-        [sys.executable, str(ROOT / entry), f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS, *JOB_OPTIONS,
-         "--dry_run=true"],
-        cwd=tmp_path, env={**environment, "NO_GCE_CHECK": "True"}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / entry),
+            f"--flow={EXAMPLE_FLOW}",
+            *STREAMING_PARAMETERS,
+            *JOB_OPTIONS,
+            "--dry_run=true",
+        ],
+        cwd=tmp_path,
+        env={**environment, "NO_GCE_CHECK": "True"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run: the streaming job was built for Dataflow and not submitted" in result.stdout
 
@@ -129,17 +151,23 @@ def test_the_unchanged_bundled_example_launches_for_a_backfill(gcs, monkeypatch,
     _without_key_in_environment(monkeypatch)
     gcs.blob("launch/flow.json").upload_from_string(EXAMPLE_FLOW.read_bytes())
     gcs.blob("launch/events/part-1.jsonl").upload_from_string(EXAMPLE_EVENTS.read_bytes())
-    code, job = _launch_dry(monkeypatch, [
-        f"--flow=gs://{GCS_BUCKET}/launch/flow.json", f"--input=gs://{GCS_BUCKET}/launch/events/*.jsonl",
-        f"--dead_letter=gs://{GCS_BUCKET}/launch/dead-letters"])
+    code, job = _launch_dry(
+        monkeypatch,
+        [
+            f"--flow=gs://{GCS_BUCKET}/launch/flow.json",
+            f"--input=gs://{GCS_BUCKET}/launch/events/*.jsonl",
+            f"--dead_letter=gs://{GCS_BUCKET}/launch/dead-letters",
+        ],
+    )
     assert code == 0, capsys.readouterr().err
     assert job.proto.type.name == "JOB_TYPE_BATCH"
 
 
 def test_a_launch_with_a_secret_version_parameter_carries_its_name_only(monkeypatch, tmp_path, capsys):
     _without_key_in_environment(monkeypatch)
-    code, job = _launch_dry(monkeypatch, [f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS,
-                                          f"--write_key_secret={SECRET_VERSION}"])
+    code, job = _launch_dry(
+        monkeypatch, [f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS, f"--write_key_secret={SECRET_VERSION}"]
+    )
     assert code == 0, capsys.readouterr().err
     assert SECRET_VERSION.encode() in _job_text(job)
 
@@ -171,9 +199,11 @@ def _flow_file(tmp_path: Path, doc: dict, host: str = "http://127.0.0.1:9") -> s
 
 
 def _commands(flow: str, tmp_path: Path) -> dict[str, list[str]]:
-    return {"validate": ["validate", "--flow", flow],
-            "explain": ["explain", "--flow", flow, "--input", str(EXAMPLE_EVENTS)],
-            "run": ["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl")]}
+    return {
+        "validate": ["validate", "--flow", flow],
+        "explain": ["explain", "--flow", flow, "--input", str(EXAMPLE_EVENTS)],
+        "run": ["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl")],
+    }
 
 
 def test_a_variable_naming_an_env_reference_is_resolved_and_travels_as_that_reference():
@@ -189,16 +219,20 @@ def test_a_variable_naming_an_env_reference_is_resolved_and_travels_as_that_refe
     assert deferred.settings.write_key.env_name == "SEGMENT_WRITE_KEY"
 
 
-@pytest.mark.parametrize("write_key, variables, expected", [
-    ("$var.a", {"a": "$var.b", "b": "$var.a"}, "cycle: $var.a -> $var.b -> $var.a"),
-    ("$var.wk", {"wk": "$flow.other.key"}, "unresolved reference '$flow.other.key'"),
-    ("key-$secret.SEG_KEY", None, "unresolved reference '$secret.SEG_KEY...'"),
-    ("  \n\t", None, "the write key from the flow file is empty"),
-    ("$env.BLANK_KEY", None, "the write key from $env.BLANK_KEY is empty"),
-])
+@pytest.mark.parametrize(
+    "write_key, variables, expected",
+    [
+        ("$var.a", {"a": "$var.b", "b": "$var.a"}, "cycle: $var.a -> $var.b -> $var.a"),
+        ("$var.wk", {"wk": "$flow.other.key"}, "unresolved reference '$flow.other.key'"),
+        ("key-$secret.SEG_KEY", None, "unresolved reference '$secret.SEG_KEY...'"),
+        ("  \n\t", None, "the write key from the flow file is empty"),
+        ("$env.BLANK_KEY", None, "the write key from $env.BLANK_KEY is empty"),
+    ],
+)
 @pytest.mark.parametrize("command", ["validate", "explain", "run"])
 def test_a_write_key_that_cannot_be_right_stops_every_command_with_one_line(
-        tmp_path, monkeypatch, capsys, write_key, variables, expected, command):
+    tmp_path, monkeypatch, capsys, write_key, variables, expected, command
+):
     monkeypatch.setenv("BLANK_KEY", "   ")
     flow = _flow_file(tmp_path, _document(write_key, variables))
     assert cli.main(_commands(flow, tmp_path)[command]) == 2
@@ -208,35 +242,40 @@ def test_a_write_key_that_cannot_be_right_stops_every_command_with_one_line(
 
 
 @pytest.mark.parametrize("command", ["validate", "explain", "run"])
-def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(
-        tmp_path, monkeypatch, capsys, endpoint, command):
+def test_whitespace_around_a_key_is_stripped_and_said_without_the_key(tmp_path, monkeypatch, capsys, endpoint, command):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", f"  {WRITE_KEY}\n")
     flow = _flow_file(tmp_path, _document("$env.SEGMENT_WRITE_KEY"), host=endpoint.url)
     # The bundled example holds three bad inputs on purpose: explain and run say so (exit 3).
     assert cli.main(_commands(flow, tmp_path)[command]) == (0 if command == "validate" else 3)
     err = capsys.readouterr().err
-    assert ("writeKey: the write key from $env.SEGMENT_WRITE_KEY had surrounding whitespace or newlines "
-            "(3 characters); they were removed") in err
+    assert (
+        "writeKey: the write key from $env.SEGMENT_WRITE_KEY had surrounding whitespace or newlines "
+        "(3 characters); they were removed"
+    ) in err
     assert WRITE_KEY not in err
     if command == "run":  # the local endpoint drops messages sent with any other key
         assert endpoint.accepted and not endpoint.counters.get("dropped:bad_write_key")
 
 
-@pytest.mark.parametrize("late_value, expected", [
-    ("   ", "the write key from environment variable SEGMENT_WRITE_KEY is empty"),
-    ("$env.OTHER_KEY", "is the unresolved reference '$env.OTHER_KEY'"),
-])
+@pytest.mark.parametrize(
+    "late_value, expected",
+    [
+        ("   ", "the write key from environment variable SEGMENT_WRITE_KEY is empty"),
+        ("$env.OTHER_KEY", "is the unresolved reference '$env.OTHER_KEY'"),
+    ],
+)
 def test_a_key_resolved_late_on_a_worker_that_cannot_be_right_fails_clearly_and_sends_nothing(
-        monkeypatch, endpoint, late_value, expected):
+    monkeypatch, endpoint, late_value, expected
+):
     from support import run_pipeline
 
     from decide.destination import DestinationSpec
 
     doc = _document("$env.SEGMENT_WRITE_KEY")
     doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["host"] = endpoint.url
-    flow = flow_from_document(doc, env={}, defer_write_key=True)   # the launcher: no key
+    flow = flow_from_document(doc, env={}, defer_write_key=True)  # the launcher: no key
     spec = DestinationSpec.from_flow(flow, namespace="late")
-    monkeypatch.setenv("SEGMENT_WRITE_KEY", late_value)             # the worker's environment
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", late_value)  # the worker's environment
     event = {"name": "page view", "id": "late-1", "timestamp": 1767225600000, "user": {"session": "s-1"}}
     with pytest.raises(Exception) as caught:
         run_pipeline(spec, [json.dumps(event)])
@@ -273,11 +312,22 @@ def secret_manager(monkeypatch):
 
 
 def test_a_run_reads_the_key_from_the_named_secret_version_of_another_project(
-        tmp_path, monkeypatch, capsys, endpoint, secret_manager):
+    tmp_path, monkeypatch, capsys, endpoint, secret_manager
+):
     _without_key_in_environment(monkeypatch)
     flow = _flow_file(tmp_path, _document("$secret.SEGMENT_WRITE_KEY"), host=endpoint.url)
-    code = cli.main(["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl"),
-                     f"--write_key_secret={SECRET_VERSION}"])
+    code = cli.main(
+        [
+            "run",
+            "--flow",
+            flow,
+            "--input",
+            str(EXAMPLE_EVENTS),
+            "--dead_letter",
+            str(tmp_path / "dl"),
+            f"--write_key_secret={SECRET_VERSION}",
+        ]
+    )
     assert code == 3, capsys.readouterr().err  # the example's three bad inputs are dead letters
     # Exactly that version was read (start-up check, then the sink's setup), and the key worked:
     # the endpoint drops messages sent with any other key. Its trailing newline was stripped.
@@ -297,19 +347,36 @@ def test_the_secret_version_travels_as_its_name_and_is_read_on_the_worker(secret
         pickle.loads(shipped).reveal()
 
 
-@pytest.mark.parametrize("value, writekey, expected", [
-    ("segment-write-key", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
-    ("projects/p/secrets/s", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
-    (SECRET_VERSION, "a-literal-key", "give the key in one place"),
-    ("projects/other-project/secrets/missing/versions/1", "$secret.SEGMENT_WRITE_KEY",
-     "Secret Manager secret version projects/other-project/secrets/missing/versions/1 could not be read"),
-])
-def test_a_wrong_secret_parameter_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, secret_manager,
-                                                          value, writekey, expected):
+@pytest.mark.parametrize(
+    "value, writekey, expected",
+    [
+        ("segment-write-key", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
+        ("projects/p/secrets/s", "$secret.SEGMENT_WRITE_KEY", "expected a Secret Manager version name"),
+        (SECRET_VERSION, "a-literal-key", "give the key in one place"),
+        (
+            "projects/other-project/secrets/missing/versions/1",
+            "$secret.SEGMENT_WRITE_KEY",
+            "Secret Manager secret version projects/other-project/secrets/missing/versions/1 could not be read",
+        ),
+    ],
+)
+def test_a_wrong_secret_parameter_is_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, secret_manager, value, writekey, expected
+):
     _without_key_in_environment(monkeypatch)
     flow = _flow_file(tmp_path, _document(writekey))
-    code = cli.main(["run", "--flow", flow, "--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dl"),
-                     f"--write_key_secret={value}"])
+    code = cli.main(
+        [
+            "run",
+            "--flow",
+            flow,
+            "--input",
+            str(EXAMPLE_EVENTS),
+            "--dead_letter",
+            str(tmp_path / "dl"),
+            f"--write_key_secret={value}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
 
@@ -349,8 +416,7 @@ def test_hadolint_finds_nothing_in_the_dockerfile():
     hadolint = Path(sys.executable).parent / "hadolint"
     dockerfile = DATAFLOW / "Dockerfile"
     assert set(re.findall(r"# hadolint ignore=(\S+)", dockerfile.read_text())) == {"DL3029"}
-    result = subprocess.run([str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -378,8 +444,9 @@ def test_the_lock_pins_every_runtime_dependency_with_a_hash_as_constraints_txt_d
 def test_the_docker_build_context_holds_only_what_the_image_copies(tmp_path):
     """.dockerignore (for a build from the repository root) admits what the Dockerfile copies and
     nothing else; build.sh's context holds the same files."""
-    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-                if l.strip() and not l.startswith("#")]
+    patterns = [
+        l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
     assert patterns[0] == "**"
 
     def included(path: str) -> bool:  # Docker's rule: the last matching pattern wins
@@ -395,8 +462,15 @@ def test_the_docker_build_context_holds_only_what_the_image_copies(tmp_path):
     copied = [s for sources, _ in re.findall(r"^COPY (?!--from)(.+) (\S+)$", dockerfile, re.M) for s in sources.split()]
     for source in copied:
         assert included(source) and (ROOT / source).exists(), source
-    for unwanted in (".venv/bin/python", "tests/test_dataflow.py", ".git/HEAD", "out/demo/x.jsonl",
-                     "bench/results/latest.json", "pipeline/__pycache__/cli.cpython-311.pyc", "README.md"):
+    for unwanted in (
+        ".venv/bin/python",
+        "tests/test_dataflow.py",
+        ".git/HEAD",
+        "out/demo/x.jsonl",
+        "bench/results/latest.json",
+        "pipeline/__pycache__/cli.cpython-311.pyc",
+        "README.md",
+    ):
         assert not included(unwanted), unwanted
     context = tmp_path / "context"
     subprocess.run(["bash", str(DATAFLOW / "build.sh"), "context", str(context)], check=True)
@@ -409,16 +483,23 @@ def test_the_image_tag_says_when_the_tree_was_dirty(tmp_path):
     (repo / "dataflow").mkdir(parents=True)
     shutil.copy(DATAFLOW / "build.sh", repo / "dataflow" / "build.sh")
     (repo / "setup.py").write_text("# v1\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
 
     def git(*argv):
-        return subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True, text=True,
-                              env=env).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *argv], check=True, capture_output=True, text=True, env=env
+        ).stdout.strip()
 
     def tag():
-        return subprocess.run(["bash", str(repo / "dataflow" / "build.sh"), "tag"], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["bash", str(repo / "dataflow" / "build.sh"), "tag"], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     git("init", "-q")
     git("add", ".")
@@ -443,23 +524,37 @@ def test_the_metadata_tells_the_console_what_each_parameter_is():
     assert types["input"] == types["flow"] == "GCS_READ_FILE" and types["dead_letter"] == "GCS_WRITE_FILE"
     assert types["fail_bundle_on_delivery_error"] == "BOOLEAN" and types["delivery_shards"] == "NUMBER"
     [fmt] = [p for p in metadata["parameters"] if p["name"] == "input_format"]
-    assert fmt["paramType"] == "ENUM" and [o["value"] for o in fmt["enumOptions"]] == \
-        ["auto", "jsonl", "json", "avro", "dead_letter"] and fmt["defaultValue"] == "auto"
-    known = {"TEXT", "GCS_READ_FILE", "GCS_WRITE_FILE", "PUBSUB_SUBSCRIPTION", "PUBSUB_TOPIC", "ENUM", "BOOLEAN",
-             "NUMBER"}
+    assert (
+        fmt["paramType"] == "ENUM"
+        and [o["value"] for o in fmt["enumOptions"]] == ["auto", "jsonl", "json", "avro", "dead_letter"]
+        and fmt["defaultValue"] == "auto"
+    )
+    known = {
+        "TEXT",
+        "GCS_READ_FILE",
+        "GCS_WRITE_FILE",
+        "PUBSUB_SUBSCRIPTION",
+        "PUBSUB_TOPIC",
+        "ENUM",
+        "BOOLEAN",
+        "NUMBER",
+    }
     assert set(types.values()) <= known
 
 
 # -- backfills of few large files spread over the workers ----------------------------------------
-@pytest.mark.parametrize("pattern, fmt, spread", [
-    ("events/*.jsonl", "auto", False),         # ReadFromText splits plain files itself
-    ("events/*.ndjson", "jsonl", False),
-    ("events/*.jsonl.gz", "auto", True),       # a gzip stream cannot be split
-    ("events/*", "jsonl", True),               # may match .gz files
-    ("events/*.json", "auto", True),           # one whole file per record
-    ("events/*.avro", "auto", True),           # read whole, per file
-    ("events/*.dl", "dead_letter", True),
-])
+@pytest.mark.parametrize(
+    "pattern, fmt, spread",
+    [
+        ("events/*.jsonl", "auto", False),  # ReadFromText splits plain files itself
+        ("events/*.ndjson", "jsonl", False),
+        ("events/*.jsonl.gz", "auto", True),  # a gzip stream cannot be split
+        ("events/*", "jsonl", True),  # may match .gz files
+        ("events/*.json", "auto", True),  # one whole file per record
+        ("events/*.avro", "auto", True),  # read whole, per file
+        ("events/*.dl", "dead_letter", True),
+    ],
+)
 def test_records_of_files_that_are_read_whole_are_reshuffled(tmp_path, pattern, fmt, spread):
     import apache_beam as beam
 
@@ -517,6 +612,7 @@ _WORKERS = {"generation": "before-update"}
 def _new_workers_at(marker: str):
     """In the read: when the marker event arrives, the "workers" change (an update or a scale
     event gives new processes, so new shard keys); nothing is ever sent to the old keys again."""
+
     def switch(payload):
         from transforms import batching as sink
 
@@ -524,6 +620,7 @@ def _new_workers_at(marker: str):
             _WORKERS["generation"] = "after-update"
         sink._PROCESS_SHARD = _WORKERS["generation"]
         return payload
+
     return switch
 
 
@@ -540,11 +637,13 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
     before = lines([event(i) for i in range(3)])
     after = lines([event(i) for i in range(3, 5)])
-    stream = (test_stream.TestStream()
-              .add_elements(before)
-              .add_elements(after)            # new shards from here on: the old key gets nothing more
-              .advance_processing_time(3)     # flushInterval passes: the old key's timer sends its batch
-              .advance_watermark_to_infinity())
+    stream = (
+        test_stream.TestStream()
+        .add_elements(before)
+        .add_elements(after)  # new shards from here on: the old key gets nothing more
+        .advance_processing_time(3)  # flushInterval passes: the old key's timer sends its batch
+        .advance_watermark_to_infinity()
+    )
     read = stream | "Workers" >> beam.Map(_new_workers_at(json.loads(after[0])["id"]))
     run_pipeline(spec, read=read, streaming=True, options=fast(clock=lambda: 0.0, shards=AUTO_SHARDS))
     assert sorted(request_sizes(endpoint)) == [2, 3]  # one batch per generation of shards
@@ -554,15 +653,25 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
 def test_at_least_once_streaming_mode_reaches_the_job(monkeypatch, tmp_path, capsys):
     """Dataflow's at-least-once mode is a service option: the template passes it through."""
     _without_key_in_environment(monkeypatch)
-    code, job = _launch_dry(monkeypatch, [f"--flow={EXAMPLE_FLOW}", *STREAMING_PARAMETERS[:2],
-                                          "--dataflow_service_options=streaming_mode_at_least_once"])
+    code, job = _launch_dry(
+        monkeypatch,
+        [
+            f"--flow={EXAMPLE_FLOW}",
+            *STREAMING_PARAMETERS[:2],
+            "--dataflow_service_options=streaming_mode_at_least_once",
+        ],
+    )
     assert code == 0, capsys.readouterr().err
     # The job environment Beam's Dataflow client sends with the job, built from the job's options.
     from apache_beam.runners.dataflow.internal import apiclient
 
-    environment = apiclient.Environment(packages=[], options=job.options, environment_version="8",
-                                        proto_pipeline_staged_url="gs://my-bucket/staging/pipeline.pb",
-                                        proto_pipeline=job.proto_pipeline)
+    environment = apiclient.Environment(
+        packages=[],
+        options=job.options,
+        environment_version="8",
+        proto_pipeline_staged_url="gs://my-bucket/staging/pipeline.pb",
+        proto_pipeline=job.proto_pipeline,
+    )
     assert "streaming_mode_at_least_once" in list(environment.proto.service_options)
 
 
@@ -571,26 +680,39 @@ def test_the_operations_guide_is_linked_and_names_real_counters():
     readme = (ROOT / "README.md").read_text()
     guide = (ROOT / "docs" / "operations.md").read_text()
     assert "(docs/operations.md)" in readme
-    for section in ("## Architecture", "## Monitoring and alerts", "### Update and drain", "## Cost against throughput",
-                    "## Troubleshooting", "## Streaming modes", "## The write key"):
+    for section in (
+        "## Architecture",
+        "## Monitoring and alerts",
+        "### Update and drain",
+        "## Cost against throughput",
+        "## Troubleshooting",
+        "## Streaming modes",
+        "## The write key",
+    ):
         assert section in guide, section
     # Every pipeline counter the guide tells an operator to watch is one the code counts.
     code = "\n".join(p.read_text() for d in ("pipeline", "transforms") for p in (ROOT / d).glob("*.py"))
-    monitoring = guide[guide.index("## Monitoring and alerts"):guide.index("## Cost against throughput")]
+    monitoring = guide[guide.index("## Monitoring and alerts") : guide.index("## Cost against throughput")]
     named = set(re.findall(r"`((?:dead_letter|events|inputs|requests|batch)_[a-z_]+)`", monitoring))
     assert {"dead_letter_delivery_failed", "dead_letter_rejected", "events_delivered", "inputs_read"} <= named
     for counter in named:
         stem = counter if not counter.startswith("dead_letter_") else "dead_letter_"
-        assert f'"{counter}"' in code or f'"{stem}' in code or f"f\"{stem}" in code, counter
+        assert f'"{counter}"' in code or f'"{stem}' in code or f'f"{stem}' in code, counter
     # Every dead-letter reason it lists as a counter exists.
     from decide import dead_letter
 
-    reasons = {getattr(dead_letter, n) for n in dir(dead_letter) if n.isupper() and isinstance(getattr(dead_letter, n), str)}
+    reasons = {
+        getattr(dead_letter, n) for n in dir(dead_letter) if n.isupper() and isinstance(getattr(dead_letter, n), str)
+    }
     for counter in named:
         if counter.startswith("dead_letter_") and counter not in ("dead_letters_total",):
-            assert counter[len("dead_letter_"):] in reasons, counter
+            assert counter[len("dead_letter_") :] in reasons, counter
     # Dataflow's and Pub/Sub's own metrics for lag and backlog are there.
-    for metric in ("job/system_lag", "subscription/num_undelivered_messages", "subscription/oldest_unacked_message_age"):
+    for metric in (
+        "job/system_lag",
+        "subscription/num_undelivered_messages",
+        "subscription/oldest_unacked_message_age",
+    ):
         assert metric in monitoring
 
 

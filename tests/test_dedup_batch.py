@@ -1,6 +1,7 @@
 """Batch identify/group deduplication: decided on a small record per event (first read of the
 input), looked up by each event (second read). Same decisions as taking each user's events one
 by one in event-time order, in any input order; the shuffle carries bytes, never events."""
+
 from __future__ import annotations
 
 import random
@@ -29,9 +30,18 @@ def _events(draw_list):
     """EventCalls from (user, time offset, identify signature, group signature)."""
     out = []
     for n, (user, offset, identify, group) in enumerate(draw_list):
-        out.append(EventCalls({"id": f"e{n}"}, f"user-{user}", T0 + offset,
-                              {"type": "identify"} if identify is not None else None, identify,
-                              {"type": "group"} if group is not None else None, group, []))
+        out.append(
+            EventCalls(
+                {"id": f"e{n}"},
+                f"user-{user}",
+                T0 + offset,
+                {"type": "identify"} if identify is not None else None,
+                identify,
+                {"type": "group"} if group is not None else None,
+                group,
+                [],
+            )
+        )
     return out
 
 
@@ -44,8 +54,9 @@ def one_by_one(events, ttl_ms):
     for calls_of_user in by_user.values():
         state = None
         for calls in sorted(calls_of_user, key=lambda c: c.timestamp_ms):
-            fire_identify, fire_group, state = decide(state, calls.timestamp_ms, calls.identify_signature,
-                                                      calls.group_signature, ttl_ms)
+            fire_identify, fire_group, state = decide(
+                state, calls.timestamp_ms, calls.identify_signature, calls.group_signature, ttl_ms
+            )
             fired[calls.event["id"]] = (fire_identify, fire_group)
     return fired
 
@@ -54,27 +65,35 @@ def through_records(events, ttl_ms):
     """The batch path's functions: records per bucket, decided, then looked up per event."""
     buckets = defaultdict(bytearray)
     for calls in events:
-        bucket, record = decision_record(calls.key, calls.timestamp_ms, calls.event["id"],
-                                         calls.identify_signature, calls.group_signature)
+        bucket, record = decision_record(
+            calls.key, calls.timestamp_ms, calls.event["id"], calls.identify_signature, calls.group_signature
+        )
         buckets[bucket] += record
     keys = set()
     for records in buckets.values():
         decided = decide_records(bytes(records), ttl_ms)
         assert len(decided) % 8 == 0
-        keys.update(int.from_bytes(decided[i:i + 8], "little") for i in range(0, len(decided), 8))
+        keys.update(int.from_bytes(decided[i : i + 8], "little") for i in range(0, len(decided), 8))
     fired = {}
     for calls in events:
         event = event_digest(calls.key, calls.event["id"])
         fired[calls.event["id"]] = (
             calls.identify is not None and fire_key(event, signature_digest(calls.identify_signature), 0) in keys,
-            calls.group is not None and fire_key(event, signature_digest(calls.group_signature), 1) in keys)
+            calls.group is not None and fire_key(event, signature_digest(calls.group_signature), 1) in keys,
+        )
     return fired
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), _SIGNATURES, _GROUPS), max_size=40,
-                unique_by=lambda t: (t[0], t[1])),     # one event per user and millisecond: one order
-       st.sampled_from([None, 1_000, 5_000]), st.randoms(use_true_random=False))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 10_000), _SIGNATURES, _GROUPS),
+        max_size=40,
+        unique_by=lambda t: (t[0], t[1]),
+    ),  # one event per user and millisecond: one order
+    st.sampled_from([None, 1_000, 5_000]),
+    st.randoms(use_true_random=False),
+)
 def test_records_decide_as_one_by_one_in_event_time_in_any_input_order(drawn, ttl_ms, rng):
     events = _events(drawn)
     expected = one_by_one(events, ttl_ms)
@@ -84,10 +103,19 @@ def test_records_decide_as_one_by_one_in_event_time_in_any_input_order(drawn, tt
 
 def test_a_record_is_forty_bytes_whatever_the_event_holds():
     big = {"id": "x" * 500, "data": {"blob": "y" * 10_000}}
-    calls = EventCalls(big, "k" * 300, T0, {"type": "identify", "traits": {"t": "z" * 5000}},
-                       ("u" * 200, '{"t":"' + "z" * 5000 + '"}'), None, None, [{"type": "track"}] * 3)
-    bucket, record = decision_record(calls.key, calls.timestamp_ms, calls.event["id"],
-                                     calls.identify_signature, calls.group_signature)
+    calls = EventCalls(
+        big,
+        "k" * 300,
+        T0,
+        {"type": "identify", "traits": {"t": "z" * 5000}},
+        ("u" * 200, '{"t":"' + "z" * 5000 + '"}'),
+        None,
+        None,
+        [{"type": "track"}] * 3,
+    )
+    bucket, record = decision_record(
+        calls.key, calls.timestamp_ms, calls.event["id"], calls.identify_signature, calls.group_signature
+    )
     assert 0 <= bucket < BUCKETS and len(record) == 40
 
 
@@ -95,13 +123,17 @@ def test_the_batch_shuffles_carry_only_bytes():
     """No GroupByKey of the batch graph carries events or their calls, only small bytes."""
     from apache_beam.coders import coders
 
-    spec = make_spec(flow_document(settings={"disable": True, "identify": {"map": {"traits": {"map": {
-        "email": "user.email"}}}}}))
+    spec = make_spec(
+        flow_document(settings={"disable": True, "identify": {"map": {"traits": {"map": {"email": "user.email"}}}}})
+    )
     p = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
     build_pipeline(p, spec, streaming=False, read=beam.Create([]))
     proto, context = p.to_runner_api(return_context=True)
-    groups = [t for t in proto.components.transforms.values()
-              if t.spec.urn == "beam:transform:group_by_key:v1" and "DeduplicateIdentity" not in t.unique_name]
+    groups = [
+        t
+        for t in proto.components.transforms.values()
+        if t.spec.urn == "beam:transform:group_by_key:v1" and "DeduplicateIdentity" not in t.unique_name
+    ]
     decisions = [t for t in groups if "DecideIdentity" in t.unique_name]
     assert decisions, [t.unique_name for t in groups]
     for group in decisions:
@@ -114,8 +146,13 @@ EMAIL = {"identify": {"map": {"traits": {"map": {"email": "user.email"}}}}}
 
 
 def _page(n, user, email, **fields):
-    return {"name": "page view", "id": f"{n:016x}", "timestamp": T0 + n * 1000,
-            "user": {"id": user, "session": f"s-{user}", "email": email}, **fields}
+    return {
+        "name": "page view",
+        "id": f"{n:016x}",
+        "timestamp": T0 + n * 1000,
+        "user": {"id": user, "session": f"s-{user}", "email": email},
+        **fields,
+    }
 
 
 def test_an_event_without_a_timestamp_gets_its_identify_although_each_read_stamps_it_anew(endpoint):
@@ -142,8 +179,9 @@ def test_copies_of_an_event_share_its_decision_and_segment_keeps_one(endpoint):
 
 def test_the_second_pass_counts_nothing_twice():
     """Every event is planned twice in batch; the counters (and function errors) count it once."""
-    mapping = {"page": {"view": {"data": {"map": {
-        "upper": {"fn": "$code:(event) => event.data.title.toUpperCase()"}}}}}}
+    mapping = {
+        "page": {"view": {"data": {"map": {"upper": {"fn": "$code:(event) => event.data.title.toUpperCase()"}}}}}
+    }
     spec = make_spec(flow_document(mapping=mapping, settings={"disable": True, **EMAIL}))
     events = [_page(i, f"u{i % 2}", "a@x", data={"title": 7 if i % 2 else "home"}) for i in range(6)]
     events.append("not json")
@@ -155,9 +193,19 @@ def test_the_second_pass_counts_nothing_twice():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(-2**53, 2**53), st.integers(0, 2**64 - 1),
-                          st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), max_size=60),
-       st.integers(1, 4))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**64 - 1),
+            st.integers(-(2**53), 2**53),
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**64 - 1),
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 4),
+)
 def test_compressed_frames_give_back_the_records_sorted(rows, parts):
     """What crosses the shuffle compressed comes back as the same records (in user, time order)."""
     from transforms.dedup import _RECORD, pack_records, unpack_records
@@ -210,8 +258,13 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
             if isinstance(calls, DeadLetter):
                 assert inputs is None
                 continue
-            assert tuple(inputs) == (calls.key, calls.timestamp_ms, calls.event["id"],
-                                     calls.identify_signature, calls.group_signature)
+            assert tuple(inputs) == (
+                calls.key,
+                calls.timestamp_ms,
+                calls.event["id"],
+                calls.identify_signature,
+                calls.group_signature,
+            )
             compared += 1
             with_group += calls.group_signature is not None
     assert compared > 2_000 and with_group > 100
@@ -224,19 +277,37 @@ def _identify_flow_with(data_fn: str, allow_python: bool = False):
     from decide.settings import SegmentSettings
 
     # Identity read by functions too: they see the event as JavaScript functions share it.
-    config = {"settings": {"userId": {"key": "user.id",
-                                      "validate": "$code:(id, context) => context.event.user.id === id"},
-                           "anonymousId": "user.session",
-                           "identify": {"map": {"traits": {"map": {
-                               "plan": {"fn": "$code:(event) => event.globals.plan"}}}}}},
-              "mapping": {"*": {"*": {"data": {"map": {"changed": {"fn": data_fn}}}}}}}
+    config = {
+        "settings": {
+            "userId": {"key": "user.id", "validate": "$code:(id, context) => context.event.user.id === id"},
+            "anonymousId": "user.session",
+            "identify": {"map": {"traits": {"map": {"plan": {"fn": "$code:(event) => event.globals.plan"}}}}},
+        },
+        "mapping": {"*": {"*": {"data": {"map": {"changed": {"fn": data_fn}}}}}},
+    }
     settings = SegmentSettings.from_config({"writeKey": "k", **config["settings"]}, WriteKey("k"))
-    return compiled(DestinationSpec(flow_name="t", settings=settings, config=config, collector={},
-                                    functions=FunctionPolicy(allow_python=allow_python)))
+    return compiled(
+        DestinationSpec(
+            flow_name="t",
+            settings=settings,
+            config=config,
+            collector={},
+            functions=FunctionPolicy(allow_python=allow_python),
+        )
+    )
 
 
-EVENT = {"name": "page view", "entity": "page", "action": "view", "id": "e1", "timestamp": 1_767_225_600_000,
-         "user": {"id": "u1", "session": "s1"}, "globals": {"plan": "pro"}, "consent": {}, "data": {}}
+EVENT = {
+    "name": "page view",
+    "entity": "page",
+    "action": "view",
+    "id": "e1",
+    "timestamp": 1_767_225_600_000,
+    "user": {"id": "u1", "session": "s1"},
+    "globals": {"plan": "pro"},
+    "consent": {},
+    "data": {},
+}
 
 
 def test_a_data_function_that_changes_the_event_does_not_change_who_is_identified():
@@ -245,15 +316,17 @@ def test_a_data_function_that_changes_the_event_does_not_change_who_is_identifie
     and the second (data mapped) decide alike."""
     destination = _identify_flow_with(
         "$code:(value, context) => { context.event.user.id = 'someone else'; "
-        "context.event.globals.plan = 'free'; return 'changed'; }")
+        "context.event.globals.plan = 'free'; return 'changed'; }"
+    )
     assert not destination.decisions_need_data
     mapped = destination.mapped_or_outcome(dict(EVENT))
     assert mapped.data == {"changed": "changed"}
     calls = destination.plan(mapped)
     assert calls.key == "s1" and calls.identify["userId"] == "u1"
     assert calls.identify["traits"] == {"plan": "pro"}
-    assert destination.decision_inputs(destination.mapped_or_outcome(dict(EVENT), with_data=False)) == \
-        destination.decision_inputs(mapped)
+    assert destination.decision_inputs(
+        destination.mapped_or_outcome(dict(EVENT), with_data=False)
+    ) == destination.decision_inputs(mapped)
 
 
 def test_a_flow_with_python_functions_maps_the_data_before_deciding():

@@ -1,6 +1,7 @@
 """Delivery under faults, with the real segment-analytics-python SDK against the local endpoint:
 for every input event exactly one outcome, and for a delivered one exactly one accepted
 messageId per call. SDK retries are kept fast (1-2 retries, a 500 ms HTTP timeout)."""
+
 from __future__ import annotations
 
 import time
@@ -61,8 +62,9 @@ def test_a_400_batch_is_narrowed_to_its_bad_message(endpoint):
     events = [event(i) for i in range(8)]
     events[5]["data"]["poison"] = True
     spec = spec_for(endpoint.url, timeout_ms=5_000)
-    endpoint.reject_when(lambda m: (m.get("properties") or {}).get("poison") is True,
-                         message="Invalid message in batch: property poison")
+    endpoint.reject_when(
+        lambda m: (m.get("properties") or {}).get("poison") is True, message="Invalid message in batch: property poison"
+    )
     result = run_pipeline(spec, events)
 
     planned = planned_calls(spec, events)
@@ -77,9 +79,17 @@ def test_a_400_batch_is_narrowed_to_its_bad_message(endpoint):
     assert result.counts["dead_letter_rejected"] == 1 and result.counts["events_delivered"] == 7
 
 
-@pytest.mark.parametrize("fault", [
-    status(503), status(502, body="<html>bad gateway</html>"), reset(), reset(accept=True), close(accept=True),
-], ids=["503", "502-text", "reset", "reset-after-accepting", "close-after-accepting"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        status(503),
+        status(502, body="<html>bad gateway</html>"),
+        reset(),
+        reset(accept=True),
+        close(accept=True),
+    ],
+    ids=["503", "502-text", "reset", "reset-after-accepting", "close-after-accepting"],
+)
 def test_transient_faults_are_retried_without_duplicate_effect(endpoint, fault):
     spec = spec_for(endpoint.url, max_retries=1)
     endpoint.script(fault)
@@ -129,16 +139,22 @@ def test_a_dead_endpoint_then_replay_delivers_everything_once(endpoint, tmp_path
     assert all(d.attempts == 1 for d in first.dead)
 
     # Replay against the dead endpoint again: failing a second time counts a second attempt.
-    second = run_pipeline(spec_for(dead_url), read=ReadEvents(str(tmp_path / "run1/dead*"), "dead_letter"),
-                          previous_attempts=ReadPreviousAttempts(str(tmp_path / "run1/dead*")),
-                          dead_letter_sink=WriteDeadLetters(str(tmp_path / "run2/dead")))
+    second = run_pipeline(
+        spec_for(dead_url),
+        read=ReadEvents(str(tmp_path / "run1/dead*"), "dead_letter"),
+        previous_attempts=ReadPreviousAttempts(str(tmp_path / "run1/dead*")),
+        dead_letter_sink=WriteDeadLetters(str(tmp_path / "run2/dead")),
+    )
     assert len(second.dead) == len(inputs) and all(d.attempts == 2 for d in second.dead)
     assert second.counts["dead_letters_failed_again"] == len(inputs)
 
     # Replay against a healthy endpoint, through the whole pipeline: everything delivered once.
     spec = spec_for(endpoint.url)
-    third = run_pipeline(spec, read=ReadEvents(str(tmp_path / "run2/dead*"), "dead_letter"),
-                         previous_attempts=ReadPreviousAttempts(str(tmp_path / "run2/dead*")))
+    third = run_pipeline(
+        spec,
+        read=ReadEvents(str(tmp_path / "run2/dead*"), "dead_letter"),
+        previous_attempts=ReadPreviousAttempts(str(tmp_path / "run2/dead*")),
+    )
     assert_exactly_once(endpoint, third, planned_calls(spec, EVENTS))
     [still_bad] = third.dead  # the input that is not JSON stays what it was, never wrapped
     assert (still_bad.reason, still_bad.payload, still_bad.attempts) == ("not_json", "not json at all {", 3)
@@ -148,33 +164,41 @@ def test_a_dead_endpoint_then_replay_delivers_everything_once(endpoint, tmp_path
 def test_delivered_plus_dead_lettered_plus_dropped_equals_the_inputs(endpoint):
     too_big = event(20, data={"blob": "x" * 40_000})
     poison = event(21, data={"poison": True})
-    inputs = lines([
-        *[event(i) for i in range(10)],                                  # 10 delivered
-        [event(30), event(31), "not an event"],                          # an envelope: 2 events + 1 bad item
-        "{not json",                                                     # 1 input, never an event
-        event(40, name="debug ping"),                                    # ignored by a rule
-        event(41, consent={"analytics": False}),                         # consent denied
-        event(42, user={}),                                              # no identity
-        too_big, poison,                                                 # too_large, rejected
-        {"name": "noaction", "id": "de11000000000099"},                  # invalid name
-    ])
+    inputs = lines(
+        [
+            *[event(i) for i in range(10)],  # 10 delivered
+            [event(30), event(31), "not an event"],  # an envelope: 2 events + 1 bad item
+            "{not json",  # 1 input, never an event
+            event(40, name="debug ping"),  # ignored by a rule
+            event(41, consent={"analytics": False}),  # consent denied
+            event(42, user={}),  # no identity
+            too_big,
+            poison,  # too_large, rejected
+            {"name": "noaction", "id": "de11000000000099"},  # invalid name
+        ]
+    )
     mapping = {"*": {"*": {"data": "data"}}, "debug": {"*": {"ignore": True}}}
     # The destination requires analytics consent; the collector grants it unless an event says no.
-    spec = spec_for(endpoint.url, mapping=mapping, config={"consent": {"analytics": True}},
-                    collector={"consent": {"analytics": True}})
+    spec = spec_for(
+        endpoint.url,
+        mapping=mapping,
+        config={"consent": {"analytics": True}},
+        collector={"consent": {"analytics": True}},
+    )
     endpoint.reject_when(lambda m: (m.get("properties") or {}).get("poison") is True)
     result = run_pipeline(spec, inputs, options=fast(shards=3))
 
     counts = result.counts
     check = reconcile(counts)
     assert check.balanced, check.line()
-    assert counts["inputs_read"] == 18      # 18 inputs ...
-    assert check.units == 20                # ... of 20 units: the envelope held 3 parts
+    assert counts["inputs_read"] == 18  # 18 inputs ...
+    assert check.units == 20  # ... of 20 units: the envelope held 3 parts
     assert (check.delivered, check.dead_lettered, check.dropped) == (12, 6, 2)
     assert counts["dead_letters_stage_parse"] == 3 and counts["dead_letters_stage_send"] == 2
     assert counts["events_ignored"] == 1 and counts["events_consent_denied"] == 1
     assert sorted(d.reason for d in result.dead) == sorted(
-        ["not_an_event", "not_json", "invalid_name", "no_identity", "too_large", "rejected"])
+        ["not_an_event", "not_json", "invalid_name", "no_identity", "too_large", "rejected"]
+    )
     table = render(counts)
     assert "delivered 12 + dead-lettered 6 + dropped 2 = 20" in table and "balanced" in table
 
@@ -214,8 +238,18 @@ class _SendAndCheckOnFinish(SendToSegment):
 
 
 def _as_delivery(e: dict) -> EventMessages:
-    return EventMessages(e, [{"type": "track", "anonymousId": "a", "event": "x", "messageId": f"fin:{e['id']}",
-                         "timestamp": "2026-01-01T00:00:00.000+00:00"}])
+    return EventMessages(
+        e,
+        [
+            {
+                "type": "track",
+                "anonymousId": "a",
+                "event": "x",
+                "messageId": f"fin:{e['id']}",
+                "timestamp": "2026-01-01T00:00:00.000+00:00",
+            }
+        ],
+    )
 
 
 def test_a_bundles_events_reach_the_endpoint_before_the_bundle_finishes(endpoint):
@@ -226,15 +260,19 @@ def test_a_bundles_events_reach_the_endpoint_before_the_bundle_finishes(endpoint
         events = [event(i, user={"session": f"s-{i % 4}", "email": f"u{i % 4}@example.com"}) for i in range(30)]
         arrived: dict = {}
         p = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
-        outputs = build_pipeline(p, spec, streaming=False, read=beam.Create(lines(events)),
-                                 send_options=fast(shards=2))
+        outputs = build_pipeline(p, spec, streaming=False, read=beam.Create(lines(events)), send_options=fast(shards=2))
         collect(outputs.delivered | beam.ParDo(_ArrivedAlready(endpoint.url)), arrived, "arrived")
         # The same check at finish_bundle, on a SendToSegment of its own.
-        (p | "Again" >> beam.Create([event(100 + i) for i in range(7)])
-           | "Calls" >> beam.Map(_as_delivery)
-           | "Batch" >> BatchDeliveries(3, fast())
-           | "SendChecked" >> beam.ParDo(_SendAndCheckOnFinish(spec.settings, "default", fast())).with_outputs(
-               DEAD_LETTER_TAG, main="delivered"))
+        (
+            p
+            | "Again" >> beam.Create([event(100 + i) for i in range(7)])
+            | "Calls" >> beam.Map(_as_delivery)
+            | "Batch" >> BatchDeliveries(3, fast())
+            | "SendChecked"
+            >> beam.ParDo(_SendAndCheckOnFinish(spec.settings, "default", fast())).with_outputs(
+                DEAD_LETTER_TAG, main="delivered"
+            )
+        )
         p.run().wait_until_finish()
         assert len(arrived["arrived"]) == 30 and all(arrived["arrived"])
         assert FINISHED and all(ok for _, ok in FINISHED) and sum(n for n, _ in FINISHED) == 7

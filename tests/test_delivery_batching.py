@@ -2,6 +2,7 @@
 serialises), the calls of one event never split and in order. Batch runs cut batches within the
 bundle (BatchAndSend, the last one in finish_bundle); streaming gathers them in Beam state
 (BatchDeliveries), flushed after flushInterval and at the end of the window."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,17 @@ from decide.wire import (
 
 
 def delivery(i: int, calls: int = 1, blob: int = 0) -> EventMessages:
-    messages = [{"type": "track", "anonymousId": f"s-{i}", "event": "e", "messageId": f"m:{i}:{c}",
-                 "timestamp": "2026-01-01T00:00:00.000+00:00", "properties": {"blob": "x" * blob}}
-                for c in range(calls)]
+    messages = [
+        {
+            "type": "track",
+            "anonymousId": f"s-{i}",
+            "event": "e",
+            "messageId": f"m:{i}:{c}",
+            "timestamp": "2026-01-01T00:00:00.000+00:00",
+            "properties": {"blob": "x" * blob},
+        }
+        for c in range(calls)
+    ]
     return EventMessages({"id": str(i)}, messages)
 
 
@@ -65,15 +74,25 @@ def test_the_request_limits_cut_before_flush_at():
     assert exceeds_request_limits(1, MAX_BATCH_BYTES - 10, 1, 11)
 
 
-@pytest.mark.parametrize("message", [
-    {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
-    {"type": "track", "userId": "u", "anonymousId": "a", "event": "e", "context": {"ip": "1.2.3.4"},
-     "integrations": {"All": True}},
-    {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
-    {"type": "group", "anonymousId": "a", "groupId": "g"},
-    {"type": "page", "anonymousId": "a", "name": "Home"},
-    {"type": "screen", "anonymousId": "a"},
-], ids=["track", "track-full", "identify", "group", "page", "screen"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
+        {
+            "type": "track",
+            "userId": "u",
+            "anonymousId": "a",
+            "event": "e",
+            "context": {"ip": "1.2.3.4"},
+            "integrations": {"All": True},
+        },
+        {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
+        {"type": "group", "anonymousId": "a", "groupId": "g"},
+        {"type": "page", "anonymousId": "a", "name": "Home"},
+        {"type": "screen", "anonymousId": "a"},
+    ],
+    ids=["track", "track-full", "identify", "group", "page", "screen"],
+)
 def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
     """The SDK measures json.dumps of the message it builds (context.library, null fields, escaped
     non-ASCII); the estimate must never be below it (or a request could pass 500 KB), and close."""
@@ -84,16 +103,20 @@ def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
 
 
 _JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 @settings(max_examples=1000, deadline=None)
 @given(_JSON_VALUES)
 @example(1e-09)
-@example([1.5e-07, 1e-05, 1e+22, "\x7f", "é✓😀", {"a:b": "c,d"}])
+@example([1.5e-07, 1e-05, 1e22, "\x7f", "é✓😀", {"a:b": "c,d"}])
 def test_the_fast_json_size_is_never_below_json_dumps(value):
     """Batches are cut on this measure: below the truth, a request could pass Segment's 500 KB."""
     try:
@@ -181,20 +204,26 @@ def _stream(spec, stream: test_stream.TestStream) -> None:
 def test_streaming_the_flush_interval_timer_sends_a_partial_batch(endpoint):
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
     first, second = lines([event(i) for i in range(3)]), lines([event(i) for i in range(3, 5)])
-    _stream(spec, test_stream.TestStream()
-            .add_elements(first)
-            .advance_processing_time(3)   # past flushInterval: the 3 waiting events leave
-            .add_elements(second)
-            .advance_watermark_to_infinity())
+    _stream(
+        spec,
+        test_stream.TestStream()
+        .add_elements(first)
+        .advance_processing_time(3)  # past flushInterval: the 3 waiting events leave
+        .add_elements(second)
+        .advance_watermark_to_infinity(),
+    )
     assert request_sizes(endpoint) == [3, 2]
     assert len(endpoint.accepted) == 5
 
 
 def test_streaming_without_the_interval_passing_the_batch_waits(endpoint):
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
-    _stream(spec, test_stream.TestStream()
-            .add_elements(lines([event(i) for i in range(3)]))
-            .advance_processing_time(1)   # less than flushInterval
-            .add_elements(lines([event(i) for i in range(3, 5)]))
-            .advance_watermark_to_infinity())
+    _stream(
+        spec,
+        test_stream.TestStream()
+        .add_elements(lines([event(i) for i in range(3)]))
+        .advance_processing_time(1)  # less than flushInterval
+        .add_elements(lines([event(i) for i in range(3, 5)]))
+        .advance_watermark_to_infinity(),
+    )
     assert request_sizes(endpoint) == [5]  # one batch, flushed at the end of the window

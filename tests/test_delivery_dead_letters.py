@@ -1,6 +1,7 @@
 """Dead letters: written as JSON Lines or Avro (schemas/dead_letter.avsc), read back with
 ``--input_format dead_letter`` through the whole pipeline (replay: the original payload, never a
 record wrapped in another), ``attempts`` counted across replays; and the accounting summary."""
+
 from __future__ import annotations
 
 import gzip
@@ -45,7 +46,9 @@ def dead_url() -> str:
 
 def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_path):
     inputs = [*EVENTS, "[1, 2"]
-    first = run_pipeline(spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro"))
+    first = run_pipeline(
+        spec_for(dead_url()), inputs, dead_letter_sink=WriteDeadLetters(str(tmp_path / "dead"), "avro")
+    )
     assert len(first.dead) == 7
 
     [path] = tmp_path.glob("dead*.avro")
@@ -64,8 +67,11 @@ def test_avro_dead_letters_are_written_with_the_schema_and_replay(endpoint, tmp_
     # Replay: the payloads, as they were received, through the whole pipeline.
     assert sorted(map(str, iter_payloads(str(path), "dead_letter"))) == sorted(r["payload"] for r in records)
     spec = spec_for(endpoint.url)
-    replay = run_pipeline(spec, read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
-                          previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")))
+    replay = run_pipeline(
+        spec,
+        read=ReadEvents(str(tmp_path / "dead*"), "dead_letter"),
+        previous_attempts=ReadPreviousAttempts(str(tmp_path / "dead*")),
+    )
     assert_exactly_once(endpoint, replay, planned_calls(spec, EVENTS))
     [again] = replay.dead
     assert (again.reason, again.payload, again.attempts) == ("not_json", "[1, 2", 2)
@@ -76,7 +82,7 @@ def test_a_glob_of_jsonl_and_avro_dead_letters_replays_both(endpoint, tmp_path):
     run_pipeline(spec_for(dead_url()), EVENTS[3:], dead_letter_sink=WriteDeadLetters(str(tmp_path / "b"), "jsonl"))
     # A gzipped copy, with a blank line and a line that is not a dead letter.
     [jsonl] = tmp_path.glob("b*.jsonl")
-    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b"\n" + jsonl.read_bytes() + b"\n{\"not\": \"a record\"}\n"))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b"\n" + jsonl.read_bytes() + b'\n{"not": "a record"}\n'))
     jsonl.unlink()
 
     spec = spec_for(endpoint.url)
@@ -95,14 +101,43 @@ def test_the_run_command_replays_and_counts_attempts(endpoint, tmp_path, capsys)
 
     (tmp_path / "events.jsonl").write_text("\n".join(lines([*EVENTS, "oops"])) + "\n")
     common = ["--flush_deadline_seconds", "5", "--delivery_shards", "2", "--progress_interval_seconds", "0"]
-    assert cli.main(["run", "--flow", flow(dead_url()), "--input", str(tmp_path / "events.jsonl"),
-                     "--dead_letter", str(tmp_path / "run1/dead"), *common]) == 3  # 3: dead letters
+    assert (
+        cli.main(
+            [
+                "run",
+                "--flow",
+                flow(dead_url()),
+                "--input",
+                str(tmp_path / "events.jsonl"),
+                "--dead_letter",
+                str(tmp_path / "run1/dead"),
+                *common,
+            ]
+        )
+        == 3
+    )  # 3: dead letters
     out = capsys.readouterr().out
     assert "dead-lettered 7" in out and "balanced" in out
 
-    assert cli.main(["run", "--flow", flow(endpoint.url), "--input", str(tmp_path / "run1/dead*"),
-                     "--input_format", "dead_letter", "--dead_letter", str(tmp_path / "run2/dead"),
-                     "--dead_letter_format", "avro", *common]) == 3
+    assert (
+        cli.main(
+            [
+                "run",
+                "--flow",
+                flow(endpoint.url),
+                "--input",
+                str(tmp_path / "run1/dead*"),
+                "--input_format",
+                "dead_letter",
+                "--dead_letter",
+                str(tmp_path / "run2/dead"),
+                "--dead_letter_format",
+                "avro",
+                *common,
+            ]
+        )
+        == 3
+    )
     out = capsys.readouterr().out
     assert "delivered 6 + dead-lettered 1 + dropped 0 = 7" in out and "balanced" in out
     assert len(endpoint.accepted) == 6
@@ -112,11 +147,16 @@ def test_the_run_command_replays_and_counts_attempts(endpoint, tmp_path, capsys)
 
 def test_streaming_dead_letters_are_written_as_avro(tmp_path):
     p = beam.Pipeline(options=PipelineOptions([], streaming=True))
-    letters = [TimestampedValue(DeadLetter(payload=f"p{i}", stage="parse", reason="not_json", error="e", flow="f"),
-                                10 + i) for i in range(3)]
-    (p | test_stream.TestStream().add_elements(letters).advance_watermark_to(120).advance_watermark_to_infinity()
-       | CountDeadLetters()
-       | WriteDeadLetters(str(tmp_path / "out"), "avro", streaming=True))
+    letters = [
+        TimestampedValue(DeadLetter(payload=f"p{i}", stage="parse", reason="not_json", error="e", flow="f"), 10 + i)
+        for i in range(3)
+    ]
+    (
+        p
+        | test_stream.TestStream().add_elements(letters).advance_watermark_to(120).advance_watermark_to_infinity()
+        | CountDeadLetters()
+        | WriteDeadLetters(str(tmp_path / "out"), "avro", streaming=True)
+    )
     p.run().wait_until_finish()
     records = [r for path in tmp_path.glob("out/*.avro") for r in fastavro.reader(open(path, "rb"))]
     assert sorted(r["payload"] for r in records) == ["p0", "p1", "p2"]
@@ -131,12 +171,15 @@ def test_streaming_dead_letters_behind_the_watermark_are_still_written(tmp_path)
     def letter(name: str, at: float):
         return TimestampedValue(DeadLetter(payload=name, stage="send", reason="rejected", error="e", flow="f"), at)
 
-    (p | test_stream.TestStream()
+    (
+        p
+        | test_stream.TestStream()
         .add_elements([letter("on-time", 10)])
-        .advance_watermark_to(300)                 # the window [0, 60) has closed
-        .add_elements([letter("behind", 20)])      # e.g. from a batch flushed by the interval timer
+        .advance_watermark_to(300)  # the window [0, 60) has closed
+        .add_elements([letter("behind", 20)])  # e.g. from a batch flushed by the interval timer
         .advance_watermark_to_infinity()
-       | WriteDeadLetters(str(tmp_path / "out"), "jsonl", streaming=True))
+        | WriteDeadLetters(str(tmp_path / "out"), "jsonl", streaming=True)
+    )
     p.run().wait_until_finish()
     written = [json.loads(line)["payload"] for path in tmp_path.glob("out/*.jsonl") for line in open(path)]
     assert sorted(written) == ["behind", "on-time"]
@@ -144,9 +187,16 @@ def test_streaming_dead_letters_behind_the_watermark_are_still_written(tmp_path)
 
 # -- the summary ----------------------------------------------------------------------------------
 def test_the_summary_flags_a_mismatch():
-    counts = {"inputs_read": 5, "events_parsed": 4, "dead_letters_total": 2, "dead_letters_stage_parse": 1,
-              "dead_letter_not_json": 1, "dead_letter_delivery_failed": 1, "events_delivered": 2,
-              "events_ignored": 1}
+    counts = {
+        "inputs_read": 5,
+        "events_parsed": 4,
+        "dead_letters_total": 2,
+        "dead_letters_stage_parse": 1,
+        "dead_letter_not_json": 1,
+        "dead_letter_delivery_failed": 1,
+        "events_delivered": 2,
+        "events_ignored": 1,
+    }
     assert reconcile(counts).balanced
     assert "delivered 2 + dead-lettered 2 + dropped 1 = 5" in render(counts) and "balanced" in render(counts)
     lost = {**counts, "events_delivered": 1}
@@ -160,8 +210,15 @@ def test_the_summary_reads_counters_of_runs_without_the_stage_counters():
 
 
 def test_a_dead_letter_record_is_never_read_as_an_event_payload(tmp_path):
-    record = DeadLetter(payload=orjson.dumps(EVENTS[0]).decode(), stage="send", reason="delivery_failed",
-                        error="x", flow="default", event_id=EVENTS[0]["id"], attempts=4)
+    record = DeadLetter(
+        payload=orjson.dumps(EVENTS[0]).decode(),
+        stage="send",
+        reason="delivery_failed",
+        error="x",
+        flow="default",
+        event_id=EVENTS[0]["id"],
+        attempts=4,
+    )
     path = tmp_path / "d.jsonl"
     path.write_text(record.to_json() + "\n")
     assert list(iter_payloads(str(path), "dead_letter")) == [record.payload]

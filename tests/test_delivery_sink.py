@@ -1,6 +1,7 @@
 """SendToSegment / SegmentConnection: values the SDK's JSON cannot hold, messages too large,
 calls the SDK would refuse, a batch without an answer, ``disable``, the pooled connection, and
 progress logging."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -33,8 +34,14 @@ TS = "2026-01-01T00:00:00.000+00:00"
 
 
 def track(message_id: str, **fields) -> dict:
-    return {"type": "track", "anonymousId": "a-1", "event": "Tested", "messageId": message_id, "timestamp": TS,
-            **fields}
+    return {
+        "type": "track",
+        "anonymousId": "a-1",
+        "event": "Tested",
+        "messageId": message_id,
+        "timestamp": TS,
+        **fields,
+    }
 
 
 class Colour(enum.Enum):
@@ -49,10 +56,22 @@ class Opaque:
 # -- values the SDK would drop ---------------------------------------------------------------------
 def test_to_wire_turns_everything_into_json_types():
     value = {
-        "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "day": dt.date(2026, 1, 2),
-        "price": Decimal("9.95"), "tags": {"b", "a"}, "pair": (1, 2), "raw": b"\xffok", "colour": Colour.RED,
-        "nan": math.nan, "inf": -math.inf, "object": Opaque(), "np_int": np.int64(7), "np_float": np.float32(0.5),
-        2: "int key", (1, 2): "tuple key", None: "none key", True: "bool key",
+        "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+        "day": dt.date(2026, 1, 2),
+        "price": Decimal("9.95"),
+        "tags": {"b", "a"},
+        "pair": (1, 2),
+        "raw": b"\xffok",
+        "colour": Colour.RED,
+        "nan": math.nan,
+        "inf": -math.inf,
+        "object": Opaque(),
+        "np_int": np.int64(7),
+        "np_float": np.float32(0.5),
+        2: "int key",
+        (1, 2): "tuple key",
+        None: "none key",
+        True: "bool key",
         "nested": [{"at": dt.time(12, 30)}, [Decimal("1")]],
     }
     wire = to_wire(value)
@@ -72,15 +91,29 @@ class Label(str):
 
 
 _LEAVES = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(),
-    st.text(max_size=8), st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=2),
-    st.decimals(allow_nan=False), st.sampled_from([Colour.RED, Opaque()]), st.builds(Label, st.text(max_size=4)),
-    st.datetimes(), st.dates(), st.binary(max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+    st.text(max_size=8),
+    st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=2),
+    st.decimals(allow_nan=False),
+    st.sampled_from([Colour.RED, Opaque()]),
+    st.builds(Label, st.text(max_size=4)),
+    st.datetimes(),
+    st.dates(),
+    st.binary(max_size=4),
 )
-_VALUES = st.recursive(_LEAVES, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.tuples(inner, inner), st.frozensets(st.integers(), max_size=3),
-    st.dictionaries(st.one_of(st.text(max_size=6), st.integers(), st.none(), st.booleans()), inner, max_size=4),
-), max_leaves=20)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.frozensets(st.integers(), max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=6), st.integers(), st.none(), st.booleans()), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -113,8 +146,10 @@ def test_odd_values_arrive_converted(endpoint):
     spec = spec_for(endpoint.url)
     connection = SegmentConnection(spec.settings, fast())
     try:
-        odd = EventMessages({"id": "odd"}, [track("odd:1", properties={"at": dt.date(2026, 5, 1), "tags": {"x"},
-                                                                  "obj": Opaque(), "nan": math.nan})])
+        odd = EventMessages(
+            {"id": "odd"},
+            [track("odd:1", properties={"at": dt.date(2026, 5, 1), "tags": {"x"}, "obj": Opaque(), "nan": math.nan})],
+        )
         result = connection.send([odd], "default")
     finally:
         connection.close()
@@ -144,8 +179,10 @@ def test_a_call_the_sdk_refuses_is_dead_lettered_whole(endpoint):
         good = EventMessages({"id": "good"}, [track("good:1")])
         # Its identify is fine, its group has no usable groupId: the event fails as a whole,
         # and its identify is not sent either.
-        bad = EventMessages({"id": "bad"}, [{**track("bad:1"), "type": "identify"},
-                                       {**track("bad:2"), "type": "group", "groupId": {"no": "dict"}}])
+        bad = EventMessages(
+            {"id": "bad"},
+            [{**track("bad:1"), "type": "identify"}, {**track("bad:2"), "type": "group", "groupId": {"no": "dict"}}],
+        )
         result = connection.send([good, bad], "default")
     finally:
         connection.close()
@@ -198,13 +235,14 @@ def test_the_next_batch_is_prepared_while_the_previous_one_is_on_the_wire(endpoi
         started = time.monotonic()
         assert sender.submit(batches[0]) == []  # returns at once: the batch is on the wire ...
         assert time.monotonic() - started < 0.3  # ... and the caller prepares the next one meanwhile
-        settled = sender.submit(batches[1])     # the next waits for the first to settle
+        settled = sender.submit(batches[1])  # the next waits for the first to settle
         assert time.monotonic() - started >= 0.5
         assert [sent.deliveries for sent, _ in settled] == [batches[0]]
         settled += sender.submit(batches[2]) + sender.drain()
         # Every batch settled once, in the order given, each event with its fate.
         assert [[d.event["id"] for d in result.delivered] for _, result in settled] == [
-            [d.event["id"] for d in batch] for batch in batches]
+            [d.event["id"] for d in batch] for batch in batches
+        ]
         assert len(endpoint.accepted) == 9 and sender.drain() == []
         assert [len(r.message_ids) for r in endpoint.requests] == [3, 3, 3]  # one request a batch
     finally:
@@ -219,8 +257,9 @@ def test_a_connection_takes_one_batch_at_a_time(endpoint):
         with pytest.raises(RuntimeError, match="still in flight"):
             connection.start([EventMessages({"id": "2"}, [track("two:1")])], "default")
         assert [d.event["id"] for d in connection.finish(first).delivered] == ["1"]
-        assert [d.event["id"] for d in connection.send([EventMessages({"id": "2"}, [track("two:1")])],
-                                                       "default").delivered] == ["2"]
+        assert [
+            d.event["id"] for d in connection.send([EventMessages({"id": "2"}, [track("two:1")])], "default").delivered
+        ] == ["2"]
     finally:
         connection.close()
 
@@ -268,6 +307,7 @@ def test_connections_are_pooled_per_configuration(endpoint):
     def close_and_tell() -> None:
         close()
         closed.set()
+
     first.close = close_and_tell
     for k, c in ((key, first), (key, second), (other_key, other)):
         connection.release_connection(k, c, grace_s=0.05)
@@ -281,8 +321,12 @@ def test_the_streaming_runner_reuses_one_client_across_bundles(endpoint):
     stream = test_stream.TestStream()
     for i in range(4):  # one bundle per add_elements: setup() and teardown() for each
         stream = stream.add_elements(lines([event(2 * i), event(2 * i + 1)]))
-    run_pipeline(spec, read=stream.advance_watermark_to_infinity(), streaming=True,
-                 options=fast(clock=lambda: 0.0, flush_deadline_s=4.5))
+    run_pipeline(
+        spec,
+        read=stream.advance_watermark_to_infinity(),
+        streaming=True,
+        options=fast(clock=lambda: 0.0, flush_deadline_s=4.5),
+    )
     assert len(endpoint.accepted) == 8 and len(endpoint.requests) == 4
     assert _clients_built() - before == 1
 

@@ -1,6 +1,7 @@
 """The Segment destination's rules (SPEC 4): identity, the five calls, consent, integrations,
 and identify/group only on change, per user. Run through explain's functions; the pipeline is
 checked to agree on a multi-user scenario."""
+
 import random
 
 import pytest
@@ -13,8 +14,13 @@ T0 = 1_700_000_000_000
 
 
 def event(name="product view", user=None, n=0, **fields):
-    return {"name": name, "id": f"{n:016x}", "timestamp": T0 + n * 1000,
-            "user": user if user is not None else {"id": "u1", "session": "s1"}, **fields}
+    return {
+        "name": name,
+        "id": f"{n:016x}",
+        "timestamp": T0 + n * 1000,
+        "user": user if user is not None else {"id": "u1", "session": "s1"},
+        **fields,
+    }
 
 
 def explain(events, settings=None, mapping=None, **config):
@@ -30,13 +36,16 @@ IDENTIFY_EMAIL = {"identify": {"map": {"traits": {"map": {"email": "user.email"}
 
 
 # -- identity ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("user, expected", [
-    ({"id": "u1", "session": "s1"}, {"userId": "u1", "anonymousId": "s1"}),
-    ({"session": "s1"}, {"anonymousId": "s1"}),
-    ({"id": "u1"}, {"userId": "u1"}),
-    ({"id": 42, "session": "s1"}, {"anonymousId": "s1"}),          # numbers are not ids
-    ({"id": "", "session": "s1"}, {"anonymousId": "s1"}),          # nor empty strings
-])
+@pytest.mark.parametrize(
+    "user, expected",
+    [
+        ({"id": "u1", "session": "s1"}, {"userId": "u1", "anonymousId": "s1"}),
+        ({"session": "s1"}, {"anonymousId": "s1"}),
+        ({"id": "u1"}, {"userId": "u1"}),
+        ({"id": 42, "session": "s1"}, {"anonymousId": "s1"}),  # numbers are not ids
+        ({"id": "", "session": "s1"}, {"anonymousId": "s1"}),  # nor empty strings
+    ],
+)
 def test_identity_fields(user, expected):
     [line] = explain([event(user=user)])
     [track] = line["calls"]
@@ -50,16 +59,20 @@ def test_no_identity_is_a_dead_letter(user):
 
 
 def test_identity_paths_are_mapping_values():
-    [line] = explain([event(user={"device": "d1"}, data={"customer": "c9"})],
-                     settings={"userId": "data.customer", "anonymousId": ["user.session", "user.device"]})
+    [line] = explain(
+        [event(user={"device": "d1"}, data={"customer": "c9"})],
+        settings={"userId": "data.customer", "anonymousId": ["user.session", "user.device"]},
+    )
     assert {k: line["calls"][0][k] for k in ("userId", "anonymousId")} == {"userId": "c9", "anonymousId": "d1"}
 
 
 # -- identify / group only on change ---------------------------------------------------------
 def test_interleaved_users_get_one_identify_each():
     a, b = {"id": "A", "session": "sa"}, {"id": "B", "session": "sb"}
-    lines = explain([event(user=a, n=1), event(user=b, n=2), event(user=a, n=3)],
-                    settings={"identify": {"map": {"userId": "user.id"}}})
+    lines = explain(
+        [event(user=a, n=1), event(user=b, n=2), event(user=a, n=3)],
+        settings={"identify": {"map": {"userId": "user.id"}}},
+    )
     assert types(lines) == [["identify", "track"], ["identify", "track"], ["track"]]
 
 
@@ -68,15 +81,21 @@ def test_traits_key_order_does_not_matter():
         return {"settings": {"identify": {"map": {"traits": {"map": {k: f"data.{k}" for k in keys}}}}}}
 
     mapping = {"x": {"a": identify("a", "b")}, "y": {"b": identify("b", "a")}}
-    lines = explain([event("x a", n=1, data={"a": 1, "b": 2}), event("y b", n=2, data={"a": 1, "b": 2})],
-                    mapping=mapping)
+    lines = explain(
+        [event("x a", n=1, data={"a": 1, "b": 2}), event("y b", n=2, data={"a": 1, "b": 2})], mapping=mapping
+    )
     assert types(lines) == [["identify", "track"], ["track"]]
 
 
 def test_changed_traits_fire_again():
-    lines = explain([event(n=1, user={"id": "u1", "session": "s1", "email": "a@x"}),
-                     event(n=2, user={"id": "u1", "session": "s1", "email": "a@x"}),
-                     event(n=3, user={"id": "u1", "session": "s1", "email": "b@x"})], settings=IDENTIFY_EMAIL)
+    lines = explain(
+        [
+            event(n=1, user={"id": "u1", "session": "s1", "email": "a@x"}),
+            event(n=2, user={"id": "u1", "session": "s1", "email": "a@x"}),
+            event(n=3, user={"id": "u1", "session": "s1", "email": "b@x"}),
+        ],
+        settings=IDENTIFY_EMAIL,
+    )
     assert types(lines) == [["identify", "track"], ["track"], ["identify", "track"]]
     assert lines[2]["calls"][0]["traits"] == {"email": "b@x"}
 
@@ -84,44 +103,68 @@ def test_changed_traits_fire_again():
 def test_anonymous_users_with_and_without_traits():
     anon = {"session": "s1"}
     # traits resolving to an object (even {}) fire once; no traits at all never fire
-    with_traits = explain([event(user=anon, n=1), event(user=anon, n=2)],
-                          settings={"identify": {"map": {"traits": {"map": {"email": "user.email"}}}}})
+    with_traits = explain(
+        [event(user=anon, n=1), event(user=anon, n=2)],
+        settings={"identify": {"map": {"traits": {"map": {"email": "user.email"}}}}},
+    )
     assert types(with_traits) == [["identify", "track"], ["track"]]
     assert with_traits[0]["calls"][0]["traits"] == {} and "userId" not in with_traits[0]["calls"][0]
-    without = explain([event(user=anon, n=1), event(user=anon, n=2)],
-                      settings={"identify": {"map": {"userId": "user.id"}}})
+    without = explain(
+        [event(user=anon, n=1), event(user=anon, n=2)], settings={"identify": {"map": {"userId": "user.id"}}}
+    )
     assert types(without) == [["track"], ["track"]]
 
 
 def test_login_changes_the_user_id_within_one_session():
     mapping = {"user": {"login": {"silent": True, "settings": {"identify": {"map": {"userId": "data.id"}}}}}}
     anon = {"session": "s1"}
-    lines = explain([event("page view", user=anon, n=1),
-                     event("user login", user=anon, n=2, data={"id": "real-1"}),
-                     event("page view", user={"id": "real-1", "session": "s1"}, n=3),
-                     event("page view", user={"id": "real-1", "session": "s1"}, n=4)],
-                    settings={"identify": {"map": {"userId": "user.id"}}}, mapping=mapping)
+    lines = explain(
+        [
+            event("page view", user=anon, n=1),
+            event("user login", user=anon, n=2, data={"id": "real-1"}),
+            event("page view", user={"id": "real-1", "session": "s1"}, n=3),
+            event("page view", user={"id": "real-1", "session": "s1"}, n=4),
+        ],
+        settings={"identify": {"map": {"userId": "user.id"}}},
+        mapping=mapping,
+    )
     assert types(lines) == [["track"], ["identify"], ["track"], ["track"]]
     assert lines[1]["calls"][0]["userId"] == "real-1" and lines[1]["calls"][0]["anonymousId"] == "s1"
 
 
 def test_rule_identify_replaces_destination_identify():
     mapping = {"user": {"login": {"settings": {"identify": {"map": {"traits": {"map": {"plan": "data.plan"}}}}}}}}
-    lines = explain([event("user login", n=1, data={"plan": "pro"}, user={"id": "u1", "session": "s1", "email": "e"}),
-                     event("page view", n=2, user={"id": "u1", "session": "s1", "email": "e"})],
-                    settings=IDENTIFY_EMAIL, mapping=mapping)
+    lines = explain(
+        [
+            event("user login", n=1, data={"plan": "pro"}, user={"id": "u1", "session": "s1", "email": "e"}),
+            event("page view", n=2, user={"id": "u1", "session": "s1", "email": "e"}),
+        ],
+        settings=IDENTIFY_EMAIL,
+        mapping=mapping,
+    )
     assert [c.get("traits") for c in lines[0]["calls"]] == [{"plan": "pro"}, None]
     assert lines[1]["calls"][0]["traits"] == {"email": "e"}  # the destination's identify differs: fires
 
 
 def test_group_fires_on_change_only():
-    mapping = {"company": {"update": {"silent": True, "settings": {"group": {"map": {
-        "groupId": "data.company", "traits": {"map": {"name": "data.name"}}}}}}}}
-    lines = explain([event("company update", n=1, data={"company": "acme", "name": "Acme"}),
-                     event("company update", n=2, data={"company": "acme", "name": "Acme"}),
-                     event("company update", n=3, data={"name": "Nobody"}),
-                     event("company update", n=4, data={"company": "beta", "name": "Beta"}),
-                     event("company update", n=5, data={"company": "beta", "name": "Beta Inc"})], mapping=mapping)
+    mapping = {
+        "company": {
+            "update": {
+                "silent": True,
+                "settings": {"group": {"map": {"groupId": "data.company", "traits": {"map": {"name": "data.name"}}}}},
+            }
+        }
+    }
+    lines = explain(
+        [
+            event("company update", n=1, data={"company": "acme", "name": "Acme"}),
+            event("company update", n=2, data={"company": "acme", "name": "Acme"}),
+            event("company update", n=3, data={"name": "Nobody"}),
+            event("company update", n=4, data={"company": "beta", "name": "Beta"}),
+            event("company update", n=5, data={"company": "beta", "name": "Beta Inc"}),
+        ],
+        mapping=mapping,
+    )
     assert types(lines) == [["group"], [], [], ["group"], ["group"]]
     assert [l["outcome"] for l in lines] == ["delivered"] * 5
     assert lines[3]["calls"][0]["groupId"] == "beta" and lines[4]["calls"][0]["traits"] == {"name": "Beta Inc"}
@@ -137,12 +180,20 @@ def test_destination_group_uses_identity_not_identify_override():
 
 # -- page and screen -------------------------------------------------------------------------
 def test_page_and_screen_true_and_mapped():
-    mapping = {"page": {"view": {"settings": {"page": True}}},
-               "screen": {"view": {"silent": True, "settings": {"screen": {"map": {
-                   "name": "data.title", "category": {"value": 7}, "properties": "data"}}}}},
-               "app": {"start": {"silent": True, "settings": {"page": True, "screen": True}}}}
-    lines = explain([event("page view", n=1), event("screen view", n=2, data={"title": "Home", "x": 1}),
-                     event("app start", n=3)], mapping=mapping)
+    mapping = {
+        "page": {"view": {"settings": {"page": True}}},
+        "screen": {
+            "view": {
+                "silent": True,
+                "settings": {"screen": {"map": {"name": "data.title", "category": {"value": 7}, "properties": "data"}}},
+            }
+        },
+        "app": {"start": {"silent": True, "settings": {"page": True, "screen": True}}},
+    }
+    lines = explain(
+        [event("page view", n=1), event("screen view", n=2, data={"title": "Home", "x": 1}), event("app start", n=3)],
+        mapping=mapping,
+    )
     assert types(lines) == [["page", "track"], ["screen"], ["page", "screen"]]
     page = lines[0]["calls"][0]
     assert "name" not in page and "category" not in page and page["properties"] == {}
@@ -159,8 +210,9 @@ def test_a_page_mapping_resolving_to_a_string_gives_no_page_call():
 
 def test_track_name_and_properties():
     mapping = {"order": {"complete": {"name": "Order Completed", "data": {"map": {"total": "data.total"}}}}}
-    lines = explain([event("order complete", n=1, data={"total": 5}), event("order cancel", n=2, data={"x": 1})],
-                    mapping=mapping)
+    lines = explain(
+        [event("order complete", n=1, data={"total": 5}), event("order cancel", n=2, data={"x": 1})], mapping=mapping
+    )
     assert (lines[0]["calls"][0]["event"], lines[0]["calls"][0]["properties"]) == ("Order Completed", {"total": 5})
     assert (lines[1]["calls"][0]["event"], lines[1]["calls"][0]["properties"]) == ("order cancel", {})
 
@@ -169,7 +221,9 @@ def test_track_name_and_properties():
 def test_consent_true_and_false_are_forwarded():
     settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising", "absent": "Other"}}
     [line] = explain([event(consent={"analytics": True, "marketing": False})], settings=settings)
-    assert line["calls"][0]["context"] == {"consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}}}
+    assert line["calls"][0]["context"] == {
+        "consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}}
+    }
     [line] = explain([event(consent={"functional": True})], settings=settings)
     assert "context" not in line["calls"][0]
 
@@ -178,44 +232,79 @@ def test_the_mapping_reads_only_granted_consent_as_walkeros_hands_it_over():
     # walkerOS's collector reduces an event's consent to the granted keys before its destination
     # maps it: a denied key reads as undefined, in data, in functions and in identify mappings;
     # categoryPreferences still forwards true and false.
-    settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"},
-                "identify": {"map": {"traits": {"map": {"ads": "consent.marketing", "stats": "consent.analytics"}}}}}
-    mapping = {"product": {"view": {"data": {"map": {
-        "marketing": {"key": "consent.marketing", "value": "undefined"},
-        "analytics": "consent.analytics",
-        "all": "consent",
-        "seen": {"fn": "$code:(event, context) => Object.keys(context.consent).join()"}}}}}}
+    settings = {
+        "consent": {"analytics": "Analytics", "marketing": "Advertising"},
+        "identify": {"map": {"traits": {"map": {"ads": "consent.marketing", "stats": "consent.analytics"}}}},
+    }
+    mapping = {
+        "product": {
+            "view": {
+                "data": {
+                    "map": {
+                        "marketing": {"key": "consent.marketing", "value": "undefined"},
+                        "analytics": "consent.analytics",
+                        "all": "consent",
+                        "seen": {"fn": "$code:(event, context) => Object.keys(context.consent).join()"},
+                    }
+                }
+            }
+        }
+    }
     [line] = explain([event(consent={"analytics": True, "marketing": False})], settings=settings, mapping=mapping)
     identify, track = line["calls"]
-    assert track["properties"] == {"marketing": "undefined", "analytics": True, "all": {"analytics": True},
-                                   "seen": "analytics"}
+    assert track["properties"] == {
+        "marketing": "undefined",
+        "analytics": True,
+        "all": {"analytics": True},
+        "seen": "analytics",
+    }
     assert identify["traits"] == {"stats": True}
     assert track["context"]["consent"]["categoryPreferences"] == {"Analytics": True, "Advertising": False}
 
 
 def test_collector_consent_is_the_base_state():
     settings = {"consent": {"analytics": "Analytics", "marketing": "Advertising"}}
-    [line] = explain([event(consent={"marketing": True})], settings=settings,
-                     collector={"consent": {"analytics": True, "marketing": False}})
+    [line] = explain(
+        [event(consent={"marketing": True})],
+        settings=settings,
+        collector={"consent": {"analytics": True, "marketing": False}},
+    )
     assert line["calls"][0]["context"]["consent"]["categoryPreferences"] == {"Analytics": True, "Advertising": True}
 
 
 def test_destination_consent_gate():
-    lines = explain([event(n=1, consent={"analytics": True}), event(n=2, consent={"analytics": False}),
-                     event(n=3, consent={}), event(n=4, consent={"marketing": True})],
-                    consent={"analytics": True, "marketing": True})
+    lines = explain(
+        [
+            event(n=1, consent={"analytics": True}),
+            event(n=2, consent={"analytics": False}),
+            event(n=3, consent={}),
+            event(n=4, consent={"marketing": True}),
+        ],
+        consent={"analytics": True, "marketing": True},
+    )
     assert [(l["outcome"], l["reason"]) for l in lines] == [
-        ("delivered", None), ("consent_denied", "destination_consent"),
-        ("consent_denied", "destination_consent"), ("delivered", None)]
+        ("delivered", None),
+        ("consent_denied", "destination_consent"),
+        ("consent_denied", "destination_consent"),
+        ("delivered", None),
+    ]
 
 
 def test_rule_consent_gate_is_enforced():
     mapping = {"order": {"complete": {"consent": {"marketing": True}, "name": "Order Completed"}}}
-    lines = explain([event("order complete", n=1, consent={"marketing": True}),
-                     event("order complete", n=2, consent={"analytics": True}),
-                     event("product view", n=3, consent={"analytics": True})], mapping=mapping)
+    lines = explain(
+        [
+            event("order complete", n=1, consent={"marketing": True}),
+            event("order complete", n=2, consent={"analytics": True}),
+            event("product view", n=3, consent={"analytics": True}),
+        ],
+        mapping=mapping,
+    )
     assert [(l["outcome"], l["reason"]) for l in lines] == [
-        ("delivered", None), ("consent_denied", "rule_consent"), ("delivered", None)]
+        ("delivered", None),
+        ("consent_denied", "rule_consent"),
+        ("delivered", None),
+    ]
 
 
 # -- integrations ----------------------------------------------------------------------------
@@ -246,13 +335,15 @@ SCENARIO_MAPPING = {"page": {"view": {"silent": True, "settings": {"page": True}
 def test_batch_pipeline_equals_explain_and_ignores_input_order(endpoint):
     events = scenario()
     spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING, host=endpoint.url))
-    explained = sorted((c for l in explain_payloads(compiled(spec), events) for c in l["calls"]),
-                       key=lambda c: c["messageId"])
+    explained = sorted(
+        (c for l in explain_payloads(compiled(spec), events) for c in l["calls"]), key=lambda c: c["messageId"]
+    )
     shuffled = events[:]
     random.Random(7).shuffle(shuffled)
     run_pipeline(spec, shuffled)
-    received = sorted((comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted),
-                      key=lambda c: c["messageId"])
+    received = sorted(
+        (comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted), key=lambda c: c["messageId"]
+    )
     assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]
     kinds = [c["type"] for c in explained]
     # one each; u1's changed email fires, and so does its return to the old email afterwards
@@ -266,6 +357,7 @@ def test_explain_decides_identify_and_group_in_event_time_order_whatever_the_inp
 
     def calls_by_event(payloads):
         return {line["id"]: line["calls"] for line in explain_payloads(compiled(spec), payloads)}
+
     in_order = calls_by_event(events)
     for seed in (1, 2):
         shuffled = events[:]
@@ -280,9 +372,11 @@ def test_batch_pipeline_equals_explain_when_a_users_events_share_a_millisecond(e
     # Ties in event time are taken in the same order by both (the event's digest, decide.identity).
     events = [{**e, "timestamp": 1767225600000} for e in scenario()]
     spec = make_spec(flow_document(settings=SCENARIO_SETTINGS, mapping=SCENARIO_MAPPING, host=endpoint.url))
-    explained = sorted((c for l in explain_payloads(compiled(spec), events) for c in l["calls"]),
-                       key=lambda c: c["messageId"])
+    explained = sorted(
+        (c for l in explain_payloads(compiled(spec), events) for c in l["calls"]), key=lambda c: c["messageId"]
+    )
     run_pipeline(spec, events[::-1])
-    received = sorted((comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted),
-                      key=lambda c: c["messageId"])
+    received = sorted(
+        (comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted), key=lambda c: c["messageId"]
+    )
     assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]

@@ -1,6 +1,7 @@
 """The documentation a user reads: every relative link in README.md, CHANGELOG.md and docs/*.md
 leads to a file that exists and, when it names a section, to a heading there; and the pages speak
 to users, not to the people who wrote them."""
+
 from __future__ import annotations
 
 import re
@@ -55,8 +56,10 @@ def relative_links(page: Path) -> list[str]:
 
 def test_the_anchor_rule_matches_githubs(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("# A\n## Functions: `$code:` and `$py:`\n## What differs from walkerOS 4.4.0, on purpose\n"
-                    "## A\n```sh\n# not a heading\n```\n")
+    page.write_text(
+        "# A\n## Functions: `$code:` and `$py:`\n## What differs from walkerOS 4.4.0, on purpose\n"
+        "## A\n```sh\n# not a heading\n```\n"
+    )
     assert anchors(page) == {"a", "functions-code-and-py", "what-differs-from-walkeros-440-on-purpose", "a-1"}
 
 
@@ -88,7 +91,7 @@ def test_the_readme_is_a_front_page_that_links_every_guide():
 def test_pages_speak_to_users(page):
     text = page.read_text()
     if page.name == "bench.md":
-        text = text[text.index(BENCH_HAND_WRITTEN):]
+        text = text[text.index(BENCH_HAND_WRITTEN) :]
     internal = re.findall(r"(?i)\bissues? #?\d+|\bthis machine\b|\bthe development machine\b", text)
     assert not internal, f"{page.relative_to(ROOT)}: {internal}"
 
@@ -102,6 +105,6 @@ def test_every_pipeline_flag_is_in_the_options_table():
     WalkerosOptions._add_argparse_args(parser)
     flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
     guide = (ROOT / "docs" / "operations.md").read_text()
-    table = guide[guide.index("### Pipeline options"):guide.index("## Exit status and summary")]
+    table = guide[guide.index("### Pipeline options") : guide.index("## Exit status and summary")]
     missing = [flag for flag in flags if f"`{flag}`" not in table]
     assert len(flags) > 20 and not missing, f"docs/operations.md's Pipeline options table lacks {missing}"

@@ -2,6 +2,7 @@
 endpoint probed again, the cause logged at most once a minute, and once the key is right (here:
 the endpoint restarted with the key the job sends) everything is delivered, once, with no dead
 letter. On the Pub/Sub emulator and the local endpoint, as ``walkeros-segment run`` builds it."""
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,29 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
     subscription = pubsub.subscription(topic, f"events-{unique}")
     dead_topic = pubsub.topic(f"dead-{unique}")
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
-    events = [timed_event("product view", f"f00000000000000{i}", i, USERS[i % 3], data={"id": f"p{i}"}) for i in range(6)]
+    events = [
+        timed_event("product view", f"f00000000000000{i}", i, USERS[i % 3], data={"id": f"p{i}"}) for i in range(6)
+    ]
     for e in events:
         pubsub.publish(topic, json.dumps(e))
 
-    options, spec = cli.prepare_run(["--flow", streaming_flow(tmp_path), "--input_subscription", subscription,
-                                     "--dead_letter_topic", dead_topic, "--message_id_namespace", "held"])
-    planned = [call["messageId"] for line in explain_payloads(compiled(spec), [json.dumps(e) for e in events])
-               for call in line["calls"]]
+    options, spec = cli.prepare_run(
+        [
+            "--flow",
+            streaming_flow(tmp_path),
+            "--input_subscription",
+            subscription,
+            "--dead_letter_topic",
+            dead_topic,
+            "--message_id_namespace",
+            "held",
+        ]
+    )
+    planned = [
+        call["messageId"]
+        for line in explain_payloads(compiled(spec), [json.dumps(e) for e in events])
+        for call in line["calls"]
+    ]
     fixed = None
     with caplog.at_level(logging.ERROR, logger="segment_api.connection"):
         result = cli.launch(options, spec)

@@ -1,4 +1,5 @@
 """Parsing envelopes into events: every invalid input becomes a dead letter with a reason."""
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -8,19 +9,27 @@ from decide import dead_letter as dl
 from decide.dead_letter import DeadLetter
 from decide.event import derive_id, parse_payload
 
-EVENT = {"name": "product view", "id": "0123456789abcdef", "timestamp": 1700000000000,
-         "data": {"id": "ers"}, "user": {"session": "s1"}}
+EVENT = {
+    "name": "product view",
+    "id": "0123456789abcdef",
+    "timestamp": 1700000000000,
+    "data": {"id": "ers"},
+    "user": {"session": "s1"},
+}
 
 
 def parse(payload, **kw):
     return list(parse_payload(payload, flow="f", **kw))
 
 
-@pytest.mark.parametrize("payload", [
-    orjson.dumps(EVENT),
-    orjson.dumps(EVENT).decode(),
-    EVENT,
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        orjson.dumps(EVENT),
+        orjson.dumps(EVENT).decode(),
+        EVENT,
+    ],
+)
 def test_a_single_event_in_any_form(payload):
     [event] = parse(payload)
     assert event["entity"] == "product" and event["action"] == "view"
@@ -35,30 +44,33 @@ def test_array_and_batch_envelopes_give_every_event_in_order():
         assert [e["id"] for e in events] == ["0123456789abcdef", "fedcba9876543210"]
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (b'{"name": "page view",', dl.NOT_JSON),
-    (b"\xff\xfe not utf-8", dl.NOT_JSON),
-    (b"", dl.NOT_JSON),
-    (b"42", dl.NOT_AN_EVENT),
-    (b'"page view"', dl.NOT_AN_EVENT),
-    (b"null", dl.NOT_AN_EVENT),
-    (b"[1]", dl.NOT_AN_EVENT),
-    (b'{"batch": {"name": "page view"}}', dl.INVALID_ENVELOPE),
-    (b"[]", dl.EMPTY_ENVELOPE),
-    (b'{"batch": []}', dl.EMPTY_ENVELOPE),
-    (b'{"data": {}}', dl.INVALID_NAME),
-    (b'{"name": 5}', dl.INVALID_NAME),
-    (b'{"name": "pageview"}', dl.INVALID_NAME),
-    (b'{"name": "page "}', dl.INVALID_NAME),
-    (b'{"name": "page view", "data": []}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "user": "u1"}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "timestamp": "2024-01-01"}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "timestamp": true}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "id": 7}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "nested": [1]}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "consent": {"analytics": "yes"}}', dl.INVALID_FIELD),
-    (b'{"name": "page view", "trigger": 1}', dl.INVALID_FIELD),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b'{"name": "page view",', dl.NOT_JSON),
+        (b"\xff\xfe not utf-8", dl.NOT_JSON),
+        (b"", dl.NOT_JSON),
+        (b"42", dl.NOT_AN_EVENT),
+        (b'"page view"', dl.NOT_AN_EVENT),
+        (b"null", dl.NOT_AN_EVENT),
+        (b"[1]", dl.NOT_AN_EVENT),
+        (b'{"batch": {"name": "page view"}}', dl.INVALID_ENVELOPE),
+        (b"[]", dl.EMPTY_ENVELOPE),
+        (b'{"batch": []}', dl.EMPTY_ENVELOPE),
+        (b'{"data": {}}', dl.INVALID_NAME),
+        (b'{"name": 5}', dl.INVALID_NAME),
+        (b'{"name": "pageview"}', dl.INVALID_NAME),
+        (b'{"name": "page "}', dl.INVALID_NAME),
+        (b'{"name": "page view", "data": []}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "user": "u1"}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "timestamp": "2024-01-01"}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "timestamp": true}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "id": 7}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "nested": [1]}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "consent": {"analytics": "yes"}}', dl.INVALID_FIELD),
+        (b'{"name": "page view", "trigger": 1}', dl.INVALID_FIELD),
+    ],
+)
 def test_each_invalid_input_reason(payload, reason):
     [dead] = parse(payload)
     assert isinstance(dead, DeadLetter)
@@ -94,8 +106,11 @@ def test_missing_timestamp_takes_the_record_time_then_now():
 
 
 def test_collector_state_is_merged_under_the_event():
-    collector = {"globals": {"env": "prod", "lang": "de"}, "user": {"device": "d0", "id": "c"},
-                 "consent": {"analytics": True, "marketing": True}}
+    collector = {
+        "globals": {"env": "prod", "lang": "de"},
+        "user": {"device": "d0", "id": "c"},
+        "consent": {"analytics": True, "marketing": True},
+    }
     [e] = parse({**EVENT, "globals": {"lang": "en"}, "consent": {"marketing": False}}, collector=collector)
     assert e["globals"] == {"env": "prod", "lang": "en"}
     assert e["user"] == {"device": "d0", "id": "c", "session": "s1"}
@@ -110,15 +125,28 @@ def test_input_is_not_mutated():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=64), json_values.map(lambda v: orjson.dumps(v)),
-                 st.dictionaries(st.sampled_from(["name", "data", "user", "id", "timestamp", "consent", "nested",
-                                                  "batch", "context"]), json_values, max_size=5)))
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        json_values.map(lambda v: orjson.dumps(v)),
+        st.dictionaries(
+            st.sampled_from(["name", "data", "user", "id", "timestamp", "consent", "nested", "batch", "context"]),
+            json_values,
+            max_size=5,
+        ),
+    )
+)
 def test_any_input_gives_events_or_dead_letters_never_an_exception(payload):
     for item in parse(payload):
         if isinstance(item, DeadLetter):

@@ -1,6 +1,7 @@
 """Each fast path against the reference path it short-cuts, on generated input: the quick event
 check vs the ordered validation, the specialised (inlined) map vs the general map, and the
 timestamp formatter vs datetime.isoformat."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,20 +16,49 @@ from decide.calls import format_timestamp, timestamp_datetime
 from decide.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order
 from decide.mapping import UNDEFINED, compile_value
 
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3))
-JSON = st.recursive(SCALARS, lambda c: st.one_of(st.lists(c, max_size=3),
-                                                 st.dictionaries(st.text(max_size=3), c, max_size=3)),
-                    max_leaves=6)
-FIELDS = ["data", "globals", "custom", "user", "source", "context", "entity", "action", "trigger",
-          "id", "timestamp", "timing", "nested", "consent", "name"]
-EVENTS = st.dictionaries(st.sampled_from(FIELDS), st.one_of(
-    JSON, st.dictionaries(st.sampled_from(["a", "marketing"]), st.booleans(), max_size=2),
-    st.lists(st.dictionaries(st.text(max_size=2), JSON, max_size=2), max_size=2),
-    st.sampled_from(["product view", "a b c", "a  b", "x", "0123456789abcdef"])), max_size=10)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=3), c, max_size=3)),
+    max_leaves=6,
+)
+FIELDS = [
+    "data",
+    "globals",
+    "custom",
+    "user",
+    "source",
+    "context",
+    "entity",
+    "action",
+    "trigger",
+    "id",
+    "timestamp",
+    "timing",
+    "nested",
+    "consent",
+    "name",
+]
+EVENTS = st.dictionaries(
+    st.sampled_from(FIELDS),
+    st.one_of(
+        JSON,
+        st.dictionaries(st.sampled_from(["a", "marketing"]), st.booleans(), max_size=2),
+        st.lists(st.dictionaries(st.text(max_size=2), JSON, max_size=2), max_size=2),
+        st.sampled_from(["product view", "a b c", "a  b", "x", "0123456789abcdef"]),
+    ),
+    max_size=10,
+)
 
 
 def _ordered(event: dict) -> Any:
@@ -58,18 +88,43 @@ def test_the_quick_event_check_decides_as_the_ordered_validation(event: dict) ->
         assert _ordered({**event, "name": "a b"}) == ("a", "b")
 
 
-READS = st.sampled_from(["data.id", "data", "id", "user.id", "data.missing", "nested", "a.b",
-                         "data.price", "globals.x", "consent.marketing"])
-MAP_VALUES = st.one_of(READS, READS.map(lambda k: {"key": k}),
-                       st.tuples(READS, SCALARS.filter(lambda v: v is not None)).map(
-                           lambda kv: {"key": kv[0], "value": kv[1]}),
-                       st.just({"fn": "$code:(v) => typeof v"}), st.just({"value": "static"}),
-                       st.just({"key": "data.*.x"}))
+READS = st.sampled_from(
+    [
+        "data.id",
+        "data",
+        "id",
+        "user.id",
+        "data.missing",
+        "nested",
+        "a.b",
+        "data.price",
+        "globals.x",
+        "consent.marketing",
+    ]
+)
+MAP_VALUES = st.one_of(
+    READS,
+    READS.map(lambda k: {"key": k}),
+    st.tuples(READS, SCALARS.filter(lambda v: v is not None)).map(lambda kv: {"key": kv[0], "value": kv[1]}),
+    st.just({"fn": "$code:(v) => typeof v"}),
+    st.just({"value": "static"}),
+    st.just({"key": "data.*.x"}),
+)
 MAPS = st.dictionaries(st.text(min_size=1, max_size=3), MAP_VALUES, min_size=1, max_size=5)
-INPUTS = st.one_of(JSON, st.fixed_dictionaries({}, optional={
-    "data": st.one_of(JSON, st.dictionaries(st.sampled_from(["id", "price", "x"]), JSON, max_size=3)),
-    "user": st.one_of(JSON, st.fixed_dictionaries({"id": JSON})),
-    "id": JSON, "nested": JSON, "a": JSON, "consent": JSON}))
+INPUTS = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "data": st.one_of(JSON, st.dictionaries(st.sampled_from(["id", "price", "x"]), JSON, max_size=3)),
+            "user": st.one_of(JSON, st.fixed_dictionaries({"id": JSON})),
+            "id": JSON,
+            "nested": JSON,
+            "a": JSON,
+            "consent": JSON,
+        },
+    ),
+)
 
 
 @SETTINGS
@@ -96,14 +151,23 @@ def _same(a: Any, b: Any) -> bool:
     return a is b if a is UNDEFINED or b is UNDEFINED else (type(a) is type(b) and a == b)
 
 
-LIMIT_MS = int((dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.timezone.utc)
-                - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) / dt.timedelta(milliseconds=1))
+LIMIT_MS = int(
+    (
+        dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.timezone.utc)
+        - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    )
+    / dt.timedelta(milliseconds=1)
+)
 
 
 @SETTINGS
-@given(st.one_of(st.integers(-62135596800000, LIMIT_MS),
-                 st.floats(-62135596800000, LIMIT_MS, allow_nan=False),
-                 st.integers(0, 4102444800000)))
+@given(
+    st.one_of(
+        st.integers(-62135596800000, LIMIT_MS),
+        st.floats(-62135596800000, LIMIT_MS, allow_nan=False),
+        st.integers(0, 4102444800000),
+    )
+)
 def test_timestamp_formatting_is_isoformat(ms: int | float) -> None:
     assert format_timestamp(ms) == timestamp_datetime(ms).isoformat(timespec="milliseconds")
 

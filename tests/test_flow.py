@@ -1,4 +1,5 @@
 """The flow file: references, types, schema; every error names its JSON path."""
+
 import copy
 import json
 
@@ -15,13 +16,17 @@ def document(settings=None, **config):
     return {
         "version": 4,
         "variables": {"segmentHost": "https://events.eu1.segmentapis.com", "retries": 5, "nested": {"a": {"b": 7}}},
-        "flows": {"default": {
-            "destinations": {"segment": {
-                "package": "@walkeros/server-destination-segment",
-                "config": {"settings": {"writeKey": "$env.SEGMENT_WRITE_KEY", **(settings or {})}, **config},
-            }},
-            "collector": {"globals": {"environment": "production"}, "consent": {"functional": True}},
-        }},
+        "flows": {
+            "default": {
+                "destinations": {
+                    "segment": {
+                        "package": "@walkeros/server-destination-segment",
+                        "config": {"settings": {"writeKey": "$env.SEGMENT_WRITE_KEY", **(settings or {})}, **config},
+                    }
+                },
+                "collector": {"globals": {"environment": "production"}, "consent": {"functional": True}},
+            }
+        },
     }
 
 
@@ -38,15 +43,28 @@ def errors_of(doc, env=None, **kw):
 
 
 def test_defaults_and_references():
-    flow = load(document({"host": "$var.segmentHost", "maxRetries": "$var.retries",
-                          "flushAt": "$env.FLUSH_AT:20", "path": "/proxy/$env.REGION/v1/batch"}),
-                env={"REGION": "eu"})
+    flow = load(
+        document(
+            {
+                "host": "$var.segmentHost",
+                "maxRetries": "$var.retries",
+                "flushAt": "$env.FLUSH_AT:20",
+                "path": "/proxy/$env.REGION/v1/batch",
+            }
+        ),
+        env={"REGION": "eu"},
+    )
     s = flow.settings
     assert s.write_key.reveal() == SECRET and s.host == "https://events.eu1.segmentapis.com"
-    assert s.max_retries == 5 and s.flush_at == 20                 # $var keeps JSON type; $env coerced
+    assert s.max_retries == 5 and s.flush_at == 20  # $var keeps JSON type; $env coerced
     assert s.path == "/proxy/eu/v1/batch" and s.sdk_host() == "https://events.eu1.segmentapis.com/proxy/eu"
-    assert (s.user_id, s.anonymous_id, s.flush_interval_ms, s.http_request_timeout_ms, s.disable) == \
-        ("user.id", "user.session", 10000, 10000, False)
+    assert (s.user_id, s.anonymous_id, s.flush_interval_ms, s.http_request_timeout_ms, s.disable) == (
+        "user.id",
+        "user.session",
+        10000,
+        10000,
+        False,
+    )
     assert flow.collector == {"globals": {"environment": "production"}, "consent": {"functional": True}, "user": {}}
     assert SECRET not in repr(flow) and SECRET not in repr(s)
 
@@ -80,15 +98,18 @@ def test_every_missing_variable_is_reported_at_once():
     assert len(errors) == 2
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("flushAt", "abc", "expected an integer"),
-    ("disable", "maybe", "expected a boolean"),
-    ("flushAt", 0, "less than the minimum"),
-    ("maxRetries", -1, "less than the minimum"),
-    ("host", "api.segment.io", "does not match"),
-    ("consent", {"analytics": 5}, "is not of type 'string'"),
-    ("integrations", [1], "is not of type 'object'"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("flushAt", "abc", "expected an integer"),
+        ("disable", "maybe", "expected a boolean"),
+        ("flushAt", 0, "less than the minimum"),
+        ("maxRetries", -1, "less than the minimum"),
+        ("host", "api.segment.io", "does not match"),
+        ("consent", {"analytics": 5}, "is not of type 'string'"),
+        ("integrations", [1], "is not of type 'object'"),
+    ],
+)
 def test_bad_setting_types(key, value, expected):
     [error] = errors_of(document({key: value}))
     assert error.startswith(f"{DEST}.settings.{key}") and expected in error
@@ -151,8 +172,14 @@ def test_choosing_flow_and_destination():
 
 def test_other_flows_with_unset_variables_do_not_matter():
     doc = document()
-    doc["flows"]["prod"] = {"destinations": {"segment": {"package": "@walkeros/server-destination-segment",
-                                                         "config": {"settings": {"writeKey": "$env.PROD_KEY"}}}}}
+    doc["flows"]["prod"] = {
+        "destinations": {
+            "segment": {
+                "package": "@walkeros/server-destination-segment",
+                "config": {"settings": {"writeKey": "$env.PROD_KEY"}},
+            }
+        }
+    }
     assert load(doc).name == "default"
 
 
@@ -212,7 +239,9 @@ def test_a_short_write_key_does_not_blank_out_messages():
 
 def test_the_write_key_never_appears_even_when_it_is_the_bad_value():
     doc = document()
-    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["userId"] = {"nope": "$env.SEGMENT_WRITE_KEY"}
+    doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["userId"] = {
+        "nope": "$env.SEGMENT_WRITE_KEY"
+    }
     errors = errors_of(doc)
     assert errors and all(SECRET not in e for e in errors)
 
@@ -229,7 +258,7 @@ def test_a_referenced_write_key_pickles_as_its_reference_only(monkeypatch):
     assert SECRET.encode() not in shipped
     monkeypatch.setenv("SEG_KEY", "rotated-key")
     settings, _ = pickle.loads(shipped)
-    assert settings.write_key.reveal() == "rotated-key"     # a worker reads its own environment
+    assert settings.write_key.reveal() == "rotated-key"  # a worker reads its own environment
 
 
 def test_a_literal_write_key_travels_as_written():
@@ -242,7 +271,7 @@ def test_a_literal_write_key_travels_as_written():
 def test_a_secret_write_key_missing_at_launch_is_left_to_the_workers(monkeypatch, tmp_path, capsys):
     doc = document()
     doc["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["writeKey"] = "$secret.SEG_KEY"
-    flow = flow_from_document(doc, env={})       # a Flex Template launcher has no secrets
+    flow = flow_from_document(doc, env={})  # a Flex Template launcher has no secrets
     assert flow.settings.write_key.env_name == "SEG_KEY" and not flow.settings.write_key.resolvable_here()
     # ...but a local run says at once that the key is missing
     path = tmp_path / "flow.json"

@@ -6,6 +6,7 @@ process looks up Google credentials, which retries for about 25 s when there are
 the batch pipeline reading every input format from gs://, dead letters written to gs://, a flow
 file on gs://, and dead letters replayed from gs://.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -44,6 +45,7 @@ def explained() -> list[dict]:
 @pytest.fixture(scope="module")
 def backfill(gcs):  # noqa: F811
     """The example events on the emulator, once per format, as a backfill would find them."""
+
     def put(name: str, data: bytes) -> None:
         gcs.blob(name).upload_from_string(data)
 
@@ -64,8 +66,19 @@ def test_backfill_from_gcs_delivers_and_dead_letters_to_gcs(backfill, endpoint, 
     started = time.monotonic()
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
-    code = cli_main(["run", "--flow", f"{GS}/flows/flow.json", "--input", f"{GS}/events/2026/*/*/*.jsonl",
-                     "--dead_letter", f"{GS}/dead/run-1/dead-letters", "--message_id_namespace", "example"])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            f"{GS}/flows/flow.json",
+            "--input",
+            f"{GS}/events/2026/*/*/*.jsonl",
+            "--dead_letter",
+            f"{GS}/dead/run-1/dead-letters",
+            "--message_id_namespace",
+            "example",
+        ]
+    )
     assert code == 3, capsys.readouterr().err  # finished, with dead letters
     took = time.monotonic() - started
     assert took < 15, f"the backfill took {took:.0f} s: is the credential look-up short-circuited?"
@@ -85,9 +98,21 @@ def test_backfill_from_gcs_delivers_and_dead_letters_to_gcs(backfill, endpoint, 
     # Replaying those dead letters from gs:// gives the same dead letters again (the inputs are
     # still bad), and nothing more reaches Segment.
     endpoint.reset()
-    code = cli_main(["run", "--flow", f"{GS}/flows/flow.json", "--input", f"{GS}/dead/run-1/*.jsonl",
-                     "--input_format", "dead_letter", "--dead_letter", f"{GS}/dead/run-2/dead-letters",
-                     "--message_id_namespace", "example"])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            f"{GS}/flows/flow.json",
+            "--input",
+            f"{GS}/dead/run-1/*.jsonl",
+            "--input_format",
+            "dead_letter",
+            "--dead_letter",
+            f"{GS}/dead/run-2/dead-letters",
+            "--message_id_namespace",
+            "example",
+        ]
+    )
     assert code == 3, capsys.readouterr().err
     again = [r for b in backfill.list_blobs(prefix="dead/run-2/") for r in dead_letter_records(f"{GS}/{b.name}")]
     assert sorted(r["reason"] for r in again) == ["invalid_name", "no_identity", "not_json"]
@@ -132,25 +157,45 @@ def test_no_match_on_gcs_is_a_clear_error(backfill, monkeypatch, capsys):
     assert "no file matches" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("command", ["run", "explain"])
-@pytest.mark.parametrize("pattern", ["nothing/*.jsonl", "nothing/*.json", "nothing/*.avro", "nothing/*.jsonl.gz",
-                                     "formats/*.ndjson", "no-such-object.jsonl"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "nothing/*.jsonl",
+        "nothing/*.json",
+        "nothing/*.avro",
+        "nothing/*.jsonl.gz",
+        "formats/*.ndjson",
+        "no-such-object.jsonl",
+    ],
+)
 def test_an_empty_glob_on_gcs_is_a_usage_error(backfill, command, pattern, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     monkeypatch.setenv("SEGMENT_HOST", "http://127.0.0.1:9")  # never reached: the run does not start
     extra = ["--dead_letter", f"{GS}/dead/empty/dead-letters"] if command == "run" else []
     assert cli_main([command, "--flow", str(EXAMPLE_FLOW), "--input", f"{GS}/{pattern}", *extra]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"--input {GS}/{pattern}: no file matches (check the path and the glob)"]
+        f"--input {GS}/{pattern}: no file matches (check the path and the glob)"
+    ]
     assert not list(backfill.list_blobs(prefix="dead/empty/"))
 
 
 def test_summary_json_on_gcs(backfill, endpoint, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
-    code = cli_main(["run", "--flow", str(EXAMPLE_FLOW), "--input", f"{GS}/formats/array.json",
-                     "--dead_letter", f"{GS}/dead/summary/dead-letters", "--summary_json", f"{GS}/reports/run.json"])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            str(EXAMPLE_FLOW),
+            "--input",
+            f"{GS}/formats/array.json",
+            "--dead_letter",
+            f"{GS}/dead/summary/dead-letters",
+            "--summary_json",
+            f"{GS}/reports/run.json",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     document = json.loads(backfill.blob("reports/run.json").download_as_text())
     assert document["status"] == 0 and document["counts"]["events_delivered"] == 5

@@ -1,6 +1,7 @@
 """The code's layers (docs/code-layout.md): imports point one way, run → move → talk to Segment →
 decide, and nothing imports in a circle. Read from the source (every import, those inside
 functions too), and checked once more by what a command really loads."""
+
 from __future__ import annotations
 
 import ast
@@ -40,8 +41,11 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module)
             # `from transforms import files` imports the module transforms.files
-            found.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists())
+            found.update(
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists()
+            )
     return found
 
 
@@ -107,8 +111,9 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
 def _loaded_after(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
     env = {**os.environ, "SEGMENT_WRITE_KEY": "layers-test-key"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     return set(done.stdout.split())
 
@@ -121,6 +126,7 @@ def test_deciding_loads_neither_beam_nor_the_sdk():
 
 def test_validate_runs_without_loading_beam():
     """`validate` needs only the decide layer: it starts fast and works where Beam is not set up."""
-    loaded = _loaded_after("from pipeline.cli import main\n"
-                           "assert main(['validate', '--flow', 'examples/flow.json']) == 0")
+    loaded = _loaded_after(
+        "from pipeline.cli import main\nassert main(['validate', '--flow', 'examples/flow.json']) == 0"
+    )
     assert "decide" in loaded and not loaded & {"apache_beam", "segment"}

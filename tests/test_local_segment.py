@@ -150,7 +150,9 @@ def test_sdk_batch_of_every_call_type_is_accepted_as_sent(server, sdk_clients):
     sdk = sdk_clients(server)
     c = sdk.client
     c.identify(user_id="u1", traits={"email": "a@example.com"}, timestamp=EVENT_TIME, message_id="id-identify")
-    c.track(user_id="u1", event="Order Completed", properties={"total": 42.5}, timestamp=EVENT_TIME, message_id="id-track")
+    c.track(
+        user_id="u1", event="Order Completed", properties={"total": 42.5}, timestamp=EVENT_TIME, message_id="id-track"
+    )
     c.page(anonymous_id="anon-1", name="Home", properties={"url": "/"}, timestamp=EVENT_TIME, message_id="id-page")
     c.screen(user_id="u1", name="Settings", timestamp=EVENT_TIME, message_id="id-screen")
     c.group(user_id="u1", group_id="g1", traits={"plan": "pro"}, timestamp=EVENT_TIME, message_id="id-group")
@@ -159,7 +161,12 @@ def test_sdk_batch_of_every_call_type_is_accepted_as_sent(server, sdk_clients):
 
     assert sdk.errors == []
     assert [m["messageId"] for m in server.accepted] == [
-        "id-identify", "id-track", "id-page", "id-screen", "id-group", "id-alias"
+        "id-identify",
+        "id-track",
+        "id-page",
+        "id-screen",
+        "id-group",
+        "id-alias",
     ]
     assert [m["type"] for m in server.accepted] == ["identify", "track", "page", "screen", "group", "alias"]
     for msg in server.accepted:
@@ -368,7 +375,9 @@ def test_path_prefix(sdk_clients):
         track(sdk)
         assert srv.requests[0].path == "/segment/v1/batch" and len(srv.accepted) == 1
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
-        conn.request("POST", "/v1/batch", body=json.dumps(batch(message())), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/batch", body=json.dumps(batch(message())), headers={"Content-Type": "application/json"}
+        )
         assert conn.getresponse().status == 404
         conn.close()
 
@@ -445,7 +454,7 @@ def test_non_json_error_body(server, sdk_clients):
     server.fail_next(1, status(403, body="<html>denied</html>"))
     sdk = sdk_clients(server)
     track(sdk)
-    (exc, _), = sdk.errors
+    ((exc, _),) = sdk.errors
     assert exc.status == 403 and exc.code == "unknown" and "denied" in exc.message
 
 
@@ -498,7 +507,7 @@ def test_bad_message_rejects_every_batch_that_carries_it(server, sdk_clients):
         c.track(user_id="u", event="E", properties=props, message_id=f"iso-{i}", timestamp=EVENT_TIME)
     c.flush()
     assert [r.status for r in server.requests] == [400] and server.accepted == []
-    (exc, failed), = sdk.errors
+    ((exc, failed),) = sdk.errors
     assert len(failed) == 3 and exc.message == "Invalid message in batch"  # Segment never says which
     # Re-sending in halves, as the sink must, isolates the bad message.
     c.track(user_id="u", event="E", properties={"n": 1}, message_id="iso-0", timestamp=EVENT_TIME)
@@ -607,7 +616,11 @@ def test_command_line_serves_until_sigint(tmp_path, sdk_clients):
     env = {**os.environ, "LOCAL_SEGMENT_WRITE_KEY": WRITE_KEY, "NO_PROXY": "127.0.0.1,localhost"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "local_segment", "--port", "0", "--record", str(record)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = _read_line(proc.stdout, timeout=20)

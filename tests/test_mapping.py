@@ -5,6 +5,7 @@ A case names a preset event of _events.json (or gives one inline), optionally pa
 either a value case ("value" → "expected" value) or a config case ("config" → "expected"
 {rule, ignored, silent, name, data, event}); see the "about" of each file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,7 @@ def run_value_case(case: dict, event: dict) -> Any:
 
 
 def run_config_case(case: dict, event: dict) -> MappingResult:
-    return DestinationMapping(case["config"], functions=case_functions(case)).process(
-        event, case.get("collector", {}))
+    return DestinationMapping(case["config"], functions=case_functions(case)).process(event, case.get("collector", {}))
 
 
 def check_config_result(result: MappingResult, expected: dict) -> None:
@@ -124,12 +124,12 @@ def test_the_suite_is_big_enough() -> None:
 
 # --- the JSON Schema -----------------------------------------------------------------------------
 
+
 def _validator(definition: str) -> Draft202012Validator:
     schema = load_schema("mapping.schema.json")
     registry = Registry().with_resource("mapping.schema.json", Resource.from_contents(schema))
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator({"$ref": f"mapping.schema.json#/$defs/{definition}"},
-                                registry=registry)
+    return Draft202012Validator({"$ref": f"mapping.schema.json#/$defs/{definition}"}, registry=registry)
 
 
 VALUE_VALIDATOR = _validator("value")
@@ -138,8 +138,7 @@ CONFIG_VALIDATOR = _validator("config")
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_case_mapping_against_schema(case: dict) -> None:
-    validator, instance = ((VALUE_VALIDATOR, case["value"]) if "value" in case
-                           else (CONFIG_VALIDATOR, case["config"]))
+    validator, instance = (VALUE_VALIDATOR, case["value"]) if "value" in case else (CONFIG_VALIDATOR, case["config"])
     errors = list(validator.iter_errors(instance))
     if case.get("schema") == "invalid":
         assert errors, "the schema should reject this mapping"
@@ -148,50 +147,69 @@ def test_case_mapping_against_schema(case: dict) -> None:
 
 
 MALFORMED = [
-    ("unknown rule key", {"mapping": {"product": {"view": {"nmae": "X"}}}},
-     "$.mapping.product.view", "nmae"),
-    ("unknown rule key in a rule list", {"mapping": {"product": {"view": [{"name": "a"}, {"skip": True}]}}},
-     "$.mapping.product.view[1]", "skip"),
-    ("ignore is not a boolean", {"mapping": {"product": {"view": {"ignore": "yes"}}}},
-     "$.mapping.product.view.ignore", "boolean"),
-    ("name is not a string", {"mapping": {"product": {"view": {"name": 5}}}},
-     "$.mapping.product.view.name", "string"),
-    ("unknown value config key", {"data": {"map": {"id": {"kye": "data.id"}}}},
-     "$.data.map.id", "kye"),
+    ("unknown rule key", {"mapping": {"product": {"view": {"nmae": "X"}}}}, "$.mapping.product.view", "nmae"),
+    (
+        "unknown rule key in a rule list",
+        {"mapping": {"product": {"view": [{"name": "a"}, {"skip": True}]}}},
+        "$.mapping.product.view[1]",
+        "skip",
+    ),
+    (
+        "ignore is not a boolean",
+        {"mapping": {"product": {"view": {"ignore": "yes"}}}},
+        "$.mapping.product.view.ignore",
+        "boolean",
+    ),
+    ("name is not a string", {"mapping": {"product": {"view": {"name": 5}}}}, "$.mapping.product.view.name", "string"),
+    ("unknown value config key", {"data": {"map": {"id": {"kye": "data.id"}}}}, "$.data.map.id", "kye"),
     ("function without $code:", {"data": {"fn": "value.toUpperCase()"}}, "$.data.fn", "$(code|py)"),
     ("loop with three items", {"data": {"loop": ["nested", "data.id", "x"]}}, "$.data.loop", "long"),
     ("null value", {"data": {"map": {"id": None}}}, "$.data.map.id", "None"),
     ("unknown include section", {"include": ["globalz"]}, "$.include[0]", "globalz"),
-    ("remove is not a list", {"mapping": {"*": {"*": {"remove": "data.id"}}}},
-     "$.mapping['*']['*'].remove", "array"),
-    ("consent value is not a boolean", {"mapping": {"a": {"b": {"consent": {"marketing": "yes"}}}}},
-     "$.mapping.a.b.consent.marketing", "boolean"),
+    ("remove is not a list", {"mapping": {"*": {"*": {"remove": "data.id"}}}}, "$.mapping['*']['*'].remove", "array"),
+    (
+        "consent value is not a boolean",
+        {"mapping": {"a": {"b": {"consent": {"marketing": "yes"}}}}},
+        "$.mapping.a.b.consent.marketing",
+        "boolean",
+    ),
     ("rules entity is not an object", {"mapping": {"product": ["view"]}}, "$.mapping.product", "object"),
     ("policy value is null", {"policy": {"user.id": None}}, "$.policy['user.id']", "None"),
 ]
 
 
-@pytest.mark.parametrize("config, json_path, word", [m[1:] for m in MALFORMED],
-                         ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize("config, json_path, word", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
 def test_schema_rejects_malformed_mappings(config: dict, json_path: str, word: str) -> None:
     errors = list(CONFIG_VALIDATOR.iter_errors(config))
     assert errors
-    assert any(e.json_path == json_path and word in e.message for e in errors), \
-        [(e.json_path, e.message) for e in errors]
+    assert any(e.json_path == json_path and word in e.message for e in errors), [
+        (e.json_path, e.message) for e in errors
+    ]
 
 
 def test_schema_accepts_segment_rule_settings() -> None:
-    config = {"mapping": {"page": {"view": {"silent": True, "settings": {
-        "page": True, "screen": {"map": {"name": "data.title"}}, "identify": "user"}}}}}
+    config = {
+        "mapping": {
+            "page": {
+                "view": {
+                    "silent": True,
+                    "settings": {"page": True, "screen": {"map": {"name": "data.title"}}, "identify": "user"},
+                }
+            }
+        }
+    }
     assert not list(CONFIG_VALIDATOR.iter_errors(config))
 
 
 # --- compile-time errors -------------------------------------------------------------------------
 
+
 def test_code_syntax_error_names_the_json_path() -> None:
     with pytest.raises(MappingConfigError) as raised:
-        compile_value({"map": {"email": {"fn": "$code:(value) => {\n  return value +;\n}"}}},
-                      "$.flows.default.destinations.segment.config.settings.identify")
+        compile_value(
+            {"map": {"email": {"fn": "$code:(value) => {\n  return value +;\n}"}}},
+            "$.flows.default.destinations.segment.config.settings.identify",
+        )
     error = raised.value
     assert error.path == "$.flows.default.destinations.segment.config.settings.identify.map.email.fn"
     assert "$code is not valid JavaScript: SyntaxError" in error.message
@@ -202,8 +220,9 @@ def test_code_syntax_error_names_the_json_path() -> None:
 
 def test_python_syntax_error_names_the_json_path() -> None:
     with pytest.raises(MappingConfigError) as raised:
-        compile_value({"fn": "$py:lambda value, context: value +"}, "$.v",
-                      functions=Functions(FunctionPolicy(allow_python=True)))
+        compile_value(
+            {"fn": "$py:lambda value, context: value +"}, "$.v", functions=Functions(FunctionPolicy(allow_python=True))
+        )
     assert raised.value.path == "$.v.fn"
     assert "$py is not valid Python" in raised.value.message
 
@@ -222,8 +241,7 @@ def test_python_that_is_not_callable() -> None:
 
 def test_python_failing_to_evaluate() -> None:
     with pytest.raises(MappingConfigError, match=r"\$\.v\.validate: .*failed to evaluate: NameError"):
-        compile_value({"validate": "$py:no_such_name"}, "$.v",
-                      functions=Functions(FunctionPolicy(allow_python=True)))
+        compile_value({"validate": "$py:no_such_name"}, "$.v", functions=Functions(FunctionPolicy(allow_python=True)))
 
 
 @pytest.mark.parametrize("source", ["42", "no_such_name", "(() => { throw new Error('at load'); })()"])
@@ -231,24 +249,28 @@ def test_javascript_that_gives_no_function_is_an_error_of_each_call(source: str)
     # Compiling only parses (validate runs nothing); the expression is evaluated in the sandbox on
     # first use, and a value that is not a function makes every call fail, as in walkerOS.
     seen: list[str] = []
-    value = compile_value({"value": "static", "fn": f"$code:{source}"}, "$.v",
-                          on_error=lambda place, exc: seen.append(place))
+    value = compile_value(
+        {"value": "static", "fn": f"$code:{source}"}, "$.v", on_error=lambda place, exc: seen.append(place)
+    )
     assert value({"a": 1}) == "static"
     assert value({"a": 2}) == "static"
     assert seen == ["$.v.fn", "$.v.fn"]
 
 
-@pytest.mark.parametrize("spec, path, fragment", [
-    ({"kye": "data.id"}, "$.v", "unknown key(s) 'kye'"),
-    (None, "$.v", "null is not a mapping value"),
-    ({"loop": ["nested"]}, "$.v.loop", "[scope, item mapping]"),
-    ({"map": ["a"]}, "$.v.map", "expected an object"),
-    ({"set": "a"}, "$.v.set", "expected a list"),
-    ({"key": 5}, "$.v.key", "expected a path string"),
-    ({"consent": ["marketing"]}, "$.v.consent", "consent states"),
-    ({"fn": 5}, "$.v.fn", "expected a function"),
-    ({"map": {"a.b": {"fn": "$code:)"}}}, '$.v.map["a.b"].fn', "not valid JavaScript"),
-])
+@pytest.mark.parametrize(
+    "spec, path, fragment",
+    [
+        ({"kye": "data.id"}, "$.v", "unknown key(s) 'kye'"),
+        (None, "$.v", "null is not a mapping value"),
+        ({"loop": ["nested"]}, "$.v.loop", "[scope, item mapping]"),
+        ({"map": ["a"]}, "$.v.map", "expected an object"),
+        ({"set": "a"}, "$.v.set", "expected a list"),
+        ({"key": 5}, "$.v.key", "expected a path string"),
+        ({"consent": ["marketing"]}, "$.v.consent", "consent states"),
+        ({"fn": 5}, "$.v.fn", "expected a function"),
+        ({"map": {"a.b": {"fn": "$code:)"}}}, '$.v.map["a.b"].fn', "not valid JavaScript"),
+    ],
+)
 def test_malformed_values_fail_at_compile_time(spec: Any, path: str, fragment: str) -> None:
     with pytest.raises(MappingConfigError) as raised:
         compile_value(spec, "$.v")
@@ -256,18 +278,22 @@ def test_malformed_values_fail_at_compile_time(spec: Any, path: str, fragment: s
     assert fragment in raised.value.message
 
 
-@pytest.mark.parametrize("config, path", [
-    ({"mapping": {"product": {"view": {"nmae": "x"}}}}, "$.config.mapping.product.view"),
-    ({"mapping": {"product": {"view": [{}, {"skip": True}]}}}, "$.config.mapping.product.view[1]"),
-    ({"mapping": {"product": {"view": "x"}}}, "$.config.mapping.product.view"),
-    ({"mapping": {"product": {"view": {"condition": "$code:("}}}},
-     "$.config.mapping.product.view.condition"),
-    ({"mapping": {"*": {"*": {"data": {"fn": "$code:(v) =>"}}}}}, "$.config.mapping.*.*.data.fn"),
-    ({"include": ["globalz"]}, "$.config.include"),
-    ({"policy": {"user.id": {"fn": "$code:]"}}}, '$.config.policy["user.id"].fn'),
-    ({"mapping": {"a": {"b": {"settings": {"identify": {"map": {"x": {"bad": 1}}}}}}}},
-     "$.config.mapping.a.b.settings.identify.map.x"),
-])
+@pytest.mark.parametrize(
+    "config, path",
+    [
+        ({"mapping": {"product": {"view": {"nmae": "x"}}}}, "$.config.mapping.product.view"),
+        ({"mapping": {"product": {"view": [{}, {"skip": True}]}}}, "$.config.mapping.product.view[1]"),
+        ({"mapping": {"product": {"view": "x"}}}, "$.config.mapping.product.view"),
+        ({"mapping": {"product": {"view": {"condition": "$code:("}}}}, "$.config.mapping.product.view.condition"),
+        ({"mapping": {"*": {"*": {"data": {"fn": "$code:(v) =>"}}}}}, "$.config.mapping.*.*.data.fn"),
+        ({"include": ["globalz"]}, "$.config.include"),
+        ({"policy": {"user.id": {"fn": "$code:]"}}}, '$.config.policy["user.id"].fn'),
+        (
+            {"mapping": {"a": {"b": {"settings": {"identify": {"map": {"x": {"bad": 1}}}}}}}},
+            "$.config.mapping.a.b.settings.identify.map.x",
+        ),
+    ],
+)
 def test_destination_mapping_errors_name_the_json_path(config: dict, path: str) -> None:
     with pytest.raises(MappingConfigError) as raised:
         DestinationMapping(config)
@@ -276,11 +302,19 @@ def test_destination_mapping_errors_name_the_json_path(config: dict, path: str) 
 
 # --- runtime errors of user functions --------------------------------------------------------------
 
+
 def test_runtime_errors_are_counted_and_logged_once_per_place(caplog: pytest.LogCaptureFixture) -> None:
-    mapping = DestinationMapping({"data": {"map": {
-        "a": {"fn": "$code:() => { throw new RangeError('no') }"},
-        "b": {"validate": "$code:(value) => value.nope.deeper", "value": 1},
-        "c": {"key": "data.id"}}}})
+    mapping = DestinationMapping(
+        {
+            "data": {
+                "map": {
+                    "a": {"fn": "$code:() => { throw new RangeError('no') }"},
+                    "b": {"validate": "$code:(value) => value.nope.deeper", "value": 1},
+                    "c": {"key": "data.id"},
+                }
+            }
+        }
+    )
     event = copy.deepcopy(PRESETS["product view"])
     with caplog.at_level(logging.WARNING, logger="decide.mapping"):
         for _ in range(5):
@@ -296,11 +330,16 @@ def test_runtime_errors_are_counted_and_logged_once_per_place(caplog: pytest.Log
 def test_on_error_is_called_for_every_runtime_error(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[tuple[str, str]] = []
     mapping = DestinationMapping(
-        {"mapping": {"product": {"view": [
-            {"condition": "$code:(event) => event.missing.deeper", "name": "A"},
-            {"name": "B"}]}}},
+        {
+            "mapping": {
+                "product": {
+                    "view": [{"condition": "$code:(event) => event.missing.deeper", "name": "A"}, {"name": "B"}]
+                }
+            }
+        },
         path="$.flows.default.destinations.segment.config",
-        on_error=lambda place, exc: seen.append((place, type(exc).__name__)))
+        on_error=lambda place, exc: seen.append((place, type(exc).__name__)),
+    )
     with caplog.at_level(logging.WARNING, logger="decide.mapping"):
         for _ in range(3):
             assert mapping.process(PRESETS["product view"]).event["name"] == "B"
@@ -318,13 +357,28 @@ def test_function_string_without_code_prefix_fails_at_run_time() -> None:
 
 # --- no mutation, copies --------------------------------------------------------------------------
 
+
 def test_policies_and_rename_never_touch_the_input_event() -> None:
-    mapping = DestinationMapping({
-        "policy": {"data.price": {"value": 1}, "user.id": {"value": "p"}, "nested.0.data.id": {"value": "x"},
-                   "context.shopping.0": {"value": "changed"}},
-        "mapping": {"order": {"complete": {"name": "Order Completed",
-                                           "policy": {"globals.pagegroup": {"value": "rule"}},
-                                           "data": "data", "remove": ["id"]}}}})
+    mapping = DestinationMapping(
+        {
+            "policy": {
+                "data.price": {"value": 1},
+                "user.id": {"value": "p"},
+                "nested.0.data.id": {"value": "x"},
+                "context.shopping.0": {"value": "changed"},
+            },
+            "mapping": {
+                "order": {
+                    "complete": {
+                        "name": "Order Completed",
+                        "policy": {"globals.pagegroup": {"value": "rule"}},
+                        "data": "data",
+                        "remove": ["id"],
+                    }
+                }
+            },
+        }
+    )
     event = copy.deepcopy(PRESETS["order complete"])
     untouched = copy.deepcopy(event)
     result = mapping.process(event)
@@ -355,9 +409,14 @@ def test_set_by_path_copies_only_along_the_path() -> None:
 
 # --- rules, settings ------------------------------------------------------------------------------
 
+
 def test_compiled_rule_fields() -> None:
-    raw = {"name": "Page", "silent": True, "consent": {"marketing": True},
-           "settings": {"page": True, "screen": False, "identify": {"map": {"userId": "user.id"}}}}
+    raw = {
+        "name": "Page",
+        "silent": True,
+        "consent": {"marketing": True},
+        "settings": {"page": True, "screen": False, "identify": {"map": {"userId": "user.id"}}},
+    }
     mapping = DestinationMapping({"mapping": {"page": {"*": raw}}})
     rule = mapping.find_rule(PRESETS["page view"], {"collector": {}})
     assert isinstance(rule, CompiledRule)
@@ -370,31 +429,37 @@ def test_compiled_rule_fields() -> None:
 
 
 def test_settings_functions_share_the_mapping_error_counts() -> None:
-    mapping = DestinationMapping({"mapping": {"*": {"*": {"settings": {
-        "group": {"fn": "$code:(value) => value.nope.deeper"}}}}}})
+    mapping = DestinationMapping(
+        {"mapping": {"*": {"*": {"settings": {"group": {"fn": "$code:(value) => value.nope.deeper"}}}}}}
+    )
     rule = mapping.find_rule(PRESETS["page view"])
     assert rule.settings["group"](PRESETS["page view"]) is UNDEFINED
     assert mapping.error_counts == {"$.config.mapping.*.*.settings.group.fn": 1}
 
 
 def test_python_callables_are_accepted_as_functions() -> None:
-    value = compile_value({"fn": lambda value, context: value["data"]["id"].upper(),
-                           "validate": lambda value, context: len(value) == 3}, "$.v")
+    value = compile_value(
+        {"fn": lambda value, context: value["data"]["id"].upper(), "validate": lambda value, context: len(value) == 3},
+        "$.v",
+    )
     assert value(PRESETS["product view"]) == "ERS"
-    mapping = DestinationMapping({"mapping": {"product": {"view": [
-        {"condition": lambda event, context: False, "name": "A"}, {"name": "B"}]}}})
+    mapping = DestinationMapping(
+        {"mapping": {"product": {"view": [{"condition": lambda event, context: False, "name": "A"}, {"name": "B"}]}}}
+    )
     assert mapping.process(PRESETS["product view"]).event["name"] == "B"
 
 
 def test_the_collector_reaches_rule_conditions_through_find_rule() -> None:
-    mapping = DestinationMapping({"mapping": {"*": {"*": {
-        "condition": "$code:(event, context) => context.collector.globals.env === 'prod'"}}}})
+    mapping = DestinationMapping(
+        {"mapping": {"*": {"*": {"condition": "$code:(event, context) => context.collector.globals.env === 'prod'"}}}}
+    )
     event = PRESETS["page view"]
     assert mapping.find_rule(event, {"collector": {"globals": {"env": "prod"}}}).key == "* *"
     assert mapping.find_rule(event, {"collector": {"globals": {"env": "dev"}}}) is None
 
 
 # --- values: raw vs JSON view, undefined ----------------------------------------------------------
+
 
 def test_holes_stay_undefined_in_raw_results() -> None:
     value = compile_value({"set": ["data.id", "data.missing"]}, "$.v")
@@ -415,11 +480,25 @@ def test_undefined_sentinel() -> None:
     assert copy.deepcopy(UNDEFINED) is UNDEFINED
 
 
-@pytest.mark.parametrize("value, expected", [
-    (True, True), ("", True), (0, True), (1.5, True), (float("nan"), False), (None, False),
-    ({"a": [1, {"b": "c"}]}, True), ({"a": None}, False), ([1, None], False), ([1, UNDEFINED], True),
-    (UNDEFINED, False), ((1, 2), False), ({1: "a"}, False), (object(), False),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (True, True),
+        ("", True),
+        (0, True),
+        (1.5, True),
+        (float("nan"), False),
+        (None, False),
+        ({"a": [1, {"b": "c"}]}, True),
+        ({"a": None}, False),
+        ([1, None], False),
+        ([1, UNDEFINED], True),
+        (UNDEFINED, False),
+        ((1, 2), False),
+        ({1: "a"}, False),
+        (object(), False),
+    ],
+)
 def test_is_property(value: Any, expected: bool) -> None:
     assert is_property(value) is expected
 
@@ -434,9 +513,9 @@ def test_static_value_under_denied_consent_is_returned_as_written() -> None:
 def test_a_raw_null_inside_a_map_makes_the_whole_object_undefined() -> None:
     # Only the denied-consent branch hands a value out unchecked; the map's own Property check
     # then fails as a whole, as walkerOS's castToProperty on the mapped object does.
-    value = compile_value({"map": {"id": "data.id",
-                                   "extra": {"value": {"x": None}, "consent": {"marketing": True}}}},
-                          "$.v")
+    value = compile_value(
+        {"map": {"id": "data.id", "extra": {"value": {"x": None}, "consent": {"marketing": True}}}}, "$.v"
+    )
     denied = {"data": {"id": "a"}, "consent": {"functional": True}}
     granted = {"data": {"id": "a"}, "consent": {"marketing": True}}
     assert value(denied) is UNDEFINED
@@ -452,10 +531,20 @@ def test_constants_are_handed_out_as_copies() -> None:
 
 # --- pickling (Beam ships DoFns holding compiled mappings to workers) ------------------------------
 
+
 def test_compiled_mappings_pickle_by_recompiling() -> None:
-    mapping = DestinationMapping({"mapping": {"order": {"complete": {
-        "name": "Order Completed",
-        "data": {"map": {"cents": {"fn": "$code:(value) => value.data.total * 100"}}}}}}})
+    mapping = DestinationMapping(
+        {
+            "mapping": {
+                "order": {
+                    "complete": {
+                        "name": "Order Completed",
+                        "data": {"map": {"cents": {"fn": "$code:(value) => value.data.total * 100"}}},
+                    }
+                }
+            }
+        }
+    )
     assert mapping.process(PRESETS["order complete"]).data == {"cents": 55500}  # this thread's sandbox built
     restored = pickle.loads(pickle.dumps(mapping))
     result = restored.process(PRESETS["order complete"])

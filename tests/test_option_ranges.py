@@ -1,5 +1,6 @@
 """Numeric flags whose value makes no sense are usage errors: one line naming the flag and what
 it may be, exit status 2, nothing started."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,23 +16,36 @@ EXAMPLE_FLOW = str(ROOT / "examples" / "flow.json")
 EXAMPLE_EVENTS = str(ROOT / "examples" / "events.jsonl")
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--flush_deadline_seconds", "0"),
-    ("--flush_deadline_seconds", "-5"),
-    ("--flush_deadline_seconds", "nan"),
-    ("--flush_deadline_seconds", "inf"),
-    ("--identity_state_ttl_hours", "0"),      # once silently "forever"
-    ("--identity_state_ttl_hours", "-1"),
-    ("--identity_state_ttl_hours", "1e12"),   # beyond what an event-time timer can hold
-    ("--delivery_shards", "-3"),
-    ("--progress_interval_seconds", "-1"),
-    ("--max_inflation_ratio", "0.5"),
-    ("--max_inflated_mb", "0"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--flush_deadline_seconds", "0"),
+        ("--flush_deadline_seconds", "-5"),
+        ("--flush_deadline_seconds", "nan"),
+        ("--flush_deadline_seconds", "inf"),
+        ("--identity_state_ttl_hours", "0"),  # once silently "forever"
+        ("--identity_state_ttl_hours", "-1"),
+        ("--identity_state_ttl_hours", "1e12"),  # beyond what an event-time timer can hold
+        ("--delivery_shards", "-3"),
+        ("--progress_interval_seconds", "-1"),
+        ("--max_inflation_ratio", "0.5"),
+        ("--max_inflated_mb", "0"),
+    ],
+)
 def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(flag, value, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
-    code = cli_main(["run", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS,
-                     "--dead_letter", str(tmp_path / "dead"), f"{flag}={value}"])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            EXAMPLE_FLOW,
+            "--input",
+            EXAMPLE_EVENTS,
+            "--dead_letter",
+            str(tmp_path / "dead"),
+            f"{flag}={value}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     [line] = err.strip().splitlines()
@@ -41,8 +55,9 @@ def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(flag, value, tmp_pat
 
 def test_explain_checks_its_ttl_too(monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
-    assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS,
-                     "--identity_state_ttl_hours", "0"]) == 2
+    assert (
+        cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS, "--identity_state_ttl_hours", "0"]) == 2
+    )
     assert "--identity_state_ttl_hours" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 recipe matches the package, setup.py works as Beam's --setup_file, and the built wheel installs
 into a clean virtual environment where the command runs (outside this repository).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,16 +109,18 @@ def test_metadata_parameters_are_exactly_the_pipeline_flags():
 
 def test_metadata_is_generated_from_the_current_flags():
     generator = _load_dataflow_module("metadata")
-    assert (DATAFLOW / "metadata.json").read_text() == generator.render(), \
+    assert (DATAFLOW / "metadata.json").read_text() == generator.render(), (
         "dataflow/metadata.json is out of date: run python dataflow/metadata.py"
+    )
 
 
 @pytest.mark.parametrize("param", METADATA["parameters"], ids=lambda p: p["name"])
 def test_every_parameter_is_accepted_by_the_option_parser(param):
     name = param["name"]
     assert param["label"].strip() and param["helpText"].strip()
-    assert param["helpText"] == " ".join((_flags()[name].help or "").split()) or \
-        param["helpText"].startswith(" ".join((_flags()[name].help or "").split()))
+    assert param["helpText"] == " ".join((_flags()[name].help or "").split()) or param["helpText"].startswith(
+        " ".join((_flags()[name].help or "").split())
+    )
     regexes = [re.compile(r) for r in param["regexes"]]
     # Dataflow checks these in Java: keep to the syntax both share.
     assert all("(?P" not in r and "(?<" not in r for r in param["regexes"])
@@ -141,13 +144,25 @@ def test_a_template_launch_with_every_batch_parameter_runs(endpoint, monkeypatch
     launch = _load_dataflow_module("launch")
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     monkeypatch.setenv("SEGMENT_HOST", endpoint.url)
-    code = launch.main([f"--flow={EXAMPLE_FLOW}", "--flow_name=default", "--destination_id=segment",
-                        f"--input={EXAMPLE_EVENTS}", "--input_format=jsonl", f"--dead_letter={tmp_path / 'dead'}",
-                        "--dead_letter_format=jsonl", "--message_id_namespace=example",
-                        "--identity_state_ttl_hours=24", "--flush_deadline_seconds=60",
-                        "--fail_bundle_on_delivery_error=false", "--max_dead_letter_ratio=0.5",
-                        f"--summary_json={tmp_path / 'summary.json'}", "--run_id=template-test",
-                        "--runner=FnApiRunner"])
+    code = launch.main(
+        [
+            f"--flow={EXAMPLE_FLOW}",
+            "--flow_name=default",
+            "--destination_id=segment",
+            f"--input={EXAMPLE_EVENTS}",
+            "--input_format=jsonl",
+            f"--dead_letter={tmp_path / 'dead'}",
+            "--dead_letter_format=jsonl",
+            "--message_id_namespace=example",
+            "--identity_state_ttl_hours=24",
+            "--flush_deadline_seconds=60",
+            "--fail_bundle_on_delivery_error=false",
+            "--max_dead_letter_ratio=0.5",
+            f"--summary_json={tmp_path / 'summary.json'}",
+            "--run_id=template-test",
+            "--runner=FnApiRunner",
+        ]
+    )
     assert code == 0, capsys.readouterr().err  # the example's 3 dead letters of 13 are within 0.5
     assert endpoint.accepted and list(tmp_path.glob("dead-*-template-test*.jsonl"))
     assert (tmp_path / "summary.json").exists()
@@ -173,11 +188,28 @@ def test_the_pubsub_read_dataflow_receives(monkeypatch):
 
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     subscription = "projects/my-project/subscriptions/walkeros-events"
-    options, spec = cli.prepare_run([
-        "--flow", str(EXAMPLE_FLOW), "--input_subscription", subscription, "--id_label", "event_id",
-        "--timestamp_attribute", "event_ts", "--dead_letter_topic", "projects/my-project/topics/dead-letters",
-        "--runner", "DataflowRunner", "--project", "my-project", "--region", "europe-west1",
-        "--temp_location", "gs://my-bucket/temp"])
+    options, spec = cli.prepare_run(
+        [
+            "--flow",
+            str(EXAMPLE_FLOW),
+            "--input_subscription",
+            subscription,
+            "--id_label",
+            "event_id",
+            "--timestamp_attribute",
+            "event_ts",
+            "--dead_letter_topic",
+            "projects/my-project/topics/dead-letters",
+            "--runner",
+            "DataflowRunner",
+            "--project",
+            "my-project",
+            "--region",
+            "europe-west1",
+            "--temp_location",
+            "gs://my-bucket/temp",
+        ]
+    )
     assert options.view_as(beam.options.pipeline_options.StandardOptions).streaming
     # Built for a local runner: the graph is the same, and nothing reaches out to Google Cloud.
     p = beam.Pipeline(runner="BundleBasedDirectRunner", options=options)
@@ -186,8 +218,12 @@ def test_the_pubsub_read_dataflow_receives(monkeypatch):
     [read] = [t for t in graph.components.transforms.values() if t.spec.urn == "beam:transform:pubsub_read:v1"]
     payload = beam_runner_api_pb2.PubSubReadPayload.FromString(read.spec.payload)
     assert read.unique_name == "ReadEvents/ReadPubSub/Read"
-    assert (payload.subscription, payload.id_attribute, payload.timestamp_attribute, payload.with_attributes) == \
-        (subscription, "event_id", "", True)
+    assert (payload.subscription, payload.id_attribute, payload.timestamp_attribute, payload.with_attributes) == (
+        subscription,
+        "event_id",
+        "",
+        True,
+    )
     assert "ReadEvents/EventTime" in {t.unique_name for t in graph.components.transforms.values()}
     # The operations guide's "Update and drain" lists the step names an update matches on: they must be these.
     docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "operations.md").read_text()
@@ -205,8 +241,9 @@ def test_dockerfile_matches_the_package(tmp_path):
     assert args["BEAM_VERSION"] == beam_pin
     assert args["PYTHON_VERSION"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert "python311-template-launcher-base" in args["LAUNCHER_IMAGE"]
-    assert re.search(r"^FROM --platform=linux/amd64 apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\}$",
-                     dockerfile, re.M)
+    assert re.search(
+        r"^FROM --platform=linux/amd64 apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\}$", dockerfile, re.M
+    )
     assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
 
     # Everything it copies is in the build context build.sh assembles, and the files the
@@ -240,9 +277,15 @@ def test_setup_py_works_as_beams_setup_file(tmp_path):
     [tarball] = staging.glob("*.tar.gz")
     with tarfile.open(tarball) as archive:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in archive.getnames()}
-    for module in ("pipeline/cli.py", "pipeline/graph.py", "transforms/send.py", "decide/wire.py", "segment_api/connection.py",
-                   "schemas/__init__.py",
-                   "local_segment/__init__.py"):
+    for module in (
+        "pipeline/cli.py",
+        "pipeline/graph.py",
+        "transforms/send.py",
+        "decide/wire.py",
+        "segment_api/connection.py",
+        "schemas/__init__.py",
+        "local_segment/__init__.py",
+    ):
         assert module in names
     for schema in ("flow.schema.json", "event.avsc", "dead_letter.avsc", "mapping.schema.json"):
         assert f"schemas/{schema}" in names, f"schemas/{schema} is not in the staged package"
@@ -261,23 +304,61 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     # Offline when this venv can build wheels itself; else pip fetches setuptools into an
     # isolated build environment (from the package index, as any `pip wheel .` does).
     offline = ["--no-build-isolation"] if _can_build_wheels() else []
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", *offline,
-          "-w", str(wheels), str(context)], cwd=tmp_path, timeout=180)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            *offline,
+            "-w",
+            str(wheels),
+            str(context),
+        ],
+        cwd=tmp_path,
+        timeout=180,
+    )
     [wheel] = list(wheels.glob("walkeros_segment_beam-*.whl"))
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
-    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                     cwd=tmp_path).strip())
+    site = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path).strip()
+    )
     (site / "project-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-          "--disable-pip-version-check", "-q", str(wheel)], cwd=tmp_path, timeout=120)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
 
     command = venv / "bin" / "walkeros-segment"
     assert command.exists()
-    where = _run([str(python), "-c", "import pipeline, schemas, transforms, local_segment; "
-                  "print(pipeline.__file__, schemas.__file__, transforms.__file__, local_segment.__file__)"], cwd=tmp_path)
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import pipeline, schemas, transforms, local_segment; "
+            "print(pipeline.__file__, schemas.__file__, transforms.__file__, local_segment.__file__)",
+        ],
+        cwd=tmp_path,
+    )
     assert all(path.startswith(str(site)) for path in where.split()), where
 
     assert "commands:" in _run([str(command), "--help"], cwd=tmp_path)
@@ -285,8 +366,10 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     flow = tmp_path / "flow.json"
     flow.write_text(EXAMPLE_FLOW.read_text())
     # validate needs the JSON Schemas: they must have shipped inside the wheel.
-    assert _run([str(command), "validate", "--flow", str(flow)], cwd=tmp_path,
-                env={"SEGMENT_WRITE_KEY": "k"}).strip() == "ok"
+    assert (
+        _run([str(command), "validate", "--flow", str(flow)], cwd=tmp_path, env={"SEGMENT_WRITE_KEY": "k"}).strip()
+        == "ok"
+    )
     # demo finds the example flow and events the wheel installed (no checkout here).
     demo = _run([str(command), "demo", "--out", str(tmp_path / "demo")], cwd=tmp_path, timeout=120)
     assert "the endpoint accepted" in demo
@@ -306,8 +389,9 @@ def _can_build_wheels() -> bool:
 
 def _run(argv: list, cwd: Path, timeout: float = 60, env: dict | None = None) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    result = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**clean, **(env or {})})
+    result = subprocess.run(
+        [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**clean, **(env or {})}
+    )
     assert result.returncode == 0, f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -322,8 +406,9 @@ def test_the_write_key_is_not_in_the_job_graph(monkeypatch):
 
     secret = "wk-" + "5ecret" * 4
     monkeypatch.setenv("SEGMENT_WRITE_KEY", secret)
-    prepared = cli.prepare_run(["--flow", str(EXAMPLE_FLOW), "--input", str(EXAMPLE_EVENTS),
-                                "--dead_letter", "/tmp/unused"])
+    prepared = cli.prepare_run(
+        ["--flow", str(EXAMPLE_FLOW), "--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/unused"]
+    )
     options, spec = prepared
     p = beam.Pipeline(options=options)
     build_from_options(p, spec, options.view_as(WalkerosOptions), streaming=False)
@@ -332,4 +417,3 @@ def test_the_write_key_is_not_in_the_job_graph(monkeypatch):
     assert payloads
     texts = [graph.SerializeToString(), *[pickled_code(x) for x in payloads]]
     assert not any(secret.encode() in text for text in texts)
-

@@ -1,5 +1,6 @@
 """The whole Beam pipeline (batch, DirectRunner) over the bundled example file, against the
 local Segment endpoint with the real SDK: exactly these messages arrive, and again on a re-run."""
+
 import json
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def test_example_file_delivers_exactly_the_expected_messages(endpoint, monkeypat
     assert all(m["context"]["library"]["name"] == "analytics-python" for m in endpoint.accepted)
     assert endpoint.counters["duplicate"] == 0 and not endpoint.invalid
 
-    assert sorted(result.delivered) == sorted(l["id"] for l in load_json("pipeline/example_explained.json")
-                                       if l["outcome"] == "delivered")
+    assert sorted(result.delivered) == sorted(
+        l["id"] for l in load_json("pipeline/example_explained.json") if l["outcome"] == "delivered"
+    )
     assert sorted(d.reason for d in result.dead) == ["invalid_name", "no_identity", "not_json"]
     assert all(WRITE_KEY not in orjson.dumps(d.to_dict()).decode() for d in result.dead)
     [not_json] = [d for d in result.dead if d.reason == "not_json"]
@@ -71,8 +73,10 @@ def test_message_ids_are_stable_across_runs(endpoint, monkeypatch):
 def test_explain_matches_the_frozen_example(monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     # 3: the example holds three inputs that would be dead-lettered (docs/operations.md, "Exit status and summary").
-    assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS,
-                     "--message_id_namespace", "example"]) == 3
+    assert (
+        cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", EXAMPLE_EVENTS, "--message_id_namespace", "example"])
+        == 3
+    )
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert lines == load_json("pipeline/example_explained.json")
     assert [l["index"] for l in lines] == list(range(len(lines)))

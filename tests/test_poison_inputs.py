@@ -1,5 +1,6 @@
 """Poison inputs: whatever an input holds, it ends as an event or a dead letter with a reason,
 in parsing, in explain and in the Beam pipeline; nothing in it can stop a run."""
+
 from __future__ import annotations
 
 import base64
@@ -162,8 +163,10 @@ def test_an_avro_long_timestamp_near_2_62_is_an_invalid_field_in_explain_and_bat
     from transforms.files import iter_payloads
     from transforms.read import ReadEvents
 
-    records = [{**GOOD, "user": json.dumps(GOOD["user"]), "id": "0000000000000009", "timestamp": 2**62 - 1},
-               {**GOOD, "user": json.dumps(GOOD["user"])}]
+    records = [
+        {**GOOD, "user": json.dumps(GOOD["user"]), "id": "0000000000000009", "timestamp": 2**62 - 1},
+        {**GOOD, "user": json.dumps(GOOD["user"])},
+    ]
     path = tmp_path / "events.avro"
     with open(path, "wb") as f:
         fastavro.writer(f, fastavro.parse_schema(schemas.load("event.avsc")), records)

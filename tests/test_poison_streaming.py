@@ -1,5 +1,6 @@
 """Poison messages on the Pub/Sub emulator, streaming: each costs its own message only (a dead
 letter with a reason, small enough for the dead-letter topic), and its neighbours are delivered."""
+
 from __future__ import annotations
 
 import base64
@@ -42,21 +43,33 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
 
     published = [
         (orjson.dumps(event("a000000000000001")), {}),
-        (orjson.dumps(event("b000000000000001", timestamp=1700000000000000)), {}),    # microseconds
-        (json.dumps(event("b000000000000002", data=deep(400))).encode(), {}),          # too deep
-        (NOT_UTF8, {}),                                                                # not UTF-8
-        (orjson.dumps(event("b000000000000003")), {"ts": "yesterday"}),                # bad attribute
-        (orjson.dumps(event("b000000000000004")), {"ts": "99999999999999999999"}),     # out of range
-        (BIG, {}),                                                                     # big, not UTF-8
-        (orjson.dumps({k: v for k, v in event("a000000000000002").items() if k != "timestamp"}),
-         {"ts": "2026-01-02T00:00:00Z"}),                                              # time from the attribute
+        (orjson.dumps(event("b000000000000001", timestamp=1700000000000000)), {}),  # microseconds
+        (json.dumps(event("b000000000000002", data=deep(400))).encode(), {}),  # too deep
+        (NOT_UTF8, {}),  # not UTF-8
+        (orjson.dumps(event("b000000000000003")), {"ts": "yesterday"}),  # bad attribute
+        (orjson.dumps(event("b000000000000004")), {"ts": "99999999999999999999"}),  # out of range
+        (BIG, {}),  # big, not UTF-8
+        (
+            orjson.dumps({k: v for k, v in event("a000000000000002").items() if k != "timestamp"}),
+            {"ts": "2026-01-02T00:00:00Z"},
+        ),  # time from the attribute
         (orjson.dumps(event("a000000000000003")), {}),
     ]
     for data, attributes in published:
         pubsub.publish(topic, data, **attributes)
 
-    prepared = cli.prepare_run(["--flow", str(flow), "--input_subscription", subscription,
-                                "--timestamp_attribute", "ts", "--dead_letter_topic", dead_topic])
+    prepared = cli.prepare_run(
+        [
+            "--flow",
+            str(flow),
+            "--input_subscription",
+            subscription,
+            "--timestamp_attribute",
+            "ts",
+            "--dead_letter_topic",
+            dead_topic,
+        ]
+    )
     assert not isinstance(prepared, int)
     result = cli.launch(*prepared)
     failure = RunWatch(result).failure
@@ -68,22 +81,34 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
         cli.stop_local_streaming(result, subscription=subscription)
     assert not failure, failure
 
-    assert sorted(m["messageId"].split(":")[1] for m in endpoint.accepted) == \
-        ["a000000000000001", "a000000000000002", "a000000000000003"]
+    assert sorted(m["messageId"].split(":")[1] for m in endpoint.accepted) == [
+        "a000000000000001",
+        "a000000000000002",
+        "a000000000000003",
+    ]
     [from_attribute] = [m for m in endpoint.accepted if "a000000000000002" in m["messageId"]]
     assert from_attribute["timestamp"].startswith("2026-01-02T00:00:00")
 
     assert all(len(m.data) < 10_000_000 for m in dead)
     records = [orjson.loads(m.data) for m in dead]
     by_reason = sorted((r["reason"], r.get("event_id") or "") for r in records)
-    assert by_reason == [("invalid_field", ""), ("invalid_field", ""), ("invalid_field", "b000000000000001"),
-                         ("not_json", ""), ("not_json", ""), ("too_deep", "b000000000000002")], by_reason
+    assert by_reason == [
+        ("invalid_field", ""),
+        ("invalid_field", ""),
+        ("invalid_field", "b000000000000001"),
+        ("not_json", ""),
+        ("not_json", ""),
+        ("too_deep", "b000000000000002"),
+    ], by_reason
     attribute_errors = [r for r in records if r["reason"] == "invalid_field" and not r["event_id"]]
     assert all("ts=" in r["error"] for r in attribute_errors)
-    assert sorted(orjson.loads(r["payload"])["id"] for r in attribute_errors) == ["b000000000000003",
-                                                                                  "b000000000000004"]
-    assert sorted(base64.b64decode(r["payload"]) for r in records if r.get("payload_encoding") == "base64") == \
-        sorted([NOT_UTF8, BIG])
+    assert sorted(orjson.loads(r["payload"])["id"] for r in attribute_errors) == [
+        "b000000000000003",
+        "b000000000000004",
+    ]
+    assert sorted(base64.b64decode(r["payload"]) for r in records if r.get("payload_encoding") == "base64") == sorted(
+        [NOT_UTF8, BIG]
+    )
 
 
 def test_a_dead_letter_too_big_for_the_topic_is_cut_to_fit_and_the_run_goes_on(pubsub, unique, endpoint):  # noqa: F811
@@ -95,8 +120,9 @@ def test_a_dead_letter_too_big_for_the_topic_is_cut_to_fit_and_the_run_goes_on(p
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
     huge = b"x" * 12_000_000  # one input over Pub/Sub's 10 MB message limit: not JSON
     spec = make_spec(flow_document(host=endpoint.url))
-    result = run_pipeline(spec, [huge, orjson.dumps(event("a000000000000001"))],
-                           dead_letter_sink=WriteDeadLetters(topic=dead_topic))
+    result = run_pipeline(
+        spec, [huge, orjson.dumps(event("a000000000000001"))], dead_letter_sink=WriteDeadLetters(topic=dead_topic)
+    )
     assert result.delivered == ["a000000000000001"]
     [message] = _pull_big(pubsub, dead_subscription)
     assert len(message.data) <= 10_000_000
@@ -113,8 +139,9 @@ def _pull_big(pubsub, subscription: str) -> list:  # noqa: F811
     from google.cloud import pubsub_v1
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    channel = grpc.insecure_channel(os.environ["PUBSUB_EMULATOR_HOST"],
-                                    options=[("grpc.max_receive_message_length", -1)])
+    channel = grpc.insecure_channel(
+        os.environ["PUBSUB_EMULATOR_HOST"], options=[("grpc.max_receive_message_length", -1)]
+    )
     client = pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
     try:
         response = client.pull(subscription=subscription, max_messages=10, timeout=30)

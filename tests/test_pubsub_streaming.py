@@ -6,6 +6,7 @@ The streaming DirectRunner never finishes by itself and its Pub/Sub pull blocks 
 an idle subscription; a heartbeat message (attribute ``walkeros_heartbeat``, dropped by
 ReadEvents) makes the pull in flight return, so ``cancel()`` is immediate.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,34 +37,66 @@ DORA = {"session": "s-dora"}
 # Phase 1: every envelope form, invalid inputs, a dropped-by-policy event each way.
 PHASE_1 = [
     # one event object
-    json.dumps(timed_event("page view", "e000000000000001", 0, ANNA, data={"id": "/", "title": "Home"},
-                     globals={"pagegroup": "home"})),
+    json.dumps(
+        timed_event(
+            "page view", "e000000000000001", 0, ANNA, data={"id": "/", "title": "Home"}, globals={"pagegroup": "home"}
+        )
+    ),
     # a JSON array of events (one user: order inside a message is kept)
-    json.dumps([timed_event("product view", "e000000000000002", 1, BEN, data={"id": "p1", "name": "Cap", "price": 42}),
-                timed_event("product add", "e000000000000003", 2, BEN,
-                      data={"id": "p1", "name": "Cap", "price": 42, "quantity": 2})]),
+    json.dumps(
+        [
+            timed_event("product view", "e000000000000002", 1, BEN, data={"id": "p1", "name": "Cap", "price": 42}),
+            timed_event(
+                "product add", "e000000000000003", 2, BEN, data={"id": "p1", "name": "Cap", "price": 42, "quantity": 2}
+            ),
+        ]
+    ),
     # the multi-event envelope {"batch": [...]}
-    json.dumps({"batch": [
-        timed_event("order complete", "e000000000000004", 3, CARL, data={"id": "o-1", "total": 84, "currency": "EUR"},
-              nested=[{"entity": "product", "data": {"id": "p1", "name": "Cap", "price": 42}}]),
-        timed_event("user login", "e000000000000005", 4, DORA,
-              data={"user_id": "dora-1", "email": "dora@example.com", "plan": "pro"}),
-        {"name": "broken", "id": "e000000000000006"},  # invalid_name, inside an envelope
-    ]}),
-    "this is not json {",                                                  # not_json
+    json.dumps(
+        {
+            "batch": [
+                timed_event(
+                    "order complete",
+                    "e000000000000004",
+                    3,
+                    CARL,
+                    data={"id": "o-1", "total": 84, "currency": "EUR"},
+                    nested=[{"entity": "product", "data": {"id": "p1", "name": "Cap", "price": 42}}],
+                ),
+                timed_event(
+                    "user login",
+                    "e000000000000005",
+                    4,
+                    DORA,
+                    data={"user_id": "dora-1", "email": "dora@example.com", "plan": "pro"},
+                ),
+                {"name": "broken", "id": "e000000000000006"},  # invalid_name, inside an envelope
+            ]
+        }
+    ),
+    "this is not json {",  # not_json
     json.dumps(timed_event("product view", "e000000000000007", 5, {}, data={"id": "p2"})),  # no_identity
-    json.dumps(timed_event("debug ping", "e000000000000008", 6, BEN)),            # ignored by the rule
-    json.dumps({**timed_event("product view", "e000000000000009", 7, BEN, data={"id": "p3"}),
-                "consent": {"analytics": False}}),                          # consent denied
+    json.dumps(timed_event("debug ping", "e000000000000008", 6, BEN)),  # ignored by the rule
+    json.dumps(
+        {**timed_event("product view", "e000000000000009", 7, BEN, data={"id": "p3"}), "consent": {"analytics": False}}
+    ),  # consent denied
 ]
 # Phase 2, after phase 1 was delivered: the same users again (identify state across bundles),
 # and an event without a timestamp, which takes the message's publish time.
 PHASE_2 = [
     json.dumps(timed_event("product view", "e00000000000000a", 60, ANNA, data={"id": "p9", "name": "Hat", "price": 7})),
-    json.dumps(timed_event("product view", "e00000000000000b", 61, {**BEN, "email": "ben@example.com"},
-                     data={"id": "p1", "name": "Cap", "price": 42})),
-    json.dumps({"name": "product view", "id": "e00000000000000c", "user": CARL, "consent": CONSENT,
-                "data": {"id": "p4"}}),
+    json.dumps(
+        timed_event(
+            "product view",
+            "e00000000000000b",
+            61,
+            {**BEN, "email": "ben@example.com"},
+            data={"id": "p1", "name": "Cap", "price": 42},
+        )
+    ),
+    json.dumps(
+        {"name": "product view", "id": "e00000000000000c", "user": CARL, "consent": CONSENT, "data": {"id": "p4"}}
+    ),
 ]
 NO_TIMESTAMP_ID = "e00000000000000c"
 
@@ -98,8 +131,18 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     for payload in PHASE_1[3:]:
         pubsub.publish(topic, payload)
 
-    prepared = cli.prepare_run(["--flow", streaming_flow(tmp_path), "--input_subscription", subscription,
-                                "--dead_letter_topic", dead_topic, "--message_id_namespace", NAMESPACE])
+    prepared = cli.prepare_run(
+        [
+            "--flow",
+            streaming_flow(tmp_path),
+            "--input_subscription",
+            subscription,
+            "--dead_letter_topic",
+            dead_topic,
+            "--message_id_namespace",
+            NAMESPACE,
+        ]
+    )
     assert not isinstance(prepared, int), "the run flags were refused"
     options, spec = prepared
     expected = expected_calls(spec)
@@ -110,14 +153,16 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     failure = watch.failure
     try:
         with pubsub.heartbeats(topic):
-            assert endpoint.wait_until(phase_1_count, timeout=20), \
+            assert endpoint.wait_until(phase_1_count, timeout=20), (
                 f"phase 1: {len(endpoint.accepted)} of {phase_1_count} calls arrived; failure: {failure}"
+            )
             before = time.time()
             for payload in PHASE_2:
                 pubsub.publish(topic, payload)
             after = time.time()
-            assert endpoint.wait_until(len(expected), timeout=20), \
+            assert endpoint.wait_until(len(expected), timeout=20), (
                 f"{len(endpoint.accepted)} of {len(expected)} calls arrived; failure: {failure}"
+            )
             dead = pubsub.pull(dead_subscription, count=3, timeout_s=15, idle_s=0.5)
     finally:
         stop_started = time.monotonic()
@@ -148,7 +193,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
         types.setdefault(m["messageId"].split(":")[1], []).append(m["type"])
     assert types["e000000000000001"] == ["identify", "page"]
     assert types["e000000000000002"] == ["identify", "track"] and types["e000000000000003"] == ["track"]
-    assert types["e00000000000000a"] == ["track"]              # anna's traits unchanged since phase 1
+    assert types["e00000000000000a"] == ["track"]  # anna's traits unchanged since phase 1
     assert types["e00000000000000b"] == ["identify", "track"]  # ben's email is new: identify again
     assert "e000000000000008" not in types and "e000000000000009" not in types
 
@@ -163,10 +208,18 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
     assert all(WRITE_KEY not in m.data.decode() for m in dead)
     # Each carries what a subscription filters on: reason, stage, flow, and the event id when known.
     attributes = {orjson.loads(m.data)["reason"]: dict(m.attributes) for m in dead}
-    assert attributes["invalid_name"] == {"reason": "invalid_name", "stage": "parse", "flow": "default",
-                                          "event_id": "e000000000000006"}
-    assert attributes["no_identity"] == {"reason": "no_identity", "stage": "identity", "flow": "default",
-                                         "event_id": "e000000000000007"}
+    assert attributes["invalid_name"] == {
+        "reason": "invalid_name",
+        "stage": "parse",
+        "flow": "default",
+        "event_id": "e000000000000006",
+    }
+    assert attributes["no_identity"] == {
+        "reason": "no_identity",
+        "stage": "identity",
+        "flow": "default",
+        "event_id": "e000000000000007",
+    }
     assert attributes["not_json"] == {"reason": "not_json", "stage": "parse", "flow": "default"}
     # (No counter totals here: on the streaming DirectRunner, Beam's counters stop at the first
     # bundle of each step -- measured, see the README's "Running on Dataflow". The calls and dead letters above
@@ -183,13 +236,24 @@ def test_streaming_from_a_topic(pubsub, unique, endpoint, monkeypatch, tmp_path)
     dead_topic = pubsub.topic(f"dead-{unique}")
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
     pubsub.publish(topic, PHASE_1[0])  # before the job: nobody subscribed, so never seen
-    options, spec = cli.prepare_run(["--flow", streaming_flow(tmp_path), "--input_topic", topic,
-                                     "--dead_letter_topic", dead_topic, "--message_id_namespace", NAMESPACE])
+    options, spec = cli.prepare_run(
+        [
+            "--flow",
+            streaming_flow(tmp_path),
+            "--input_topic",
+            topic,
+            "--dead_letter_topic",
+            dead_topic,
+            "--message_id_namespace",
+            NAMESPACE,
+        ]
+    )
     result = cli.launch(options, spec)
     failure = RunWatch(result).failure
     try:
-        subscribed = poll_until(lambda: failure or list(pubsub.publisher.list_topic_subscriptions(topic=topic)),
-                                timeout_s=20)
+        subscribed = poll_until(
+            lambda: failure or list(pubsub.publisher.list_topic_subscriptions(topic=topic)), timeout_s=20
+        )
         assert subscribed and not failure, f"no temporary subscription; {failure}"
         with pubsub.heartbeats(topic):
             pubsub.publish(topic, PHASE_2[0])
@@ -202,28 +266,45 @@ def test_streaming_from_a_topic(pubsub, unique, endpoint, monkeypatch, tmp_path)
     assert not failure, failure
     assert not list(pubsub.publisher.list_topic_subscriptions(topic=topic))
     assert [m["messageId"] for m in endpoint.accepted] == [
-        f"{NAMESPACE}:e00000000000000a:identify", f"{NAMESPACE}:e00000000000000a:track"]
+        f"{NAMESPACE}:e00000000000000a:identify",
+        f"{NAMESPACE}:e00000000000000a:track",
+    ]
     assert sorted(orjson.loads(m.data)["reason"] for m in dead) == ["not_an_event", "not_an_event"]
 
 
 def test_id_label_is_refused_on_the_direct_runner(capsys):
-    code = cli.main(["run", "--flow", EXAMPLE_FLOW, "--input_subscription",
-                     "projects/walkeros-test/subscriptions/s", "--id_label", "event_id",
-                     "--dead_letter_topic", "projects/walkeros-test/topics/d"])
+    code = cli.main(
+        [
+            "run",
+            "--flow",
+            EXAMPLE_FLOW,
+            "--input_subscription",
+            "projects/walkeros-test/subscriptions/s",
+            "--id_label",
+            "event_id",
+            "--dead_letter_topic",
+            "projects/walkeros-test/topics/d",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--id_label is supported on Dataflow only" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--input_subscription", "subscriptions/s"], "--input_subscription: PubSub subscription must be in the form"),
-    (["--input_topic", "projects/x/topics/t"], "Invalid PubSub project name"),
-    (["--input", "a.jsonl", "--input_subscription", "projects/walkeros-test/subscriptions/s"], "give one input"),
-    (["--input", "a.jsonl", "--timestamp_attribute", "ts"], "apply to Pub/Sub input only"),
-    (["--input_subscription", "projects/walkeros-test/subscriptions/s", "--runner", "FnApiRunner"],
-     "FnApiRunner cannot read Pub/Sub"),
-    (["--input", "events/*.jsonl", "--runner", "DataflowRunner"], "files must be on gs://"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input_subscription", "subscriptions/s"], "--input_subscription: PubSub subscription must be in the form"),
+        (["--input_topic", "projects/x/topics/t"], "Invalid PubSub project name"),
+        (["--input", "a.jsonl", "--input_subscription", "projects/walkeros-test/subscriptions/s"], "give one input"),
+        (["--input", "a.jsonl", "--timestamp_attribute", "ts"], "apply to Pub/Sub input only"),
+        (
+            ["--input_subscription", "projects/walkeros-test/subscriptions/s", "--runner", "FnApiRunner"],
+            "FnApiRunner cannot read Pub/Sub",
+        ),
+        (["--input", "events/*.jsonl", "--runner", "DataflowRunner"], "files must be on gs://"),
+    ],
+)
 def test_run_refuses_pubsub_flag_mistakes(argv, message, capsys):
     assert cli.main(["run", "--flow", EXAMPLE_FLOW, "--dead_letter", "/tmp/never", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -245,18 +326,25 @@ def test_streaming_dead_letters_to_files(tmp_path, fmt):
 
     spec = make_spec(flow_document())
     start = T0 / 1000
-    stream = (test_stream.TestStream()
-              .advance_watermark_to(Timestamp.of(start))
-              .add_elements([test_stream.TimestampedValue(b"not json", start),
-                             test_stream.TimestampedValue(b'{"name": "x"}', start + 1)])
-              .advance_watermark_to(Timestamp.of(start + STREAMING_FILE_WINDOW_S + 1))
-              .add_elements([test_stream.TimestampedValue(b"[]", start + STREAMING_FILE_WINDOW_S + 2)])
-              .advance_watermark_to(Timestamp.of(start + 3 * STREAMING_FILE_WINDOW_S))
-              .advance_watermark_to_infinity())
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(Timestamp.of(start))
+        .add_elements(
+            [
+                test_stream.TimestampedValue(b"not json", start),
+                test_stream.TimestampedValue(b'{"name": "x"}', start + 1),
+            ]
+        )
+        .advance_watermark_to(Timestamp.of(start + STREAMING_FILE_WINDOW_S + 1))
+        .add_elements([test_stream.TimestampedValue(b"[]", start + STREAMING_FILE_WINDOW_S + 2)])
+        .advance_watermark_to(Timestamp.of(start + 3 * STREAMING_FILE_WINDOW_S))
+        .advance_watermark_to_infinity()
+    )
     prefix = tmp_path / "dead"
     p = beam.Pipeline(options=PipelineOptions([], streaming=True, runner="BundleBasedDirectRunner"))
-    build_pipeline(p, spec, streaming=True, read=stream,
-                   dead_letter_sink=WriteDeadLetters(str(prefix), fmt, streaming=True))
+    build_pipeline(
+        p, spec, streaming=True, read=stream, dead_letter_sink=WriteDeadLetters(str(prefix), fmt, streaming=True)
+    )
     p.run().wait_until_finish()
 
     files = sorted(prefix.glob(f"dead-letters*.{fmt}"))
@@ -291,13 +379,28 @@ def test_stopping_a_local_streaming_run_drains_it(stop, pubsub, unique, endpoint
     flow = json.loads(Path(EXAMPLE_FLOW).read_text())
     flow["flows"]["default"]["destinations"]["segment"]["config"]["settings"]["flushInterval"] = 600_000
     (tmp_path / "flow.json").write_text(json.dumps(flow))
-    env = {**os.environ, "SEGMENT_WRITE_KEY": WRITE_KEY, "SEGMENT_HOST": endpoint.url,
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SEGMENT_WRITE_KEY": WRITE_KEY, "SEGMENT_HOST": endpoint.url, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", "--flow", str(tmp_path / "flow.json"),
-         "--input_subscription", subscription, "--dead_letter_topic", dead_topic,
-         "--message_id_namespace", NAMESPACE],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--flow",
+            str(tmp_path / "flow.json"),
+            "--input_subscription",
+            subscription,
+            "--dead_letter_topic",
+            dead_topic,
+            "--message_id_namespace",
+            NAMESPACE,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # The dead letter is out once the messages were read; the events wait in state.
         dead = pubsub.pull(dead_subscription, count=1, timeout_s=90)

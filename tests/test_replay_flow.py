@@ -1,6 +1,7 @@
 """Replay honours each dead letter's own flow and messageId namespace: dead letters written by
 flow b (or under another namespace) are not replayed under flow a's mapping and namespace,
 where Segment could not deduplicate them; the run refuses, says why and how (exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,20 @@ from support import WRITE_KEY
 
 from pipeline.cli import main as cli_main
 
-TWO_FLOWS = {"version": 4, "flows": {
-    name: {"destinations": {"segment": {
-        "package": "@walkeros/server-destination-segment",
-        "config": {"settings": {"writeKey": WRITE_KEY, "host": "http://127.0.0.1:9"}}}}}
-    for name in ("a", "b")}}
+TWO_FLOWS = {
+    "version": 4,
+    "flows": {
+        name: {
+            "destinations": {
+                "segment": {
+                    "package": "@walkeros/server-destination-segment",
+                    "config": {"settings": {"writeKey": WRITE_KEY, "host": "http://127.0.0.1:9"}},
+                }
+            }
+        }
+        for name in ("a", "b")
+    },
+}
 
 
 @pytest.fixture
@@ -28,8 +38,20 @@ def write_dead_letters(tmp_path, flow_file, flow_name, *flags) -> str:
     source = tmp_path / "events.jsonl"
     source.write_text("not json\n")
     prefix = tmp_path / f"dead-{flow_name}" / "dead"
-    cli_main(["run", "--flow", flow_file, "--flow_name", flow_name, "--input", str(source),
-              "--dead_letter", str(prefix), *flags])
+    cli_main(
+        [
+            "run",
+            "--flow",
+            flow_file,
+            "--flow_name",
+            flow_name,
+            "--input",
+            str(source),
+            "--dead_letter",
+            str(prefix),
+            *flags,
+        ]
+    )
     [path] = prefix.parent.glob("dead*")
     return str(path)
 
@@ -56,8 +78,21 @@ def test_replaying_another_flows_dead_letters_is_refused(tmp_path, flow_file, ca
 def test_replaying_under_another_namespace_is_refused(tmp_path, flow_file, capsys):
     path = write_dead_letters(tmp_path, flow_file, "b", "--message_id_namespace", "acme-b")
     capsys.readouterr()
-    code = cli_main(["run", "--flow", flow_file, "--flow_name", "b", "--input", path, "--input_format",
-                     "dead_letter", "--dead_letter", str(tmp_path / "again" / "dead")])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            flow_file,
+            "--flow_name",
+            "b",
+            "--input",
+            path,
+            "--input_format",
+            "dead_letter",
+            "--dead_letter",
+            str(tmp_path / "again" / "dead"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "acme-b" in err and "--message_id_namespace acme-b" in err
@@ -65,8 +100,23 @@ def test_replaying_under_another_namespace_is_refused(tmp_path, flow_file, capsy
 
 def test_replaying_with_the_same_flow_and_namespace_runs(tmp_path, flow_file, capsys):
     path = write_dead_letters(tmp_path, flow_file, "b", "--message_id_namespace", "acme-b")
-    code = cli_main(["run", "--flow", flow_file, "--flow_name", "b", "--message_id_namespace", "acme-b",
-                     "--input", path, "--input_format", "dead_letter", "--dead_letter", str(tmp_path / "again" / "dead")])
+    code = cli_main(
+        [
+            "run",
+            "--flow",
+            flow_file,
+            "--flow_name",
+            "b",
+            "--message_id_namespace",
+            "acme-b",
+            "--input",
+            path,
+            "--input_format",
+            "dead_letter",
+            "--dead_letter",
+            str(tmp_path / "again" / "dead"),
+        ]
+    )
     assert code == 3  # the event dead-letters again: the run says so
     [again] = (tmp_path / "again").glob("dead*")
     [record] = [json.loads(l) for l in open(again)]
@@ -87,9 +137,18 @@ def test_the_dead_letter_layout_is_the_same_in_batch_and_streaming(tmp_path, fmt
     from transforms.files import dead_letter_records, iter_payloads
 
     fields = [f["name"] for f in schemas.load("dead_letter.avsc")["fields"]]
-    letters = [DeadLetter(payload="x", stage="parse", reason="not_json", error="e", flow="a", namespace="n"),
-               DeadLetter(payload="/w==", payload_encoding="base64", stage="parse", reason="not_json", error="e",
-                          flow="a", namespace="n")]
+    letters = [
+        DeadLetter(payload="x", stage="parse", reason="not_json", error="e", flow="a", namespace="n"),
+        DeadLetter(
+            payload="/w==",
+            payload_encoding="base64",
+            stage="parse",
+            reason="not_json",
+            error="e",
+            flow="a",
+            namespace="n",
+        ),
+    ]
     with beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner")) as p:
         p | beam.Create(letters) | WriteDeadLetters(str(tmp_path / "batch" / "dead"), fmt)
     stream = test_stream.TestStream().add_elements(letters).advance_watermark_to_infinity()

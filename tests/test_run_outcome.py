@@ -2,6 +2,7 @@
 result, the JSON summary, inputs and flags that are the user's mistake, and dead letters that
 a later run at the same prefix never replaces. Real runs of the command line (batch, FnApiRunner)
 against the local Segment endpoint."""
+
 from __future__ import annotations
 
 import gzip
@@ -51,8 +52,16 @@ def result_line(out: str) -> str:
 # -- exit status and summary -----------------------------------------------------------------
 def test_everything_delivered_exits_0_and_writes_the_json_summary(example_env, tmp_path, capsys):
     summary = tmp_path / "reports" / "summary.json"
-    code = run("--input", write_lines(tmp_path / "good.jsonl", GOOD), "--dead_letter", str(tmp_path / "dead"),
-               "--summary_json", str(summary), "--run_id", "airflow:scheduled__2026-01-01")
+    code = run(
+        "--input",
+        write_lines(tmp_path / "good.jsonl", GOOD),
+        "--dead_letter",
+        str(tmp_path / "dead"),
+        "--summary_json",
+        str(summary),
+        "--run_id",
+        "airflow:scheduled__2026-01-01",
+    )
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
     assert result_line(out).startswith("exit status 0 (ok): all 5 ended as delivered or dropped by policy")
@@ -74,18 +83,20 @@ def test_everything_delivered_exits_0_and_writes_the_json_summary(example_env, t
 def test_dead_letters_exit_3_unless_tolerated(example_env, tmp_path, capsys):
     events = write_lines(tmp_path / "events.jsonl", LINES)  # 13 units, 3 of them dead letters
     summary = tmp_path / "summary.json"
-    assert run("--input", events, "--dead_letter", str(tmp_path / "a"), "--summary_json", str(summary)) \
+    assert (
+        run("--input", events, "--dead_letter", str(tmp_path / "a"), "--summary_json", str(summary))
         == EXIT_DEAD_LETTERS
+    )
     line = result_line(capsys.readouterr().out)
-    assert line == ("exit status 3 (dead_letters): 3 of 13 ended as dead letters (23.08%), "
-                    "more than --max_dead_letter_ratio 0")
+    assert line == (
+        "exit status 3 (dead_letters): 3 of 13 ended as dead letters (23.08%), more than --max_dead_letter_ratio 0"
+    )
     document = json.loads(summary.read_text())
     assert document["status"] == 3 and document["result"] in line
     assert document["dead_letters_by_reason"] == {"invalid_name": 1, "no_identity": 1, "not_json": 1}
     assert document["accounting"]["dead_letter_ratio"] == pytest.approx(3 / 13, abs=1e-6)
 
-    assert run("--input", events, "--dead_letter", str(tmp_path / "b"), "--max_dead_letter_ratio", "0.25") \
-        == EXIT_OK
+    assert run("--input", events, "--dead_letter", str(tmp_path / "b"), "--max_dead_letter_ratio", "0.25") == EXIT_OK
     assert "within --max_dead_letter_ratio 0.25" in result_line(capsys.readouterr().out)
 
 
@@ -97,10 +108,26 @@ def test_a_failed_pipeline_exits_1_with_one_line_and_no_traceback(endpoint, tmp_
     flow = tmp_path / "flow.json"
     flow.write_text(json.dumps(flow_document(host=endpoint.url)))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--flow", str(flow), "--input",
-         write_lines(tmp_path / "events.jsonl", ["not json"]), "--dead_letter", str(tmp_path / "taken" / "dead"),
-         "--summary_json", str(tmp_path / "summary.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--flow",
+            str(flow),
+            "--input",
+            write_lines(tmp_path / "events.jsonl", ["not json"]),
+            "--dead_letter",
+            str(tmp_path / "taken" / "dead"),
+            "--summary_json",
+            str(tmp_path / "summary.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == EXIT_FAILED, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     [failure] = [l for l in proc.stderr.splitlines() if l.startswith("run failed: ")]
@@ -124,19 +151,25 @@ def test_explain_exit_status_and_summary_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     good = write_lines(tmp_path / "good.jsonl", GOOD)
     assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", good]) == EXIT_OK
-    assert capsys.readouterr().err.strip() == \
-        "explain: exit status 0 (ok): all 5 would end as delivered or dropped by policy"
+    assert (
+        capsys.readouterr().err.strip()
+        == "explain: exit status 0 (ok): all 5 would end as delivered or dropped by policy"
+    )
     assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", str(EXAMPLE_EVENTS)]) == EXIT_DEAD_LETTERS
-    assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", str(EXAMPLE_EVENTS),
-                     "--max_dead_letter_ratio", "0.5"]) == EXIT_OK
+    assert (
+        cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", str(EXAMPLE_EVENTS), "--max_dead_letter_ratio", "0.5"])
+        == EXIT_OK
+    )
 
 
 def test_explain_reads_standard_input(monkeypatch, capsys):
     """One event pasted over several lines, or JSON Lines."""
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     pretty = json.dumps(json.loads(GOOD[0]), indent=2)
-    for text, ids in ((pretty, [json.loads(GOOD[0])["id"]]),
-                      ("\n".join(GOOD[:2]), [json.loads(l)["id"] for l in GOOD[:2]])):
+    for text, ids in (
+        (pretty, [json.loads(GOOD[0])["id"]]),
+        ("\n".join(GOOD[:2]), [json.loads(l)["id"] for l in GOOD[:2]]),
+    ):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
         assert cli_main(["explain", "--flow", EXAMPLE_FLOW, "--input", "-"]) == EXIT_OK
         lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
@@ -163,14 +196,31 @@ def _avro(events: list[dict]) -> bytes:
 
 
 @pytest.mark.parametrize("command", ["run", "explain"])
-@pytest.mark.parametrize("pattern, fmt", [
-    ("missing/*.jsonl", "auto"), ("missing/*.json", "auto"), ("missing/*.avro", "auto"),
-    ("missing/*.jsonl.gz", "auto"), ("missing/*", "dead_letter"), ("events.jsonl", "auto"),
-])
+@pytest.mark.parametrize(
+    "pattern, fmt",
+    [
+        ("missing/*.jsonl", "auto"),
+        ("missing/*.json", "auto"),
+        ("missing/*.avro", "auto"),
+        ("missing/*.jsonl.gz", "auto"),
+        ("missing/*", "dead_letter"),
+        ("events.jsonl", "auto"),
+    ],
+)
 def test_an_input_that_matches_nothing_is_a_usage_error(command, pattern, fmt, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
-    code = cli_main([command, "--flow", EXAMPLE_FLOW, "--input", str(tmp_path / pattern), "--input_format", fmt,
-                     *(["--dead_letter", str(tmp_path / "dead")] if command == "run" else [])])
+    code = cli_main(
+        [
+            command,
+            "--flow",
+            EXAMPLE_FLOW,
+            "--input",
+            str(tmp_path / pattern),
+            "--input_format",
+            fmt,
+            *(["--dead_letter", str(tmp_path / "dead")] if command == "run" else []),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert err.splitlines() == [f"--input {tmp_path / pattern}: no file matches (check the path and the glob)"]
@@ -186,24 +236,34 @@ def test_a_directory_or_an_unreadable_file_is_a_usage_error(command, tmp_path, m
     assert "is a directory" in capsys.readouterr().err
     (tmp_path / "in" / "a.jsonl").symlink_to(tmp_path / "gone.jsonl")  # matched by the glob, cannot be read
     (tmp_path / "in" / "b.jsonl").write_text(GOOD[0] + "\n")
-    assert cli_main([command, "--flow", EXAMPLE_FLOW, "--input", str(tmp_path / "in" / "*.jsonl"), *extra]) \
-        == EXIT_USAGE
+    assert (
+        cli_main([command, "--flow", EXAMPLE_FLOW, "--input", str(tmp_path / "in" / "*.jsonl"), *extra]) == EXIT_USAGE
+    )
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"--input {tmp_path / 'in' / 'a.jsonl'}: cannot read it")
 
 
-@pytest.mark.parametrize("command, argv, message", [
-    ("run", ["--inptu", "x.jsonl"], "unknown flag --inptu: did you mean --input?"),
-    ("run", ["--num_worker", "3"], "unknown flag --num_worker: did you mean --num_workers?"),  # Beam's
-    ("run", ["--max_dead_letter_ration=0.1"], "unknown flag --max_dead_letter_ration: did you mean "
-                                              "--max_dead_letter_ratio?"),
-    ("explain", ["--inptu", "x.jsonl"], "unknown flag --inptu: did you mean --input?"),
-    ("validate", ["--flow_nmae", "x"], "unknown flag --flow_nmae: did you mean --flow_name?"),
-])
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        ("run", ["--inptu", "x.jsonl"], "unknown flag --inptu: did you mean --input?"),
+        ("run", ["--num_worker", "3"], "unknown flag --num_worker: did you mean --num_workers?"),  # Beam's
+        (
+            "run",
+            ["--max_dead_letter_ration=0.1"],
+            "unknown flag --max_dead_letter_ration: did you mean --max_dead_letter_ratio?",
+        ),
+        ("explain", ["--inptu", "x.jsonl"], "unknown flag --inptu: did you mean --input?"),
+        ("validate", ["--flow_nmae", "x"], "unknown flag --flow_nmae: did you mean --flow_name?"),
+    ],
+)
 def test_a_misspelt_flag_is_an_error_with_a_suggestion(command, argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
-    base = {"run": ["--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dead")],
-            "explain": [], "validate": []}[command]
+    base = {
+        "run": ["--input", str(EXAMPLE_EVENTS), "--dead_letter", str(tmp_path / "dead")],
+        "explain": [],
+        "validate": [],
+    }[command]
     assert cli_main([command, "--flow", EXAMPLE_FLOW, *base, *argv]) == EXIT_USAGE
     assert capsys.readouterr().err.splitlines() == [message]
     assert not list(tmp_path.glob("dead*"))
@@ -233,8 +293,19 @@ def test_two_runs_at_one_prefix_keep_both_and_a_replay_glob_reads_them_all(examp
     # A replay with a glob over the prefix picks up both runs' dead letters (3 + 3 payloads).
     example_env.reset()
     summary = tmp_path / "replay.json"
-    assert run("--input", f"{prefix}*", "--input_format", "dead_letter", "--dead_letter",
-               str(tmp_path / "replayed"), "--summary_json", str(summary)) == EXIT_DEAD_LETTERS
+    assert (
+        run(
+            "--input",
+            f"{prefix}*",
+            "--input_format",
+            "dead_letter",
+            "--dead_letter",
+            str(tmp_path / "replayed"),
+            "--summary_json",
+            str(summary),
+        )
+        == EXIT_DEAD_LETTERS
+    )
     document = json.loads(summary.read_text())
     assert document["counts"]["inputs_read"] == 6 and document["counts"]["dead_letters"] == 6
     assert document["counters"].get("dead_letters_failed_again") == 6
@@ -242,17 +313,27 @@ def test_two_runs_at_one_prefix_keep_both_and_a_replay_glob_reads_them_all(examp
 
 # -- validate ---------------------------------------------------------------------------------
 def test_validate_reports_every_error_including_a_host_with_the_api_path(tmp_path, capsys):
-    document = flow_document({"host": "https://events.eu1.segmentapis.com/v1/batch/", "flushAt": "fifteen",
-                              "userId": "$var.missing", "bogus": 1},
-                             mapping={"page": {"view": {"nmae": "x"}}})
+    document = flow_document(
+        {
+            "host": "https://events.eu1.segmentapis.com/v1/batch/",
+            "flushAt": "fifteen",
+            "userId": "$var.missing",
+            "bogus": 1,
+        },
+        mapping={"page": {"view": {"nmae": "x"}}},
+    )
     flow = tmp_path / "flow.json"
     flow.write_text(json.dumps(document))
     assert cli_main(["validate", "--flow", str(flow)]) == EXIT_USAGE
     errors = capsys.readouterr().err.splitlines()
     settings = "$.flows.default.destinations.segment.config.settings"
     assert [e.split(": ", 1)[0] for e in errors] == [
-        f"{settings}.userId", f"{settings}.flushAt", "$.flows.default.destinations.segment.config.mapping.page.view",
-        settings, f"{settings}.host"]
+        f"{settings}.userId",
+        f"{settings}.flushAt",
+        "$.flows.default.destinations.segment.config.mapping.page.view",
+        settings,
+        f"{settings}.host",
+    ]
     assert "'https://events.eu1.segmentapis.com/v1/batch/' already ends in /v1/batch" in errors[-1]
     assert "give the base URL only, 'https://events.eu1.segmentapis.com'" in errors[-1]
 
@@ -268,10 +349,24 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
     flow = tmp_path / "flow.json"
     flow.write_text(json.dumps(flow_document({"maxRetries": 0, "httpRequestTimeout": 90_000}, host=endpoint.url)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", "--flow", str(flow), "--input",
-         write_lines(tmp_path / "good.jsonl", GOOD), "--dead_letter", str(tmp_path / "dead")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--flow",
+            str(flow),
+            "--input",
+            write_lines(tmp_path / "good.jsonl", GOOD),
+            "--dead_letter",
+            str(tmp_path / "dead"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         # Until the run is sending: a request has reached the endpoint (where it waits 60 s).
         poll_until(lambda: endpoint.requests or proc.poll() is not None, timeout_s=90)
@@ -287,13 +382,16 @@ def test_a_stopped_batch_run_exits_1_and_says_so(endpoint, tmp_path):
     assert "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("command, argv", [
-    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--input_format", "bogus"]),
-    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--num_workers", "many"]),
-    ("explain", []),  # --input missing
-    ("explain", ["--input", str(EXAMPLE_EVENTS), "--max_dead_letter_ratio", "most"]),
-    ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--max_dead_letter_ratio", "1.5"]),
-])
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--input_format", "bogus"]),
+        ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--num_workers", "many"]),
+        ("explain", []),  # --input missing
+        ("explain", ["--input", str(EXAMPLE_EVENTS), "--max_dead_letter_ratio", "most"]),
+        ("run", ["--input", str(EXAMPLE_EVENTS), "--dead_letter", "/tmp/never", "--max_dead_letter_ratio", "1.5"]),
+    ],
+)
 def test_a_bad_flag_value_is_one_line_not_a_usage_block(command, argv, monkeypatch, capsys):
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     assert cli_main([command, "--flow", EXAMPLE_FLOW, *argv]) == EXIT_USAGE

@@ -1,6 +1,7 @@
 """The send layer (segment_api/http.py) against the local endpoint: the SDK's wire form,
 headers and auth; its retry policy with Retry-After / X-RateLimit-Reset; gzip; endpoint-wide
 errors (401/403/404, redirects) that blame no event; and the write key kept out of every error."""
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,19 @@ TS = "2026-01-01T00:00:00.000+00:00"
 
 
 def one(message_id: str, **fields) -> EventMessages:
-    return EventMessages({"id": message_id}, [{"type": "track", "anonymousId": "a-1", "event": "Tested",
-                                         "messageId": message_id, "timestamp": TS, **fields}])
+    return EventMessages(
+        {"id": message_id},
+        [
+            {
+                "type": "track",
+                "anonymousId": "a-1",
+                "event": "Tested",
+                "messageId": message_id,
+                "timestamp": TS,
+                **fields,
+            }
+        ],
+    )
 
 
 def send(endpoint_url: str, deliveries: list[EventMessages], **settings):
@@ -33,15 +45,25 @@ def send(endpoint_url: str, deliveries: list[EventMessages], **settings):
         connection.close()
 
 
-@pytest.mark.parametrize("message", [
-    {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
-    {"type": "track", "userId": "u", "anonymousId": "a", "event": "e", "context": {"ip": "1.2.3.4"},
-     "integrations": {"All": True}},
-    {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
-    {"type": "group", "anonymousId": "a", "groupId": "g", "traits": {"plan": "pro"}},
-    {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}},
-    {"type": "screen", "anonymousId": "a"},
-], ids=["track", "track-full", "identify", "group", "page", "screen"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
+        {
+            "type": "track",
+            "userId": "u",
+            "anonymousId": "a",
+            "event": "e",
+            "context": {"ip": "1.2.3.4"},
+            "integrations": {"All": True},
+        },
+        {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
+        {"type": "group", "anonymousId": "a", "groupId": "g", "traits": {"plan": "pro"}},
+        {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}},
+        {"type": "screen", "anonymousId": "a"},
+    ],
+    ids=["track", "track-full", "identify", "group", "page", "screen"],
+)
 def test_each_call_arrives_as_the_sdk_client_would_send_it(endpoint, message):
     message = {**message, "messageId": f"wire:{message['type']}", "timestamp": TS}
     result = send(endpoint.url, [EventMessages({"id": "w"}, [message])])
@@ -133,8 +155,19 @@ def test_a_batch_run_with_a_refused_key_sends_one_request_and_fails_fast(tmp_pat
         events = tmp_path / "events.jsonl"
         events.write_text("\n".join(json.dumps(event(i)) for i in range(40)) + "\n")
         started = time.monotonic()
-        code = cli.main(["run", "--flow", str(flow), "--input", str(events), "--dead_letter",
-                         str(tmp_path / "dead"), "--progress_interval_seconds", "0"])
+        code = cli.main(
+            [
+                "run",
+                "--flow",
+                str(flow),
+                "--input",
+                str(events),
+                "--dead_letter",
+                str(tmp_path / "dead"),
+                "--progress_interval_seconds",
+                "0",
+            ]
+        )
         elapsed = time.monotonic() - started
         err = capsys.readouterr().err
         assert code != 0 and elapsed < 60
@@ -158,8 +191,10 @@ def test_the_message_survives_a_runner_that_rewraps_it():
 # -- the write key in error texts --------------------------------------------------------------------
 def test_an_echoed_key_never_reaches_a_dead_letter_in_any_form(endpoint):
     basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    echo = {"code": "bad_request", "message": f"refused key {WRITE_KEY} ({json.dumps({'k': WRITE_KEY})}) "
-                                              f"Authorization: Basic {basic}"}
+    echo = {
+        "code": "bad_request",
+        "message": f"refused key {WRITE_KEY} ({json.dumps({'k': WRITE_KEY})}) Authorization: Basic {basic}",
+    }
     endpoint.script(status(400, body=echo))
     result = send(endpoint.url, [one("echo:1")])
     [(_, dead)] = result.failed
@@ -169,7 +204,10 @@ def test_an_echoed_key_never_reaches_a_dead_letter_in_any_form(endpoint):
 
 def test_a_one_character_key_does_not_mangle_messages():
     text = "HTTP 400 max_exceeded: expected x-ray; key x refused, Basic eDo= given"
-    assert redact_secret(text, "x") == f"HTTP 400 max_exceeded: expected x-ray; key {REDACTED} refused, Basic {REDACTED} given"
+    assert (
+        redact_secret(text, "x")
+        == f"HTTP 400 max_exceeded: expected x-ray; key {REDACTED} refused, Basic {REDACTED} given"
+    )
     assert redact_secret("exceeded the index", "x") == "exceeded the index"
     assert redact_secret('{"writeKey":"a\\"b"}', 'a"b') == f'{{"writeKey":"{REDACTED}"}}'
 
@@ -187,15 +225,23 @@ def test_a_one_character_key_run_reads_correctly(tmp_path):
     assert "max payload exceeded for this index" in dead.error
 
 
-@pytest.mark.parametrize("extra", [[], ["--runner", "BundleBasedDirectRunner"],
-                                   ["--input_subscription", "projects/p/subscriptions/s"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--runner", "BundleBasedDirectRunner"], ["--input_subscription", "projects/p/subscriptions/s"]]
+)
 def test_fail_bundle_on_delivery_error_is_refused_where_bundles_are_not_retried(extra, capsys):
     from pipeline import cli
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     events = ["--input", str(examples / "events.jsonl")]
-    argv = ["run", "--flow", str(examples / "flow.json"), "--dead_letter_topic", "projects/p/topics/d",
-            "--fail_bundle_on_delivery_error", *(extra or events)]
+    argv = [
+        "run",
+        "--flow",
+        str(examples / "flow.json"),
+        "--dead_letter_topic",
+        "projects/p/topics/d",
+        "--fail_bundle_on_delivery_error",
+        *(extra or events),
+    ]
     if extra and extra[0] == "--runner":
         argv += events
     assert cli.main(argv) == 2

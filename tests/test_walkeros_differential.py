@@ -3,6 +3,7 @@ functions included) and events, answered by `@walkeros/core`'s getMappingValue.
 
 The default run replays the answers recorded in tests/data/walkeros/ (offline); with
 `-m walkeros_npm` the same cases are put to `@walkeros/core` from the npm registry live."""
+
 from __future__ import annotations
 
 import json
@@ -40,17 +41,24 @@ def theirs(answer: dict) -> dict:
 
 def mismatches(cases: list[dict], answers: list[dict]) -> list[tuple]:
     functions = Functions()
-    return [(case["value"], case["input"] if case["input"] is not case["event"] else "$event",
-             theirs(answer), ours(case, functions))
-            for case, answer in zip(cases, answers)
-            if "error" not in answer and theirs(answer) != ours(case, functions)]
+    return [
+        (
+            case["value"],
+            case["input"] if case["input"] is not case["event"] else "$event",
+            theirs(answer),
+            ours(case, functions),
+        )
+        for case, answer in zip(cases, answers)
+        if "error" not in answer and theirs(answer) != ours(case, functions)
+    ]
 
 
 def test_getmappingvalue_agrees_with_recorded_walkeros_answers() -> None:
     cases = [differential.loaded(c) for c in RECORDED]
     assert len(cases) == differential.CASES
-    assert cases == [differential.loaded(differential._stored(c, {})) | {"walkeros": c["walkeros"]}
-                     for c in cases]  # the generator still makes the recorded cases
+    assert cases == [
+        differential.loaded(differential._stored(c, {})) | {"walkeros": c["walkeros"]} for c in cases
+    ]  # the generator still makes the recorded cases
     wrong = mismatches(cases, [c["walkeros"] for c in cases])
     assert not wrong, f"{len(wrong)} of {len(cases)} differ, e.g. {wrong[:3]}"
 

@@ -10,6 +10,7 @@ This test publishes exactly that to the Pub/Sub emulator, with an ordering key a
 ``event_id`` attribute mapped from the event's ``id`` (the attribute Dataflow's ``--id_label``
 deduplicates on), and checks what reaches Segment against ``explain`` of the same bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,21 +38,44 @@ def collector_event(name: str, event_id: str, timestamp: int, user: dict, data: 
     source stamped with the run's trace, count and the collector's release."""
     entity, action = name.split(" ")
     return {
-        "name": name, "data": data, "context": {"shopping": ["checkout", 0]}, "globals": {"lang": "en"},
-        "custom": {}, "user": user, "nested": [], "consent": {"functional": True, "analytics": True},
-        "id": event_id, "trigger": "load", "entity": entity, "action": action, "timestamp": timestamp,
-        "timing": 3.14, "group": "", "count": 1,
-        "source": {"type": "express", "platform": "server", "schema": "4",
-                   "trace": "1a2b3c4d5e6f70819a2b3c4d5e6f7081", "count": 1,
-                   "release": {"server": WALKEROS_VERSION}},
+        "name": name,
+        "data": data,
+        "context": {"shopping": ["checkout", 0]},
+        "globals": {"lang": "en"},
+        "custom": {},
+        "user": user,
+        "nested": [],
+        "consent": {"functional": True, "analytics": True},
+        "id": event_id,
+        "trigger": "load",
+        "entity": entity,
+        "action": action,
+        "timestamp": timestamp,
+        "timing": 3.14,
+        "group": "",
+        "count": 1,
+        "source": {
+            "type": "express",
+            "platform": "server",
+            "schema": "4",
+            "trace": "1a2b3c4d5e6f70819a2b3c4d5e6f7081",
+            "count": 1,
+            "release": {"server": WALKEROS_VERSION},
+        },
         **extra,
     }
 
 
-ORDER = collector_event("order complete", "5f4a9c2e1b7d3e80", 1767225600000, {"id": "usr-789", "session": "s-1"},
-                        {"id": "ORD-500", "total": 199.99, "currency": "EUR"})
-PAGE = collector_event("page view", "0a9b8c7d6e5f4a3b", 1767225601000, {"session": "s-2"},
-                       {"id": "/docs", "title": "Documentation"})
+ORDER = collector_event(
+    "order complete",
+    "5f4a9c2e1b7d3e80",
+    1767225600000,
+    {"id": "usr-789", "session": "s-1"},
+    {"id": "ORD-500", "total": 199.99, "currency": "EUR"},
+)
+PAGE = collector_event(
+    "page view", "0a9b8c7d6e5f4a3b", 1767225601000, {"session": "s-2"}, {"id": "/docs", "title": "Documentation"}
+)
 MAPPED_DATA = {"order_id": "ORD-500", "revenue": 199.99, "currency": "EUR"}  # a rule with `data`: no event
 
 
@@ -64,11 +88,18 @@ def published_attributes(event: dict) -> dict[str, str]:
 
 
 def flow_file(tmp_path: Path, host: str) -> str:
-    doc = flow_document(host=host, settings={"flushInterval": 200},
-                        mapping={"order": {"complete": {"name": "Order Completed",
-                                                        "data": {"map": {"order_id": "data.id",
-                                                                         "revenue": "data.total",
-                                                                         "currency": "data.currency"}}}}})
+    doc = flow_document(
+        host=host,
+        settings={"flushInterval": 200},
+        mapping={
+            "order": {
+                "complete": {
+                    "name": "Order Completed",
+                    "data": {"map": {"order_id": "data.id", "revenue": "data.total", "currency": "data.currency"}},
+                }
+            }
+        },
+    )
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(doc))
     return str(path)
@@ -84,10 +115,21 @@ def test_walkeros_gcp_destination_messages_arrive_unchanged(pubsub, unique, endp
     dead_subscription = pubsub.subscription(dead_topic, f"dead-{unique}")
     # The walkerOS destination turns messageOrdering on for a publish with an ordering key.
     ordered = pubsub_v1.PublisherClient(
-        publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+        publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
+    )
     flow = flow_file(tmp_path, endpoint.url)
-    options, spec = cli.prepare_run(["--flow", flow, "--input_subscription", subscription,
-                                     "--dead_letter_topic", dead_topic, "--message_id_namespace", NAMESPACE])
+    options, spec = cli.prepare_run(
+        [
+            "--flow",
+            flow,
+            "--input_subscription",
+            subscription,
+            "--dead_letter_topic",
+            dead_topic,
+            "--message_id_namespace",
+            NAMESPACE,
+        ]
+    )
     bodies = [published_body(ORDER), published_body(PAGE)]
     ordered.publish(topic, bodies[0], ordering_key=ORDER["user"]["id"], **published_attributes(ORDER)).result(30)
     pubsub.publish(topic, bodies[1], **published_attributes(PAGE))

@@ -5,6 +5,7 @@ calls, before a request limit would pass, ``flushInterval`` ms after a batch's f
 at the end of the window (a drain): nothing waits only in memory. The cutting rule is
 :mod:`decide.wire`'s.
 """
+
 from __future__ import annotations
 
 import threading
@@ -37,7 +38,6 @@ def worker_shard(_delivery: EventMessages) -> str:
     return f"{_PROCESS_SHARD}:{threading.get_ident():x}"
 
 
-
 def user_shard(delivery: EventMessages, shards: int) -> str:
     """A stable shard by user (the state key), so one user's calls share a shard and stay in
     order; by event id when the messages name no user."""
@@ -65,16 +65,24 @@ class _BatchInState(beam.DoFn):
     FLUSH = TimerSpec("flush_interval", TimeDomain.REAL_TIME)
     END = TimerSpec("end_of_window", TimeDomain.WATERMARK)
 
-    def __init__(self, flush_at: int, flush_interval_ms: int, streaming: bool,
-                 clock: Callable[[], float] | None = None):
+    def __init__(
+        self, flush_at: int, flush_interval_ms: int, streaming: bool, clock: Callable[[], float] | None = None
+    ):
         self.flush_at = clamped_flush_at(flush_at)
         self.flush_interval_s = max(0, int(flush_interval_ms)) / 1000.0
         self.streaming = streaming
         self.clock = clock
 
-    def process(self, keyed, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
-                buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING),
-                flush=beam.DoFn.TimerParam(FLUSH), end=beam.DoFn.TimerParam(END)):
+    def process(
+        self,
+        keyed,
+        timestamp=beam.DoFn.TimestampParam,
+        window=beam.DoFn.WindowParam,
+        buffer=beam.DoFn.StateParam(BUFFER),
+        pending=beam.DoFn.StateParam(PENDING),
+        flush=beam.DoFn.TimerParam(FLUSH),
+        end=beam.DoFn.TimerParam(END),
+    ):
         _, delivery = keyed
         calls, size = len(delivery.messages), delivery.measure()
         state = pending.read()
@@ -130,8 +138,7 @@ class BatchDeliveries(beam.PTransform):
     ``options.shards`` keys. ``settings`` may be a bare ``flush_at`` (interval: the default).
     ``streaming``: flush after ``flushInterval`` (in batch, batches fill up, the rest at the end)."""
 
-    def __init__(self, settings: SegmentSettings | int, options: SendOptions | None = None, *,
-                 streaming: bool = False):
+    def __init__(self, settings: SegmentSettings | int, options: SendOptions | None = None, *, streaming: bool = False):
         super().__init__()
         self.streaming = streaming
         if isinstance(settings, int):
@@ -145,8 +152,9 @@ class BatchDeliveries(beam.PTransform):
         # Changing the number of shards (or the workers, with worker shards) on an update loses
         # nothing: a key no longer used still holds its batch and timers, which send it.
         shard_of = worker_shard if shards <= AUTO_SHARDS else (lambda d: user_shard(d, shards))
-        return (deliveries
-                | "ShardKey" >> beam.Map(lambda d: (shard_of(d), d)).with_output_types(
-                    tuple[str, EventMessages])
-                | "Gather" >> beam.ParDo(_BatchInState(self.flush_at, self.flush_interval_ms, self.streaming,
-                                                       self.options.clock)))
+        return (
+            deliveries
+            | "ShardKey" >> beam.Map(lambda d: (shard_of(d), d)).with_output_types(tuple[str, EventMessages])
+            | "Gather"
+            >> beam.ParDo(_BatchInState(self.flush_at, self.flush_interval_ms, self.streaming, self.options.clock))
+        )

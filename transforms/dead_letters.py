@@ -11,6 +11,7 @@ previous records' attempts too (:class:`ReadPreviousAttempts`, a side input); a 
 produced in that run which stands for the same event (same event id) or the same input (same
 payload) gets the previous count plus one. Everything else starts at 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,8 @@ from transforms.files import dead_letter_records
 from transforms.metrics import NAMESPACE
 
 STREAMING_FILE_WINDOW_S = 60
+
+
 class ReadPreviousAttempts(beam.PTransform):
     """``(replay key, attempts)`` for every dead letter in the files of ``pattern``: the highest
     count per key. A side input of :class:`CountDeadLetters` in a replay run."""
@@ -37,11 +40,13 @@ class ReadPreviousAttempts(beam.PTransform):
         self.pattern = pattern
 
     def expand(self, pbegin):
-        return (pbegin
-                | "MatchDeadLetters" >> fileio.MatchFiles(self.pattern)
-                | "Records" >> beam.FlatMap(lambda metadata: dead_letter_records(metadata.path, metadata.size_in_bytes))
-                | "Keys" >> beam.FlatMap(_attempts_by_key)
-                | "Highest" >> beam.CombinePerKey(max))
+        return (
+            pbegin
+            | "MatchDeadLetters" >> fileio.MatchFiles(self.pattern)
+            | "Records" >> beam.FlatMap(lambda metadata: dead_letter_records(metadata.path, metadata.size_in_bytes))
+            | "Keys" >> beam.FlatMap(_attempts_by_key)
+            | "Highest" >> beam.CombinePerKey(max)
+        )
 
 
 def _attempts_by_key(record: dict):
@@ -124,8 +129,9 @@ def _to_pubsub_message(dead: DeadLetter):
 
 # -- writing -------------------------------------------------------------------------------------
 class WriteDeadLetters(beam.PTransform):
-    def __init__(self, prefix: str | None = None, fmt: str = "jsonl", topic: str | None = None,
-                 streaming: bool = False):
+    def __init__(
+        self, prefix: str | None = None, fmt: str = "jsonl", topic: str | None = None, streaming: bool = False
+    ):
         super().__init__()
         if not prefix and not topic:
             raise ValueError("dead letters need a place: --dead_letter PREFIX or --dead_letter_topic TOPIC")
@@ -138,17 +144,21 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, dead_letters):
         if self.topic:
-            return (dead_letters
-                    | "ToMessage" >> beam.Map(_to_pubsub_message)
-                    | "Publish" >> beam.io.WriteToPubSub(self.topic, with_attributes=True))
+            return (
+                dead_letters
+                | "ToMessage" >> beam.Map(_to_pubsub_message)
+                | "Publish" >> beam.io.WriteToPubSub(self.topic, with_attributes=True)
+            )
         if self.streaming:
             # Unbounded input: close a file every window so records become visible. Windows by the
             # time each record is written: a dead letter's own time can already be behind the
             # watermark (its batch waited flushInterval and the flush deadline), and a window past
             # its end would drop it as late data.
-            windowed = (dead_letters
-                        | "StampWritten" >> beam.Map(lambda dead: window.TimestampedValue(dead, time.time()))
-                        | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S)))
+            windowed = (
+                dead_letters
+                | "StampWritten" >> beam.Map(lambda dead: window.TimestampedValue(dead, time.time()))
+                | "Window" >> beam.WindowInto(window.FixedWindows(STREAMING_FILE_WINDOW_S))
+            )
             if self.fmt == "avro":
                 sink, suffix = _AvroSink, ".avro"
                 records = windowed | "ToRecord" >> beam.Map(DeadLetter.to_dict)
@@ -156,16 +166,23 @@ class WriteDeadLetters(beam.PTransform):
                 sink, suffix = None, ".jsonl"  # fileio's default: text, one line a record
                 records = windowed | "ToJson" >> beam.Map(DeadLetter.to_json)
             return records | "WriteFiles" >> fileio.WriteToFiles(
-                path=self.prefix.rstrip("/"), sink=sink,
-                file_naming=fileio.default_file_naming("dead-letters", suffix), shards=1)
+                path=self.prefix.rstrip("/"),
+                sink=sink,
+                file_naming=fileio.default_file_naming("dead-letters", suffix),
+                shards=1,
+            )
         if self.fmt == "avro":
-            return (dead_letters
-                    | "ToRecord" >> beam.Map(DeadLetter.to_dict)
-                    | "WriteAvro" >> beam.io.WriteToAvro(self.prefix, schemas.load("dead_letter.avsc"),
-                                                         file_name_suffix=".avro"))
-        return (dead_letters
-                | "ToJson" >> beam.Map(DeadLetter.to_json)
-                | "WriteJsonl" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl"))
+            return (
+                dead_letters
+                | "ToRecord" >> beam.Map(DeadLetter.to_dict)
+                | "WriteAvro"
+                >> beam.io.WriteToAvro(self.prefix, schemas.load("dead_letter.avsc"), file_name_suffix=".avro")
+            )
+        return (
+            dead_letters
+            | "ToJson" >> beam.Map(DeadLetter.to_json)
+            | "WriteJsonl" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl")
+        )
 
 
 class _AvroSink(fileio.FileSink):

@@ -12,6 +12,7 @@ event together and in order. The decision is ``Destination.deduplicate`` (shared
   same calls however its input was ordered, and a local run's memory does not grow with the
   size of its events.
 """
+
 from __future__ import annotations
 
 import struct
@@ -56,9 +57,14 @@ class _DedupStateful(beam.DoFn):
     def setup(self):
         self.destination = compiled(self.spec)
 
-    def process(self, keyed, timestamp=beam.DoFn.TimestampParam,
-                identity=beam.DoFn.StateParam(IDENTITY), expires=beam.DoFn.StateParam(EXPIRES),
-                expiry=beam.DoFn.TimerParam(EXPIRY)):
+    def process(
+        self,
+        keyed,
+        timestamp=beam.DoFn.TimestampParam,
+        identity=beam.DoFn.StateParam(IDENTITY),
+        expires=beam.DoFn.StateParam(EXPIRES),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+    ):
         _, calls = keyed
         delivery, new_state = _emit(self.destination, calls, identity.read())
         identity.write(new_state)
@@ -91,8 +97,8 @@ class _DedupStateful(beam.DoFn):
 BUCKETS = 1024
 # user digest, event time (ms), event digest, identify signature digest, group signature digest
 _RECORD = struct.Struct("<QqQQQ")
-_NO_CANDIDATE = 0      # the event has no identify (or group) candidate
-_EMPTY_SIGNATURE = 1   # ("", ""): what "nothing sent yet" is compared as
+_NO_CANDIDATE = 0  # the event has no identify (or group) candidate
+_EMPTY_SIGNATURE = 1  # ("", ""): what "nothing sent yet" is compared as
 _IDENTIFY, _GROUP = 0, 1
 _KIND_BIT_CLEAR = (1 << 64) - 2
 
@@ -149,8 +155,13 @@ def fire_key(event: int, signature: int, kind: int) -> int:
 def decision_record(key: str, timestamp_ms: int, event_id, identify_signature, group_signature) -> tuple[int, bytes]:
     """(bucket, record) of one planned event."""
     user = user_digest(key)
-    return user % BUCKETS, _RECORD.pack(user, timestamp_ms, event_digest(key, event_id),
-                                        signature_digest(identify_signature), signature_digest(group_signature))
+    return user % BUCKETS, _RECORD.pack(
+        user,
+        timestamp_ms,
+        event_digest(key, event_id),
+        signature_digest(identify_signature),
+        signature_digest(group_signature),
+    )
 
 
 def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
@@ -189,8 +200,9 @@ class _DecisionRecords(beam.DoFn):
             if not isinstance(mapped, Mapped):  # dead letters and drops are the second read's to count
                 continue
             inputs = destination.decision_inputs(mapped)
-            if inputs is not None and (self.every_event or inputs.identify_signature is not None
-                                       or inputs.group_signature is not None):
+            if inputs is not None and (
+                self.every_event or inputs.identify_signature is not None or inputs.group_signature is not None
+            ):
                 yield decision_record(*inputs)
 
 
@@ -217,8 +229,18 @@ def pack_records(records: bytes | bytearray) -> bytes:
     table = numpy.sort(numpy.frombuffer(bytes(records), dtype=_columns_dtype()), order=list(_FIELDS))
     times = table["time"].copy()
     times[1:] = numpy.diff(table["time"])
-    body = zlib.compress(b"".join([table["user"].tobytes(), times.tobytes(), table["event"].tobytes(),
-                                   table["identify"].tobytes(), table["group"].tobytes()]), 1)
+    body = zlib.compress(
+        b"".join(
+            [
+                table["user"].tobytes(),
+                times.tobytes(),
+                table["event"].tobytes(),
+                table["identify"].tobytes(),
+                table["group"].tobytes(),
+            ]
+        ),
+        1,
+    )
     return _FRAME.pack(len(table), len(body)) + body
 
 
@@ -230,7 +252,7 @@ def unpack_records(frames: bytes) -> bytes:
     while at < len(view):
         count, size = _FRAME.unpack_from(view, at)
         at += _FRAME.size
-        columns = numpy.frombuffer(zlib.decompress(view[at:at + size]), dtype="<u8").reshape(5, count)
+        columns = numpy.frombuffer(zlib.decompress(view[at : at + size]), dtype="<u8").reshape(5, count)
         at += size
         table = numpy.empty(count, dtype=_columns_dtype())
         table["user"], table["event"] = columns[0], columns[2]
@@ -318,7 +340,9 @@ class _ApplyDecisions(beam.DoFn):
         if calls.identify is not None or calls.group is not None:
             event = event_digest(key, calls.event.get("id"))
             if calls.identify is not None:
-                fire_identify = _holds(self._keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
+                fire_identify = _holds(
+                    self._keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY)
+                )
                 if not fire_identify:
                     counter("identify_suppressed").inc()
             if calls.group is not None:
@@ -343,13 +367,14 @@ class DecideIdentity(beam.PTransform):
         self.spec = spec
 
     def expand(self, payloads):
-        return (payloads
-                | "DecisionRecords" >> beam.ParDo(_DecisionRecords(self.spec)).with_output_types(
-                    tuple[int, bytes])
-                | "DecidePerUser" >> beam.CombinePerKey(_DecidePerUser(self.spec.state_ttl_ms)).with_output_types(
-                    tuple[int, bytes])
-                | "FireKeys" >> beam.Values().with_output_types(bytes)
-                | "AllFired" >> beam.CombineGlobally(_AllFired()).with_output_types(bytes))
+        return (
+            payloads
+            | "DecisionRecords" >> beam.ParDo(_DecisionRecords(self.spec)).with_output_types(tuple[int, bytes])
+            | "DecidePerUser"
+            >> beam.CombinePerKey(_DecidePerUser(self.spec.state_ttl_ms)).with_output_types(tuple[int, bytes])
+            | "FireKeys" >> beam.Values().with_output_types(bytes)
+            | "AllFired" >> beam.CombineGlobally(_AllFired()).with_output_types(bytes)
+        )
 
 
 class DeduplicateIdentity(beam.PTransform):
@@ -364,11 +389,10 @@ class DeduplicateIdentity(beam.PTransform):
     def expand(self, keyed_calls):
         if self.streaming:
             # Left as it is (pickled values): a running job's update needs the same coders.
-            keyed_calls = keyed_calls | "TypeKeys" >> beam.Map(lambda kv: kv).with_output_types(
-                tuple[str, typing.Any])
+            keyed_calls = keyed_calls | "TypeKeys" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, typing.Any])
             return keyed_calls | "PerKeyState" >> beam.ParDo(_DedupStateful(self.spec))
         if self.decisions is None:
             raise ValueError("a batch DeduplicateIdentity needs the decisions of DecideIdentity")
         return keyed_calls | "ApplyDecisions" >> beam.ParDo(
-            _ApplyDecisions(self.spec), beam.pvalue.AsSingleton(self.decisions))
-
+            _ApplyDecisions(self.spec), beam.pvalue.AsSingleton(self.decisions)
+        )

@@ -6,6 +6,7 @@ Avro record (decoded), one dead letter's original payload. Parsing payloads into
 ParseEvents' job. The same readers serve ``explain`` (in file order, without a pipeline) and
 the pipeline's :class:`~transforms.read.ReadEvents`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -38,8 +39,9 @@ def detect_format(path: str, declared: str = "auto") -> str:
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".avro", "avro")):
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"cannot tell the format of {path!r} from its name: pass --input_format "
-                     "(jsonl, json, avro or dead_letter)")
+    raise ValueError(
+        f"cannot tell the format of {path!r} from its name: pass --input_format (jsonl, json, avro or dead_letter)"
+    )
 
 
 # -- plain readers (explain, tests, and the per-file Beam readers) --------------------------
@@ -48,26 +50,30 @@ class ReadLimits:
     """How far a compressed file may inflate before it is refused (a decompression bomb would
     otherwise exhaust memory or disk): beyond ``max_inflation_ratio`` times its compressed size
     (once past ``inflation_floor_bytes``), or ``max_inflated_bytes``."""
+
     max_inflation_ratio: float = 100.0
-    max_inflated_bytes: int = 16 * 1024 ** 3
+    max_inflated_bytes: int = 16 * 1024**3
     # Below this, any ratio is fine: a small file of repeated events inflates far, and harmlessly.
-    inflation_floor_bytes: int = 64 * 1024 ** 2
+    inflation_floor_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
 class Damage:
     """A file that could not be read to its end: where reading stopped, and why."""
+
     path: str
-    records: int          # payloads read (and processed) before the damage
-    bytes_read: int       # bytes read before the damage (decompressed, for a compressed file)
-    size: int | None      # the file's size on disk
+    records: int  # payloads read (and processed) before the damage
+    bytes_read: int  # bytes read before the damage (decompressed, for a compressed file)
+    size: int | None  # the file's size on disk
     problem: str
 
     def line(self) -> str:
         size = f" of {self.size}" if self.size is not None and not _is_compressed(self.path) else ""
         what = "decompressed bytes" if _is_compressed(self.path) else "bytes"
-        return (f"input file damaged: {self.path}: {self.problem}; read {self.records} records "
-                f"({self.bytes_read}{size} {what}) before it; those were processed, the rest of the file was not")
+        return (
+            f"input file damaged: {self.path}: {self.problem}; read {self.records} records "
+            f"({self.bytes_read}{size} {what}) before it; those were processed, the rest of the file was not"
+        )
 
 
 class DamagedFile(Exception):
@@ -80,8 +86,7 @@ class _InflationRefused(Exception):
     pass
 
 
-def iter_payloads(pattern: str, fmt: str = "auto", limits: ReadLimits = ReadLimits(),
-                  on_damage=None) -> Iterator[Any]:
+def iter_payloads(pattern: str, fmt: str = "auto", limits: ReadLimits = ReadLimits(), on_damage=None) -> Iterator[Any]:
     """Every payload of every file matching ``pattern``, in file-name order then file order.
     A damaged file gives what was read before the damage, then ``on_damage(Damage)`` (default:
     raise DamagedFile); the next files are read either way."""
@@ -90,12 +95,14 @@ def iter_payloads(pattern: str, fmt: str = "auto", limits: ReadLimits = ReadLimi
         raise FileNotFoundError(f"no file matches {pattern!r}")
     for metadata in sorted(matches, key=lambda m: m.path):
         path = metadata.path
-        yield from payloads_of_file(path, detect_format(path, fmt), limits=limits, size=metadata.size_in_bytes,
-                                    on_damage=on_damage)
+        yield from payloads_of_file(
+            path, detect_format(path, fmt), limits=limits, size=metadata.size_in_bytes, on_damage=on_damage
+        )
 
 
-def payloads_of_file(path: str, fmt: str, *, limits: ReadLimits = ReadLimits(), size: int | None = None,
-                     on_damage=None) -> Iterator[Any]:
+def payloads_of_file(
+    path: str, fmt: str, *, limits: ReadLimits = ReadLimits(), size: int | None = None, on_damage=None
+) -> Iterator[Any]:
     """The payloads of one file. Reading stops at the first damage (a truncated or corrupt
     file, one that is not what its name says, one that inflates too far): what was read
     before it is given, then ``on_damage(Damage)`` is called (or DamagedFile raised)."""
@@ -135,6 +142,8 @@ def _damaged(damage: Damage, on_damage) -> None:
 # What a truncated, corrupt or mislabelled file raises while it is read and decoded (gzip,
 # zlib, fastavro, the file system); errors of the pipeline's own logic are not among them.
 _DAMAGE_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, IndexError, StopIteration)
+
+
 def input_problem(pattern: str, fmt: str = "auto", format_by_file: bool = False) -> str | None:
     """None when ``pattern`` matches at least one readable file whose format is known, else the
     problem in one line (a usage error: a run on no input must not "succeed").
@@ -148,10 +157,9 @@ def input_problem(pattern: str, fmt: str = "auto", format_by_file: bool = False)
 
     local = "://" not in pattern
     if local and os.path.isdir(pattern):
-        return (f"--input {pattern}: is a directory; give files or a glob, "
-                f"e.g. {pattern.rstrip('/')}/*.jsonl")
+        return f"--input {pattern}: is a directory; give files or a glob, e.g. {pattern.rstrip('/')}/*.jsonl"
     try:
-        for name in ([] if format_by_file else [pattern]):
+        for name in [] if format_by_file else [pattern]:
             detect_format(name, fmt)
     except ValueError as exc:
         return f"--input {pattern}: {exc}"
@@ -165,7 +173,7 @@ def input_problem(pattern: str, fmt: str = "auto", format_by_file: bool = False)
         what = "only directories" if matched else "no file"
         return f"--input {pattern}: {what} matches (check the path and the glob)"
     try:
-        for path in (files if format_by_file else []):
+        for path in files if format_by_file else []:
             detect_format(path, fmt)
     except ValueError as exc:
         return f"--input {pattern}: {exc}"
@@ -212,10 +220,14 @@ def dead_letter_payloads(f) -> Iterator[Any]:
 def _unreplayable(record: dict) -> RejectedInput:
     """A dead letter whose payload was cut to fit its sink: only its beginning is left, which
     must not pass for the input. It stays a dead letter, with its reason, marked as before."""
-    return RejectedInput(decode_payload(record), record["reason"],
-                         f"not replayable: only the first part of its payload was kept (it had "
-                         f"{record['payload_truncated_from']} bytes); {record.get('error', '')}",
-                         event_id=record.get("event_id"), payload_truncated_from=record["payload_truncated_from"])
+    return RejectedInput(
+        decode_payload(record),
+        record["reason"],
+        f"not replayable: only the first part of its payload was kept (it had "
+        f"{record['payload_truncated_from']} bytes); {record.get('error', '')}",
+        event_id=record.get("event_id"),
+        payload_truncated_from=record["payload_truncated_from"],
+    )
 
 
 def avro_payloads(f) -> Iterator[dict]:
@@ -278,7 +290,8 @@ class _Counted(io.RawIOBase):
             raise _InflationRefused(
                 f"refused: it inflates beyond {self.limit} bytes (--max_inflation_ratio "
                 f"{self.limits.max_inflation_ratio:g} times its compressed size, at most --max_inflated_mb "
-                f"{self.limits.max_inflated_bytes // 1024 ** 2})")
+                f"{self.limits.max_inflated_bytes // 1024**2})"
+            )
         return n
 
     def close(self) -> None:
@@ -299,7 +312,6 @@ def ignore_damage(_damage: Damage) -> None:
 def report_damage(damage: Damage) -> None:
     Metrics.counter(NAMESPACE, DAMAGED_FILES_COUNTER).inc()
     logging.getLogger(__name__).error(damage.line())
-
 
 
 AVRO_MAGIC = b"Obj\x01"
@@ -337,5 +349,3 @@ def dead_letter_records(path: str, size: int | None = None) -> Iterator[dict]:
     for item in payloads_of_file(path, "dead_letter_records", size=size, on_damage=ignore_damage):
         if isinstance(item, dict):
             yield item
-
-

@@ -4,6 +4,7 @@
 event and counter). A counter object only names the metric; each ``inc()`` goes to the step and
 bundle running at that moment on the calling thread, so one object serves every DoFn and bundle.
 """
+
 from __future__ import annotations
 
 from typing import Any

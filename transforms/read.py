@@ -11,6 +11,7 @@ is not an input: it is dropped first thing and counted as ``pubsub_heartbeats``.
 wakes up the local streaming DirectRunner, whose pull otherwise blocks for about 30 s on an
 idle subscription (so timers fire late and ``cancel()`` waits); see :func:`publish_heartbeat`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,10 +44,19 @@ HEARTBEAT_ATTRIBUTE = "walkeros_heartbeat"
 class ReadEvents(beam.PTransform):
     """Files (``--input``) in batch, or Pub/Sub (``--input_subscription``/``--input_topic``)."""
 
-    def __init__(self, input_pattern: str | None = None, input_format: str = "auto",
-                 subscription: str | None = None, topic: str | None = None,
-                 id_label: str | None = None, timestamp_attribute: str | None = None,
-                 limits: ReadLimits = ReadLimits(), *, spread: bool = True, report: bool = True):
+    def __init__(
+        self,
+        input_pattern: str | None = None,
+        input_format: str = "auto",
+        subscription: str | None = None,
+        topic: str | None = None,
+        id_label: str | None = None,
+        timestamp_attribute: str | None = None,
+        limits: ReadLimits = ReadLimits(),
+        *,
+        spread: bool = True,
+        report: bool = True,
+    ):
         """``spread``: reshuffle what is read whole (Dataflow spreads it over workers; a local
         runner would only hold every payload in memory for it). ``report``: count and log a
         damaged file; off for a second read of the same files (batch deduplication's)."""
@@ -67,11 +77,17 @@ class ReadEvents(beam.PTransform):
                 raise ValueError("give --input_subscription or --input_topic, not both")
             # The timestamp attribute is read here, not by Beam's reader: there one bad value fails
             # the whole pull it came in (and, acknowledged or not, every retry of it).
-            messages = (pbegin
-                        | "ReadPubSub" >> beam.io.ReadFromPubSub(
-                            subscription=self.subscription, topic=None if self.subscription else self.topic,
-                            with_attributes=True, id_label=self.id_label)
-                        | "DropHeartbeats" >> beam.ParDo(_DropHeartbeats()))
+            messages = (
+                pbegin
+                | "ReadPubSub"
+                >> beam.io.ReadFromPubSub(
+                    subscription=self.subscription,
+                    topic=None if self.subscription else self.topic,
+                    with_attributes=True,
+                    id_label=self.id_label,
+                )
+                | "DropHeartbeats" >> beam.ParDo(_DropHeartbeats())
+            )
             if self.timestamp_attribute:
                 messages = messages | "EventTime" >> beam.ParDo(_TimestampFromAttribute(self.timestamp_attribute))
             return messages
@@ -83,21 +99,27 @@ class ReadEvents(beam.PTransform):
         # the file reader, which notices a truncated or corrupt stream (Beam's text reader stops
         # at the cut as if the file ended there).
         if fmt == "jsonl" and not self._matches_compressed_files():
-            return (pbegin
-                    | "ReadLines" >> beam.io.ReadFromText(self.input_pattern, coder=beam.coders.BytesCoder())
-                    | "Payloads" >> beam.FlatMap(_line_payloads))
+            return (
+                pbegin
+                | "ReadLines" >> beam.io.ReadFromText(self.input_pattern, coder=beam.coders.BytesCoder())
+                | "Payloads" >> beam.FlatMap(_line_payloads)
+            )
         files = pbegin | "MatchFiles" >> fileio.MatchFiles(self.input_pattern)
         whole_files = files
         if fmt == "jsonl":
-            lines = (files
-                     | "PlainFiles" >> beam.Filter(lambda metadata: not _is_compressed(metadata.path))
-                     | "Paths" >> beam.Map(lambda metadata: metadata.path)
-                     | "ReadLines" >> beam.io.ReadAllFromText(coder=beam.coders.BytesCoder())
-                     | "Payloads" >> beam.FlatMap(_line_payloads))
+            lines = (
+                files
+                | "PlainFiles" >> beam.Filter(lambda metadata: not _is_compressed(metadata.path))
+                | "Paths" >> beam.Map(lambda metadata: metadata.path)
+                | "ReadLines" >> beam.io.ReadAllFromText(coder=beam.coders.BytesCoder())
+                | "Payloads" >> beam.FlatMap(_line_payloads)
+            )
             whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: _is_compressed(metadata.path))
-        payloads = (whole_files
-                    | "ReadMatches" >> fileio.ReadMatches()
-                    | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits, self.report)))
+        payloads = (
+            whole_files
+            | "ReadMatches" >> fileio.ReadMatches()
+            | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits, self.report))
+        )
         if self.spread:
             # One worker reads each whole file from start to end; without a shuffle it would
             # also parse, map and send all of it, so a backfill of a few large files would
@@ -110,8 +132,17 @@ class ReadEvents(beam.PTransform):
     def second_read(self) -> ReadEvents:
         """The same files again, for a step that only decides (batch deduplication): damage is
         counted once, by the main read, and nothing is spread (one small record per event follows)."""
-        return ReadEvents(self.input_pattern, self.input_format, self.subscription, self.topic, self.id_label,
-                          self.timestamp_attribute, self.limits, spread=False, report=False)
+        return ReadEvents(
+            self.input_pattern,
+            self.input_format,
+            self.subscription,
+            self.topic,
+            self.id_label,
+            self.timestamp_attribute,
+            self.limits,
+            spread=False,
+            report=False,
+        )
 
     def _matches_compressed_files(self) -> bool:
         """Whether the input matches a compressed file now (as the graph is built: Beam's text
@@ -135,9 +166,13 @@ class _FilePayloads(beam.DoFn):
 
     def process(self, readable):
         metadata = readable.metadata
-        yield from payloads_of_file(metadata.path, detect_format(metadata.path, self.fmt), limits=self.limits,
-                                    size=metadata.size_in_bytes,
-                                    on_damage=report_damage if self.report else ignore_damage)
+        yield from payloads_of_file(
+            metadata.path,
+            detect_format(metadata.path, self.fmt),
+            limits=self.limits,
+            size=metadata.size_in_bytes,
+            on_damage=report_damage if self.report else ignore_damage,
+        )
 
 
 def _line_payloads(line: bytes):
@@ -178,9 +213,12 @@ class _TimestampFromAttribute(beam.DoFn):
             return
         millis = attribute_millis(value)
         if millis is None:
-            yield RejectedInput(message.data, INVALID_FIELD,
-                                f"Pub/Sub attribute {self.attribute}={value[:100]!r} (--timestamp_attribute) is "
-                                "not a time: milliseconds since the epoch (1970 to 9999) or RFC 3339")
+            yield RejectedInput(
+                message.data,
+                INVALID_FIELD,
+                f"Pub/Sub attribute {self.attribute}={value[:100]!r} (--timestamp_attribute) is "
+                "not a time: milliseconds since the epoch (1970 to 9999) or RFC 3339",
+            )
             return
         yield window.TimestampedValue(message, Timestamp(micros=millis * 1000))
 

@@ -12,6 +12,7 @@ Both send through a :class:`~segment_api.sender.PipelinedSender` over a pooled
 previous one is on the wire), and every event of a bundle is settled, delivered or
 dead-lettered, before the bundle commits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,8 +90,13 @@ class _SegmentSink(beam.DoFn):
             yield from self._outputs_of(sent, result, finishing)
 
     def _outputs_of(self, sent: _Sent, result: BatchResult, finishing: bool) -> Iterator:
-        self.connection.progress.add(len(result.delivered), len(result.failed), len(result.disabled),
-                                     len(result.requests), self.options.progress_interval_s)
+        self.connection.progress.add(
+            len(result.delivered),
+            len(result.failed),
+            len(result.disabled),
+            len(result.requests),
+            self.options.progress_interval_s,
+        )
         counter("requests_to_segment").inc(len(result.requests))
         for messages, millis in result.requests:
             self.batch_messages.update(messages)
@@ -98,8 +104,10 @@ class _SegmentSink(beam.DoFn):
         if self.options.fail_bundle_on_error:
             transient = [dead for _, dead in result.failed if dead.reason == dl.DELIVERY_FAILED]
             if transient:
-                raise RuntimeError(f"{len(transient)} event(s) could not be delivered to Segment; failing the "
-                                   f"bundle so the runner retries it (first: {transient[0].error})")
+                raise RuntimeError(
+                    f"{len(transient)} event(s) could not be delivered to Segment; failing the "
+                    f"bundle so the runner retries it (first: {transient[0].error})"
+                )
         calls_by_type: dict[str, int] = {}
         delivered_calls = 0
         for delivery in result.delivered:
@@ -148,8 +156,7 @@ class SendToSegment(_SegmentSink):
 
     hold_endpoint_errors = True
 
-    def process(self, batch: Iterable[EventMessages], timestamp=beam.DoFn.TimestampParam,
-                window=beam.DoFn.WindowParam):
+    def process(self, batch: Iterable[EventMessages], timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         deliveries = list(batch)
         if deliveries:
             yield from self._outputs(self.sender.submit(deliveries, (timestamp, window)))
@@ -189,5 +196,3 @@ class BatchAndSend(_SegmentSink):
         if rest:
             yield from self._submit(rest, finishing=True)
         yield from super().finish_bundle()
-
-

@@ -3,6 +3,7 @@
 Each DoFn applies one step of :class:`decide.destination.Destination` and counts what it
 did; the decisions themselves are made there, in plain Python, shared with ``explain``.
 """
+
 from __future__ import annotations
 
 from typing import Any
