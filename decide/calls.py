@@ -325,21 +325,3 @@ def _evaluator(value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return None
     return value.evaluator() if isinstance(value, CompiledValue) else value
-
-
-def strip_sdk_fields(wire_message: dict) -> dict:
-    """A message as received by Segment, reduced to our form: no nulls, no SDK-added fields.
-
-    The SDK writes absent ids, names and categories as null, adds ``context.library``,
-    ``sentAt`` and an empty ``integrations``; dropping exactly those gives back what
-    ``explain`` prints, so the two can be compared for equality.
-    """
-    out = {k: v for k, v in wire_message.items() if v is not None and k != "sentAt"}
-    context = {k: v for k, v in (out.get("context") or {}).items() if k != "library"}
-    if context:
-        out["context"] = context
-    else:
-        out.pop("context", None)
-    if not out.get("integrations"):
-        out.pop("integrations", None)
-    return out

@@ -21,7 +21,7 @@ PARSE = "parse"
 IDENTITY = "identity"
 SEND = "send"
 
-# Reasons. The README documents each one.
+# Reasons, each documented in docs/inputs-and-dead-letters.md.
 NOT_JSON = "not_json"  # bytes that are not UTF-8 JSON
 NOT_AN_EVENT = "not_an_event"  # JSON, but not an object (or an envelope item that is not one)
 INVALID_ENVELOPE = "invalid_envelope"  # {"batch": ...} whose batch is not a list

@@ -1132,13 +1132,8 @@ class DestinationMapping:
 
     # -- per event --
 
-    def find_rule(self, event: dict, context: dict | None = None) -> CompiledRule | None:
-        """walkerOS getMappingEvent. `context` is a function-context dict; only its
-        "collector" is read (rule conditions see the collector and its consent)."""
-        collector = (context or {}).get("collector") or {}
-        return self._find_rule(event, collector)
-
-    def _find_rule(self, event: dict, collector: dict) -> CompiledRule | None:
+    def find_rule(self, event: dict, collector: dict) -> CompiledRule | None:
+        """walkerOS getMappingEvent (rule conditions see the collector and its consent)."""
         name = event.get("name")
         if not isinstance(name, str):
             return None
@@ -1185,7 +1180,7 @@ class DestinationMapping:
         event = dict(event)  # our own top level: `name` is renamed on it, never on the caller's
         if self._policy:
             event = _apply_policy(self._policy, event, collector)
-        rule = self._find_rule(event, collector)
+        rule = self.find_rule(event, collector)
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
         if not with_data:

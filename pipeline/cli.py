@@ -713,7 +713,7 @@ def _run_local_streaming(result, opts) -> bool:
             flush=True,
         )
         local_streaming.drain()
-        _wake_the_reader(opts.input_subscription, opts.input_topic)
+        wake_the_reader(opts.input_subscription, opts.input_topic)
         try:
             finished.wait()
             return True
@@ -779,7 +779,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _wake_the_reader(subscription: str | None, topic: str | None) -> None:
+def wake_the_reader(subscription: str | None, topic: str | None) -> None:
     """The DirectRunner's Pub/Sub pull blocks up to 30 s on an idle subscription; a heartbeat
     (dropped by ReadEvents) makes it return at once. Only on the emulator: on a real topic every
     other subscriber would see it."""
@@ -792,29 +792,6 @@ def _wake_the_reader(subscription: str | None, topic: str | None) -> None:
         except Exception as exc:  # noqa: BLE001 - then the drain just takes longer
             print(f"could not publish a heartbeat ({type(exc).__name__}: {exc})", file=sys.stderr)
     print("the drain may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
-
-
-def stop_local_streaming(result, subscription: str | None = None, topic: str | None = None) -> None:
-    """Cancel a streaming pipeline on the DirectRunner without waiting out its idle pull.
-
-    The DirectRunner's Pub/Sub pull blocks up to 30 s on an idle subscription and ``cancel()``
-    waits for it; a heartbeat message (dropped by ReadEvents) makes that pull return at once.
-    The heartbeat reaches every subscription of the topic, so it is only published to the
-    emulator (``PUBSUB_EMULATOR_HOST`` set), never to a real topic other consumers may read.
-    """
-    from transforms.read import publish_heartbeat
-
-    if os.environ.get("PUBSUB_EMULATOR_HOST") and (subscription or topic):
-        try:
-            publish_heartbeat(topic=topic, subscription=subscription, timeout_s=5)
-        except Exception as exc:  # then the cancel just takes longer
-            print(
-                f"could not publish a heartbeat ({type(exc).__name__}: {exc}); stopping may take up to 30 s",
-                file=sys.stderr,
-            )
-    else:
-        print("stopping may take up to 30 s (the DirectRunner finishes its Pub/Sub pull first)", file=sys.stderr)
-    result.cancel()
 
 
 def _settle_heap() -> None:

@@ -134,7 +134,7 @@ def render(counts: dict[str, int]) -> str:
 
 
 # -- the run's outcome and exit status -------------------------------------------------------
-# The same codes for every command (README "Exit status and summary"). 1 is also what Python
+# The same codes for every command (docs/operations.md, "Exit status and summary"). 1 is also what Python
 # exits with on an unexpected crash, which is indeed a failed run.
 EXIT_OK = 0
 EXIT_FAILED = 1

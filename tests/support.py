@@ -22,7 +22,6 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from decide.calls import strip_sdk_fields
 from decide.destination import DestinationSpec, compiled
 from decide.flow import flow_from_document
 from pipeline.explain import explain_payloads
@@ -320,3 +319,31 @@ def instant(text: str) -> dt.datetime:
 
 def load_json(name: str):
     return json.loads((DATA / name).read_text())
+
+
+def strip_sdk_fields(wire_message: dict) -> dict:
+    """A message as received by Segment, reduced to our form: no nulls, no SDK-added fields.
+
+    The SDK writes absent ids, names and categories as null, adds ``context.library``,
+    ``sentAt`` and an empty ``integrations``; dropping exactly those gives back what
+    ``explain`` prints, so the two can be compared for equality.
+    """
+
+    out = {k: v for k, v in wire_message.items() if v is not None and k != "sentAt"}
+    context = {k: v for k, v in (out.get("context") or {}).items() if k != "library"}
+    if context:
+        out["context"] = context
+    else:
+        out.pop("context", None)
+    if not out.get("integrations"):
+        out.pop("integrations", None)
+    return out
+
+
+def stop_local_streaming(result, subscription: str | None = None, topic: str | None = None) -> None:
+    """Cancel a streaming pipeline on the DirectRunner without waiting out its idle Pub/Sub pull
+    (a heartbeat on the emulator makes the pull return at once)."""
+    from pipeline.cli import wake_the_reader
+
+    wake_the_reader(subscription, topic)
+    result.cancel()

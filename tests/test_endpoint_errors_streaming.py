@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from support import WRITE_KEY, RunWatch, streaming_flow, timed_event
+from support import WRITE_KEY, RunWatch, stop_local_streaming, streaming_flow, timed_event
 
 from decide.destination import compiled
 from local_segment import LocalSegment
@@ -67,7 +67,7 @@ def test_a_refused_key_holds_the_stream_until_it_is_fixed(pubsub, unique, monkey
                 assert fixed.wait_until(len(planned), timeout=60), (len(fixed.accepted), failure)
                 dead = pubsub.pull(dead_subscription, count=1, timeout_s=2, idle_s=0.5)
         finally:
-            cli.stop_local_streaming(result, subscription=subscription)
+            stop_local_streaming(result, subscription=subscription)
             refusing.stop()
             if fixed is not None:
                 fixed.stop()

@@ -18,10 +18,9 @@ from pathlib import Path
 import fastavro
 import pytest
 from emulators import GCS_BUCKET
-from support import WRITE_KEY, load_json, run_pipeline
+from support import WRITE_KEY, load_json, run_pipeline, strip_sdk_fields
 
 import schemas
-from decide.calls import strip_sdk_fields
 from decide.destination import DestinationSpec, compiled
 from decide.flow import load_flow
 from pipeline.cli import main as cli_main

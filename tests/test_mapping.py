@@ -418,7 +418,7 @@ def test_compiled_rule_fields() -> None:
         "settings": {"page": True, "screen": False, "identify": {"map": {"userId": "user.id"}}},
     }
     mapping = DestinationMapping({"mapping": {"page": {"*": raw}}})
-    rule = mapping.find_rule(PRESETS["page view"], {"collector": {}})
+    rule = mapping.find_rule(PRESETS["page view"], {})
     assert isinstance(rule, CompiledRule)
     assert (rule.key, rule.name, rule.ignore, rule.silent) == ("page *", "Page", False, True)
     assert rule.consent == {"marketing": True}
@@ -432,7 +432,7 @@ def test_settings_functions_share_the_mapping_error_counts() -> None:
     mapping = DestinationMapping(
         {"mapping": {"*": {"*": {"settings": {"group": {"fn": "$code:(value) => value.nope.deeper"}}}}}}
     )
-    rule = mapping.find_rule(PRESETS["page view"])
+    rule = mapping.find_rule(PRESETS["page view"], {})
     assert rule.settings["group"](PRESETS["page view"]) is UNDEFINED
     assert mapping.error_counts == {"$.config.mapping.*.*.settings.group.fn": 1}
 
@@ -454,8 +454,8 @@ def test_the_collector_reaches_rule_conditions_through_find_rule() -> None:
         {"mapping": {"*": {"*": {"condition": "$code:(event, context) => context.collector.globals.env === 'prod'"}}}}
     )
     event = PRESETS["page view"]
-    assert mapping.find_rule(event, {"collector": {"globals": {"env": "prod"}}}).key == "* *"
-    assert mapping.find_rule(event, {"collector": {"globals": {"env": "dev"}}}) is None
+    assert mapping.find_rule(event, {"globals": {"env": "prod"}}).key == "* *"
+    assert mapping.find_rule(event, {"globals": {"env": "dev"}}) is None
 
 
 # --- values: raw vs JSON view, undefined ----------------------------------------------------------

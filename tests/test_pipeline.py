@@ -6,9 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support import WRITE_KEY, load_json, run_pipeline
+from support import WRITE_KEY, load_json, run_pipeline, strip_sdk_fields
 
-from decide.calls import strip_sdk_fields
 from decide.destination import DestinationSpec, compiled
 from decide.flow import load_flow
 from pipeline.cli import main as cli_main

@@ -7,7 +7,7 @@ import base64
 import json
 
 import orjson
-from support import RunWatch, flow_document
+from support import RunWatch, flow_document, stop_local_streaming
 
 from pipeline import cli
 
@@ -78,7 +78,7 @@ def test_poison_messages_cost_only_themselves(pubsub, unique, endpoint, tmp_path
             assert endpoint.wait_until(3, timeout=30), (len(endpoint.accepted), failure)
             dead = pubsub.pull(dead_subscription, count=6, timeout_s=30, idle_s=0.5)
     finally:
-        cli.stop_local_streaming(result, subscription=subscription)
+        stop_local_streaming(result, subscription=subscription)
     assert not failure, failure
 
     assert sorted(m["messageId"].split(":")[1] for m in endpoint.accepted) == [

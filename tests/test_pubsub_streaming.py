@@ -16,9 +16,18 @@ from pathlib import Path
 import emulators
 import orjson
 import pytest
-from support import CONSENT, T0, WRITE_KEY, RunWatch, poll_until, streaming_flow, timed_event
+from support import (
+    CONSENT,
+    T0,
+    WRITE_KEY,
+    RunWatch,
+    poll_until,
+    stop_local_streaming,
+    streaming_flow,
+    strip_sdk_fields,
+    timed_event,
+)
 
-from decide.calls import strip_sdk_fields
 from decide.destination import compiled
 from pipeline import cli
 from pipeline.explain import explain_payloads
@@ -166,7 +175,7 @@ def test_streaming_from_pubsub_end_to_end(pubsub, unique, endpoint, monkeypatch,
             dead = pubsub.pull(dead_subscription, count=3, timeout_s=15, idle_s=0.5)
     finally:
         stop_started = time.monotonic()
-        cli.stop_local_streaming(result, subscription=subscription)
+        stop_local_streaming(result, subscription=subscription)
         stop_took = time.monotonic() - stop_started
         watch.join(0.5)  # wait_until_finish() may not return after cancel(): its errors are what counts
     assert not failure, failure
@@ -261,7 +270,7 @@ def test_streaming_from_a_topic(pubsub, unique, endpoint, monkeypatch, tmp_path)
             assert endpoint.wait_until(1, timeout=20), failure
             dead = pubsub.pull(dead_subscription, count=2, timeout_s=15, idle_s=0.5)
     finally:
-        cli.stop_local_streaming(result, topic=topic)
+        stop_local_streaming(result, topic=topic)
         emulators.close_direct_runner_pubsub_clients()  # deletes the temporary subscription
     assert not failure, failure
     assert not list(pubsub.publisher.list_topic_subscriptions(topic=topic))

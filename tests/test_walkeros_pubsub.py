@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import emulators
-from support import WRITE_KEY, RunWatch, flow_document
+from support import WRITE_KEY, RunWatch, flow_document, stop_local_streaming, strip_sdk_fields
 
-from decide.calls import strip_sdk_fields
 from decide.destination import compiled
 from pipeline import cli
 from pipeline.explain import explain_payloads
@@ -142,7 +141,7 @@ def test_walkeros_gcp_destination_messages_arrive_unchanged(pubsub, unique, endp
             assert endpoint.wait_until(2, timeout=30), failure
             dead = pubsub.pull(dead_subscription, count=1, timeout_s=20, idle_s=0.5)
     finally:
-        cli.stop_local_streaming(result, subscription=subscription)
+        stop_local_streaming(result, subscription=subscription)
         emulators.close_direct_runner_pubsub_clients()
         ordered.transport.close()
     assert not failure, failure
