@@ -141,29 +141,143 @@ _PRELUDE = r"""
     if (k === 0) return "x";
     return k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r);
   }
-  // The context's event, collector and consent arrive as JSON and are parsed only when read.
-  // One event's functions share one parsed event, as walkerOS's functions share the event
-  // object; `serial` changes with every event the host hands over, so nothing one event's
-  // functions do to it reaches the next event.
-  let eventSerial = -1, eventObject;
-  function eventFor(serial, text, parsed) {
-    if (serial !== eventSerial) { eventObject = parsed ?? decodeInput(text); eventSerial = serial; }
+  // The event, collector and consent the host handed over last (their text), kept between
+  // calls: the host sends a text only when it changed (null: "as before"). `eventSerial`
+  // changes with every event, so one event's functions share one event object, as walkerOS's
+  // functions share the event, and nothing they do to it reaches the next event.
+  let eventSerial = -1, eventText = "", eventObject, eventBuilt = false;
+  let collectorText = "", consentText = "";
+  function take(serial, newEventText, newCollectorText, newConsentText) {
+    if (newEventText !== null && serial !== eventSerial) {
+      eventSerial = serial; eventText = newEventText; eventObject = undefined; eventBuilt = false;
+    }
+    if (newCollectorText !== null) collectorText = newCollectorText;
+    if (newConsentText !== null) consentText = newConsentText;
+  }
+  function currentEvent() {
+    if (!eventBuilt) { eventObject = decodeEvent(eventText); eventBuilt = true; }
     return eventObject;
   }
+  // "o…": an object as JSON indented by two spaces, the rest as decodeInput.
+  function decodeEvent(text) { return text[0] === "o" ? lazyObject(text) : decodeInput(text); }
+
+  // An event is mostly read a key or two deep, and QuickJS parses JSON at some 0.2 µs a
+  // property: the object is built a top-level key at a time, when read. The text is JSON
+  // indented by two spaces, where "\n  \"key\": " only starts a top-level entry and ",\n  \""
+  // only ends one (a string holds no raw newline; deeper entries are indented further).
+  // Anything beyond reading a key (setting, deleting, listing keys, descriptors, freezing)
+  // first builds the whole object, so the Proxy then behaves as the plain object it wraps.
+  const plainKey = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;  // JSON-encoded alike by every encoder
+  const MISSING = {};
+  const indexOf = Function.prototype.call.bind(String.prototype.indexOf);
+  const slice = Function.prototype.call.bind(String.prototype.slice);
+  const defineProperties = Object.defineProperties, getDescriptors = Object.getOwnPropertyDescriptors;
+  const R = {get: Reflect.get, set: Reflect.set, has: Reflect.has, ownKeys: Reflect.ownKeys,
+             getOwnPropertyDescriptor: Reflect.getOwnPropertyDescriptor,
+             defineProperty: Reflect.defineProperty, deleteProperty: Reflect.deleteProperty,
+             preventExtensions: Reflect.preventExtensions};
+  const ProxyCtor = Proxy, MapCtor = Map;
+  const mapGet = Function.prototype.call.bind(Map.prototype.get);
+  const mapSet = Function.prototype.call.bind(Map.prototype.set);
+  const mapForEach = Function.prototype.call.bind(Map.prototype.forEach);
+  const mapSize = Function.prototype.call.bind(getDescriptor(Map.prototype, "size").get);
+  // A key's entry starts with "\n  \"key\": "; null for a key that encoders may write
+  // differently (quotes, backslashes, control or non-ASCII characters): such a key is looked
+  // up in the whole object.
+  const needles = new MapCtor();
+  function needleOf(key) {
+    let needle = mapGet(needles, key);
+    if (needle === undefined) {
+      needle = plainKey.test(key) ? '\n  "' + key + '": ' : null;
+      if (mapSize(needles) < 1024) mapSet(needles, key, needle);
+    }
+    return needle;
+  }
+  function entryValue(text, needle) {
+    const at = indexOf(text, needle);
+    if (at === -1) return MISSING;
+    const start = at + needle.length;
+    let end = indexOf(text, ',\n  "', start);
+    if (end === -1) end = text.length - 2;  // before the closing "\n}"
+    if (text[start] === '"') {
+      const escape = indexOf(text, "\\", start);
+      if (escape === -1 || escape >= end) return slice(text, start + 1, end - 1);
+    }
+    return parse(slice(text, start, end));
+  }
+  // The Proxy's handler: {text, read: Map of the entries read so far, whole: built}.
+  function build(handler, target) {
+    if (handler.whole) return;
+    handler.whole = true;
+    defineProperties(target, getDescriptors(parse(slice(handler.text, 1))));
+    // What was read before stays the value handed out (and maybe changed) then.
+    mapForEach(handler.read, (value, key) => { target[key] = value; });
+  }
+  const lazyTraps = freeze({
+    __proto__: null,
+    get(target, key, receiver) {
+      if (this.whole || typeof key !== "string") return R.get(target, key, receiver);
+      let value = mapGet(this.read, key);
+      if (value !== undefined) return value;
+      const needle = needleOf(key);
+      if (needle === null) { build(this, target); return R.get(target, key, receiver); }
+      value = entryValue(this.text, needle);
+      if (value === MISSING) return R.get(target, key, receiver);  // not own: the prototype's
+      mapSet(this.read, key, value);
+      return value;
+    },
+    has(target, key) {
+      if (!this.whole && typeof key === "string") {
+        const needle = needleOf(key);
+        if (needle === null) build(this, target);
+        else if (indexOf(this.text, needle) !== -1) return true;
+      }
+      return R.has(target, key);
+    },
+    set(target, key, value, receiver) { build(this, target); return R.set(target, key, value, receiver); },
+    ownKeys(target) { build(this, target); return R.ownKeys(target); },
+    getOwnPropertyDescriptor(target, key) { build(this, target); return R.getOwnPropertyDescriptor(target, key); },
+    defineProperty(target, key, d) { build(this, target); return R.defineProperty(target, key, d); },
+    deleteProperty(target, key) { build(this, target); return R.deleteProperty(target, key); },
+    preventExtensions(target) { build(this, target); return R.preventExtensions(target); },
+  });
+  function lazyObject(text) {
+    return new ProxyCtor({}, {__proto__: lazyTraps, text, read: new MapCtor(), whole: false});
+  }
+
+  // A context holds the texts of its call: read later (a function may keep it), it still
+  // gives that call's collector and consent, parsed afresh for every call.
   class Context {
     #serial; #event; #collector; #consent;
-    constructor(i, serial, eventJson, collectorJson, consentJson) {
-      this.#serial = serial; this.#event = eventJson; this.#collector = collectorJson; this.#consent = consentJson;
+    constructor(i) {
+      this.#serial = eventSerial; this.#event = eventText;
+      this.#collector = collectorText; this.#consent = consentText;
       this.mapping = mappings[i];
       this.logger = logger;
     }
-    get event() { if (typeof this.#event === "string") this.#event = [eventFor(this.#serial, this.#event)]; return this.#event[0]; }
+    get event() {
+      if (typeof this.#event === "string")
+        this.#event = [this.#serial === eventSerial ? currentEvent() : decodeEvent(this.#event)];
+      return this.#event[0];
+    }
     set event(v) { this.#event = [v]; }
     get collector() { if (typeof this.#collector === "string") this.#collector = [decodeInput(this.#collector)]; return this.#collector[0]; }
     set collector(v) { this.#collector = [v]; }
     get consent() { if (typeof this.#consent === "string") this.#consent = [decodeInput(this.#consent)]; return this.#consent[0]; }
     set consent(v) { this.#consent = [v]; }
   }
+  // A function with one plain parameter that never names `arguments` (nor `eval`, which could)
+  // cannot see a second argument: it is called without building a context.
+  const oneParameter = /^(?:async\s+)?(?:\(\s*[A-Za-z_$][\w$]*\s*\)|[A-Za-z_$][\w$]*)\s*=>|^(?:async\s+)?function\b\s*\*?\s*(?:[A-Za-z_$][\w$]*)?\s*\(\s*[A-Za-z_$][\w$]*\s*\)\s*\{/;
+  const mentionsArguments = /arguments|eval/;
+  const fnSource = Function.prototype.call.bind(Function.prototype.toString);
+  function seesContext(fn) {
+    if (fn.length !== 1) return true;
+    const source = fnSource(fn);
+    return !oneParameter.test(source) || mentionsArguments.test(source);
+  }
+  const contextual = [];
+  // → 1 when the function is called with a context, 0 when with its value alone.
   function compile(i, source, mappingJson) {
     mappings[i] = deepFreeze(parse(mappingJson));
     let fn;
@@ -171,22 +285,27 @@ _PRELUDE = r"""
       fn = FunctionCtor('"use strict";return (' + source + "\n);")();
     } catch (error) {
       fns[i] = () => { throw error; };
-      return;
+      contextual[i] = false;
+      return 0;
     }
     fns[i] = typeof fn === "function" ? fn
       : () => { throw new TypeError("the $code expression gave " + typeof fn + ", not a function"); };
+    contextual[i] = typeof fn === "function" && seesContext(fn);
+    return contextual[i] ? 1 : 0;
   }
   function check(source) {
     try { FunctionCtor('"use strict";return (' + source + "\n);"); return ""; }
     catch (error) { return String(error) + "\n" + String(error.stack || ""); }
   }
-  // awaited: value-level functions are awaited in walkerOS; rule conditions are not.
-  // valueJson "e": the value is the event itself.
-  // parsed: the event already parsed by the host (when the value is the event), else null.
-  function call(i, predicate, awaited, valueJson, serial, eventJson, collectorJson, consentJson, parsed) {
-    const value = valueJson === "e" ? eventFor(serial, eventJson, parsed) : decodeInput(valueJson);
-    const r = fns[i](value, new Context(i, serial, eventJson, collectorJson, consentJson));
-    if (awaited && isPromise(r)) {
+  // flags: 1 a predicate, 2 awaited (value-level functions are awaited in walkerOS; rule
+  // conditions are not). valueText "e": the value is the event itself. The texts are null
+  // when they did not change since the last call (see take).
+  function call(i, flags, valueText, serial, newEventText, newCollectorText, newConsentText) {
+    take(serial, newEventText, newCollectorText, newConsentText);
+    const value = valueText === "e" ? currentEvent() : decodeInput(valueText);
+    const r = contextual[i] ? fns[i](value, new Context(i)) : fns[i](value);
+    const predicate = (flags & 1) === 1;
+    if ((flags & 2) === 2 && isPromise(r)) {
       settled = null;
       then(r, (v) => { settled = [true, v]; }, (e) => { settled = [false, e]; });
       return predicate ? -1 : "p";
@@ -217,6 +336,18 @@ def _json(value: Any) -> str:
     if value is UNDEFINED:
         return ""
     return "j" + orjson.dumps(value, default=_undefined_as_null).decode()
+
+
+def _event_json(event: Any) -> str:
+    """The event as text for the sandbox: an object as "o" + JSON indented by two spaces (the
+    engine finds its top-level entries in it, see lazyObject), anything else as `_json`."""
+    if type(event) is dict:
+        return "o" + orjson.dumps(event, default=_undefined_as_null,
+                                  option=orjson.OPT_INDENT_2).decode()
+    return _json(event)
+
+
+_NOTHING = object()  # no value handed over yet
 
 
 def _undefined_as_null(value: Any) -> Any:
@@ -263,37 +394,48 @@ class _JsSandbox:
         self.compile_fn, self.call_fn = api("compile"), api("call")
         self.settle_fn, self.check_fn = api("settle"), api("check")
         self.compiled = 0
+        self.contextual: list[bool] = []  # by function: called with a context (else its value alone)
         self.error_type = _quickjs.JSException
-        # The functions of one event mostly get the same event, collector and consent: their
-        # text is kept for the next call while they are the same objects (and the event has
-        # the same name, the one thing the mapping changes in place).
-        # The cache holds the event: its id cannot be reused by another while it is cached.
-        self._event: tuple[Any, Any, int, str] = (None, None, 0, "")
-        self._collector: tuple[Any, str] = (None, "")
-        self._consent: tuple[Any, str] = (None, "")
-        self._parsed: tuple[int, Any] = (-1, None)
+        # What the engine holds (see `take` in the prelude): the event (kept, so its id cannot
+        # be reused by another while it is here), its name (the one thing the mapping changes
+        # in place), its serial and text; the collector and consent. Each is sent again only
+        # when it changed.
+        self._event: tuple[Any, Any, int, str] = (_NOTHING, None, 0, "")
+        self._event_sent = False
+        self._collector: Any = _NOTHING
+        self._consent: Any = _NOTHING
 
-    def parsed_event(self, serial: int, event_text: str) -> Any:
-        """The event parsed by the engine's own C parser (quicker than JSON.parse in JS), once
-        per event; only asked for when a function gets the event as its value."""
-        if self._parsed[0] != serial:
-            self._parsed = (serial, self.context.parse_json(event_text[1:])
-                            if event_text[:1] == "j" else None)
-        return self._parsed[1]
+    def call(self, index: int, flags: int, value: Any, event: Any, collector: Any,
+             consent: Any) -> Any:
+        """Calls function `index` (see `call` in the prelude) → its encoded result."""
+        if self.contextual[index]:
+            serial, event_text = self._event_text(event)
+            collector_text = None
+            if collector is not self._collector:
+                collector_text, self._collector = _json(collector), collector
+            consent_text = None
+            if consent is not self._consent:
+                consent_text, self._consent = _json(consent), consent
+            return self.call_fn(index, flags, "e" if value is event else _json(value), serial,
+                                event_text, collector_text, consent_text)
+        if value is event:
+            serial, event_text = self._event_text(event)
+            return self.call_fn(index, flags, "e", serial, event_text, None, None)
+        return self.call_fn(index, flags, _json(value), 0, None, None, None)
 
-    def texts(self, event: Any, collector: Any, consent: Any) -> tuple[int, str, str, str]:
-        """(serial, event, collector, consent): the serial is new with every new event."""
-        cached_event, cached_name, serial, event_text = self._event
-        name = event.get("name") if type(event) is dict else None
-        if cached_event is not event or cached_name != name:
+    def _event_text(self, event: Any) -> tuple[int, str | None]:
+        """(serial, text or None when the engine holds it): the serial is new with every event."""
+        held, name, serial, text = self._event
+        new_name = event.get("name") if type(event) is dict else None
+        if held is event and name == new_name:
+            if self._event_sent:
+                return serial, None
+        else:
             serial = (serial + 1) & 0x3FFFFFFF
-            event_text = _json(event)
-            self._event = (event, name, serial, event_text)
-        if self._collector[0] is not collector:
-            self._collector = (collector, _json(collector))
-        if self._consent[0] is not consent:
-            self._consent = (consent, _json(consent))
-        return serial, event_text, self._collector[1], self._consent[1]
+            text = _event_json(event)
+            self._event = (event, new_name, serial, text)
+        self._event_sent = True
+        return serial, text
 
     def check(self, source: str) -> str:
         return self.check_fn(source)
@@ -301,7 +443,7 @@ class _JsSandbox:
     def compile_up_to(self, functions: list["_JsSource"]) -> None:
         while self.compiled < len(functions):
             item = functions[self.compiled]
-            self.compile_fn(self.compiled, item.source, item.mapping_json)
+            self.contextual.append(bool(self.compile_fn(self.compiled, item.source, item.mapping_json)))
             self.compiled += 1
 
     def decode(self, encoded: str) -> Any:
@@ -318,6 +460,10 @@ class _JsSandbox:
     def after_failure(self) -> None:
         # What a failed call allocated is unreachable now; give it back before the next call.
         self.context.gc()
+        # Whether the engine took this call's texts is unknown: send them again. The event
+        # keeps its serial, so the engine keeps the event object it may already have built.
+        self._event_sent = False
+        self._collector = self._consent = _NOTHING
 
 
 def _restore_holes(value: Any, token: str) -> Any:
@@ -373,17 +519,12 @@ class Functions:
 
     def _javascript(self, index: int, predicate: bool, awaited: bool) -> Callable:
         sandbox_for = self._sandbox
+        flags = (1 if predicate else 0) | (2 if awaited else 0)
 
         def call_javascript(value: Any, event: Any, collector: Any, consent: Any) -> Any:
             sandbox = sandbox_for()
             try:
-                texts = sandbox.texts(event, collector, consent)
-                # Functions often get the event itself as their value: parsed once per event.
-                if value is event:
-                    result = sandbox.call_fn(index, predicate, awaited, "e", *texts,
-                                             sandbox.parsed_event(texts[0], texts[1]))
-                else:
-                    result = sandbox.call_fn(index, predicate, awaited, _json(value), *texts, None)
+                result = sandbox.call(index, flags, value, event, collector, consent)
                 if result == -1 or result == _PROMISE_PREFIX:
                     while sandbox.context.execute_pending_job():
                         pass
