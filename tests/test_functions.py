@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pipeline.cli import main as cli_main
 from transforms.functions import FunctionPolicy, Functions
@@ -295,3 +296,121 @@ def test_endless_recursion_is_a_counted_error_on_any_thread() -> None:
     thread.join()
     assert results == ["fallback"] and value(EVENT) == "fallback"
     assert errors == ["RangeError: Maximum call stack size exceeded"] * 2
+
+
+# --- the event as functions see it ------------------------------------------------------------------
+# The event a function gets is built a top-level key at a time when read (see lazyObject in
+# transforms.functions); everything else must behave as on the plain object walkerOS hands over.
+# Each expression runs on the event itself (the lazily built one) and on a copy handed over as a
+# plain value, whose JSON the engine parses whole: the answers must be the same.
+
+ODD_EVENT = {"data": {"name": "inner", "text": 'a",\n  "name": "fake'}, "name": "outer",
+             'quote"d': 1, "back\\slash": [2], "üml": {"x": None}, "__proto__": {"p": 1},
+             "constructor": "c", "line\nbreak": True, "empty": {}, "list": [], "zero": 0,
+             "null": None, "s": 'q"uo\\te', "": "blank"}
+
+PLAIN_OBJECT_PROBES = [
+    "Object.keys(e)",
+    "JSON.stringify(e)",
+    "Object.entries(e).map(([k, v]) => k + '=' + JSON.stringify(v))",
+    "{ const keys = []; for (const k in e) keys.push(k); return keys; }",
+    "({...e})",
+    "Object.assign({}, e)",
+    "[typeof e, Array.isArray(e), Object.prototype.toString.call(e), String(e)]",
+    "[Object.getPrototypeOf(e) === Object.prototype, e.constructor === Object || e.constructor]",
+    "['name' in e, 'data' in e, 'nope' in e, 'toString' in e, '__proto__' in e, 'üml' in e,"
+    " 'quote\"d' in e, 'line\\nbreak' in e, '' in e]",
+    "[e.nope, e.name, e.data, e['quote\"d'], e['back\\\\slash'], e['üml'], e['line\\nbreak'], e[''],"
+    " e.s, e.zero, e.null, e.empty, e.list]",
+    "[e.hasOwnProperty('name'), Object.hasOwn(e, 'nope'), Object.hasOwn(e, '__proto__')]",
+    "Object.getOwnPropertyDescriptor(e, 'name')",
+    "[e.data === e.data, e.empty === e.empty]",
+    "{ e.data.name = 'changed'; if (e.list) e.list.push(1); return JSON.stringify(e); }",
+    "{ const d = e.data; e.name = 'renamed'; return [d === e.data, JSON.stringify(e)]; }",
+    "{ e.added = 1; delete e.name; return [Object.keys(e), e.added, 'name' in e]; }",
+    "{ Object.freeze(e); return [Object.isFrozen(e), e.data.name, Object.keys(e).length]; }",
+    "{ Object.defineProperty(e, 'name', {value: 'defined', enumerable: false}); return [Object.keys(e), e.name]; }",
+    "{ Object.setPrototypeOf(e, {inherited: 1}); return [e.inherited, 'inherited' in e, e.nope]; }",
+    "Object.getOwnPropertyNames(e).length",
+]
+
+
+@pytest.mark.parametrize("probe", PLAIN_OBJECT_PROBES)
+@pytest.mark.parametrize("event", [EVENT, ODD_EVENT], ids=["event", "odd keys"])
+def test_the_event_behaves_as_a_plain_object(probe: str, event: dict) -> None:
+    body = probe[1:-1] if probe.startswith("{") else f"return ({probe});"
+    source = f"(e) => JSON.stringify((() => {{ {body} }})())"
+    lazy_errors: list[str] = []
+    whole_errors: list[str] = []
+    lazily = js_value(source, errors=lazy_errors)(json.loads(json.dumps(event)))  # the event itself
+    copy = json.loads(json.dumps(event))
+    whole = js_value(source, errors=whole_errors)(copy, {"event": {"name": "another"}})  # a value
+    assert (lazily, lazy_errors) == (whole, whole_errors)
+    assert isinstance(lazily, str) or whole_errors  # the probe ran, or threw alike on both
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 53, 2 ** 53) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(event=st.dictionaries(st.text(max_size=6), json_values, max_size=6),
+       probe=st.text(max_size=6))
+def test_any_event_reads_as_its_plain_object(event: dict, probe: str) -> None:
+    # Each key read alone, a key that may be missing, then the whole object.
+    value = js_value("(e) => JSON.stringify([Object.keys(e).length,"
+                     " ...Object.keys(JSON.parse(JSON.stringify(e))).map(k => e[k])])")
+    reads = js_value(f"(e) => JSON.stringify([e[{json.dumps(probe)}], {json.dumps(probe)} in e,"
+                     f" ...{json.dumps(list(event))}.map(k => e[k]), e])")
+    copy = json.loads(json.dumps(event))
+    for function in (value, reads):
+        assert function(json.loads(json.dumps(event))) == function(copy, {"event": {}})
+
+
+def test_one_events_functions_share_the_event_and_the_next_event_starts_afresh() -> None:
+    functions = Functions(FAST)
+    errors: list[str] = []
+    change = compile_value({"fn": "$code:(e) => { e.data.id = 'changed'; e.extra = 1; return 1; }"},
+                           "$.c", functions=functions)
+    change_and_throw = compile_value({"fn": "$code:(e) => { e.name = 'thrown'; throw new Error('x'); }"},
+                                     "$.t", on_error=lambda p, exc: errors.append(str(exc)),
+                                     functions=functions)
+    read = compile_value({"fn": "$code:(e) => [e.data.id, e.extra === undefined ? 'none' : e.extra, e.name, Object.keys(e).length]"},
+                         "$.r", functions=functions)
+    read_context = compile_value({"fn": "$code:(v, c) => [c.event.data.id, c.event === v]"}, "$.rc",
+                                 functions=functions)
+    event = json.loads(json.dumps(EVENT))
+    assert read(event) == ["0rd3r1d", "none", "order complete", 4]
+    assert change(event) == 1
+    assert change_and_throw(event) is UNDEFINED and len(errors) == 1
+    # what the earlier functions did to this event, the later ones see (as in walkerOS) ...
+    assert read(event) == ["changed", 1, "thrown", 5]
+    assert read_context(event) == ["changed", True]
+    assert event == EVENT  # ... never the pipeline's own event
+    following = json.loads(json.dumps(EVENT))
+    assert read(following) == ["0rd3r1d", "none", "order complete", 4]
+    assert read_context(following) == ["0rd3r1d", True]
+
+
+@pytest.mark.parametrize("source", [
+    "(v, c) => c.event.name",
+    "(v, c = null) => c.event.name",                     # length 1, yet it takes the context
+    "(v, {event} = {}) => event.name",
+    "(...args) => args[1].event.name",
+    "function (v) { return arguments[1].event.name; }",
+    "function (v) { return eval('arguments')[1].event.name; }",
+    "async (v, c) => c.event.name",
+    "(v) => 0, (v, c = 0) => c.event.name",              # the comma expression's last function
+])
+def test_functions_that_can_see_the_context_get_it(source: str) -> None:
+    assert js_value(source)({"id": 1}, {"event": EVENT}) == "order complete"
+
+
+@pytest.mark.parametrize("source", [
+    "(v) => v.id", "v => v.id", "async v => v.id", "async (v) => v.id", "function (v) { return v.id; }",
+    "function named(v) { return v.id; }", "(() => (v) => v.id)()",
+])
+def test_one_parameter_functions_get_their_value(source: str) -> None:
+    assert js_value(source)({"id": 1}, {"event": EVENT}) == 1
