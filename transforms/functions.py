@@ -167,70 +167,58 @@ _PRELUDE = r"""
   // only ends one (a string holds no raw newline; deeper entries are indented further).
   // Anything beyond reading a key (setting, deleting, listing keys, descriptors, freezing)
   // first builds the whole object, so the Proxy then behaves as the plain object it wraps.
+  // The realm is frozen before user code runs: the builtins' methods below are the real ones.
   const plainKey = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;  // JSON-encoded alike by every encoder
   const MISSING = {};
-  const indexOf = Function.prototype.call.bind(String.prototype.indexOf);
-  const slice = Function.prototype.call.bind(String.prototype.slice);
   const defineProperties = Object.defineProperties, getDescriptors = Object.getOwnPropertyDescriptors;
-  const R = {get: Reflect.get, set: Reflect.set, has: Reflect.has, ownKeys: Reflect.ownKeys,
-             getOwnPropertyDescriptor: Reflect.getOwnPropertyDescriptor,
-             defineProperty: Reflect.defineProperty, deleteProperty: Reflect.deleteProperty,
-             preventExtensions: Reflect.preventExtensions};
-  const ProxyCtor = Proxy, MapCtor = Map;
-  const mapGet = Function.prototype.call.bind(Map.prototype.get);
-  const mapSet = Function.prototype.call.bind(Map.prototype.set);
-  const mapForEach = Function.prototype.call.bind(Map.prototype.forEach);
-  const mapSize = Function.prototype.call.bind(getDescriptor(Map.prototype, "size").get);
+  const R = Reflect, ProxyCtor = Proxy, MapCtor = Map;
   // A key's entry starts with "\n  \"key\": "; null for a key that encoders may write
   // differently (quotes, backslashes, control or non-ASCII characters): such a key is looked
   // up in the whole object.
   const needles = new MapCtor();
   function needleOf(key) {
-    let needle = mapGet(needles, key);
+    let needle = needles.get(key);
     if (needle === undefined) {
       needle = plainKey.test(key) ? '\n  "' + key + '": ' : null;
-      if (mapSize(needles) < 1024) mapSet(needles, key, needle);
+      if (needles.size < 1024) needles.set(key, needle);
     }
     return needle;
   }
   function entryValue(text, needle) {
-    const at = indexOf(text, needle);
+    const at = text.indexOf(needle);
     if (at === -1) return MISSING;
     const start = at + needle.length;
-    let end = indexOf(text, ',\n  "', start);
+    let end = text.indexOf(',\n  "', start);
     if (end === -1) end = text.length - 2;  // before the closing "\n}"
-    if (text[start] === '"') {
-      const escape = indexOf(text, "\\", start);
-      if (escape === -1 || escape >= end) return slice(text, start + 1, end - 1);
-    }
-    return parse(slice(text, start, end));
+    const entry = text.slice(start, end);
+    return entry[0] === '"' && entry.indexOf("\\") === -1 ? entry.slice(1, -1) : parse(entry);
   }
   // The Proxy's handler: {text, read: Map of the entries read so far, whole: built}.
   function build(handler, target) {
     if (handler.whole) return;
     handler.whole = true;
-    defineProperties(target, getDescriptors(parse(slice(handler.text, 1))));
+    defineProperties(target, getDescriptors(parse(handler.text.slice(1))));
     // What was read before stays the value handed out (and maybe changed) then.
-    mapForEach(handler.read, (value, key) => { target[key] = value; });
+    handler.read.forEach((value, key) => { target[key] = value; });
   }
   const lazyTraps = freeze({
     __proto__: null,
     get(target, key, receiver) {
       if (this.whole || typeof key !== "string") return R.get(target, key, receiver);
-      let value = mapGet(this.read, key);
+      let value = this.read.get(key);
       if (value !== undefined) return value;
       const needle = needleOf(key);
       if (needle === null) { build(this, target); return R.get(target, key, receiver); }
       value = entryValue(this.text, needle);
       if (value === MISSING) return R.get(target, key, receiver);  // not own: the prototype's
-      mapSet(this.read, key, value);
+      this.read.set(key, value);
       return value;
     },
     has(target, key) {
       if (!this.whole && typeof key === "string") {
         const needle = needleOf(key);
         if (needle === null) build(this, target);
-        else if (indexOf(this.text, needle) !== -1) return true;
+        else if (this.text.indexOf(needle) !== -1) return true;
       }
       return R.has(target, key);
     },
@@ -299,10 +287,20 @@ _PRELUDE = r"""
   }
   // flags: 1 a predicate, 2 awaited (value-level functions are awaited in walkerOS; rule
   // conditions are not). valueText "e": the value is the event itself. The texts are null
-  // when they did not change since the last call (see take).
+  // when they did not change since the last call (see take). Every argument costs a
+  // conversion in the binding, so the host calls with as few as the function needs:
+  // callValue for a function without a context on another value, callEvent for one on the
+  // event, call for one with a context.
   function call(i, flags, valueText, serial, newEventText, newCollectorText, newConsentText) {
     take(serial, newEventText, newCollectorText, newConsentText);
-    const value = valueText === "e" ? currentEvent() : decodeInput(valueText);
+    return invoke(i, flags, valueText === "e" ? currentEvent() : decodeInput(valueText));
+  }
+  function callEvent(i, flags, serial, newEventText) {
+    take(serial, newEventText, null, null);
+    return invoke(i, flags, currentEvent());
+  }
+  function callValue(i, flags, valueText) { return invoke(i, flags, decodeInput(valueText)); }
+  function invoke(i, flags, value) {
     const r = contextual[i] ? fns[i](value, new Context(i)) : fns[i](value);
     const predicate = (flags & 1) === 1;
     if ((flags & 2) === 2 && isPromise(r)) {
@@ -320,7 +318,7 @@ _PRELUDE = r"""
     return predicate ? (s[1] ? 1 : 0) : encode(s[1]);
   }
   deepFreeze(globalThis);
-  const api = {compile, call, settle, check};
+  const api = {compile, call, callEvent, callValue, settle, check};
   return (name) => api[name];
 })
 """
@@ -392,6 +390,7 @@ class _JsSandbox:
         self.context = context
         api = context.eval(_PRELUDE)(self.token)
         self.compile_fn, self.call_fn = api("compile"), api("call")
+        self.call_event_fn, self.call_value_fn = api("callEvent"), api("callValue")
         self.settle_fn, self.check_fn = api("settle"), api("check")
         self.compiled = 0
         self.contextual: list[bool] = []  # by function: called with a context (else its value alone)
@@ -405,25 +404,20 @@ class _JsSandbox:
         self._collector: Any = _NOTHING
         self._consent: Any = _NOTHING
 
-    def call(self, index: int, flags: int, value: Any, event: Any, collector: Any,
-             consent: Any) -> Any:
-        """Calls function `index` (see `call` in the prelude) → its encoded result."""
-        if self.contextual[index]:
-            serial, event_text = self._event_text(event)
-            collector_text = None
-            if collector is not self._collector:
-                collector_text, self._collector = _json(collector), collector
-            consent_text = None
-            if consent is not self._consent:
-                consent_text, self._consent = _json(consent), consent
-            return self.call_fn(index, flags, "e" if value is event else _json(value), serial,
-                                event_text, collector_text, consent_text)
-        if value is event:
-            serial, event_text = self._event_text(event)
-            return self.call_fn(index, flags, "e", serial, event_text, None, None)
-        return self.call_fn(index, flags, _json(value), 0, None, None, None)
+    def call_with_context(self, index: int, flags: int, value: Any, event: Any, collector: Any,
+                          consent: Any) -> Any:
+        """Calls function `index`, which sees a context (see `call` in the prelude)."""
+        serial, event_text = self.event_text(event)
+        collector_text = None
+        if collector is not self._collector:
+            collector_text, self._collector = _json(collector), collector
+        consent_text = None
+        if consent is not self._consent:
+            consent_text, self._consent = _json(consent), consent
+        return self.call_fn(index, flags, "e" if value is event else _json(value), serial,
+                            event_text, collector_text, consent_text)
 
-    def _event_text(self, event: Any) -> tuple[int, str | None]:
+    def event_text(self, event: Any) -> tuple[int, str | None]:
         """(serial, text or None when the engine holds it): the serial is new with every event."""
         held, name, serial, text = self._event
         new_name = event.get("name") if type(event) is dict else None
@@ -518,13 +512,23 @@ class Functions:
         return sandbox
 
     def _javascript(self, index: int, predicate: bool, awaited: bool) -> Callable:
-        sandbox_for = self._sandbox
+        sandbox_for, local, sources = self._sandbox, self._local, self._sources
         flags = (1 if predicate else 0) | (2 if awaited else 0)
 
         def call_javascript(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-            sandbox = sandbox_for()
+            # Runs for every function on every event: the common paths are written out here.
+            sandbox = getattr(local, "sandbox", None)
+            if sandbox is None or sandbox.compiled < len(sources):
+                sandbox = sandbox_for()
             try:
-                result = sandbox.call(index, flags, value, event, collector, consent)
+                if sandbox.contextual[index]:
+                    result = sandbox.call_with_context(index, flags, value, event, collector, consent)
+                elif value is event:
+                    result = sandbox.call_event_fn(index, flags, *sandbox.event_text(event))
+                elif type(value) is str and "\x00" not in value:
+                    result = sandbox.call_value_fn(index, flags, "s" + value)
+                else:
+                    result = sandbox.call_value_fn(index, flags, _json(value))
                 if result == -1 or result == _PROMISE_PREFIX:
                     while sandbox.context.execute_pending_job():
                         pass
@@ -532,7 +536,9 @@ class Functions:
             except sandbox.error_type as exc:
                 sandbox.after_failure()
                 raise FunctionError(_first_line(exc)) from None
-            return bool(result) if predicate else sandbox.decode(result)
+            if predicate:
+                return result == 1
+            return result[1:] if result[0] == "s" else sandbox.decode(result)
         return call_javascript
 
     # -- Python --
