@@ -17,6 +17,7 @@ a global, a prototype or a builtin for the next event.
 unless the flow is run with --allow_python_functions. A watchdog thread interrupts a call that
 runs past its time limit (see `PythonDeadline`).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -29,8 +30,9 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -63,6 +65,7 @@ class FunctionTimeout(BaseException):
 @dataclass(frozen=True)
 class FunctionPolicy:
     """How user functions may run; part of the destination spec, so it travels to workers."""
+
     allow_python: bool = False
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB
@@ -141,29 +144,131 @@ _PRELUDE = r"""
     if (k === 0) return "x";
     return k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r);
   }
-  // The context's event, collector and consent arrive as JSON and are parsed only when read.
-  // One event's functions share one parsed event, as walkerOS's functions share the event
-  // object; `serial` changes with every event the host hands over, so nothing one event's
-  // functions do to it reaches the next event.
-  let eventSerial = -1, eventObject;
-  function eventFor(serial, text, parsed) {
-    if (serial !== eventSerial) { eventObject = parsed ?? decodeInput(text); eventSerial = serial; }
+  // The event, collector and consent the host handed over last (their text), kept between
+  // calls: the host sends a text only when it changed (null: "as before"). `eventSerial`
+  // changes with every event, so one event's functions share one event object, as walkerOS's
+  // functions share the event, and nothing they do to it reaches the next event.
+  let eventSerial = -1, eventText = "", eventObject, eventBuilt = false;
+  let collectorText = "", consentText = "";
+  function take(serial, newEventText, newCollectorText, newConsentText) {
+    if (newEventText !== null && serial !== eventSerial) {
+      eventSerial = serial; eventText = newEventText; eventObject = undefined; eventBuilt = false;
+    }
+    if (newCollectorText !== null) collectorText = newCollectorText;
+    if (newConsentText !== null) consentText = newConsentText;
+  }
+  function currentEvent() {
+    if (!eventBuilt) { eventObject = decodeEvent(eventText); eventBuilt = true; }
     return eventObject;
   }
+  // "o…": an object as JSON indented by two spaces, the rest as decodeInput.
+  function decodeEvent(text) { return text[0] === "o" ? lazyObject(text) : decodeInput(text); }
+
+  // An event is mostly read a key or two deep, and QuickJS parses JSON at some 0.2 µs a
+  // property: the object is built a top-level key at a time, when read. The text is JSON
+  // indented by two spaces, where "\n  \"key\": " only starts a top-level entry and ",\n  \""
+  // only ends one (a string holds no raw newline; deeper entries are indented further).
+  // Anything beyond reading a key (setting, deleting, listing keys, descriptors, freezing)
+  // first builds the whole object, so the Proxy then behaves as the plain object it wraps.
+  // The realm is frozen before user code runs: the builtins' methods below are the real ones.
+  const plainKey = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;  // JSON-encoded alike by every encoder
+  const MISSING = {};
+  const defineProperties = Object.defineProperties, getDescriptors = Object.getOwnPropertyDescriptors;
+  const R = Reflect, ProxyCtor = Proxy, MapCtor = Map;
+  // A key's entry starts with "\n  \"key\": "; null for a key that encoders may write
+  // differently (quotes, backslashes, control or non-ASCII characters): such a key is looked
+  // up in the whole object.
+  const needles = new MapCtor();
+  function needleOf(key) {
+    let needle = needles.get(key);
+    if (needle === undefined) {
+      needle = plainKey.test(key) ? '\n  "' + key + '": ' : null;
+      if (needles.size < 1024) needles.set(key, needle);
+    }
+    return needle;
+  }
+  function entryValue(text, needle) {
+    const at = text.indexOf(needle);
+    if (at === -1) return MISSING;
+    const start = at + needle.length;
+    let end = text.indexOf(',\n  "', start);
+    if (end === -1) end = text.length - 2;  // before the closing "\n}"
+    const entry = text.slice(start, end);
+    return entry[0] === '"' && entry.indexOf("\\") === -1 ? entry.slice(1, -1) : parse(entry);
+  }
+  // The Proxy's handler: {text, read: Map of the entries read so far, whole: built}.
+  function build(handler, target) {
+    if (handler.whole) return;
+    handler.whole = true;
+    defineProperties(target, getDescriptors(parse(handler.text.slice(1))));
+    // What was read before stays the value handed out (and maybe changed) then.
+    handler.read.forEach((value, key) => { target[key] = value; });
+  }
+  const lazyTraps = freeze({
+    __proto__: null,
+    get(target, key, receiver) {
+      if (this.whole || typeof key !== "string") return R.get(target, key, receiver);
+      let value = this.read.get(key);
+      if (value !== undefined) return value;
+      const needle = needleOf(key);
+      if (needle === null) { build(this, target); return R.get(target, key, receiver); }
+      value = entryValue(this.text, needle);
+      if (value === MISSING) return R.get(target, key, receiver);  // not own: the prototype's
+      this.read.set(key, value);
+      return value;
+    },
+    has(target, key) {
+      if (!this.whole && typeof key === "string") {
+        const needle = needleOf(key);
+        if (needle === null) build(this, target);
+        else if (this.text.indexOf(needle) !== -1) return true;
+      }
+      return R.has(target, key);
+    },
+    set(target, key, value, receiver) { build(this, target); return R.set(target, key, value, receiver); },
+    ownKeys(target) { build(this, target); return R.ownKeys(target); },
+    getOwnPropertyDescriptor(target, key) { build(this, target); return R.getOwnPropertyDescriptor(target, key); },
+    defineProperty(target, key, d) { build(this, target); return R.defineProperty(target, key, d); },
+    deleteProperty(target, key) { build(this, target); return R.deleteProperty(target, key); },
+    preventExtensions(target) { build(this, target); return R.preventExtensions(target); },
+  });
+  function lazyObject(text) {
+    return new ProxyCtor({}, {__proto__: lazyTraps, text, read: new MapCtor(), whole: false});
+  }
+
+  // A context holds the texts of its call: read later (a function may keep it), it still
+  // gives that call's collector and consent, parsed afresh for every call.
   class Context {
     #serial; #event; #collector; #consent;
-    constructor(i, serial, eventJson, collectorJson, consentJson) {
-      this.#serial = serial; this.#event = eventJson; this.#collector = collectorJson; this.#consent = consentJson;
+    constructor(i) {
+      this.#serial = eventSerial; this.#event = eventText;
+      this.#collector = collectorText; this.#consent = consentText;
       this.mapping = mappings[i];
       this.logger = logger;
     }
-    get event() { if (typeof this.#event === "string") this.#event = [eventFor(this.#serial, this.#event)]; return this.#event[0]; }
+    get event() {
+      if (typeof this.#event === "string")
+        this.#event = [this.#serial === eventSerial ? currentEvent() : decodeEvent(this.#event)];
+      return this.#event[0];
+    }
     set event(v) { this.#event = [v]; }
     get collector() { if (typeof this.#collector === "string") this.#collector = [decodeInput(this.#collector)]; return this.#collector[0]; }
     set collector(v) { this.#collector = [v]; }
     get consent() { if (typeof this.#consent === "string") this.#consent = [decodeInput(this.#consent)]; return this.#consent[0]; }
     set consent(v) { this.#consent = [v]; }
   }
+  // A function with one plain parameter that never names `arguments` (nor `eval`, which could)
+  // cannot see a second argument: it is called without building a context.
+  const oneParameter = /^(?:async\s+)?(?:\(\s*[A-Za-z_$][\w$]*\s*\)|[A-Za-z_$][\w$]*)\s*=>|^(?:async\s+)?function\b\s*\*?\s*(?:[A-Za-z_$][\w$]*)?\s*\(\s*[A-Za-z_$][\w$]*\s*\)\s*\{/;
+  const mentionsArguments = /arguments|eval/;
+  const fnSource = Function.prototype.call.bind(Function.prototype.toString);
+  function seesContext(fn) {
+    if (fn.length !== 1) return true;
+    const source = fnSource(fn);
+    return !oneParameter.test(source) || mentionsArguments.test(source);
+  }
+  const contextual = [];
+  // → 1 when the function is called with a context, 0 when with its value alone.
   function compile(i, source, mappingJson) {
     mappings[i] = deepFreeze(parse(mappingJson));
     let fn;
@@ -171,22 +276,37 @@ _PRELUDE = r"""
       fn = FunctionCtor('"use strict";return (' + source + "\n);")();
     } catch (error) {
       fns[i] = () => { throw error; };
-      return;
+      contextual[i] = false;
+      return 0;
     }
     fns[i] = typeof fn === "function" ? fn
       : () => { throw new TypeError("the $code expression gave " + typeof fn + ", not a function"); };
+    contextual[i] = typeof fn === "function" && seesContext(fn);
+    return contextual[i] ? 1 : 0;
   }
   function check(source) {
     try { FunctionCtor('"use strict";return (' + source + "\n);"); return ""; }
     catch (error) { return String(error) + "\n" + String(error.stack || ""); }
   }
-  // awaited: value-level functions are awaited in walkerOS; rule conditions are not.
-  // valueJson "e": the value is the event itself.
-  // parsed: the event already parsed by the host (when the value is the event), else null.
-  function call(i, predicate, awaited, valueJson, serial, eventJson, collectorJson, consentJson, parsed) {
-    const value = valueJson === "e" ? eventFor(serial, eventJson, parsed) : decodeInput(valueJson);
-    const r = fns[i](value, new Context(i, serial, eventJson, collectorJson, consentJson));
-    if (awaited && isPromise(r)) {
+  // flags: 1 a predicate, 2 awaited (value-level functions are awaited in walkerOS; rule
+  // conditions are not). valueText "e": the value is the event itself. The texts are null
+  // when they did not change since the last call (see take). Every argument costs a
+  // conversion in the binding, so the host calls with as few as the function needs:
+  // callValue for a function without a context on another value, callEvent for one on the
+  // event, call for one with a context.
+  function call(i, flags, valueText, serial, newEventText, newCollectorText, newConsentText) {
+    take(serial, newEventText, newCollectorText, newConsentText);
+    return invoke(i, flags, valueText === "e" ? currentEvent() : decodeInput(valueText));
+  }
+  function callEvent(i, flags, serial, newEventText) {
+    take(serial, newEventText, null, null);
+    return invoke(i, flags, currentEvent());
+  }
+  function callValue(i, flags, valueText) { return invoke(i, flags, decodeInput(valueText)); }
+  function invoke(i, flags, value) {
+    const r = contextual[i] ? fns[i](value, new Context(i)) : fns[i](value);
+    const predicate = (flags & 1) === 1;
+    if ((flags & 2) === 2 && isPromise(r)) {
       settled = null;
       then(r, (v) => { settled = [true, v]; }, (e) => { settled = [false, e]; });
       return predicate ? -1 : "p";
@@ -201,7 +321,7 @@ _PRELUDE = r"""
     return predicate ? (s[1] ? 1 : 0) : encode(s[1]);
   }
   deepFreeze(globalThis);
-  const api = {compile, call, settle, check};
+  const api = {compile, call, callEvent, callValue, settle, check};
   return (name) => api[name];
 })
 """
@@ -219,6 +339,17 @@ def _json(value: Any) -> str:
     return "j" + orjson.dumps(value, default=_undefined_as_null).decode()
 
 
+def _event_json(event: Any) -> str:
+    """The event as text for the sandbox: an object as "o" + JSON indented by two spaces (the
+    engine finds its top-level entries in it, see lazyObject), anything else as `_json`."""
+    if type(event) is dict:
+        return "o" + orjson.dumps(event, default=_undefined_as_null, option=orjson.OPT_INDENT_2).decode()
+    return _json(event)
+
+
+_NOTHING = object()  # no value handed over yet
+
+
 def _undefined_as_null(value: Any) -> Any:
     if value is UNDEFINED:
         return None
@@ -226,7 +357,7 @@ def _undefined_as_null(value: Any) -> Any:
 
 
 _SOURCE_POSITION = re.compile(r"<input>:(\d+):(\d+)")
-_WRAPPER_LINES = 2          # QuickJS's Function() puts the body on its third line
+_WRAPPER_LINES = 2  # QuickJS's Function() puts the body on its third line
 _WRAPPER_PREFIX = len('"use strict";return (')
 
 
@@ -240,8 +371,9 @@ def _syntax_message(report: str, source: str) -> str:
     last_line = source.count("\n") + 1
     if line > last_line:
         # QuickJS stumbled over the wrapper around the source: the source ended too early.
-        return (f"SyntaxError: the expression is incomplete or has an unbalanced bracket "
-                f"(at the end of line {last_line})")
+        return (
+            f"SyntaxError: the expression is incomplete or has an unbalanced bracket (at the end of line {last_line})"
+        )
     if line == 1:
         column -= _WRAPPER_PREFIX
     return f"{message} (line {max(line, 1)}, column {max(column, 1)})"
@@ -261,47 +393,54 @@ class _JsSandbox:
         self.context = context
         api = context.eval(_PRELUDE)(self.token)
         self.compile_fn, self.call_fn = api("compile"), api("call")
+        self.call_event_fn, self.call_value_fn = api("callEvent"), api("callValue")
         self.settle_fn, self.check_fn = api("settle"), api("check")
         self.compiled = 0
+        self.contextual: list[bool] = []  # by function: called with a context (else its value alone)
         self.error_type = _quickjs.JSException
-        # The functions of one event mostly get the same event, collector and consent: their
-        # text is kept for the next call while they are the same objects (and the event has
-        # the same name, the one thing the mapping changes in place).
-        # The cache holds the event: its id cannot be reused by another while it is cached.
-        self._event: tuple[Any, Any, int, str] = (None, None, 0, "")
-        self._collector: tuple[Any, str] = (None, "")
-        self._consent: tuple[Any, str] = (None, "")
-        self._parsed: tuple[int, Any] = (-1, None)
+        # What the engine holds (see `take` in the prelude): the event (kept, so its id cannot
+        # be reused by another while it is here), its name (the one thing the mapping changes
+        # in place), its serial and text; the collector and consent. Each is sent again only
+        # when it changed.
+        self._event: tuple[Any, Any, int, str] = (_NOTHING, None, 0, "")
+        self._event_sent = False
+        self._collector: Any = _NOTHING
+        self._consent: Any = _NOTHING
 
-    def parsed_event(self, serial: int, event_text: str) -> Any:
-        """The event parsed by the engine's own C parser (quicker than JSON.parse in JS), once
-        per event; only asked for when a function gets the event as its value."""
-        if self._parsed[0] != serial:
-            self._parsed = (serial, self.context.parse_json(event_text[1:])
-                            if event_text[:1] == "j" else None)
-        return self._parsed[1]
+    def call_with_context(self, index: int, flags: int, value: Any, event: Any, collector: Any, consent: Any) -> Any:
+        """Calls function `index`, which sees a context (see `call` in the prelude)."""
+        serial, event_text = self.event_text(event)
+        collector_text = None
+        if collector is not self._collector:
+            collector_text, self._collector = _json(collector), collector
+        consent_text = None
+        if consent is not self._consent:
+            consent_text, self._consent = _json(consent), consent
+        return self.call_fn(
+            index, flags, "e" if value is event else _json(value), serial, event_text, collector_text, consent_text
+        )
 
-    def texts(self, event: Any, collector: Any, consent: Any) -> tuple[int, str, str, str]:
-        """(serial, event, collector, consent): the serial is new with every new event."""
-        cached_event, cached_name, serial, event_text = self._event
-        name = event.get("name") if type(event) is dict else None
-        if cached_event is not event or cached_name != name:
+    def event_text(self, event: Any) -> tuple[int, str | None]:
+        """(serial, text or None when the engine holds it): the serial is new with every event."""
+        held, name, serial, text = self._event
+        new_name = event.get("name") if type(event) is dict else None
+        if held is event and name == new_name:
+            if self._event_sent:
+                return serial, None
+        else:
             serial = (serial + 1) & 0x3FFFFFFF
-            event_text = _json(event)
-            self._event = (event, name, serial, event_text)
-        if self._collector[0] is not collector:
-            self._collector = (collector, _json(collector))
-        if self._consent[0] is not consent:
-            self._consent = (consent, _json(consent))
-        return serial, event_text, self._collector[1], self._consent[1]
+            text = _event_json(event)
+            self._event = (event, new_name, serial, text)
+        self._event_sent = True
+        return serial, text
 
     def check(self, source: str) -> str:
         return self.check_fn(source)
 
-    def compile_up_to(self, functions: list["_JsSource"]) -> None:
+    def compile_up_to(self, functions: list[_JsSource]) -> None:
         while self.compiled < len(functions):
             item = functions[self.compiled]
-            self.compile_fn(self.compiled, item.source, item.mapping_json)
+            self.contextual.append(bool(self.compile_fn(self.compiled, item.source, item.mapping_json)))
             self.compiled += 1
 
     def decode(self, encoded: str) -> Any:
@@ -318,6 +457,10 @@ class _JsSandbox:
     def after_failure(self) -> None:
         # What a failed call allocated is unreachable now; give it back before the next call.
         self.context.gc()
+        # Whether the engine took this call's texts is unknown: send them again. The event
+        # keeps its serial, so the engine keeps the event object it may already have built.
+        self._event_sent = False
+        self._collector = self._consent = _NOTHING
 
 
 def _restore_holes(value: Any, token: str) -> Any:
@@ -350,13 +493,14 @@ class Functions:
     def __reduce__(self) -> tuple:
         return (Functions, (self.policy,))
 
-    def compile(self, spec: str, path: str, mapping: Any, predicate: bool,
-                awaited: bool = True) -> Callable[[Any, Any, Any, Any], Any]:
+    def compile(
+        self, spec: str, path: str, mapping: Any, predicate: bool, awaited: bool = True
+    ) -> Callable[[Any, Any, Any, Any], Any]:
         """A `$code:` or `$py:` string → a callable; raises FunctionSyntaxError or
         FunctionNotAllowed. Nothing of the function runs here."""
         if spec.startswith(PY_PREFIX):
-            return self._python(spec[len(PY_PREFIX):].strip(), path, mapping)
-        source = spec[len(JS_PREFIX):].strip()
+            return self._python(spec[len(PY_PREFIX) :].strip(), path, mapping)
+        source = spec[len(JS_PREFIX) :].strip()
         problem = check_javascript(source)
         if problem:
             raise FunctionSyntaxError(problem)
@@ -374,18 +518,23 @@ class Functions:
         return sandbox
 
     def _javascript(self, index: int, predicate: bool, awaited: bool) -> Callable:
-        sandbox_for = self._sandbox
+        sandbox_for, local, sources = self._sandbox, self._local, self._sources
+        flags = (1 if predicate else 0) | (2 if awaited else 0)
 
         def call_javascript(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-            sandbox = sandbox_for()
+            # Runs for every function on every event: the common paths are written out here.
+            sandbox = getattr(local, "sandbox", None)
+            if sandbox is None or sandbox.compiled < len(sources):
+                sandbox = sandbox_for()
             try:
-                texts = sandbox.texts(event, collector, consent)
-                # Functions often get the event itself as their value: parsed once per event.
-                if value is event:
-                    result = sandbox.call_fn(index, predicate, awaited, "e", *texts,
-                                             sandbox.parsed_event(texts[0], texts[1]))
+                if sandbox.contextual[index]:
+                    result = sandbox.call_with_context(index, flags, value, event, collector, consent)
+                elif value is event:
+                    result = sandbox.call_event_fn(index, flags, *sandbox.event_text(event))
+                elif type(value) is str and "\x00" not in value:
+                    result = sandbox.call_value_fn(index, flags, "s" + value)
                 else:
-                    result = sandbox.call_fn(index, predicate, awaited, _json(value), *texts, None)
+                    result = sandbox.call_value_fn(index, flags, _json(value))
                 if result == -1 or result == _PROMISE_PREFIX:
                     while sandbox.context.execute_pending_job():
                         pass
@@ -393,7 +542,10 @@ class Functions:
             except sandbox.error_type as exc:
                 sandbox.after_failure()
                 raise FunctionError(_first_line(exc)) from None
-            return bool(result) if predicate else sandbox.decode(result)
+            if predicate:
+                return result == 1
+            return result[1:] if result[0] == "s" else sandbox.decode(result)
+
         return call_javascript
 
     # -- Python --
@@ -401,27 +553,33 @@ class Functions:
         if not self.policy.allow_python:
             raise FunctionNotAllowed(
                 "a $py: function runs Python with the worker's full rights; run with "
-                "--allow_python_functions to allow it, or write it in JavaScript as $code:")
+                "--allow_python_functions to allow it, or write it in JavaScript as $code:"
+            )
         try:
             code = compile(source, path, "eval")
         except SyntaxError as exc:
-            raise FunctionSyntaxError(f"not a valid Python expression: {exc.msg} "
-                                      f"(line {exc.lineno}, column {exc.offset})") from None
+            raise FunctionSyntaxError(
+                f"not a valid Python expression: {exc.msg} (line {exc.lineno}, column {exc.offset})"
+            ) from None
         try:
             function = eval(code, _python_namespace())  # allowed by the operator's flag
         except Exception as exc:
             raise FunctionSyntaxError(f"failed to evaluate: {type(exc).__name__}: {exc}") from None
         if not callable(function):
-            raise FunctionSyntaxError(f"must evaluate to a callable (value, context), "
-                                      f"got {type(function).__name__}")
+            raise FunctionSyntaxError(f"must evaluate to a callable (value, context), got {type(function).__name__}")
         deadline = PythonDeadline.shared()
         limit = self.policy.time_limit_s
         self.any_python = True
 
         def call_python(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-            context = {"event": event, "mapping": mapping, "collector": collector,
-                       "consent": None if consent is UNDEFINED else consent}
+            context = {
+                "event": event,
+                "mapping": mapping,
+                "collector": collector,
+                "consent": None if consent is UNDEFINED else consent,
+            }
             return deadline.run(function, value, context, limit)
+
         return call_python
 
 
@@ -440,7 +598,7 @@ _CHECKER = threading.local()
 
 
 def check_javascript(source: str) -> str:
-    """"" when `source` is a JavaScript expression, else the syntax error and where.
+    """ "" when `source` is a JavaScript expression, else the syntax error and where.
     Only parses: nothing of the source runs."""
     checker = getattr(_CHECKER, "sandbox", None)
     if checker is None:
@@ -452,16 +610,25 @@ def check_javascript(source: str) -> str:
 def _python_namespace() -> dict:
     """Globals of a `$py:` expression: the normal builtins and a few everyday modules.
     A fresh dict per function, so one function cannot leak names into another."""
-    return {"__builtins__": builtins, "re": re, "math": math, "json": json,
-            "hashlib": hashlib, "datetime": datetime, "UNDEFINED": UNDEFINED}
+    return {
+        "__builtins__": builtins,
+        "re": re,
+        "math": math,
+        "json": json,
+        "hashlib": hashlib,
+        "datetime": datetime,
+        "UNDEFINED": UNDEFINED,
+    }
 
 
 # --- a time limit for Python functions -----------------------------------------------------------
 
 _raise_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
 _clear_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
 
 
 class PythonDeadline:
@@ -476,11 +643,11 @@ class PythonDeadline:
     returns. There is no memory limit for Python functions.
     """
 
-    _instance: "PythonDeadline | None" = None
+    _instance: PythonDeadline | None = None
     _instance_lock = threading.Lock()
 
     @classmethod
-    def shared(cls) -> "PythonDeadline":
+    def shared(cls) -> PythonDeadline:
         with cls._instance_lock:
             if cls._instance is None:
                 cls._instance = cls()
@@ -510,8 +677,7 @@ class PythonDeadline:
             slot.append(self._next)
             self._calls[self._next] = slot
             if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="py-function-deadline",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._watch, name="py-function-deadline", daemon=True)
                 self._thread.start()
             if len(self._calls) == 1:
                 self._lock.notify()

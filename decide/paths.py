@@ -64,6 +64,8 @@ UNDEFINED: Any = _Undefined()
 
 def js_truthy(value: Any) -> bool:
     """JavaScript `Boolean(value)`: unlike Python, empty objects and arrays are true."""
+    if value is True:  # what a predicate function gives, on every event
+        return True
     if value is UNDEFINED or value is None or value is False:
         return False
     if isinstance(value, (dict, list)):

@@ -15,7 +15,7 @@ from pathlib import Path
 import fastavro
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support import WRITE_KEY
 
@@ -228,6 +228,8 @@ def test_max_inflated_mb_refuses_a_file_in_a_run(run, tmp_path):
 
 
 @settings(max_examples=150, deadline=None)
+@example("avro", b"\x00" * 21)  # fastavro: KeyError('avro.schema') for a header without a schema
+@example("avro", b"Obj\x01" + b"\x00" * 17)
 @given(
     st.sampled_from(["jsonl.gz", "json.gz", "avro", "avro.gz", "dead_letter", "jsonl"]),
     st.one_of(

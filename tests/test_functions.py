@@ -2,6 +2,7 @@
 
 Hostile functions must cost their own value only (a counted function error), never the worker;
 nothing one call does may reach the next; validating a flow runs none of its code."""
+
 from __future__ import annotations
 
 import json
@@ -10,36 +11,57 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.cli import main as cli_main
 from decide.functions import FunctionPolicy, Functions
 from decide.mapping import UNDEFINED, DestinationMapping, compile_value
+from pipeline.cli import main as cli_main
 
 FAST = FunctionPolicy(time_limit_s=0.2, memory_limit_mb=32)
-EVENT = {"name": "order complete", "data": {"id": "0rd3r1d", "total": 555}, "user": {"id": "us3r"},
-         "consent": {"functional": True}}
+EVENT = {
+    "name": "order complete",
+    "data": {"id": "0rd3r1d", "total": 555},
+    "user": {"id": "us3r"},
+    "consent": {"functional": True},
+}
 
 
 def js_value(source: str, policy: FunctionPolicy = FAST, errors: list | None = None, **config):
     seen = errors if errors is not None else []
-    return compile_value({"fn": f"$code:{source}", **config}, "$.v",
-                         on_error=lambda place, exc: seen.append(str(exc)), functions=Functions(policy))
+    return compile_value(
+        {"fn": f"$code:{source}", **config},
+        "$.v",
+        on_error=lambda place, exc: seen.append(str(exc)),
+        functions=Functions(policy),
+    )
 
 
 # --- walkerOS's calling convention -------------------------------------------------------------
 
+
 def test_fn_gets_the_value_and_walkeros_context() -> None:
-    value = js_value("(value, context) => [value.data.id, context.event.name, context.mapping.value,"
-                     " context.consent, context.collector.globals.env, typeof context.logger.warn]",
-                     value="static")
+    value = js_value(
+        "(value, context) => [value.data.id, context.event.name, context.mapping.value,"
+        " context.consent, context.collector.globals.env, typeof context.logger.warn]",
+        value="static",
+    )
     # the static value is what fn's context.mapping shows, but fn gets the input
-    assert value(EVENT, {"event": EVENT, "collector": {"globals": {"env": "prod"}}}) == \
-        ["0rd3r1d", "order complete", "static", {"functional": True}, "prod", "function"]
+    assert value(EVENT, {"event": EVENT, "collector": {"globals": {"env": "prod"}}}) == [
+        "0rd3r1d",
+        "order complete",
+        "static",
+        {"functional": True},
+        "prod",
+        "function",
+    ]
 
 
 def test_logger_calls_are_harmless() -> None:
-    value = js_value("(v, c) => { c.logger.info('i'); c.logger.warn('w'); c.logger.error('e');"
-                     " c.logger.debug('d'); c.logger.json({}); return 'logged'; }")
+    value = js_value(
+        "(v, c) => { c.logger.info('i'); c.logger.warn('w'); c.logger.error('e');"
+        " c.logger.debug('d'); c.logger.json({}); return 'logged'; }"
+    )
     assert value(EVENT) == "logged"
 
 
@@ -47,24 +69,28 @@ def test_async_functions_are_awaited_and_rule_conditions_are_not() -> None:
     assert js_value("async (value) => value.data.total + 1")(EVENT) == 556
     assert compile_value({"value": "x", "condition": "$code:async () => false"}, "$.v")(EVENT) is UNDEFINED
     # walkerOS calls a rule condition without awaiting it: a promise is truthy, so it matches
-    mapping = DestinationMapping({"mapping": {"order": {"complete": [
-        {"condition": "$code:async () => false", "name": "A"}, {"name": "B"}]}}})
+    mapping = DestinationMapping(
+        {"mapping": {"order": {"complete": [{"condition": "$code:async () => false", "name": "A"}, {"name": "B"}]}}}
+    )
     assert mapping.process(EVENT).event["name"] == "A"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("() => [1, undefined, 2]", [1, UNDEFINED, 2]),          # holes stay holes
-    ("() => ({a: 1, b: undefined})", {"a": 1}),
-    ("() => 2 ** 53", 2 ** 53),
-    ("() => 0.1 + 0.2", 0.1 + 0.2),
-    ("() => 'ü \\u0000 \"q\"'", 'ü \x00 "q"'),
-    ("() => new Date(0)", UNDEFINED),                          # not a walkerOS property
-    ("() => ({f: () => 1})", UNDEFINED),
-    ("() => [1, null]", UNDEFINED),
-    ("() => NaN", UNDEFINED),
-    ("() => 10n", UNDEFINED),
-    ("() => { const a = {}; a.self = a; return a; }", UNDEFINED),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("() => [1, undefined, 2]", [1, UNDEFINED, 2]),  # holes stay holes
+        ("() => ({a: 1, b: undefined})", {"a": 1}),
+        ("() => 2 ** 53", 2**53),
+        ("() => 0.1 + 0.2", 0.1 + 0.2),
+        ("() => 'ü \\u0000 \"q\"'", 'ü \x00 "q"'),
+        ("() => new Date(0)", UNDEFINED),  # not a walkerOS property
+        ("() => ({f: () => 1})", UNDEFINED),
+        ("() => [1, null]", UNDEFINED),
+        ("() => NaN", UNDEFINED),
+        ("() => 10n", UNDEFINED),
+        ("() => { const a = {}; a.self = a; return a; }", UNDEFINED),
+    ],
+)
 def test_results_cross_as_walkeros_properties(source: str, expected) -> None:
     assert js_value(source).raw(EVENT) == expected
 
@@ -76,12 +102,16 @@ def test_strings_and_values_with_the_hole_marker_text_are_not_mistaken_for_holes
 
 # --- hostile functions ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source", [
-    "() => { while (true) {} }",
-    "() => { for (;;) { [].concat([1]); } }",
-    "() => /(a+)+$/.test('a'.repeat(40) + 'b')",          # catastrophic backtracking
-    "async () => { await null; while (true) {} }",
-])
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "() => { while (true) {} }",
+        "() => { for (;;) { [].concat([1]); } }",
+        "() => /(a+)+$/.test('a'.repeat(40) + 'b')",  # catastrophic backtracking
+        "async () => { await null; while (true) {} }",
+    ],
+)
 def test_a_function_that_never_returns_is_a_counted_error(source: str) -> None:
     errors: list[str] = []
     value = js_value(source, errors=errors, value="fallback")
@@ -96,8 +126,12 @@ def test_a_function_that_never_returns_is_a_counted_error(source: str) -> None:
 def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbox_recovers() -> None:
     errors: list[str] = []
     functions = Functions(FunctionPolicy(time_limit_s=10, memory_limit_mb=32))
-    hog = compile_value({"fn": "$code:() => { const a = []; for (;;) a.push('x'.repeat(1e5) + a.length); }"},
-                        "$.v", on_error=lambda p, e: errors.append(str(e)), functions=functions)
+    hog = compile_value(
+        {"fn": "$code:() => { const a = []; for (;;) a.push('x'.repeat(1e5) + a.length); }"},
+        "$.v",
+        on_error=lambda p, e: errors.append(str(e)),
+        functions=functions,
+    )
     fine = compile_value({"fn": "$code:(v) => v.data.id"}, "$.w", functions=functions)
     for _ in range(3):
         assert hog(EVENT) is UNDEFINED
@@ -105,51 +139,71 @@ def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbo
     assert len(errors) == 3 and all("out of memory" in e for e in errors)
 
 
-@pytest.mark.parametrize("source", [
-    "() => require('fs').readFileSync('/etc/passwd', 'utf8')",
-    "() => process.exit(1)",
-    "() => std.loadFile('/etc/passwd')",
-    "() => os.exec(['/bin/true'])",
-    "() => fetch('http://127.0.0.1/')",
-    "() => new XMLHttpRequest()",
-    "async () => (await import('os')).getcwd()",
-    "() => setTimeout(() => 1, 0)",
-    "() => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "() => require('fs').readFileSync('/etc/passwd', 'utf8')",
+        "() => process.exit(1)",
+        "() => std.loadFile('/etc/passwd')",
+        "() => os.exec(['/bin/true'])",
+        "() => fetch('http://127.0.0.1/')",
+        "() => new XMLHttpRequest()",
+        "async () => (await import('os')).getcwd()",
+        "() => setTimeout(() => 1, 0)",
+        "() => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0)",
+    ],
+)
 def test_no_file_network_process_module_or_blocking_access(source: str) -> None:
     errors: list[str] = []
     assert js_value(source, errors=errors)(EVENT) is UNDEFINED
     assert len(errors) == 1
 
 
-@pytest.mark.parametrize("tamper", [
-    "globalThis.leak = 'x'",
-    "leak = 'x'",
-    "Array.prototype.map = () => 'tampered'",
-    "JSON.stringify = () => '\"tampered\"'",
-    "Object.prototype.leak = 'x'",
-    "Object.defineProperty(globalThis, 'leak', {value: 'x'})",
-    "String.prototype.toUpperCase = () => 'tampered'",
-    "Math.max = () => 'tampered'",
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "globalThis.leak = 'x'",
+        "leak = 'x'",
+        "Array.prototype.map = () => 'tampered'",
+        "JSON.stringify = () => '\"tampered\"'",
+        "Object.prototype.leak = 'x'",
+        "Object.defineProperty(globalThis, 'leak', {value: 'x'})",
+        "String.prototype.toUpperCase = () => 'tampered'",
+        "Math.max = () => 'tampered'",
+    ],
+)
 def test_global_tampering_cannot_reach_the_next_call(tamper: str) -> None:
     functions = Functions(FAST)
     errors: list[str] = []
-    bad = compile_value({"fn": f"$code:(v) => {{ {tamper}; return 'done'; }}"}, "$.bad",
-                        on_error=lambda p, e: errors.append(str(e)), functions=functions)
-    probe = compile_value({"fn": "$code:(v) => [typeof leak, ({}).leak === undefined, [1].map(x => x + 1),"
-                                 " JSON.stringify('a'), 'a'.toUpperCase(), Math.max(1, 2)]"},
-                          "$.probe", functions=functions)
-    assert bad(EVENT) is UNDEFINED and len(errors) == 1   # strict mode: the write throws
+    bad = compile_value(
+        {"fn": f"$code:(v) => {{ {tamper}; return 'done'; }}"},
+        "$.bad",
+        on_error=lambda p, e: errors.append(str(e)),
+        functions=functions,
+    )
+    probe = compile_value(
+        {
+            "fn": "$code:(v) => [typeof leak, ({}).leak === undefined, [1].map(x => x + 1),"
+            " JSON.stringify('a'), 'a'.toUpperCase(), Math.max(1, 2)]"
+        },
+        "$.probe",
+        functions=functions,
+    )
+    assert bad(EVENT) is UNDEFINED and len(errors) == 1  # strict mode: the write throws
     assert probe(EVENT) == ["undefined", True, [2], '"a"', "A", 2]
 
 
 def test_changing_the_context_or_the_input_does_not_change_the_next_call() -> None:
     functions = Functions(FAST)
-    mutate = compile_value({"fn": "$code:(v, c) => { v.data.id = 'changed'; c.event.name = 'changed';"
-                                  " c.consent.marketing = true; return 1; }"}, "$.m", functions=functions)
-    read = compile_value({"fn": "$code:(v, c) => [v.data.id, c.event.name, c.consent]"}, "$.r",
-                         functions=functions)
+    mutate = compile_value(
+        {
+            "fn": "$code:(v, c) => { v.data.id = 'changed'; c.event.name = 'changed';"
+            " c.consent.marketing = true; return 1; }"
+        },
+        "$.m",
+        functions=functions,
+    )
+    read = compile_value({"fn": "$code:(v, c) => [v.data.id, c.event.name, c.consent]"}, "$.r", functions=functions)
     event = json.loads(json.dumps(EVENT))
     assert mutate(event, {"event": event}) == 1
     assert event == EVENT  # the pipeline's event is never changed
@@ -165,18 +219,35 @@ def test_changing_the_context_or_the_input_does_not_change_the_next_call() -> No
 
 # --- compiled once per thread, never while validating or pickling --------------------------------
 
+
 def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, capsys) -> None:
     # An expression that would hang when evaluated: compiling only parses it.
     started = time.monotonic()
-    value = compile_value({"fn": "$code:(() => { while (true) {} })()"}, "$.v",
-                          functions=Functions(FunctionPolicy(time_limit_s=30)))
+    value = compile_value(
+        {"fn": "$code:(() => { while (true) {} })()"}, "$.v", functions=Functions(FunctionPolicy(time_limit_s=30))
+    )
     assert time.monotonic() - started < 5
     assert value is not None
-    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
-        "package": "@walkeros/server-destination-segment",
-        "config": {"settings": {"writeKey": "$env.SEGMENT_WRITE_KEY"},
-                   "mapping": {"order": {"complete": {"data": {"map": {
-                       "id": {"fn": "$code:(() => { while (true) {} })()"}}}}}}}}}}}}
+    flow = {
+        "version": 4,
+        "flows": {
+            "default": {
+                "destinations": {
+                    "segment": {
+                        "package": "@walkeros/server-destination-segment",
+                        "config": {
+                            "settings": {"writeKey": "$env.SEGMENT_WRITE_KEY"},
+                            "mapping": {
+                                "order": {
+                                    "complete": {"data": {"map": {"id": {"fn": "$code:(() => { while (true) {} })()"}}}}
+                                }
+                            },
+                        },
+                    }
+                }
+            }
+        },
+    }
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(flow))
     monkeypatch.setenv("SEGMENT_WRITE_KEY", "k")
@@ -187,30 +258,63 @@ def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, ca
 
 
 def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, monkeypatch, capsys) -> None:
-    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
-        "package": "@walkeros/server-destination-segment",
-        "config": {"settings": {"writeKey": "k", "identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
-                   "mapping": {"order": {"complete": {
-                       "condition": "$code:(event) => event.data.total >",
-                       "data": {"value": {"fn": "$code:this is data, not code"},
-                                "fn": "$code:(v) =>\n  v.data.id)"}}}}}}}}}}
+    flow = {
+        "version": 4,
+        "flows": {
+            "default": {
+                "destinations": {
+                    "segment": {
+                        "package": "@walkeros/server-destination-segment",
+                        "config": {
+                            "settings": {"writeKey": "k", "identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
+                            "mapping": {
+                                "order": {
+                                    "complete": {
+                                        "condition": "$code:(event) => event.data.total >",
+                                        "data": {
+                                            "value": {"fn": "$code:this is data, not code"},
+                                            "fn": "$code:(v) =>\n  v.data.id)",
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                    }
+                }
+            }
+        },
+    }
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(flow))
     assert cli_main(["validate", "--flow", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     where = "$.flows.default.destinations.segment.config"
     assert [line.split(": ")[0] for line in lines] == [
-        f"{where}.settings.identify.map.a.fn", f"{where}.mapping.order.complete.condition",
-        f"{where}.mapping.order.complete.data.fn"]
+        f"{where}.settings.identify.map.a.fn",
+        f"{where}.mapping.order.complete.condition",
+        f"{where}.mapping.order.complete.data.fn",
+    ]
     assert all("$code is not valid JavaScript: SyntaxError" in line for line in lines)
     assert "(at the end of line 2)" in lines[2]
 
 
 def test_python_functions_need_the_flag(tmp_path, capsys) -> None:
-    flow = {"version": 4, "flows": {"default": {"destinations": {"segment": {
-        "package": "@walkeros/server-destination-segment",
-        "config": {"settings": {"writeKey": "k"},
-                   "data": {"map": {"id": {"fn": "$py:lambda value, context: value['data']['id']"}}}}}}}}}
+    flow = {
+        "version": 4,
+        "flows": {
+            "default": {
+                "destinations": {
+                    "segment": {
+                        "package": "@walkeros/server-destination-segment",
+                        "config": {
+                            "settings": {"writeKey": "k"},
+                            "data": {"map": {"id": {"fn": "$py:lambda value, context: value['data']['id']"}}},
+                        },
+                    }
+                }
+            }
+        },
+    }
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(flow))
     assert cli_main(["validate", "--flow", str(path)]) == 2
@@ -221,10 +325,17 @@ def test_python_functions_need_the_flag(tmp_path, capsys) -> None:
 
 
 def test_a_pickled_mapping_builds_a_sandbox_per_thread_on_first_use() -> None:
-    mapping = DestinationMapping({"data": {"map": {
-        "id": {"fn": "$code:(v) => v.data.id.toUpperCase()"},
-        "n": {"fn": "$code:(() => { let calls = 0; return () => ++calls > 0; })()"}}}},
-        functions=Functions(FAST))
+    mapping = DestinationMapping(
+        {
+            "data": {
+                "map": {
+                    "id": {"fn": "$code:(v) => v.data.id.toUpperCase()"},
+                    "n": {"fn": "$code:(() => { let calls = 0; return () => ++calls > 0; })()"},
+                }
+            }
+        },
+        functions=Functions(FAST),
+    )
     restored = pickle.loads(pickle.dumps(mapping))
     assert getattr(restored._functions._local, "sandbox", None) is None  # nothing built yet
     results: list = []
@@ -237,6 +348,7 @@ def test_a_pickled_mapping_builds_a_sandbox_per_thread_on_first_use() -> None:
                 results.append(restored.process(event).data == {"id": f"T{n}-{i}", "n": True})
         except Exception as exc:  # pragma: no cover - reported below
             failures.append(exc)
+
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
@@ -252,17 +364,23 @@ PY = FunctionPolicy(allow_python=True, time_limit_s=0.2)
 
 
 def test_python_functions_run_with_the_flag() -> None:
-    value = compile_value({"fn": "$py:lambda value, context: [value['data']['id'], context['event']['name']]"},
-                          "$.v", functions=Functions(PY))
+    value = compile_value(
+        {"fn": "$py:lambda value, context: [value['data']['id'], context['event']['name']]"},
+        "$.v",
+        functions=Functions(PY),
+    )
     assert value(EVENT, {"event": EVENT}) == ["0rd3r1d", "order complete"]
 
 
 def test_a_python_function_that_never_returns_is_stopped_on_any_thread() -> None:
     errors: list[str] = []
-    value = compile_value({"value": "fallback", "fn": "$py:lambda value, context: [0 for _ in iter(int, 1)]"},
-                          "$.v", on_error=lambda p, e: errors.append(str(e)), functions=Functions(PY))
-    quick = compile_value({"fn": "$py:lambda value, context: value['data']['id']"}, "$.q",
-                          functions=Functions(PY))
+    value = compile_value(
+        {"value": "fallback", "fn": "$py:lambda value, context: [0 for _ in iter(int, 1)]"},
+        "$.v",
+        on_error=lambda p, e: errors.append(str(e)),
+        functions=Functions(PY),
+    )
+    quick = compile_value({"fn": "$py:lambda value, context: value['data']['id']"}, "$.q", functions=Functions(PY))
     outcome: list = []
 
     def work() -> None:
@@ -272,6 +390,7 @@ def test_a_python_function_that_never_returns_is_stopped_on_any_thread() -> None
         # no late exception lands in the code that runs after the call
         for _ in range(2000):
             outcome.append(quick(EVENT))
+
     thread = threading.Thread(target=work)
     thread.start()
     thread.join(30)
@@ -295,3 +414,155 @@ def test_endless_recursion_is_a_counted_error_on_any_thread() -> None:
     thread.join()
     assert results == ["fallback"] and value(EVENT) == "fallback"
     assert errors == ["RangeError: Maximum call stack size exceeded"] * 2
+
+
+# --- the event as functions see it ------------------------------------------------------------------
+# The event a function gets is built a top-level key at a time when read (see lazyObject in
+# transforms.functions); everything else must behave as on the plain object walkerOS hands over.
+# Each expression runs on the event itself (the lazily built one) and on a copy handed over as a
+# plain value, whose JSON the engine parses whole: the answers must be the same.
+
+ODD_EVENT = {
+    "data": {"name": "inner", "text": 'a",\n  "name": "fake'},
+    "name": "outer",
+    'quote"d': 1,
+    "back\\slash": [2],
+    "üml": {"x": None},
+    "__proto__": {"p": 1},
+    "constructor": "c",
+    "line\nbreak": True,
+    "empty": {},
+    "list": [],
+    "zero": 0,
+    "null": None,
+    "s": 'q"uo\\te',
+    "": "blank",
+}
+
+PLAIN_OBJECT_PROBES = [
+    "Object.keys(e)",
+    "JSON.stringify(e)",
+    "Object.entries(e).map(([k, v]) => k + '=' + JSON.stringify(v))",
+    "{ const keys = []; for (const k in e) keys.push(k); return keys; }",
+    "({...e})",
+    "Object.assign({}, e)",
+    "[typeof e, Array.isArray(e), Object.prototype.toString.call(e), String(e)]",
+    "[Object.getPrototypeOf(e) === Object.prototype, e.constructor === Object || e.constructor]",
+    "['name' in e, 'data' in e, 'nope' in e, 'toString' in e, '__proto__' in e, 'üml' in e,"
+    " 'quote\"d' in e, 'line\\nbreak' in e, '' in e]",
+    "[e.nope, e.name, e.data, e['quote\"d'], e['back\\\\slash'], e['üml'], e['line\\nbreak'], e[''],"
+    " e.s, e.zero, e.null, e.empty, e.list]",
+    "[e.hasOwnProperty('name'), Object.hasOwn(e, 'nope'), Object.hasOwn(e, '__proto__')]",
+    "Object.getOwnPropertyDescriptor(e, 'name')",
+    "[e.data === e.data, e.empty === e.empty]",
+    "{ e.data.name = 'changed'; if (e.list) e.list.push(1); return JSON.stringify(e); }",
+    "{ const d = e.data; e.name = 'renamed'; return [d === e.data, JSON.stringify(e)]; }",
+    "{ e.added = 1; delete e.name; return [Object.keys(e), e.added, 'name' in e]; }",
+    "{ Object.freeze(e); return [Object.isFrozen(e), e.data.name, Object.keys(e).length]; }",
+    "{ Object.defineProperty(e, 'name', {value: 'defined', enumerable: false}); return [Object.keys(e), e.name]; }",
+    "{ Object.setPrototypeOf(e, {inherited: 1}); return [e.inherited, 'inherited' in e, e.nope]; }",
+    "Object.getOwnPropertyNames(e).length",
+]
+
+
+@pytest.mark.parametrize("probe", PLAIN_OBJECT_PROBES)
+@pytest.mark.parametrize("event", [EVENT, ODD_EVENT], ids=["event", "odd keys"])
+def test_the_event_behaves_as_a_plain_object(probe: str, event: dict) -> None:
+    body = probe[1:-1] if probe.startswith("{") else f"return ({probe});"
+    source = f"(e) => JSON.stringify((() => {{ {body} }})())"
+    lazy_errors: list[str] = []
+    whole_errors: list[str] = []
+    lazily = js_value(source, errors=lazy_errors)(json.loads(json.dumps(event)))  # the event itself
+    copy = json.loads(json.dumps(event))
+    whole = js_value(source, errors=whole_errors)(copy, {"event": {"name": "another"}})  # a value
+    assert (lazily, lazy_errors) == (whole, whole_errors)
+    assert isinstance(lazily, str) or whole_errors  # the probe ran, or threw alike on both
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(event=st.dictionaries(st.text(max_size=6), json_values, max_size=6), probe=st.text(max_size=6))
+def test_any_event_reads_as_its_plain_object(event: dict, probe: str) -> None:
+    # Each key read alone, a key that may be missing, then the whole object.
+    value = js_value(
+        "(e) => JSON.stringify([Object.keys(e).length, ...Object.keys(JSON.parse(JSON.stringify(e))).map(k => e[k])])"
+    )
+    reads = js_value(
+        f"(e) => JSON.stringify([e[{json.dumps(probe)}], {json.dumps(probe)} in e,"
+        f" ...{json.dumps(list(event))}.map(k => e[k]), e])"
+    )
+    copy = json.loads(json.dumps(event))
+    for function in (value, reads):
+        assert function(json.loads(json.dumps(event))) == function(copy, {"event": {}})
+
+
+def test_one_events_functions_share_the_event_and_the_next_event_starts_afresh() -> None:
+    functions = Functions(FAST)
+    errors: list[str] = []
+    change = compile_value(
+        {"fn": "$code:(e) => { e.data.id = 'changed'; e.extra = 1; return 1; }"}, "$.c", functions=functions
+    )
+    change_and_throw = compile_value(
+        {"fn": "$code:(e) => { e.name = 'thrown'; throw new Error('x'); }"},
+        "$.t",
+        on_error=lambda p, exc: errors.append(str(exc)),
+        functions=functions,
+    )
+    read = compile_value(
+        {"fn": "$code:(e) => [e.data.id, e.extra === undefined ? 'none' : e.extra, e.name, Object.keys(e).length]"},
+        "$.r",
+        functions=functions,
+    )
+    read_context = compile_value(
+        {"fn": "$code:(v, c) => [c.event.data.id, c.event === v]"}, "$.rc", functions=functions
+    )
+    event = json.loads(json.dumps(EVENT))
+    assert read(event) == ["0rd3r1d", "none", "order complete", 4]
+    assert change(event) == 1
+    assert change_and_throw(event) is UNDEFINED and len(errors) == 1
+    # what the earlier functions did to this event, the later ones see (as in walkerOS) ...
+    assert read(event) == ["changed", 1, "thrown", 5]
+    assert read_context(event) == ["changed", True]
+    assert event == EVENT  # ... never the pipeline's own event
+    following = json.loads(json.dumps(EVENT))
+    assert read(following) == ["0rd3r1d", "none", "order complete", 4]
+    assert read_context(following) == ["0rd3r1d", True]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "(v, c) => c.event.name",
+        "(v, c = null) => c.event.name",  # length 1, yet it takes the context
+        "(v, {event} = {}) => event.name",
+        "(...args) => args[1].event.name",
+        "function (v) { return arguments[1].event.name; }",
+        "function (v) { return eval('arguments')[1].event.name; }",
+        "async (v, c) => c.event.name",
+        "(v) => 0, (v, c = 0) => c.event.name",  # the comma expression's last function
+    ],
+)
+def test_functions_that_can_see_the_context_get_it(source: str) -> None:
+    assert js_value(source)({"id": 1}, {"event": EVENT}) == "order complete"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "(v) => v.id",
+        "v => v.id",
+        "async v => v.id",
+        "async (v) => v.id",
+        "function (v) { return v.id; }",
+        "function named(v) { return v.id; }",
+        "(() => (v) => v.id)()",
+    ],
+)
+def test_one_parameter_functions_get_their_value(source: str) -> None:
+    assert js_value(source)({"id": 1}, {"event": EVENT}) == 1

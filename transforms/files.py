@@ -231,10 +231,20 @@ def _unreplayable(record: dict) -> RejectedInput:
 
 
 def avro_payloads(f) -> Iterator[dict]:
+    for record in _avro_records(f):
+        yield avro_record_to_event(record)
+
+
+def _avro_records(f) -> Iterator[dict]:
+    """The records of an Avro file; a header without a schema is a damaged file (fastavro
+    raises KeyError for it, which is no damage error: it could be a bug of ours)."""
     import fastavro
 
-    for record in fastavro.reader(f):
-        yield avro_record_to_event(record)
+    try:
+        reader = fastavro.reader(f)
+    except KeyError as exc:
+        raise ValueError(f"not an Avro file: its header has no {exc}") from None
+    yield from reader
 
 
 def avro_record_to_event(record: dict) -> dict:
@@ -323,9 +333,7 @@ def dead_letter_items(f) -> Iterator[Any]:
     letter, or the raw line for a JSON Lines line that is not one (blank lines skipped)."""
     head = f.read(len(AVRO_MAGIC))
     if head == AVRO_MAGIC:
-        import fastavro
-
-        yield from fastavro.reader(io.BytesIO(head + f.read()))
+        yield from _avro_records(io.BytesIO(head + f.read()))
         return
     for line in itertools.chain([head + f.readline()], f):
         if not line.strip():
