@@ -119,15 +119,6 @@ def _read_flow(flow_path: str, flow_name: str | None, destination_id: str | None
     return flow_from_document(document, flow_name, destination_id, **key_options)
 
 
-def _flow_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.flags import add_function_arguments
-
-    parser.add_argument("--flow", required=True, help="walkerOS flow file")
-    parser.add_argument("--flow_name", default=None, help="flow to use (default: the only one, else 'default')")
-    parser.add_argument("--destination_id", default=None, help="destination id (default: the Segment one)")
-    add_function_arguments(parser)
-
-
 def function_policy(opts):
     """The FunctionPolicy the flags ask for (their values are checked with the other ranges)."""
     from decide.functions import FunctionPolicy
@@ -237,10 +228,10 @@ def beam_flag_problems(argv: list[str]) -> list[str]:
 # -- commands --------------------------------------------------------------------------------
 def validate(argv: list[str]) -> int:
     from decide.flow import FlowError
-    from pipeline.flags import range_problems
+    from pipeline.flags import add_flow_arguments, range_problems
 
     parser = _parser("walkeros-segment validate", "Check a flow file.")
-    _flow_arguments(parser)
+    add_flow_arguments(parser)
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -260,7 +251,13 @@ def explain(argv: list[str]) -> int:
     from decide.destination import DEAD_LETTER, compiled
     from decide.flow import FlowError
     from pipeline.explain import dumps, explain_payloads, stdin_payloads
-    from pipeline.flags import INPUT_FORMATS, parse_ratio, range_problems
+    from pipeline.flags import (
+        add_flow_arguments,
+        add_identity_arguments,
+        add_input_format_argument,
+        add_outcome_argument,
+        range_problems,
+    )
     from pipeline.summary import EXIT_FAILED, EXIT_USAGE, Outcome, decide
     from transforms.files import input_problem, iter_payloads
 
@@ -269,17 +266,11 @@ def explain(argv: list[str]) -> int:
         "Each input event through the pipeline's functions, in input order, no network: "
         "one JSON object per event. Exit status as for run: 3 when an event would be dead-lettered.",
     )
-    _flow_arguments(parser)
+    add_flow_arguments(parser)
     parser.add_argument("--input", required=True, help="events file or glob (local or gs://), or - for standard input")
-    parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
-    parser.add_argument("--message_id_namespace", default=None)
-    parser.add_argument("--identity_state_ttl_hours", type=float, default=24.0)
-    parser.add_argument(
-        "--max_dead_letter_ratio",
-        type=parse_ratio,
-        default=0.0,
-        help="share of events that may be dead-lettered while the exit status stays 0",
-    )
+    add_input_format_argument(parser)
+    add_identity_arguments(parser)
+    add_outcome_argument(parser)
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args

@@ -111,3 +111,57 @@ def add_function_arguments(parser) -> None:
         "worker process; Python: wall time) before its value counts as a function "
         "error.",
     )
+
+
+# -- the flags `run`, `explain` and `validate` share, defined once ------------------------------
+def add_flow_arguments(parser, required: bool = True) -> None:
+    """Which flow file, flow and destination; and how its functions may run."""
+    parser.add_argument(
+        "--flow",
+        required=required,
+        help="Path of the walkerOS flow file (JSON, version 4), local or gs://. Required.",
+    )
+    parser.add_argument("--flow_name", default=None, help="Flow to run (default: the only one, else 'default').")
+    parser.add_argument(
+        "--destination_id",
+        default=None,
+        help="Destination id in the flow (default: the one whose package is @walkeros/server-destination-segment).",
+    )
+    add_function_arguments(parser)
+
+
+def add_input_format_argument(parser) -> None:
+    parser.add_argument(
+        "--input_format",
+        default="auto",
+        choices=INPUT_FORMATS,
+        help="jsonl: one envelope per line; json: one envelope per file; avro: "
+        "records of schemas/event.avsc; dead_letter: dead-letter JSONL files to "
+        "replay; auto: by file extension.",
+    )
+
+
+def add_identity_arguments(parser) -> None:
+    """What the calls are named and how long a user's identify/group memory lasts."""
+    parser.add_argument(
+        "--message_id_namespace",
+        default=None,
+        help="Prefix of every messageId (Segment deduplicates across all sources: "
+        "make it unique to this pipeline). Default: walkeros-<flow name>.",
+    )
+    parser.add_argument(
+        "--identity_state_ttl_hours",
+        type=float,
+        default=24.0,
+        help="Hours without events after which a user's identify/group memory is cleared.",
+    )
+
+
+def add_outcome_argument(parser) -> None:
+    parser.add_argument(
+        "--max_dead_letter_ratio",
+        type=parse_ratio,
+        default=0.0,
+        help="Share of the run's inputs (0 to 1) that may end as dead letters while the run "
+        "still exits 0; above it the run exits 3. Default 0: any dead letter exits 3.",
+    )

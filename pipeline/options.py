@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.flags import DEAD_LETTER_FORMATS, INPUT_FORMATS, add_function_arguments, parse_bool, parse_ratio
+from pipeline.flags import (
+    DEAD_LETTER_FORMATS,
+    add_flow_arguments,
+    add_identity_arguments,
+    add_input_format_argument,
+    add_outcome_argument,
+    parse_bool,
+)
 
 
 class WalkerosOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         flow = parser.add_argument_group("flow file")
-        flow.add_argument(
-            "--flow", required=False, help="Path of the walkerOS flow file (JSON, version 4), local or gs://. Required."
-        )
-        flow.add_argument("--flow_name", default=None, help="Flow to run (default: the only one, else 'default').")
-        flow.add_argument(
-            "--destination_id",
-            default=None,
-            help="Destination id in the flow (default: the one whose package is @walkeros/server-destination-segment).",
-        )
-        add_function_arguments(flow)
+        # Not required here (a template launches with parameters); run says when it is missing.
+        add_flow_arguments(flow, required=False)
 
         source = parser.add_argument_group("input")
         source.add_argument(
@@ -28,14 +27,7 @@ class WalkerosOptions(PipelineOptions):
             default=None,
             help="File path or glob, local or gs:// (batch), e.g. gs://bucket/events/*.jsonl. Plain or .gz.",
         )
-        source.add_argument(
-            "--input_format",
-            default="auto",
-            choices=INPUT_FORMATS,
-            help="jsonl: one envelope per line; json: one envelope per file; avro: "
-            "records of schemas/event.avsc; dead_letter: dead-letter JSONL files to "
-            "replay; auto: by file extension.",
-        )
+        add_input_format_argument(source)
         source.add_argument(
             "--input_subscription",
             default=None,
@@ -81,18 +73,7 @@ class WalkerosOptions(PipelineOptions):
         )
 
         delivery = parser.add_argument_group("delivery")
-        delivery.add_argument(
-            "--message_id_namespace",
-            default=None,
-            help="Prefix of every messageId (Segment deduplicates across all sources: "
-            "make it unique to this pipeline). Default: walkeros-<flow name>.",
-        )
-        delivery.add_argument(
-            "--identity_state_ttl_hours",
-            type=float,
-            default=24.0,
-            help="Hours without events after which a user's identify/group memory is cleared.",
-        )
+        add_identity_arguments(delivery)
         delivery.add_argument(
             "--flush_deadline_seconds",
             type=float,
@@ -151,13 +132,7 @@ class WalkerosOptions(PipelineOptions):
             help="A compressed input file (.gz) that inflates beyond this many MB is refused as damaged.",
         )
         run = parser.add_argument_group("run outcome")
-        run.add_argument(
-            "--max_dead_letter_ratio",
-            type=parse_ratio,
-            default=0.0,
-            help="Share of the run's inputs (0 to 1) that may end as dead letters while the run "
-            "still exits 0; above it the run exits 3. Default 0: any dead letter exits 3.",
-        )
+        add_outcome_argument(run)
         run.add_argument(
             "--summary_json",
             default=None,

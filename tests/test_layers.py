@@ -130,3 +130,17 @@ def test_validate_runs_without_loading_beam():
         "from pipeline.cli import main\nassert main(['validate', '--flow', 'examples/flow.json']) == 0"
     )
     assert "decide" in loaded and not loaded & {"apache_beam", "segment"}
+
+
+def test_explain_decides_with_the_decide_layer_alone():
+    """What `explain` prints comes from the decide layer only; reading its input (local or gs://)
+    goes through the same file readers as the pipeline, imported when it reads."""
+    tree = ast.parse((ROOT / "pipeline" / "explain.py").read_text())
+    module_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            module_level.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            module_level.add(node.module)
+    project = {name for name in module_level if _top(name) in PROJECT}
+    assert project and all(_top(name) == "decide" for name in project), project
