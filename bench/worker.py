@@ -65,17 +65,18 @@ class _Span:
 
 
 # -- transform / calls -------------------------------------------------------------------------
-def _transform(flow: str, path: str, calls_out: str | None) -> dict:
+def _transform(flow: str, path: str, calls_out: str | None, allow_python: bool = False) -> dict:
     from decide.calls import EventCalls
     from decide.dead_letter import DeadLetter
     from decide.destination import CONSENT_DENIED, DEAD_LETTER, IGNORED, compiled
     from decide.event import parse_payload
+    from decide.functions import FunctionPolicy
     from pipeline.cli import load_spec
 
     out = open(calls_out, "wb", buffering=1 << 20) if calls_out else None
     inputs = events = dead = denied = ignored = delivered = messages_sent = suppressed_calls = 0
     with _Span() as span:
-        spec = load_spec(flow)
+        spec = load_spec(flow, functions=FunctionPolicy(allow_python=allow_python))
         destination = compiled(spec)
         collector, flow_name = spec.collector, spec.flow_name
         # The per-event steps as explain runs them (Destination.before_deduplication), then the
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=("transform", "calls", "send", "pipeline", "explain"))
     parser.add_argument("--result", required=True)
     parser.add_argument("--flow", required=True)
+    parser.add_argument("--allow-python-functions", action="store_true", help="the flow's $py: functions may run")
     parser.add_argument("--input")
     parser.add_argument("--calls")
     parser.add_argument("--dead-letter")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> dict:
         if args.mode == "transform":
-            return _transform(args.flow, args.input, None)
+            return _transform(args.flow, args.input, None, args.allow_python_functions)
         if args.mode == "calls":
             return _transform(args.flow, args.input, args.calls)
         if args.mode == "send":
