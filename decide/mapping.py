@@ -935,12 +935,12 @@ class CompiledRule:
         self._include = _compile_include(raw.get("include"), _child_path(path, "include"))
         self._remove = _compile_remove(raw.get("remove"), _child_path(path, "remove"))
 
-    def matches(self, event: dict, collector: dict) -> bool:
+    def matches(self, event: dict, ctx: _Ctx) -> bool:
         """The rule's `condition(event, context)`; no condition matches. A raising condition
         is counted and does not match (walkerOS would let the whole push fail)."""
         if self._condition is None:
             return True
-        return js_truthy(self._condition(event, _event_context(event, collector), False))
+        return js_truthy(self._condition(event, ctx, False))
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.key!r}, name={self.name!r})"
@@ -1134,16 +1134,26 @@ class DestinationMapping:
 
     def find_rule(self, event: dict, collector: dict) -> CompiledRule | None:
         """walkerOS getMappingEvent (rule conditions see the collector and its consent)."""
+        return self._rule_for(event, collector)[0]
+
+    def _rule_for(self, event: dict, collector: dict) -> tuple[CompiledRule | None, _Ctx | None]:
+        """The rule, and the event's context if a condition needed one (the values resolved on
+        the same event get the same context)."""
         name = event.get("name")
         if not isinstance(name, str):
-            return None
+            return None, None
         candidates = self._candidates.get(name)
         if candidates is None:
             candidates = self._candidates_for(name)
+        ctx = None
         for rule in candidates:
-            if rule._condition is None or rule.matches(event, collector):
-                return rule
-        return None
+            if rule._condition is None:
+                return rule, ctx
+            if ctx is None:
+                ctx = _event_context(event, collector)
+            if rule.matches(event, ctx):
+                return rule, ctx
+        return None, ctx
 
     def _candidates_for(self, name: str) -> tuple[CompiledRule, ...]:
         """The rules to try for an event name, in getMappingEvent's order: the entity's (else
@@ -1180,9 +1190,10 @@ class DestinationMapping:
         event = dict(event)  # our own top level: `name` is renamed on it, never on the caller's
         if self._policy:
             event = _apply_policy(self._policy, event, collector)
-        rule = self.find_rule(event, collector)
+        rule, ctx = self._rule_for(event, collector)
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
+            ctx = None  # another event now
         if not with_data:
             if rule is not None and rule.name and not rule.ignore:
                 event["name"] = rule.name
@@ -1190,7 +1201,9 @@ class DestinationMapping:
         data = self._data_literal
         node = self._data_node
         if node is not None:
-            data = node.run(event, _event_context(event, collector) if node.contextual else None)
+            if node.contextual and ctx is None:
+                ctx = _event_context(event, collector)
+            data = node.run(event, ctx if node.contextual else None)
         if rule is not None:
             if rule.ignore:
                 return self._result(event, rule, True, data)
@@ -1198,7 +1211,9 @@ class DestinationMapping:
                 event["name"] = rule.name  # on our copy; context.event is this same object
             node = rule._data
             if node is not None:
-                rule_data = node.run(event, _event_context(event, collector) if node.contextual else None)
+                if node.contextual and ctx is None:
+                    ctx = _event_context(event, collector)
+                rule_data = node.run(event, ctx if node.contextual else None)
                 both_objects = isinstance(data, dict) and isinstance(rule_data, dict)
                 data = _assign(data, rule_data) if both_objects else rule_data
         data = self._include_sections(rule, event, data)

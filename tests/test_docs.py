@@ -11,8 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
-# docs/bench.md above this marker is rewritten by `python -m bench` from bench/run.py's own text.
-BENCH_HAND_WRITTEN = "<!-- analysis: written by hand"
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -90,8 +88,6 @@ def test_the_readme_is_a_front_page_that_links_every_guide():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_pages_speak_to_users(page):
     text = page.read_text()
-    if page.name == "bench.md":
-        text = text[text.index(BENCH_HAND_WRITTEN) :]
     internal = re.findall(r"(?i)\bissues? #?\d+|\bthis machine\b|\bthe development machine\b", text)
     assert not internal, f"{page.relative_to(ROOT)}: {internal}"
 
