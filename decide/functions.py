@@ -567,6 +567,11 @@ class Functions:
             raise FunctionSyntaxError(f"failed to evaluate: {type(exc).__name__}: {exc}") from None
         if not callable(function):
             raise FunctionSyntaxError(f"must evaluate to a callable (value, context), got {type(function).__name__}")
+        return self.python_callable(function, mapping)
+
+    def python_callable(self, function: Callable, mapping: Any) -> Callable:
+        """A Python function ``function(value, context)`` (from a `$py:` string, or handed in by
+        Python code) as a user function, with the policy's time limit."""
         deadline = PythonDeadline.shared()
         limit = self.policy.time_limit_s
         self.any_python = True

@@ -32,7 +32,6 @@ from decide.functions import (
     FunctionNotAllowed,
     Functions,
     FunctionSyntaxError,
-    PythonDeadline,
     describe_failure,
 )
 from decide.paths import (
@@ -203,7 +202,7 @@ def _compile_function(
     if spec is None or spec == "":
         return None
     if callable(spec):
-        return _python_callable(spec, mapping, functions.policy.time_limit_s)
+        return functions.python_callable(spec, mapping)
     if not isinstance(spec, str):
         raise MappingConfigError(path, f'expected a function (a "$code:" string), got {type(spec).__name__}')
     if not spec.startswith((CODE_PREFIX, PY_PREFIX)):
@@ -252,23 +251,6 @@ def _collect_function_errors(node: Any, path: str, functions: Functions, errors:
                 errors.append(str(exc))
         else:
             _collect_function_errors(item, where, functions, errors)
-
-
-def _python_callable(function: Callable, mapping: Any, time_limit_s: float) -> UserFunction:
-    """A Python function handed in by Python code (tests, embedding): (value, context), with
-    the same time limit as a `$py:` function."""
-    deadline = PythonDeadline.shared()
-
-    def call(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-        context = {
-            "event": event,
-            "mapping": mapping,
-            "collector": collector,
-            "consent": None if consent is UNDEFINED else consent,
-        }
-        return deadline.run(function, value, context, time_limit_s)
-
-    return call
 
 
 # --- evaluation context -------------------------------------------------------------------------
