@@ -347,3 +347,23 @@ def stop_local_streaming(result, subscription: str | None = None, topic: str | N
 
     wake_the_reader(subscription, topic)
     result.cancel()
+
+
+# One call of each type, with non-ASCII text and the optional fields: for the tests that compare
+# our wire form with what the SDK Client builds and sends.
+ONE_OF_EACH_CALL = [
+    {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
+    {
+        "type": "track",
+        "userId": "u",
+        "anonymousId": "a",
+        "event": "e",
+        "context": {"ip": "1.2.3.4"},
+        "integrations": {"All": True},
+    },
+    {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
+    {"type": "group", "anonymousId": "a", "groupId": "g", "traits": {"plan": "pro"}},
+    {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}},
+    {"type": "screen", "anonymousId": "a"},
+]
+ONE_OF_EACH_CALL_IDS = ["track", "track-full", "identify", "group", "page", "screen"]

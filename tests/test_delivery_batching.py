@@ -14,6 +14,8 @@ from apache_beam.testing import test_stream
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from support import (
+    ONE_OF_EACH_CALL,
+    ONE_OF_EACH_CALL_IDS,
     assert_exactly_once,
     client_built,
     event,
@@ -74,25 +76,7 @@ def test_the_request_limits_cut_before_flush_at():
     assert exceeds_request_limits(1, MAX_BATCH_BYTES - 10, 1, 11)
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
-        {
-            "type": "track",
-            "userId": "u",
-            "anonymousId": "a",
-            "event": "e",
-            "context": {"ip": "1.2.3.4"},
-            "integrations": {"All": True},
-        },
-        {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
-        {"type": "group", "anonymousId": "a", "groupId": "g"},
-        {"type": "page", "anonymousId": "a", "name": "Home"},
-        {"type": "screen", "anonymousId": "a"},
-    ],
-    ids=["track", "track-full", "identify", "group", "page", "screen"],
-)
+@pytest.mark.parametrize("message", ONE_OF_EACH_CALL, ids=ONE_OF_EACH_CALL_IDS)
 def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
     """The SDK measures json.dumps of the message it builds (context.library, null fields, escaped
     non-ASCII); the estimate must never be below it (or a request could pass 500 KB), and close."""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import WRITE_KEY, client_built, event, fast, spec_for
+from support import ONE_OF_EACH_CALL, ONE_OF_EACH_CALL_IDS, WRITE_KEY, client_built, event, fast, spec_for
 
 from decide.secrets import REDACTED, redact_secret
 from decide.wire import EventMessages
@@ -45,25 +45,7 @@ def send(endpoint_url: str, deliveries: list[EventMessages], **settings):
         connection.close()
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        {"type": "track", "anonymousId": "a", "event": "Grüße ✓", "properties": {"title": "Köln", "n": 1.5}},
-        {
-            "type": "track",
-            "userId": "u",
-            "anonymousId": "a",
-            "event": "e",
-            "context": {"ip": "1.2.3.4"},
-            "integrations": {"All": True},
-        },
-        {"type": "identify", "userId": "u", "traits": {"email": "e@x"}},
-        {"type": "group", "anonymousId": "a", "groupId": "g", "traits": {"plan": "pro"}},
-        {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}},
-        {"type": "screen", "anonymousId": "a"},
-    ],
-    ids=["track", "track-full", "identify", "group", "page", "screen"],
-)
+@pytest.mark.parametrize("message", ONE_OF_EACH_CALL, ids=ONE_OF_EACH_CALL_IDS)
 def test_each_call_arrives_as_the_sdk_client_would_send_it(endpoint, message):
     message = {**message, "messageId": f"wire:{message['type']}", "timestamp": TS}
     result = send(endpoint.url, [EventMessages({"id": "w"}, [message])])
