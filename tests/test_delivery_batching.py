@@ -86,13 +86,18 @@ def test_the_size_estimate_is_never_below_what_the_sdk_measures(message):
     assert 0 <= encode_message(message)[1] - sdk_size <= 16 + sdk_size // 50
 
 
+def _nested(children):
+    """Lists and objects of the values below (Hypothesis's extend for recursive JSON)."""
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+
+
 _JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    _nested,
     max_leaves=20,
 )
 

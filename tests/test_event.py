@@ -124,13 +124,18 @@ def test_input_is_not_mutated():
     assert orjson.dumps(event) == before
 
 
+def _nested(children):
+    """Lists and objects of the values below (Hypothesis's extend for recursive JSON)."""
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    _nested,
     max_leaves=20,
 )
 
