@@ -32,6 +32,7 @@ setuptools.setup(
     version="0.1.0",
     description="Apache Beam pipeline delivering walkerOS events to Segment, as walkerOS's Segment destination does",
     license="Apache-2.0",
+    license_files=["LICENSE"],  # in the wheel and the image, beside the code it covers
     python_requires=">=3.10",
     packages=["decide", "segment_api", "transforms", "pipeline", "schemas", "local_segment"],
     # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.

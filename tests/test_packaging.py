@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,8 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
         timeout=180,
     )
     [wheel] = list(wheels.glob("walkeros_segment_beam-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # the licence travels with the code
+        assert any(".dist-info/" in name and name.endswith("/LICENSE") for name in archive.namelist())
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
