@@ -51,7 +51,6 @@ USER_AGENT = "analytics-python/" + SDK_VERSION
 RETRYABLE_4XX = (408, 410, 429, 460)
 NOT_RETRYABLE_5XX = (501, 505)
 ENDPOINT_STATUSES = (401, 403, 404)  # the endpoint refuses every request: key, host or path
-REDIRECTS = (301, 302, 303, 307, 308)
 MAX_BACKOFF_S = 60.0
 GZIP_LEVEL = 6  # the gzip tool's default: most of level 9's gain at a fraction of its time
 _ERROR_TEXT_CHARS = 500

@@ -578,13 +578,13 @@ def test_worker_shards_follow_the_threads_that_deliver():
     import threading
 
     from segment_api import connection
-    from transforms import batching as sink
+    from transforms import batching
 
     seen, lock = [], threading.Lock()
     all_running = threading.Barrier(6)  # six threads alive at once, as on a busy worker
 
     def deliver():
-        key = sink.worker_shard(None)
+        key = batching.worker_shard(None)
         with lock:
             seen.append((threading.get_ident(), key))
         if threading.current_thread() is not threading.main_thread():
@@ -597,7 +597,7 @@ def test_worker_shards_follow_the_threads_that_deliver():
         t.join()
     deliver()
     assert len({key for _, key in seen}) == len({ident for ident, _ in seen}) == 7
-    assert all(key.startswith(sink._PROCESS_SHARD + ":") for _, key in seen)
+    assert all(key.startswith(batching._PROCESS_SHARD + ":") for _, key in seen)
     assert connection.SendOptions().shards == connection.AUTO_SHARDS == 0
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -614,11 +614,11 @@ def _new_workers_at(marker: str):
     event gives new processes, so new shard keys); nothing is ever sent to the old keys again."""
 
     def switch(payload):
-        from transforms import batching as sink
+        from transforms import batching
 
         if marker in str(payload):
             _WORKERS["generation"] = "after-update"
-        sink._PROCESS_SHARD = _WORKERS["generation"]
+        batching._PROCESS_SHARD = _WORKERS["generation"]
         return payload
 
     return switch
@@ -630,9 +630,9 @@ def test_batches_waiting_under_shards_that_disappear_are_still_sent(endpoint, mo
     from support import event, fast, lines, request_sizes, run_pipeline, spec_for
 
     from segment_api.connection import AUTO_SHARDS
-    from transforms import batching as sink
+    from transforms import batching
 
-    monkeypatch.setattr(sink, "_PROCESS_SHARD", "before-update")
+    monkeypatch.setattr(batching, "_PROCESS_SHARD", "before-update")
     _WORKERS["generation"] = "before-update"
     spec = spec_for(endpoint.url, flush_at=100, flush_interval=2_000, timeout_ms=5_000)
     before = lines([event(i) for i in range(3)])

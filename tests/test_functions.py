@@ -13,6 +13,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import flow_document
 
 from decide.functions import FunctionPolicy, Functions
 from decide.mapping import UNDEFINED, DestinationMapping, compile_value
@@ -220,7 +221,7 @@ def test_changing_the_context_or_the_input_does_not_change_the_next_call() -> No
 # --- compiled once per thread, never while validating or pickling --------------------------------
 
 
-def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, capsys) -> None:
+def test_compiling_and_validating_run_none_of_the_code(tmp_path, capsys) -> None:
     # An expression that would hang when evaluated: compiling only parses it.
     started = time.monotonic()
     value = compile_value(
@@ -228,64 +229,29 @@ def test_compiling_and_validating_run_none_of_the_code(tmp_path, monkeypatch, ca
     )
     assert time.monotonic() - started < 5
     assert value is not None
-    flow = {
-        "version": 4,
-        "flows": {
-            "default": {
-                "destinations": {
-                    "segment": {
-                        "package": "@walkeros/server-destination-segment",
-                        "config": {
-                            "settings": {"writeKey": "$env.SEGMENT_WRITE_KEY"},
-                            "mapping": {
-                                "order": {
-                                    "complete": {"data": {"map": {"id": {"fn": "$code:(() => { while (true) {} })()"}}}}
-                                }
-                            },
-                        },
-                    }
-                }
-            }
-        },
-    }
-    path = tmp_path / "flow.json"
-    path.write_text(json.dumps(flow))
-    monkeypatch.setenv("SEGMENT_WRITE_KEY", "k")
+    path = _flow_file(
+        tmp_path,
+        mapping={"order": {"complete": {"data": {"map": {"id": {"fn": "$code:(() => { while (true) {} })()"}}}}}},
+    )
     started = time.monotonic()
     assert cli_main(["validate", "--flow", str(path), "--function_time_limit_seconds", "30"]) == 0
     assert time.monotonic() - started < 10
     assert capsys.readouterr().out.strip() == "ok"
 
 
-def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, monkeypatch, capsys) -> None:
-    flow = {
-        "version": 4,
-        "flows": {
-            "default": {
-                "destinations": {
-                    "segment": {
-                        "package": "@walkeros/server-destination-segment",
-                        "config": {
-                            "settings": {"writeKey": "k", "identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
-                            "mapping": {
-                                "order": {
-                                    "complete": {
-                                        "condition": "$code:(event) => event.data.total >",
-                                        "data": {
-                                            "value": {"fn": "$code:this is data, not code"},
-                                            "fn": "$code:(v) =>\n  v.data.id)",
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                    }
+def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, capsys) -> None:
+    path = _flow_file(
+        tmp_path,
+        settings={"identify": {"map": {"a": {"fn": "$code:(v) => {"}}}},
+        mapping={
+            "order": {
+                "complete": {
+                    "condition": "$code:(event) => event.data.total >",
+                    "data": {"value": {"fn": "$code:this is data, not code"}, "fn": "$code:(v) =>\n  v.data.id)"},
                 }
             }
         },
-    }
-    path = tmp_path / "flow.json"
-    path.write_text(json.dumps(flow))
+    )
     assert cli_main(["validate", "--flow", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     where = "$.flows.default.destinations.segment.config"
@@ -299,24 +265,7 @@ def test_validate_names_every_place_with_a_javascript_syntax_error(tmp_path, mon
 
 
 def test_python_functions_need_the_flag(tmp_path, capsys) -> None:
-    flow = {
-        "version": 4,
-        "flows": {
-            "default": {
-                "destinations": {
-                    "segment": {
-                        "package": "@walkeros/server-destination-segment",
-                        "config": {
-                            "settings": {"writeKey": "k"},
-                            "data": {"map": {"id": {"fn": "$py:lambda value, context: value['data']['id']"}}},
-                        },
-                    }
-                }
-            }
-        },
-    }
-    path = tmp_path / "flow.json"
-    path.write_text(json.dumps(flow))
+    path = _flow_file(tmp_path, data={"map": {"id": {"fn": "$py:lambda value, context: value['data']['id']"}}})
     assert cli_main(["validate", "--flow", str(path)]) == 2
     assert "--allow_python_functions" in capsys.readouterr().err
     assert cli_main(["validate", "--flow", str(path), "--allow_python_functions"]) == 0
@@ -566,3 +515,9 @@ def test_functions_that_can_see_the_context_get_it(source: str) -> None:
 )
 def test_one_parameter_functions_get_their_value(source: str) -> None:
     assert js_value(source)({"id": 1}, {"event": EVENT}) == 1
+
+
+def _flow_file(tmp_path, settings: dict | None = None, mapping: dict | None = None, **config):
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow_document(settings, mapping, **config)))
+    return path

@@ -25,8 +25,8 @@ from apache_beam.transforms import window
 
 import schemas
 from decide.dead_letter import DeadLetter, replay_keys
+from transforms import NAMESPACE
 from transforms.files import dead_letter_records
-from transforms.metrics import NAMESPACE
 
 STREAMING_FILE_WINDOW_S = 60
 

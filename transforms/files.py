@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 
 from decide.dead_letter import decode_payload
 from decide.event import RejectedInput
-from transforms.metrics import DAMAGED_FILES_COUNTER, NAMESPACE
+from transforms import DAMAGED_FILES_COUNTER, NAMESPACE
 
 _SECTIONS = ("data", "context", "globals", "custom", "user", "nested", "consent", "source")
 
@@ -34,7 +34,7 @@ def detect_format(path: str, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
     name = path.lower()
-    if _is_compressed(name):
+    if is_compressed(name):
         name = name[:-3]
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".avro", "avro")):
         if name.endswith(suffix):
@@ -68,8 +68,8 @@ class Damage:
     problem: str
 
     def line(self) -> str:
-        size = f" of {self.size}" if self.size is not None and not _is_compressed(self.path) else ""
-        what = "decompressed bytes" if _is_compressed(self.path) else "bytes"
+        size = f" of {self.size}" if self.size is not None and not is_compressed(self.path) else ""
+        what = "decompressed bytes" if is_compressed(self.path) else "bytes"
         return (
             f"input file damaged: {self.path}: {self.problem}; read {self.records} records "
             f"({self.bytes_read}{size} {what}) before it; those were processed, the rest of the file was not"
@@ -264,12 +264,12 @@ def avro_record_to_event(record: dict) -> dict:
 
 def _open(path: str):
     raw = FileSystems.open(path, compression_type="uncompressed")
-    if _is_compressed(path):
+    if is_compressed(path):
         return gzip.GzipFile(fileobj=raw)
     return io.BufferedReader(raw) if not hasattr(raw, "readline") else raw
 
 
-def _is_compressed(path: str) -> bool:
+def is_compressed(path: str) -> bool:
     return path.lower().endswith(".gz")
 
 
@@ -312,7 +312,7 @@ class _Counted(io.RawIOBase):
 
 
 def _open_counted(path: str, limits: ReadLimits, size: int | None) -> _Counted:
-    return _Counted(_open(path), limits, size, _is_compressed(path))
+    return _Counted(_open(path), limits, size, is_compressed(path))
 
 
 def ignore_damage(_damage: Damage) -> None:

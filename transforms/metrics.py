@@ -11,7 +11,7 @@ from typing import Any
 
 from apache_beam.metrics import Metrics
 
-from transforms import DAMAGED_FILES_COUNTER, NAMESPACE  # noqa: F401
+from transforms import NAMESPACE
 
 _COUNTERS: dict[str, Any] = {}
 

@@ -25,16 +25,16 @@ from apache_beam.utils.timestamp import Timestamp
 
 from decide.dead_letter import INVALID_FIELD
 from decide.event import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, RejectedInput
+from transforms import NAMESPACE
 from transforms.files import (
     ReadLimits,
-    _is_compressed,
     detect_format,
     ignore_damage,
+    is_compressed,
     line_payload,
     payloads_of_file,
     report_damage,
 )
-from transforms.metrics import NAMESPACE
 
 # A Pub/Sub message with this attribute is a heartbeat, never an event (see the module doc).
 HEARTBEAT_ATTRIBUTE = "walkeros_heartbeat"
@@ -109,12 +109,12 @@ class ReadEvents(beam.PTransform):
         if fmt == "jsonl":
             lines = (
                 files
-                | "PlainFiles" >> beam.Filter(lambda metadata: not _is_compressed(metadata.path))
+                | "PlainFiles" >> beam.Filter(lambda metadata: not is_compressed(metadata.path))
                 | "Paths" >> beam.Map(lambda metadata: metadata.path)
                 | "ReadLines" >> beam.io.ReadAllFromText(coder=beam.coders.BytesCoder())
                 | "Payloads" >> beam.FlatMap(_line_payloads)
             )
-            whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: _is_compressed(metadata.path))
+            whole_files = files | "CompressedFiles" >> beam.Filter(lambda metadata: is_compressed(metadata.path))
         payloads = (
             whole_files
             | "ReadMatches" >> fileio.ReadMatches()
@@ -152,7 +152,7 @@ class ReadEvents(beam.PTransform):
             matched = FileSystems.match([self.input_pattern])[0].metadata_list
         except Exception:  # noqa: BLE001 - whatever the file system says, the general graph copes
             return True
-        return any(_is_compressed(metadata.path) for metadata in matched)
+        return any(is_compressed(metadata.path) for metadata in matched)
 
 
 class _FilePayloads(beam.DoFn):

@@ -36,8 +36,8 @@ from segment_api.connection import (
     release_connection,
 )
 from segment_api.sender import PipelinedSender, _Sent
-from transforms import DEAD_LETTER_TAG
-from transforms.metrics import NAMESPACE, counter
+from transforms import DEAD_LETTER_TAG, NAMESPACE
+from transforms.metrics import counter
 
 log = logging.getLogger(__name__)
 
