@@ -137,12 +137,15 @@ _PRELUDE = r"""
     if (text === "") return undefined;
     return text[0] === "s" ? text.slice(1) : parse(text.slice(1));
   }
+  // Texts leave for the host flattened: a long concatenation is a rope string in quickjs-ng,
+  // which the binding cannot convert (the call would fail for the function's result).
+  const flat = (text) => text.slice(0);
   function encode(r) {
-    if (typeof r === "string") return r.indexOf("\0") === -1 ? "s" + r : "j" + stringify(r);
+    if (typeof r === "string") return flat(r.indexOf("\0") === -1 ? "s" + r : "j" + stringify(r));
     if (r === undefined) return "u";
     const k = kind(r, 0);
     if (k === 0) return "x";
-    return k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r);
+    return flat(k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r));
   }
   // The event, collector and consent the host handed over last (their text), kept between
   // calls: the host sends a text only when it changed (null: "as before"). `eventSerial`
@@ -286,7 +289,7 @@ _PRELUDE = r"""
   }
   function check(source) {
     try { FunctionCtor('"use strict";return (' + source + "\n);"); return ""; }
-    catch (error) { return String(error) + "\n" + String(error.stack || ""); }
+    catch (error) { return flat(String(error) + "\n" + String(error.stack || "")); }
   }
   // flags: 1 a predicate, 2 awaited (value-level functions are awaited in walkerOS; rule
   // conditions are not). valueText "e": the value is the event itself. The texts are null

@@ -96,6 +96,20 @@ def test_results_cross_as_walkeros_properties(source: str, expected) -> None:
     assert js_value(source).raw(EVENT) == expected
 
 
+@pytest.mark.parametrize("length", [10, 300, 5_000, 200_000])
+@pytest.mark.parametrize("awaited", [False, True])
+def test_long_concatenated_results_and_errors_cross_whole(length: int, awaited: bool) -> None:
+    # quickjs-ng keeps a long concatenation as a rope string, which the binding cannot
+    # convert: such results once became function errors from about 300 characters on.
+    prefix = "async " if awaited else ""
+    assert js_value(f"{prefix}(v) => v + v")("a" * length) == "a" * (2 * length)
+    assert js_value(f"{prefix}(v) => ({{text: v + '!'}})")("b" * length) == {"text": "b" * length + "!"}
+    assert js_value(f"{prefix}(v) => [v, v + v]")("c" * length) == ["c" * length, "c" * (2 * length)]
+    errors: list = []
+    assert js_value("(v) => { throw new Error('e'.repeat(900) + v) }", errors=errors)("d" * length) is UNDEFINED
+    assert errors and errors[0].endswith("d" * min(length, 10))
+
+
 def test_strings_and_values_with_the_hole_marker_text_are_not_mistaken_for_holes() -> None:
     assert js_value("(v) => [v, 'x', '']")("\ue000hole:") == ["\ue000hole:", "x", ""]
     assert js_value("(v) => [v, undefined, '']").raw("a\x00b") == ["a\x00b", UNDEFINED, ""]
