@@ -28,13 +28,19 @@ BASE_TIME_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # Functions are JavaScript ("$code:"), as walkerOS users write them.
 BIG_ORDER = "$code:(event) => ((event.data || {}).total || 0) >= 500"
 IS_PRODUCT = "$code:(entity) => entity.entity === 'product'"
-LOWER = "$code:(value) => typeof value === 'string' ? value.trim().toLowerCase() : value"
+# In walkerOS a `key` beside `fn` replaces the function's result, and `fn` gets the event: the
+# search term is read by the function itself.
+LOWER = (
+    "$code:(event) => { const term = (event.data || {}).term; "
+    "return typeof term === 'string' ? term.trim().toLowerCase() : term; }"
+)
 # The same three as Python ("$py:", run with --allow_python_functions): the flow as it was when
 # the transform's 37 µs target was set, so the transform is compared on the same work.
 IN_PYTHON = {
     BIG_ORDER: "$py:lambda event, context: ((event.get('data') or {}).get('total') or 0) >= 500",
     IS_PRODUCT: "$py:lambda entity, context: entity.get('entity') == 'product'",
-    LOWER: "$py:lambda value, context: value.strip().lower() if isinstance(value, str) else value",
+    LOWER: "$py:lambda event, context: (lambda term: term.strip().lower() if isinstance(term, str) else term)"
+    "((event.get('data') or {}).get('term'))",
 }
 
 PRODUCT_ITEM = {
@@ -175,7 +181,7 @@ def flow_document(flush_at: int) -> dict:
         "search": {
             "submit": {
                 "name": "Products Searched",
-                "data": {"map": {"query": {"key": "data.term", "fn": LOWER}, "results": "data.results"}},
+                "data": {"map": {"query": {"fn": LOWER}, "results": "data.results"}},
             }
         },
         "promotion": {
