@@ -616,11 +616,29 @@ def describe_failure(exc: BaseException) -> str:
         if nxt is None or not str(nxt) or str(nxt) not in str(inner):
             break
         inner = nxt
-    message = re.sub(r"\s*\[while running '[^']+'\]", "", str(inner)).strip()
+    message = str(inner)
+    if "Traceback (most recent call last)" in message and inner is exc:
+        message = _error_of_traceback_text(message)
+    message = re.sub(r"\s*\[while running '[^']+'\]", "", message).strip()
     message = " ".join(message.split())  # one line, whatever the exception held
     if not message or not _is_user_facing(inner):
         message = f"{type(inner).__name__}: {message}" if message else type(inner).__name__
     return f"{message} (in step {steps[-1]!r})" if steps else message
+
+
+def _error_of_traceback_text(text: str) -> str:
+    """A worker process's error (multi_processing) arrives as text only, the worker's traceback
+    and all: the error is the unindented line(s) after the last traceback's frames, "pkg.Error:
+    message [while running 'Step']" (or, in another layout, the text before the first traceback)."""
+    import re
+
+    header = "Traceback (most recent call last)"
+    before, _, last = text.rpartition(header)
+    lines = [line for line in last.splitlines()[1:] if line.strip() and not line[:1].isspace()]
+    error = " ".join(lines) or before.split(header)[0]
+    # The worker names the error's class, wrapped in Beam's ("RuntimeError: pkg.Error: ..."): the
+    # message is what the user needs.
+    return re.sub(r"^\s*(?:(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): )+", "", error)
 
 
 def _caused_by_interrupt(exc: BaseException) -> bool:

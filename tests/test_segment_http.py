@@ -230,3 +230,25 @@ def test_fail_bundle_on_delivery_error_is_refused_where_bundles_are_not_retried(
     err = capsys.readouterr().err
     assert "--fail_bundle_on_delivery_error needs a runner that retries failed bundles" in err
     assert "Traceback" not in err
+
+
+def test_a_worker_process_error_is_its_first_line_only():
+    from pipeline import cli
+
+    error = EndpointConfigError(401, "http://h", "HTTP 401: unknown write key", "check writeKey")
+    # With --direct_running_mode=multi_processing the worker's error arrives as text, traceback and all.
+    text = (
+        f"segment_api.http.EndpointConfigError: {error} [while running 'SendToSegment/ParDo(BatchAndSend)']\n"
+        'Traceback (most recent call last):\n  File "/work/transforms/send.py", line 188, in process\n'
+        f"    yield from self._submit(batch)\nsegment_api.http.EndpointConfigError: {error}"
+    )
+    assert cli.describe_failure(RuntimeError(text)) == f"{error} (in step 'SendToSegment/ParDo(BatchAndSend)')"
+    # The layout the FnApiRunner raises: the traceback first, the error last.
+    text = (
+        'Traceback (most recent call last):\n  File "apache_beam/runners/common.py", line 1512, in process\n'
+        f"segment_api.http.EndpointConfigError: {error}\n\nDuring handling of the above exception, another "
+        'exception occurred:\n\nTraceback (most recent call last):\n  File "/work/transforms/send.py", line 1\n'
+        f"    yield from self._submit(batch)\nRuntimeError: segment_api.http.EndpointConfigError: {error} "
+        "[while running 'SendToSegment/ParDo(BatchAndSend)']\n"
+    )
+    assert cli.describe_failure(RuntimeError(text)) == f"{error} (in step 'SendToSegment/ParDo(BatchAndSend)')"
