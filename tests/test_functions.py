@@ -154,6 +154,24 @@ def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbo
     assert len(errors) == 3 and all("out of memory" in e for e in errors)
 
 
+def test_garbage_that_failed_calls_leave_behind_never_fails_a_later_call() -> None:
+    # Each failed call leaves a 1 MB cycle, which only a full collection frees; 32 MB of limit.
+    errors: list[str] = []
+    functions = Functions(FunctionPolicy(time_limit_s=10, memory_limit_mb=32))
+    leaky = compile_value(
+        {"fn": "$code:(e) => { const a = {big: 'y'.repeat(1 << 20) + e.name}; a.self = a; throw new Error('no'); }"},
+        "$.v",
+        on_error=lambda p, e: errors.append(str(e)),
+        functions=functions,
+    )
+    fine = compile_value({"fn": "$code:(v) => v.data.id"}, "$.w", functions=functions)
+    for _ in range(100):
+        assert leaky(EVENT) is UNDEFINED
+    assert fine(EVENT) == "0rd3r1d"
+    assert errors == ["Error: no"] * 100  # its own error every time, never "out of memory"
+    assert functions._sandbox().context.memory()["malloc_size"] < 32 << 20
+
+
 @pytest.mark.parametrize(
     "source",
     [
