@@ -395,7 +395,24 @@ def prepare_run(argv: list[str]):
             print(p, file=sys.stderr)
         return EXIT_CONFIG
     _name_this_run(opts)
+    if local and not standard.streaming:
+        _use_local_workers(argv, options, opts)
     return options, spec
+
+
+def _use_local_workers(argv: list[str], options, opts) -> None:
+    """A large plain input on the FnApiRunner gets worker processes (pipeline/local_workers.py)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from pipeline import local_workers
+
+    if str(options.view_as(StandardOptions).runner) != "FnApiRunner" or local_workers.user_chose(argv):
+        return
+    choice = local_workers.choose(opts.input, opts.input_format)
+    if choice is None:
+        return
+    options.view_as(DirectOptions).direct_num_workers = choice.workers  # launch makes them processes
+    print(choice.line(), file=sys.stderr)
 
 
 def _input_problems(opts) -> list[str]:
@@ -443,9 +460,10 @@ def launch(options, spec):
     from apache_beam.options.pipeline_options import StandardOptions
 
     from pipeline.graph import build_from_options
+    from pipeline.local_workers import local_runner
     from pipeline.options import WalkerosOptions
 
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_from_options(
         pipeline,
         spec,
@@ -671,9 +689,10 @@ class _DropStepTracebacks:
 class _one_line_failures:
     def __enter__(self):
         self.filter = _DropStepTracebacks()
+        debug = os.environ.get("WALKEROS_SEGMENT_DEBUG")
         self.loggers = (
             []
-            if os.environ.get("WALKEROS_SEGMENT_DEBUG")
+            if debug
             else [
                 logging.getLogger(name)
                 for name in (
@@ -687,11 +706,18 @@ class _one_line_failures:
         )
         for logger in self.loggers:
             logger.addFilter(self.filter)
+        from pipeline.local_workers import worker_log_filters
+
+        self.worker_filters = worker_log_filters(keep_tracebacks=bool(debug))
+        for logger, log_filter in self.worker_filters:
+            logger.addFilter(log_filter)
         return self
 
     def __exit__(self, *exc):
         for logger in self.loggers:
             logger.removeFilter(self.filter)
+        for logger, log_filter in self.worker_filters:
+            logger.removeFilter(log_filter)
         return False
 
 

@@ -1,0 +1,141 @@
+"""How many processes a local batch run uses, and what their log lines look like.
+
+The FnApiRunner runs a pipeline in one process unless told otherwise, so a local backfill
+would use one core. With worker processes (Beam's ``--direct_running_mode=multi_processing``)
+its text reader cuts plain JSON Lines files into pieces of a few MB and the workers take them
+in turn. Starting the workers costs about 4 s (each imports Beam and compiles the flow), so
+only an input large enough to pay that back gets them; everything else, and any run whose
+user set either flag, is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+
+# Measured on the benchmark's 2-core machine (docs/bench.md): two workers save about 100 µs an
+# event and cost about 4 s to start, so they pay from some 40,000 events, about 20 MB of JSON
+# Lines; 32 MB keeps a margin for slower machines.
+WORKER_INPUT_BYTES = 32 * 1024**2
+# Each worker holds its own compiled flow, connection pool and Beam buffers (~100 MB).
+MAX_WORKERS = 4
+FLAGS = ("--direct_num_workers", "--direct_running_mode")
+
+
+@dataclass(frozen=True)
+class WorkerChoice:
+    workers: int
+    input_bytes: int
+
+    def line(self) -> str:
+        return (
+            f"local run: {self.workers} worker processes for {self.input_bytes / 1024**2:.0f} MB of JSON Lines "
+            "(--direct_num_workers=1 runs it in one process)"
+        )
+
+
+def user_chose(argv: list[str]) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv for flag in FLAGS)
+
+
+def choose(input_pattern: str | None, input_format: str, cores: int | None = None) -> WorkerChoice | None:
+    """Worker processes for a local batch run over ``input_pattern``, or None for one process:
+    only plain JSON Lines (what Beam's text reader splits; a compressed or whole-file format is
+    read by one worker however many there are) of at least ``WORKER_INPUT_BYTES`` in all."""
+    from transforms.files import detect_format, is_compressed
+
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    if cores < 2 or not input_pattern or input_pattern == "-":
+        return None
+    try:
+        if detect_format(input_pattern, input_format) != "jsonl":
+            return None
+        from apache_beam.io.filesystems import FileSystems
+
+        matched = FileSystems.match([input_pattern])[0].metadata_list
+    except Exception:  # noqa: BLE001 - a pattern that cannot be matched now is the run's to report
+        return None
+    if any(is_compressed(metadata.path) for metadata in matched):
+        return None
+    total = sum(metadata.size_in_bytes for metadata in matched)
+    if total < WORKER_INPUT_BYTES:
+        return None
+    return WorkerChoice(min(cores, MAX_WORKERS), total)
+
+
+# Beam relays each worker's log record as the text of its LogEntry message.
+RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
+_MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
+_NOISE = ("No semi_persistent_directory found", "Discarding unparseable args")
+
+
+class WorkerLogLines(logging.Filter):
+    """A worker's relayed log record as the line it would have been in one process: its own
+    message (not the protobuf text around it), without Beam's start-up notices, and without a
+    step's traceback (the command says the error in one line) unless ``keep_tracebacks``."""
+
+    def __init__(self, keep_tracebacks: bool = False):
+        super().__init__()
+        self.keep_tracebacks = keep_tracebacks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Worker: "):
+            return True
+        found = _MESSAGE.search(text)
+        if found is None:
+            return True
+        message = _unescape(found.group(1))
+        if any(noise in message for noise in _NOISE):
+            return False
+        if "Traceback (most recent call last)" in message and not self.keep_tracebacks:
+            return False
+        record.msg, record.args = f"worker: {message}", None
+        return True
+
+
+def local_runner(options):
+    """The runner for ``beam.Pipeline``: None (the one the options name), or, for a FnApiRunner
+    run given several workers without a running mode, one whose workers are processes running
+    ``pipeline.local_worker`` (Beam's own multi_processing mode runs Beam's worker, which prints a
+    failed bundle's traceback on the command's standard error)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    direct = options.view_as(DirectOptions)
+    if str(options.view_as(StandardOptions).runner) != "FnApiRunner" or (direct.direct_num_workers or 1) <= 1:
+        return None
+    if direct.direct_running_mode != "in_memory":
+        return None  # the user chose Beam's own mode
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    command = f"{shlex.quote(sys.executable)} -m pipeline.local_worker"
+    return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
+
+
+class QuietWorkerMode(logging.Filter):
+    """Drops the FnApiRunner's notice that several workers in "in_memory" mode run in one process:
+    with :func:`local_runner`'s environment they do not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("If direct_num_workers is not equal to 1")
+
+
+def worker_log_filters(keep_tracebacks: bool) -> list[tuple[logging.Logger, logging.Filter]]:
+    """The filters a local run puts on Beam's loggers for its worker processes."""
+    return [
+        (logging.getLogger(RELAY_LOGGER), WorkerLogLines(keep_tracebacks)),
+        (logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner"), QuietWorkerMode()),
+    ]
+
+
+def _unescape(text: str) -> str:
+    # protobuf text format escapes like C: \" \' \\ \n and octal bytes for what is not ASCII.
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return text
