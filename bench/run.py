@@ -10,8 +10,10 @@ go through four variants, each in its own process (so peak RSS is per variant):
               SDK's request function; ``send-sink``: the same messages through the pipeline's
               own sink, ``PipelinedSender`` over ``SegmentConnection``, for comparison);
 3. pipeline   ``walkeros-segment run``: the Beam batch pipeline (FnApiRunner) reading the file
-              and delivering to the local endpoint (``pipeline-nosend``: the same with the
-              destination's ``disable: true``, to see what Beam costs without the sending);
+              and delivering to the local endpoint, on as many worker processes as the command
+              gives a large input (``pipeline-1p``: in one process; ``pipeline-nosend``: in one
+              process with the destination's ``disable: true``, to see what Beam costs without
+              the sending);
 4. explain    ``walkeros-segment explain`` over the same file, in-process, output to /dev/null.
 
 The local endpoint (``local_segment.LocalSegment``) runs in this, the parent,
@@ -47,18 +49,32 @@ N0 = 1_000
 GENERATOR_VERSION = 1
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by python -m bench -->"
 
-VARIANTS = ("transform", "transform-py", "send", "send-post", "send-sink", "pipeline", "pipeline-nosend", "explain")
+VARIANTS = (
+    "transform",
+    "transform-py",
+    "send",
+    "send-post",
+    "send-sink",
+    "pipeline",
+    "pipeline-1p",
+    "pipeline-nosend",
+    "explain",
+)
 LABELS = {
     "transform": "1 transform limit (plain loop)",
     "transform-py": "1b the same, its three functions in Python",
     "send": "2 send limit (SDK Client alone)",
     "send-post": "2b send, the SDK's request function",
     "send-sink": "2c send, the pipeline's sink",
-    "pipeline": "3 Beam pipeline (FnApiRunner)",
-    "pipeline-nosend": "3b the same, not sending (disable)",
+    "pipeline": "3 Beam pipeline (FnApiRunner, worker processes)",
+    "pipeline-1p": "3c the same in one process",
+    "pipeline-nosend": "3b in one process, not sending (disable)",
     "explain": "4 explain (in-process)",
 }
-NEEDS_ENDPOINT = {"send", "send-post", "send-sink", "pipeline"}
+NEEDS_ENDPOINT = {"send", "send-post", "send-sink", "pipeline", "pipeline-1p"}
+# What `walkeros-segment run` chooses for a large plain input on this machine (pipeline/local_workers.py);
+# given for every N, so the start-up taken out (at N0) is the same as the run's.
+PIPELINE_WORKERS = min(len(os.sched_getaffinity(0)), 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +172,9 @@ def _spawn(mode: str, workdir: Path, args: list[str], env: dict | None = None, p
     result_path.unlink()
     result["process_wall_s"] = wall
     result["process_cpu_s"] = usage.ru_utime + usage.ru_stime
-    result["peak_rss_kb"] = usage.ru_maxrss  # Linux: kilobytes, this child only (wait4)
+    # Linux: kilobytes, the largest single process (wait4); summed over the worker processes
+    # of a pipeline run on several.
+    result["peak_rss_kb"] = max(usage.ru_maxrss, result.get("tree_peak_rss_kb") or 0)
     return result
 
 
@@ -221,14 +239,15 @@ def run_variant(variant: str, n: int, paths: dict, workdir: Path, flush_at: int,
                 env,
                 profile,
             )
-        elif variant in ("pipeline", "pipeline-nosend"):
+        elif variant in ("pipeline", "pipeline-1p", "pipeline-nosend"):
             dead = workdir / f"dead-letters-{n}" / "dl"
             if variant == "pipeline-nosend":
                 flow = ["--flow", str(paths["flow-nosend"])]
+            workers = PIPELINE_WORKERS if variant == "pipeline" else 1
             result = _spawn(
                 "pipeline",
                 workdir,
-                [*flow, "--input", str(paths["events"][n]), "--dead-letter", str(dead)],
+                [*flow, "--input", str(paths["events"][n]), "--dead-letter", str(dead), "--workers", str(workers)],
                 env,
                 profile,
             )
@@ -551,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = {}
     for n in all_sizes:
         paths["events"][n] = ensure_events(workdir, n, seed)
-        if {"send", "send-post", "send-sink"} & set(variants) or "pipeline" in variants:
+        if {"send", "send-post", "send-sink", "pipeline", "pipeline-1p"} & set(variants):
             paths["calls"][n], expected[n] = ensure_calls(workdir, flow, paths["events"][n], n)
 
     runs = []
@@ -662,7 +681,8 @@ def run_profiles(paths: dict, workdir: Path, results: Path, sizes: list[int], fl
 
     n = max(s for s in sizes if s <= 100_000)
     report = {}
-    for variant, size in (("transform", n), ("send", min(sizes)), ("pipeline", min(sizes))):
+    # The pipeline in one process: cProfile sees only its own process's main thread.
+    for variant, size in (("transform", n), ("send", min(sizes)), ("pipeline-1p", min(sizes))):
         prof = workdir / f"{variant}-{size}.prof"
         run_variant(variant, size, paths, workdir, flush_at, profile=prof)
         text_path = results / f"profile-{variant}.txt"
@@ -766,16 +786,21 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "`SegmentConnection`: the SDK's request layer on a pooled session, every message encoded once and "
         "every call checked, the next batch prepared while one is on the wire, each settled with its fate).",
         "3. **pipeline**: `walkeros-segment run` (Beam, FnApiRunner) reading the file and delivering to "
-        "the local endpoint, dead letters to files.",
-        "   *3b* is the same run with the destination's `disable: true`: every step but the sending, so "
-        "3b − 1 is what Beam itself costs per event, and 3 − 3b what sending costs inside the pipeline.",
+        f"the local endpoint, dead letters to files, on {PIPELINE_WORKERS} worker processes (what the command "
+        "chooses for a plain JSON Lines input of 32 MB or more on this machine; given at every N here, so "
+        "that the start-up taken out is the run's own). *3c* is the same run in one process "
+        "(`--direct_num_workers=1`).",
+        "   *3b* is 3c with the destination's `disable: true`: every step but the sending, so "
+        "3b − 1 is what Beam itself costs per event, and 3c − 3b what sending costs inside the pipeline.",
         "4. **explain**: `walkeros-segment explain` over the file, in-process, output to /dev/null.",
         "",
-        "Method: every variant runs in its own process; peak RSS is that process's (`wait4`). Time is the "
+        "Method: every variant runs in its own process; peak RSS is that process's (`wait4`), or for "
+        "row 3 the peak of it and its worker processes summed (sampled every 50 ms). Time is the "
         "variant's own work (imports excluded; loading the flow, Beam's start-up included). Start-up is "
         f"taken out by also running every variant on {meta['n0']:,} events: events/s = "
         "(N − N0) / (T(N) − T(N0)) (`events_per_s_raw` in the JSON is N / T(N)); *CPU µs/event* is the same "
-        "difference taken on the variant's own CPU time (all its threads, not the endpoint's), which other "
+        "difference taken on the variant's own CPU time (all its threads and worker processes, not the "
+        "endpoint's), which other "
         "load on the machine disturbs less than wall time. The endpoint runs in the parent process and counts "
         "requests and messages per request. The harmonic limit is 1 / (1/transform + 1/send): what a "
         "pipeline that only transforms and sends, one after the other on one core, could reach. "

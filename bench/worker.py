@@ -20,7 +20,9 @@ Modes:
              pipeline's own sink (``PipelinedSender`` over ``SegmentConnection``: one request per
              batch, each settled with its fate), for comparison.
   pipeline   ``walkeros-segment run`` in this process: the Beam batch pipeline on the FnApiRunner
-             reading the file and delivering to ``$BENCH_SEGMENT_HOST``.
+             reading the file and delivering to ``$BENCH_SEGMENT_HOST``, on ``--workers``
+             worker processes (1: in this process); CPU includes the workers', and
+             ``tree_peak_rss_kb`` is the peak of this process's and theirs summed.
   explain    ``walkeros-segment explain`` in this process, its output written to /dev/null.
 """
 
@@ -50,16 +52,58 @@ def vm_hwm_kb() -> int | None:
 _PROFILER = None  # a cProfile.Profile with --profile: it covers the measured span only
 
 
+def _cpu_s() -> float:
+    # This process's threads and its children's once they ended (a pipeline's worker processes).
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, now."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            total = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        children = []
+        for task in os.listdir(f"/proc/{pid}/task"):  # each thread's own children (Beam starts workers from threads)
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return total
+    return total + sum(_tree_rss_kb(child) for child in children)
+
+
+class _TreePeak:
+    """The peak of the summed RSS of this process and its descendants (a pipeline on worker
+    processes), sampled every 50 ms; wait4 gives only the largest single process's."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_kb, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_kb = max(self.peak_kb, _tree_rss_kb(os.getpid()))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb
+
+
 class _Span:
     def __enter__(self):
         if _PROFILER is not None:
             _PROFILER.enable()
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.wall0, self.cpu0 = time.perf_counter(), _cpu_s()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.wall0
-        self.cpu = time.process_time() - self.cpu0
+        self.cpu = _cpu_s() - self.cpu0
         if _PROFILER is not None:
             _PROFILER.disable()
 
@@ -232,15 +276,23 @@ def _split_batches(deliveries, flush_at: int):
 
 
 # -- the real commands -------------------------------------------------------------------------
-def _pipeline(flow: str, path: str, dead_letter: str) -> dict:
+def _pipeline(flow: str, path: str, dead_letter: str, workers: int) -> dict:
     import pipeline.graph  # noqa: F401 - imported before the span: imports are start-up, not work
     import pipeline.summary  # noqa: F401
     from pipeline.cli import main as cli_main
 
     captured = io.StringIO()
+    argv = ["run", "--flow", flow, "--input", path, "--dead_letter", dead_letter, f"--direct_num_workers={workers}"]
+    tree = _TreePeak()
     with _Span() as span, contextlib.redirect_stdout(captured):
-        code = cli_main(["run", "--flow", flow, "--input", path, "--dead_letter", dead_letter])
-    return {"work_s": span.wall, "cpu_s": span.cpu, "exit_code": code, "summary": captured.getvalue()}
+        code = cli_main(argv)
+    return {
+        "work_s": span.wall,
+        "cpu_s": span.cpu,
+        "exit_code": code,
+        "summary": captured.getvalue(),
+        "tree_peak_rss_kb": tree.stop(),
+    }
 
 
 def _explain(flow: str, path: str) -> dict:
@@ -265,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dead-letter")
     parser.add_argument("--flush-at", type=int, default=500)
     parser.add_argument("--client", choices=("bare", "sink", "post"), default="bare")
+    parser.add_argument("--workers", type=int, default=1, help="pipeline: --direct_num_workers")
     parser.add_argument("--profile", help="write a cProfile of the measured work to this file")
     args = parser.parse_args(argv)
 
@@ -278,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "send":
             return _send(args.calls, args.flush_at, args.client, args.flow)
         if args.mode == "pipeline":
-            return _pipeline(args.flow, args.input, args.dead_letter)
+            return _pipeline(args.flow, args.input, args.dead_letter, args.workers)
         return _explain(args.flow, args.input)
 
     global _PROFILER
