@@ -8,6 +8,7 @@ line, and WALKEROS_SEGMENT_DEBUG=1 keeps it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -33,6 +34,9 @@ class WithoutTracebacks:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group: the command stops the run and then its workers;
+    # a worker that died of it first would only add its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not os.environ.get("WALKEROS_SEGMENT_DEBUG"):
         sys.stderr = WithoutTracebacks(sys.stderr)
     from apache_beam.runners.worker import sdk_worker_main

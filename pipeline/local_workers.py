@@ -113,7 +113,9 @@ def local_runner(options):
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-    command = f"{shlex.quote(sys.executable)} -m pipeline.local_worker"
+    # Beam starts it through a shell: `exec`, so that Ctrl-C (which the worker ignores) cannot
+    # end the shell and with it, in Beam's eyes, the worker.
+    command = f"exec {shlex.quote(sys.executable)} -m pipeline.local_worker"
     return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
 
 
