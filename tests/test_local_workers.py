@@ -8,11 +8,15 @@ import gzip
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
-from support import event, flow_document
+from support import event, flow_document, poll_until
 
-from local_segment import LocalSegment
+from local_segment import LocalSegment, delay
 from pipeline import cli, local_workers
 from pipeline.local_worker import WithoutTracebacks
 from pipeline.local_workers import RELAY_LOGGER, WorkerLogLines, choose, local_runner, user_chose
@@ -153,3 +157,31 @@ def test_a_workers_failure_is_one_line(tmp_path, capfd) -> None:
     failed = [line for line in err.splitlines() if line.startswith("run failed:")]
     assert len(failed) == 1 and "HTTP 401" in failed[0] and "writeKey" in failed[0]
     assert "RuntimeError" not in failed[0] and "segment_api" not in failed[0]
+
+
+def test_ctrl_c_stops_a_run_on_workers_as_it_stops_one_in_one_process(tmp_path) -> None:
+    # Ctrl-C reaches the command and its workers alike (one process group): the command stops
+    # the run and then the workers, and says so in its own words.
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(e) for e in _events(100)) + "\n")
+    with LocalSegment() as endpoint:
+        endpoint.fail_next(10, delay(30))  # the run is still sending when Ctrl-C comes
+        flow = tmp_path / "flow.json"
+        flow.write_text(json.dumps(flow_document({"flushAt": 20}, host=endpoint.url)))
+        argv = ["run", "--flow", str(flow), "--input", str(tmp_path / "events.jsonl")]
+        argv += ["--dead_letter", str(tmp_path / "dead"), "--direct_num_workers=2"]
+        run = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        assert poll_until(lambda: endpoint.counters["requests"] > 0, timeout_s=120)
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 1
+    assert "was stopped" in out and "exit status 1" in out
+    assert "Traceback" not in err and "Worker" not in err, err
+    left = subprocess.run(["pgrep", "-g", str(run.pid)], capture_output=True, text=True).stdout
+    assert left == ""  # no worker outlives the command
