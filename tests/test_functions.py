@@ -138,16 +138,21 @@ def test_a_function_that_never_returns_is_a_counted_error(source: str) -> None:
     assert js_value("(v) => v.data.id")(EVENT) == "0rd3r1d"
 
 
-def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbox_recovers() -> None:
+def _beside_a_plain_function(source: str):
+    """A function from ``source`` and a plain one in the same sandbox (32 MB), with the errors."""
     errors: list[str] = []
     functions = Functions(FunctionPolicy(time_limit_s=10, memory_limit_mb=32))
-    hog = compile_value(
-        {"fn": "$code:() => { const a = []; for (;;) a.push('x'.repeat(1e5) + a.length); }"},
-        "$.v",
-        on_error=lambda p, e: errors.append(str(e)),
-        functions=functions,
+    value = compile_value(
+        {"fn": f"$code:{source}"}, "$.v", on_error=lambda p, e: errors.append(str(e)), functions=functions
     )
     fine = compile_value({"fn": "$code:(v) => v.data.id"}, "$.w", functions=functions)
+    return value, fine, errors, functions
+
+
+def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbox_recovers() -> None:
+    hog, fine, errors, _ = _beside_a_plain_function(
+        "() => { const a = []; for (;;) a.push('x'.repeat(1e5) + a.length); }"
+    )
     for _ in range(3):
         assert hog(EVENT) is UNDEFINED
         assert fine(EVENT) == "0rd3r1d"
@@ -155,16 +160,10 @@ def test_a_function_that_allocates_without_end_is_a_counted_error_and_the_sandbo
 
 
 def test_garbage_that_failed_calls_leave_behind_never_fails_a_later_call() -> None:
-    # Each failed call leaves a 1 MB cycle, which only a full collection frees; 32 MB of limit.
-    errors: list[str] = []
-    functions = Functions(FunctionPolicy(time_limit_s=10, memory_limit_mb=32))
-    leaky = compile_value(
-        {"fn": "$code:(e) => { const a = {big: 'y'.repeat(1 << 20) + e.name}; a.self = a; throw new Error('no'); }"},
-        "$.v",
-        on_error=lambda p, e: errors.append(str(e)),
-        functions=functions,
+    # Each failed call leaves a 1 MB cycle, which only a full collection frees.
+    leaky, fine, errors, functions = _beside_a_plain_function(
+        "(e) => { const a = {big: 'y'.repeat(1 << 20) + e.name}; a.self = a; throw new Error('no'); }"
     )
-    fine = compile_value({"fn": "$code:(v) => v.data.id"}, "$.w", functions=functions)
     for _ in range(100):
         assert leaky(EVENT) is UNDEFINED
     assert fine(EVENT) == "0rd3r1d"
