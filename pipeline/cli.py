@@ -485,6 +485,9 @@ def execute(options, spec, streaming: bool) -> int:
     opts = options.view_as(WalkerosOptions)
     if not _is_direct(options):
         return _submit(options, spec, streaming)
+    from pipeline.local_workers import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the runner starts its threads
     result, failure, stopped = None, None, False
     with _one_line_failures(), _sigterm_as_interrupt():
         try:

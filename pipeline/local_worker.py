@@ -2,7 +2,8 @@
 
 It is Beam's own SDK worker, but a failed bundle's traceback, which Beam prints on the
 worker's standard error (the command's own), is left out: the command says the error in one
-line, and WALKEROS_SEGMENT_DEBUG=1 keeps it.
+line, and WALKEROS_SEGMENT_DEBUG=1 keeps it. Like the command in a local run, it caps glibc's
+malloc arenas (pipeline/local_workers.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class WithoutTracebacks:
 
 
 def main() -> None:
+    from pipeline.local_workers import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before Beam starts its threads
     # Ctrl-C reaches the whole process group: the command stops the run and then its workers;
     # a worker that died of it first would only add its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

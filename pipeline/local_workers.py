@@ -67,6 +67,27 @@ def choose(input_pattern: str | None, input_format: str, cores: int | None = Non
     return WorkerChoice(min(cores, MAX_WORKERS), total)
 
 
+# glibc's malloc gives each new thread its own arena (up to 8 per core); Beam's many threads
+# then keep freed memory spread over them. Measured with two workers at 1M events: 907 MB
+# summed at peak with the default, 806 MB with 2 arenas, and 1.42x the 100k figure instead
+# of 1.53x.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas for the threads this process starts from now on; False where
+    there is no glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
+
+
 # Beam relays each worker's log record as the text of its LogEntry message.
 RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
 _MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')

@@ -58,6 +58,11 @@ def test_the_users_own_flags_win() -> None:
     assert ours is not None and "pipeline.local_worker" in ours._default_environment.command_string
 
 
+def test_malloc_arenas_are_capped_where_glibc_is() -> None:
+    # The test machine's Python runs on glibc; elsewhere the call changes nothing and says so.
+    assert local_workers.limit_malloc_arenas() is True
+
+
 # --- what the workers' output looks like --------------------------------------------------------
 
 
