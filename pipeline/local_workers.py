@@ -1,11 +1,11 @@
-"""How many processes a local batch run uses, and what their log lines look like.
+"""How a local batch run uses the machine: its worker processes, their log lines, and malloc.
 
 The FnApiRunner runs a pipeline in one process unless told otherwise, so a local backfill
-would use one core. With worker processes (Beam's ``--direct_running_mode=multi_processing``)
-its text reader cuts plain JSON Lines files into pieces of a few MB and the workers take them
-in turn. Starting the workers costs about 4 s (each imports Beam and compiles the flow), so
-only an input large enough to pay that back gets them; everything else, and any run whose
-user set either flag, is left as it is.
+would use one core. On worker processes (as Beam's ``--direct_running_mode=multi_processing``,
+but running ``pipeline.local_worker``) its text reader cuts plain JSON Lines files into pieces
+of a few MB and the workers take them in turn. Starting the workers costs about 4 s (each
+imports Beam and compiles the flow), so only an input large enough to pay that back gets them;
+everything else, and any run whose user set either flag, is left as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 # event and cost about 4 s to start, so they pay from some 40,000 events, about 20 MB of JSON
 # Lines; 32 MB keeps a margin for slower machines.
 WORKER_INPUT_BYTES = 32 * 1024**2
-# Each worker holds its own compiled flow, connection pool and Beam buffers (~100 MB).
+# Each worker holds its own Beam, compiled flow and connection pool (about 200 MB at 100k events).
 MAX_WORKERS = 4
 FLAGS = ("--direct_num_workers", "--direct_running_mode")
 
