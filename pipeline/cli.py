@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.local_workers import TRACEBACK
+
 EXIT_CONFIG = 2  # usage and configuration errors: pipeline.summary.EXIT_USAGE (not imported: no Beam here)
 
 USAGE = """walkeros-segment COMMAND [options]
@@ -396,23 +398,12 @@ def prepare_run(argv: list[str]):
         return EXIT_CONFIG
     _name_this_run(opts)
     if local and not standard.streaming:
-        _use_local_workers(argv, options, opts)
+        from pipeline.local_workers import use_workers
+
+        choice = use_workers(argv, options, opts.input, opts.input_format)
+        if choice is not None:
+            print(choice.line(), file=sys.stderr)
     return options, spec
-
-
-def _use_local_workers(argv: list[str], options, opts) -> None:
-    """A large plain input on the FnApiRunner gets worker processes (pipeline/local_workers.py)."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
-
-    from pipeline import local_workers
-
-    if str(options.view_as(StandardOptions).runner) != "FnApiRunner" or local_workers.user_chose(argv):
-        return
-    choice = local_workers.choose(opts.input, opts.input_format)
-    if choice is None:
-        return
-    options.view_as(DirectOptions).direct_num_workers = choice.workers  # launch makes them processes
-    print(choice.line(), file=sys.stderr)
 
 
 def _input_problems(opts) -> list[str]:
@@ -638,7 +629,7 @@ def describe_failure(exc: BaseException) -> str:
             break
         inner = nxt
     message = str(inner)
-    if "Traceback (most recent call last)" in message and inner is exc:
+    if TRACEBACK in message and inner is exc:
         message = _error_of_traceback_text(message)
     message = re.sub(r"\s*\[while running '[^']+'\]", "", message).strip()
     message = " ".join(message.split())  # one line, whatever the exception held
@@ -653,10 +644,9 @@ def _error_of_traceback_text(text: str) -> str:
     message [while running 'Step']" (or, in another layout, the text before the first traceback)."""
     import re
 
-    header = "Traceback (most recent call last)"
-    before, _, last = text.rpartition(header)
+    before, _, last = text.rpartition(TRACEBACK)
     lines = [line for line in last.splitlines()[1:] if line.strip() and not line[:1].isspace()]
-    error = " ".join(lines) or before.split(header)[0]
+    error = " ".join(lines) or before.split(TRACEBACK)[0]
     # The worker names the error's class, wrapped in Beam's ("RuntimeError: pkg.Error: ..."): the
     # message is what the user needs.
     return re.sub(r"^\s*(?:(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): )+", "", error)
@@ -683,9 +673,7 @@ class _DropStepTracebacks:
 
     def filter(self, record) -> bool:
         return not (
-            record.exc_info
-            or "Traceback (most recent call last)" in str(record.msg)
-            or "Traceback (most recent call last)" in "".join(map(str, record.args or ()))
+            record.exc_info or TRACEBACK in str(record.msg) or TRACEBACK in "".join(map(str, record.args or ()))
         )
 
 

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-TRACEBACK = "Traceback (most recent call last)"
+from pipeline.local_workers import TRACEBACK, limit_malloc_arenas
 
 
 class WithoutTracebacks:
@@ -35,8 +35,6 @@ class WithoutTracebacks:
 
 
 def main() -> None:
-    from pipeline.local_workers import limit_malloc_arenas
-
     limit_malloc_arenas()  # before Beam starts its threads
     # Ctrl-C reaches the whole process group: the command stops the run and then its workers;
     # a worker that died of it first would only add its own traceback.

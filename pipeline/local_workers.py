@@ -24,6 +24,8 @@ WORKER_INPUT_BYTES = 32 * 1024**2
 # Each worker holds its own Beam, compiled flow and connection pool (about 200 MB at 100k events).
 MAX_WORKERS = 4
 FLAGS = ("--direct_num_workers", "--direct_running_mode")
+# How Python starts a traceback: how a worker's traceback is told apart in text.
+TRACEBACK = "Traceback (most recent call last)"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,25 @@ class WorkerChoice:
 
 def user_chose(argv: list[str]) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv for flag in FLAGS)
+
+
+def _on_fn_api_runner(options) -> bool:
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return str(options.view_as(StandardOptions).runner) == "FnApiRunner"
+
+
+def use_workers(argv: list[str], options, input_pattern: str | None, input_format: str) -> WorkerChoice | None:
+    """Give a FnApiRunner batch run over a large plain input its workers (``options``' worker
+    count; :func:`local_runner` makes them processes), unless the user chose; the choice made."""
+    if not _on_fn_api_runner(options) or user_chose(argv):
+        return None
+    choice = choose(input_pattern, input_format)
+    if choice is not None:
+        from apache_beam.options.pipeline_options import DirectOptions
+
+        options.view_as(DirectOptions).direct_num_workers = choice.workers
+    return choice
 
 
 def choose(input_pattern: str | None, input_format: str, cores: int | None = None) -> WorkerChoice | None:
@@ -113,7 +134,7 @@ class WorkerLogLines(logging.Filter):
         message = _unescape(found.group(1))
         if any(noise in message for noise in _NOISE):
             return False
-        if "Traceback (most recent call last)" in message and not self.keep_tracebacks:
+        if TRACEBACK in message and not self.keep_tracebacks:
             return False
         record.msg, record.args = f"worker: {message}", None
         return True
@@ -124,10 +145,10 @@ def local_runner(options):
     run given several workers without a running mode, one whose workers are processes running
     ``pipeline.local_worker`` (Beam's own multi_processing mode runs Beam's worker, which prints a
     failed bundle's traceback on the command's standard error)."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.options.pipeline_options import DirectOptions
 
     direct = options.view_as(DirectOptions)
-    if str(options.view_as(StandardOptions).runner) != "FnApiRunner" or (direct.direct_num_workers or 1) <= 1:
+    if not _on_fn_api_runner(options) or (direct.direct_num_workers or 1) <= 1:
         return None
     if direct.direct_running_mode != "in_memory":
         return None  # the user chose Beam's own mode
