@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.local_workers import TRACEBACK
@@ -677,6 +678,12 @@ class _DropStepTracebacks:
         )
 
 
+def _thread_failure_logged(args) -> None:
+    logging.getLogger(__name__).debug(
+        "thread %s ended: %s: %s", args.thread and args.thread.name, args.exc_type.__name__, args.exc_value
+    )
+
+
 class _one_line_failures:
     def __enter__(self):
         self.filter = _DropStepTracebacks()
@@ -692,11 +699,19 @@ class _one_line_failures:
                     "apache_beam.runners.worker.sdk_worker",
                     "apache_beam.runners.worker.bundle_processor",
                     "apache_beam.runners.portability.fn_api_runner.fn_runner",
+                    # a run on worker processes stopped midway: its channels and handlers end with errors
+                    "apache_beam.runners.worker.data_plane",
+                    "apache_beam.runners.portability.fn_api_runner.worker_handlers",
                 )
             ]
         )
         for logger in self.loggers:
             logger.addFilter(self.filter)
+        # The same for the runner's threads (a worker's channel, its process), which would print
+        # their tracebacks themselves: what went wrong is said by the run's outcome.
+        self.thread_hook = threading.excepthook
+        if not debug:
+            threading.excepthook = _thread_failure_logged
         from pipeline.local_workers import worker_log_filters
 
         self.worker_filters = worker_log_filters(keep_tracebacks=bool(debug))
@@ -705,6 +720,7 @@ class _one_line_failures:
         return self
 
     def __exit__(self, *exc):
+        threading.excepthook = self.thread_hook
         for logger in self.loggers:
             logger.removeFilter(self.filter)
         for logger, log_filter in self.worker_filters:
