@@ -1,8 +1,8 @@
 """DeduplicateIdentity: identify and group only when they changed for that user (SPEC 4.3).
 
 Input: ``(state key, EventCalls)``; output: :class:`decide.wire.EventMessages`, the calls of one
-event together and in order. The decision is ``Destination.deduplicate`` (shared with
-``explain``); this module only keeps its state:
+event together and in order (in a batch run, lists of each: see :mod:`transforms.chunks`). The
+decision is ``Destination.deduplicate`` (shared with ``explain``); this module only keeps its state:
 
 * streaming: a keyed stateful DoFn, state cleared by an event-time timer after ``ttl`` without
   events for the key, so state stays bounded in a never-ending stream;
@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.coders import BytesCoder, PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Duration
 
 from decide.calls import EventCalls
@@ -33,6 +34,7 @@ from decide.event import parse_payload
 from decide.identity import IdentityState, decide, event_digest
 from decide.identity import digest64 as _digest
 from decide.wire import EventMessages
+from transforms.chunks import Chunk
 from transforms.metrics import counter
 from transforms.steps import compiled
 
@@ -181,8 +183,10 @@ def decide_records(records: bytes, ttl_ms: int | None) -> bytes:
 
 
 class _DecisionRecords(beam.DoFn):
-    """Batch, the first read: each planned event's record, nothing counted or dead-lettered
-    (the pipeline's own steps do that on the second read)."""
+    """Batch, the first read: chunks of payloads → each planned event's record, gathered by
+    bucket over the bundle and handed on at its end (one element per bucket and bundle, not one
+    per event); nothing counted or dead-lettered (the pipeline's own steps do that on the
+    second read)."""
 
     def __init__(self, spec: DestinationSpec):
         self.spec = spec
@@ -192,18 +196,34 @@ class _DecisionRecords(beam.DoFn):
         # Without an expiry, an event with neither candidate cannot change any decision.
         self.every_event = self.spec.state_ttl_ms is not None
 
-    def process(self, payload):
+    def start_bundle(self):
+        self.records: dict[int, bytearray] = {}
+
+    def process(self, payloads: list):
         destination = self.destination
         with_data = destination.decisions_need_data
-        for item in parse_payload(payload, collector=self.spec.collector, flow=self.spec.flow_name):
-            mapped = item if isinstance(item, DeadLetter) else destination.mapped_or_outcome(item, with_data)
-            if not isinstance(mapped, Mapped):  # dead letters and drops are the second read's to count
-                continue
-            inputs = destination.decision_inputs(mapped)
-            if inputs is not None and (
-                self.every_event or inputs.identify_signature is not None or inputs.group_signature is not None
-            ):
-                yield decision_record(*inputs)
+        collector, flow = self.spec.collector, self.spec.flow_name
+        records = self.records
+        for payload in payloads:
+            for item in parse_payload(payload, collector=collector, flow=flow):
+                mapped = item if isinstance(item, DeadLetter) else destination.mapped_or_outcome(item, with_data)
+                if not isinstance(mapped, Mapped):  # dead letters and drops are the second read's to count
+                    continue
+                inputs = destination.decision_inputs(mapped)
+                if inputs is not None and (
+                    self.every_event or inputs.identify_signature is not None or inputs.group_signature is not None
+                ):
+                    bucket, record = decision_record(*inputs)
+                    found = records.get(bucket)
+                    if found is None:
+                        records[bucket] = bytearray(record)
+                    else:
+                        found += record
+
+    def finish_bundle(self):
+        for bucket, records in self.records.items():
+            yield GlobalWindows.windowed_value((bucket, bytes(records)))
+        self.records = {}
 
 
 # Records leave a bundle compressed: a bucket's records sorted by user and time, stored column
@@ -272,10 +292,11 @@ class _DecidePerUser(beam.CombineFn):
     def create_accumulator(self):
         return bytearray()
 
-    def add_input(self, accumulator, record):
+    def add_input(self, accumulator, records):
+        """``records``: raw records of one bundle (one or more, concatenated)."""
         if not isinstance(accumulator, bytearray):  # frames: open them again to add
             accumulator = bytearray(unpack_records(accumulator))
-        accumulator += record
+        accumulator += records
         return accumulator
 
     def merge_accumulators(self, accumulators):
@@ -321,7 +342,8 @@ class _AllFired(beam.CombineFn):
 
 
 class _ApplyDecisions(beam.DoFn):
-    """Batch, the second read: each planned event with the identify/group its decision fires.
+    """Batch, the second read: chunks of planned events → chunks of :class:`EventMessages`,
+    each with the identify/group its decision fires.
 
     The decisions come as one side input, not one per bucket: Beam's state cache weighs every
     value it loads (about 10 ms each here, whatever its size), so a lookup per bucket and bundle
@@ -332,24 +354,28 @@ class _ApplyDecisions(beam.DoFn):
         self._blob = None
         self._keys = None
 
-    def process(self, keyed, fired: bytes):
+    def process(self, planned: list, fired: bytes):
         if fired is not self._blob:  # a new bundle may hand the same cached bytes again
             self._blob, self._keys = fired, memoryview(fired).cast("B").cast("Q")
-        key, calls = keyed
-        fire_identify = fire_group = False
-        if calls.identify is not None or calls.group is not None:
-            event = event_digest(key, calls.event.get("id"))
-            if calls.identify is not None:
-                fire_identify = _holds(
-                    self._keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY)
-                )
-                if not fire_identify:
-                    counter("identify_suppressed").inc()
-            if calls.group is not None:
-                fire_group = _holds(self._keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
-                if not fire_group:
-                    counter("group_suppressed").inc()
-        yield EventMessages(calls.event, calls.messages(identify=fire_identify, group=fire_group))
+        keys = self._keys
+        suppressed = {_IDENTIFY: 0, _GROUP: 0}
+        deliveries = Chunk()
+        for key, calls in planned:
+            fire_identify = fire_group = False
+            if calls.identify is not None or calls.group is not None:
+                event = event_digest(key, calls.event.get("id"))
+                if calls.identify is not None:
+                    fire_identify = _holds(keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
+                    suppressed[_IDENTIFY] += not fire_identify
+                if calls.group is not None:
+                    fire_group = _holds(keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
+                    suppressed[_GROUP] += not fire_group
+            deliveries.append(EventMessages(calls.event, calls.messages(identify=fire_identify, group=fire_group)))
+        if suppressed[_IDENTIFY]:
+            counter("identify_suppressed").inc(suppressed[_IDENTIFY])
+        if suppressed[_GROUP]:
+            counter("group_suppressed").inc(suppressed[_GROUP])
+        yield deliveries
 
 
 def _holds(sorted_keys, key: int) -> bool:
@@ -358,7 +384,7 @@ def _holds(sorted_keys, key: int) -> bool:
 
 
 class DecideIdentity(beam.PTransform):
-    """Batch: raw payloads (a second read of the input) → one bytes value, the sorted fire keys
+    """Batch: chunks of payloads (a second read of the input) → one bytes value, the sorted fire keys
     of every identify and group call that fires (8 bytes each); a side input of
     DeduplicateIdentity."""
 
@@ -387,6 +413,8 @@ class DeduplicateIdentity(beam.PTransform):
         self.decisions = decisions
 
     def expand(self, keyed_calls):
+        """Streaming: ``(state key, EventCalls)`` → EventMessages; batch: chunks of them →
+        chunks of EventMessages."""
         if self.streaming:
             # Left as it is (pickled values): a running job's update needs the same coders.
             keyed_calls = keyed_calls | "TypeKeys" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, typing.Any])
@@ -395,4 +423,4 @@ class DeduplicateIdentity(beam.PTransform):
             raise ValueError("a batch DeduplicateIdentity needs the decisions of DecideIdentity")
         return keyed_calls | "ApplyDecisions" >> beam.ParDo(
             _ApplyDecisions(self.spec), beam.pvalue.AsSingleton(self.decisions)
-        )
+        ).with_output_types(Chunk)

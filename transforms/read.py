@@ -2,7 +2,8 @@
 
 A payload is what one input record holds: one line of JSON Lines, one whole JSON file, one
 Avro record (decoded), one dead letter's original payload, or one Pub/Sub message. Parsing
-them into events is ParseEvents' job. The same readers serve ``explain`` (in file order,
+them into events is ParseEvents' job (PlanEvents' in a batch run, which reads files as lists of
+payloads: ``chunked``, see :mod:`transforms.chunks`). The same readers serve ``explain`` (in file order,
 without Beam) and the pipeline.
 
 Pub/Sub messages are read with their attributes (``PubsubMessage``: data, attributes,
@@ -26,6 +27,7 @@ from apache_beam.utils.timestamp import Timestamp
 from decide.dead_letter import INVALID_FIELD
 from decide.event import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, RejectedInput
 from transforms import NAMESPACE
+from transforms.chunks import Chunk, GatherChunks, LineChunkSource
 from transforms.files import (
     ReadLimits,
     detect_format,
@@ -56,13 +58,17 @@ class ReadEvents(beam.PTransform):
         *,
         spread: bool = True,
         report: bool = True,
+        chunked: bool = False,
     ):
         """``spread``: reshuffle what is read whole (Dataflow spreads it over workers; a local
         runner would only hold every payload in memory for it). ``report``: count and log a
-        damaged file; off for a second read of the same files (batch deduplication's)."""
+        damaged file; off for a second read of the same files (batch deduplication's).
+        ``chunked`` (files, for a batch run): lists of payloads, not one payload an element
+        (see :mod:`transforms.chunks`)."""
         super().__init__()
         self.spread = spread
         self.report = report
+        self.chunked = chunked and not (subscription or topic)
         self.input_pattern = input_pattern
         self.input_format = input_format
         self.subscription = subscription
@@ -99,6 +105,10 @@ class ReadEvents(beam.PTransform):
         # the file reader, which notices a truncated or corrupt stream (Beam's text reader stops
         # at the cut as if the file ended there).
         if fmt == "jsonl" and not self._matches_compressed_files():
+            if self.chunked:
+                return pbegin | "ReadLines" >> beam.io.Read(LineChunkSource(self.input_pattern)).with_output_types(
+                    Chunk
+                )
             return (
                 pbegin
                 | "ReadLines" >> beam.io.ReadFromText(self.input_pattern, coder=beam.coders.BytesCoder())
@@ -120,6 +130,10 @@ class ReadEvents(beam.PTransform):
             | "ReadMatches" >> fileio.ReadMatches()
             | "FilePayloads" >> beam.ParDo(_FilePayloads(fmt, self.limits, self.report))
         )
+        if self.chunked:
+            payloads = payloads | "GatherPayloads" >> beam.ParDo(GatherChunks()).with_output_types(Chunk)
+            if fmt == "jsonl":
+                lines = lines | "GatherLines" >> beam.ParDo(GatherChunks()).with_output_types(Chunk)
         if self.spread:
             # One worker reads each whole file from start to end; without a shuffle it would
             # also parse, map and send all of it, so a backfill of a few large files would
@@ -142,6 +156,7 @@ class ReadEvents(beam.PTransform):
             self.limits,
             spread=False,
             report=False,
+            chunked=self.chunked,
         )
 
     def _matches_compressed_files(self) -> bool:

@@ -37,6 +37,7 @@ from segment_api.connection import (
 )
 from segment_api.sender import PipelinedSender, _Sent
 from transforms import DEAD_LETTER_TAG, NAMESPACE
+from transforms.chunks import Chunk
 from transforms.metrics import counter
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class _SegmentSink(beam.DoFn):
     """
 
     hold_endpoint_errors = False
+    # Delivered events leave one by one, or (a batch run) as one list per request.
+    delivered_in_lists = False
 
     def __init__(self, settings: SegmentSettings, flow: str, options: SendOptions | None = None):
         self.settings = settings
@@ -114,7 +117,12 @@ class _SegmentSink(beam.DoFn):
             delivered_calls += len(delivery.messages)
             for message in delivery.messages:
                 calls_by_type[message["type"]] = calls_by_type.get(message["type"], 0) + 1
-            yield _stamped(delivery, sent.stamp, finishing)
+        if self.delivered_in_lists:
+            if result.delivered:
+                yield _stamped(Chunk(result.delivered), sent.stamp, finishing)
+        else:
+            for delivery in result.delivered:
+                yield _stamped(delivery, sent.stamp, finishing)
         counter("events_delivered").inc(len(result.delivered))
         counter("events_delivered_calls").inc(delivered_calls)
         for kind, n in calls_by_type.items():
@@ -163,9 +171,10 @@ class SendToSegment(_SegmentSink):
 
 
 class BatchAndSend(_SegmentSink):
-    """Sink for a batch run: each input is one :class:`EventMessages`; batches are cut within the
-    bundle by the rules of :func:`split_batches` (``flushAt`` calls, under the request limits,
-    an event's calls never split) and the last, partial one is sent in ``finish_bundle``.
+    """Sink for a batch run: each input is a chunk (list) of :class:`EventMessages`; batches are
+    cut within the bundle by the rules of :func:`split_batches` (``flushAt`` calls, under the
+    request limits, an event's calls never split) and the last, partial one is sent in
+    ``finish_bundle``. Delivered events leave as one list per request.
 
     A batch run's bundles are large, so batches fill up without Beam state: no shuffle, and the
     next batch is mapped while the previous one is on the wire. (Streaming bundles are small:
@@ -183,9 +192,13 @@ class BatchAndSend(_SegmentSink):
     def start_bundle(self):
         self.batcher: Batcher[EventMessages] = Batcher(self.flush_at)
 
-    def process(self, delivery: EventMessages):
-        for batch in self.batcher.add(delivery, len(delivery.messages), delivery.measure()):
-            yield from self._submit(batch)
+    delivered_in_lists = True
+
+    def process(self, deliveries: list[EventMessages]):
+        add = self.batcher.add
+        for delivery in deliveries:
+            for batch in add(delivery, len(delivery.messages), delivery.measure()):
+                yield from self._submit(batch)
 
     def _submit(self, batch: list[EventMessages], finishing: bool = False) -> Iterator:
         counter("batches_flushed_in_bundle").inc()

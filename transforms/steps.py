@@ -1,7 +1,9 @@
-"""The per-event Beam steps: parse, gate by consent, map, assign identity.
+"""The Beam steps up to deduplication: parse, gate by consent, map, assign identity.
 
-Each DoFn applies one step of :class:`decide.destination.Destination` and counts what it
-did; the decisions themselves are made there, in plain Python, shared with ``explain``.
+Streaming runs them one DoFn a step and one message an element; a batch run runs them all in
+one DoFn over chunks of payloads (:class:`PlanEvents`, see :mod:`transforms.chunks`). Either
+way each step is one of :class:`decide.destination.Destination`'s and counts the same; the
+decisions themselves are made there, in plain Python, shared with ``explain``.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
+from decide.calls import EventCalls
 from decide.dead_letter import DeadLetter
-from decide.destination import Destination, DestinationSpec
+from decide.destination import CONSENT_DENIED, IGNORED, Destination, DestinationSpec
 from decide.destination import compiled as compiled_destination
 from decide.event import RejectedInput, parse_payload
 from transforms import DEAD_LETTER_TAG
+from transforms.chunks import CHUNK, Chunk
 from transforms.metrics import count as _count
 
 
@@ -126,3 +130,45 @@ class AssignIdentity(_DestinationStep):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, planned)
             return
         yield planned.key, planned
+
+
+# What a dropped event counts as, by the outcome that dropped it.
+_DROPPED = {CONSENT_DENIED: "events_consent_denied", IGNORED: "events_ignored"}
+
+
+class PlanEvents(_DestinationStep):
+    """Batch: chunks of payloads → chunks of ``(state key, EventCalls)`` (at most ``CHUNK`` a
+    chunk), as ParseEvents, GateConsent, MapEvents and AssignIdentity would give them one by one,
+    with the same counters; each dead letter leaves on its own."""
+
+    def process(self, payloads: list):
+        destination = self.destination
+        collector, flow = self.spec.collector, self.spec.flow_name
+        tally: dict[str, int] = {"inputs_read": len(payloads)}
+        planned = Chunk()
+        for element in payloads:
+            payload, _ = _payload_and_time(element)
+            for item in parse_payload(payload, collector=collector, flow=flow):
+                if isinstance(item, DeadLetter):
+                    dead = item
+                else:
+                    tally["events_parsed"] = tally.get("events_parsed", 0) + 1
+                    outcome = destination.before_deduplication(item)
+                    if isinstance(outcome, EventCalls):
+                        planned.append((outcome.key, outcome))
+                        if len(planned) >= CHUNK:
+                            yield planned
+                            planned = Chunk()
+                        continue
+                    if outcome.dead_letter is None:
+                        name = _DROPPED[outcome.outcome]
+                        tally[name] = tally.get(name, 0) + 1
+                        continue
+                    dead = outcome.dead_letter
+                name = f"dead_letter_{dead.reason}"
+                tally[name] = tally.get(name, 0) + 1
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead)
+        if planned:
+            yield planned
+        for name, n in tally.items():
+            _count(name, n)
