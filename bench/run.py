@@ -787,7 +787,7 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "every call checked, the next batch prepared while one is on the wire, each settled with its fate).",
         "3. **pipeline**: `walkeros-segment run` (Beam, FnApiRunner) reading the file and delivering to "
         f"the local endpoint, dead letters to files, on {PIPELINE_WORKERS} worker processes (what the command "
-        "chooses for a plain JSON Lines input of 32 MB or more with as many cores; given at every N here, so "
+        "chooses for a plain JSON Lines input of 128 MB or more with as many cores; given at every N here, so "
         "that the start-up taken out is the run's own). *3c* is the same run in one process "
         "(`--direct_num_workers=1`).",
         "   *3b* is 3c with the destination's `disable: true`: every step but the sending, so "

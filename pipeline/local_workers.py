@@ -17,10 +17,11 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-# Measured on the benchmark's 2-core machine (docs/bench.md): two workers save about 100 µs an
-# event and cost about 4 s to start, so they pay from some 40,000 events, about 20 MB of JSON
-# Lines; 32 MB keeps a margin for slower machines.
-WORKER_INPUT_BYTES = 32 * 1024**2
+# Measured on the benchmark's 2-core machine (docs/bench.md): two workers save about 35 µs of
+# wall time an event (one process moves its events in chunks, so it is fast already) and cost
+# about 3.6 s to start, so they pay from some 110,000 events, about 55 MB of JSON Lines; 128 MB
+# keeps a margin, and the gain is 10% there.
+WORKER_INPUT_BYTES = 128 * 1024**2
 # Each worker holds its own Beam, compiled flow and connection pool (about 200 MB at 100k events).
 MAX_WORKERS = 4
 FLAGS = ("--direct_num_workers", "--direct_running_mode")
