@@ -390,11 +390,16 @@ def targets(summary: dict, sizes: list[int]) -> list[tuple[str, str, bool | None
             None if rss is None else rss <= 1.5,
         )
     )
-    cost = r.get("cpu_per_event_100k_over_10k", {}).get("pipeline")
+    # In one process, as the command runs both sizes (workers from 128 MB). On two workers the
+    # 10k input is three byte ranges, so one worker runs mostly alone there, and the cores' slowing
+    # of each other (docs/bench.md) weighs on the 100k figure only: shown beside it.
+    costs = r.get("cpu_per_event_100k_over_10k", {})
+    cost, cost_workers = costs.get("pipeline-1p"), costs.get("pipeline")
     rows.append(
         (
-            "pipeline CPU per event at 100k within 10% of 10k (100k ÷ 10k ≤ 1.10)",
-            f"{cost:.2f}" if cost else "n/a",
+            "pipeline CPU per event at 100k within 10% of 10k (100k ÷ 10k ≤ 1.10; in one process, "
+            "as the command runs both sizes)",
+            (f"{cost:.2f}" if cost else "n/a") + (f" (on two workers: {cost_workers:.2f})" if cost_workers else ""),
             None if cost is None else cost <= 1.10,
         )
     )

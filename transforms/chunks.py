@@ -96,11 +96,16 @@ class LineChunkSource(FileBasedSource):
                 position, pending = 0, b""
             claim = range_tracker.try_claim
             chunk = Chunk()
+            parts = [pending]  # the start of a line that a later block ends
             while True:
                 block = f.read(_BLOCK)
-                lines = (pending + block).split(b"\n")
+                if block and b"\n" not in block:
+                    parts.append(block)  # a long line: joined once it ends, not block by block
+                    continue
+                parts.append(block)
+                lines = b"".join(parts).split(b"\n")
                 if block:
-                    pending = lines.pop()  # the start of a line a later block ends
+                    parts = [lines.pop()]
                 elif not lines[-1]:
                     lines.pop()  # the file ends with a newline: nothing follows it
                 for line in lines:
