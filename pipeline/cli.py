@@ -364,6 +364,10 @@ def prepare_run(argv: list[str]):
     problems = []
     spec = None
     local = _is_direct(options)
+    if local:
+        from pipeline import local_files
+
+        local_files.install()  # before the input is matched
     try:
         # On Dataflow the key is resolved by the workers only: the launcher never needs it.
         spec = load_spec(

@@ -43,6 +43,9 @@ def main() -> None:
         sys.stderr = WithoutTracebacks(sys.stderr)
     from apache_beam.runners.worker import sdk_worker_main
 
+    from pipeline import local_files
+
+    local_files.install()  # a worker finalises the dead-letter files
     sdk_worker_main.main(sys.argv)
 
 
