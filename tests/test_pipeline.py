@@ -6,12 +6,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support import WRITE_KEY, load_json, run_pipeline, strip_sdk_fields
+from apache_beam.io.iobase import Read
+from support import WRITE_KEY, assert_exactly_once, load_json, planned_calls, run_pipeline, strip_sdk_fields
 
 from decide.destination import DestinationSpec, compiled
 from decide.flow import load_flow
 from pipeline.cli import main as cli_main
 from pipeline.explain import explain_payloads
+from transforms.chunks import LineChunkSource
 from transforms.files import iter_payloads
 from transforms.read import ReadEvents
 
@@ -56,6 +58,39 @@ def test_example_file_delivers_exactly_the_expected_messages(endpoint, monkeypat
     [not_json] = [d for d in result.dead if d.reason == "not_json"]
     assert not_json.payload == Path(EXAMPLE_EVENTS).read_text().splitlines()[9]
     assert not_json.stage == "parse" and not_json.flow == "default"
+
+
+def test_a_file_read_in_several_byte_ranges_delivers_each_event_once_as_explain_plans(endpoint, monkeypatch, tmp_path):
+    # Users' events out of time order across the whole file, their emails changing now and then:
+    # identify fires where explain (every user's events in time order) says, whichever range
+    # each event was read in.
+    monkeypatch.setenv("SEGMENT_FLUSH_AT", "500")
+    spec = example_spec(endpoint, monkeypatch)
+    order = sorted(range(6000), key=lambda i: (i * 7919) % 6000)
+    events = [
+        {
+            "name": "product view",
+            "id": f"fe11{i:012x}",
+            "timestamp": 1767225600000 + i * 1000,
+            "user": {"id": f"u{i % 200}", "email": f"u{i % 200}.{i // 1400}@example.com", "session": f"s{i % 200}"},
+            "data": {"id": f"p{i}", "name": "n" * 400, "price": i},
+            "consent": {"analytics": True},
+        }
+        for i in order
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    size = path.stat().st_size
+    ranges = list(LineChunkSource(str(path)).split(Read.get_desired_chunk_size(size)))
+    assert len(ranges) >= 2  # as the runner splits it
+
+    result = run_pipeline(spec, read=ReadEvents(str(path), chunked=True))
+
+    planned = planned_calls(spec, events)
+    assert len(planned) == 6000
+    assert_exactly_once(endpoint, result, planned)
+    identifies = [m for m in endpoint.accepted if m["type"] == "identify"]
+    assert 200 < len(identifies) < 6000  # a first identify per user, another per email change
 
 
 def test_message_ids_are_stable_across_runs(endpoint, monkeypatch):
