@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from pipeline.local_workers import TRACEBACK, limit_malloc_arenas
+from pipeline.local_workers import TRACEBACK, collect_less_often, limit_malloc_arenas
 
 
 class WithoutTracebacks:
@@ -36,6 +36,7 @@ class WithoutTracebacks:
 
 def main() -> None:
     limit_malloc_arenas()  # before Beam starts its threads
+    collect_less_often()
     # Ctrl-C reaches the whole process group: the command stops the run and then its workers;
     # a worker that died of it first would only add its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

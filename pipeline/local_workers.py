@@ -1,8 +1,9 @@
-"""How a local batch run uses the machine: its worker processes, their log lines, and malloc.
+"""How a local batch run uses the machine: its worker processes, their log lines, malloc and
+the garbage collector.
 
 The FnApiRunner runs a pipeline in one process unless told otherwise, so a local backfill
 would use one core. On worker processes (as Beam's ``--direct_running_mode=multi_processing``,
-but running ``pipeline.local_worker``) its text reader cuts plain JSON Lines files into pieces
+but running ``pipeline.local_worker``) its reader cuts plain JSON Lines files into pieces
 of a few MB and the workers take them in turn. Starting the workers costs about 4 s (each
 imports Beam and compiles the flow), so only an input large enough to pay that back gets them;
 everything else, and any run whose user set either flag, is left as it is.
@@ -10,6 +11,7 @@ everything else, and any run whose user set either flag, is left as it is.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -108,6 +110,19 @@ def limit_malloc_arenas() -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
     except (OSError, AttributeError):
         return False
+
+
+# Collections of the youngest generation after this many more container objects allocated than
+# freed (CPython's default: 700). Nearly everything an event allocates is freed by its reference
+# count, so a collection finds almost nothing, but the lists of events in flight survive the
+# young collections and make every older one walk them: at 100k events in one process the
+# default spent about 2 s in 3,100 collections, this 0.7 s in 58 (measured with gc.callbacks).
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def collect_less_often() -> None:
+    """The garbage collector's thresholds for a local run's processes (:data:`GC_THRESHOLD`)."""
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 # Beam relays each worker's log record as the text of its LogEntry message.

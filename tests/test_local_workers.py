@@ -4,6 +4,7 @@ Beam start-up notices, the workers' warnings as their own lines)."""
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import json
@@ -61,6 +62,26 @@ def test_the_users_own_flags_win() -> None:
 def test_malloc_arenas_are_capped_where_glibc_is() -> None:
     # The test machine's Python runs on glibc; elsewhere the call changes nothing and says so.
     assert local_workers.limit_malloc_arenas() is True
+
+
+def test_a_local_run_and_its_workers_collect_garbage_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        cli._settle_heap()  # what the command does before it runs the pipeline
+        assert gc.get_threshold() == local_workers.GC_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    # A worker, through its real entry point, up to where Beam's worker would start.
+    probe = (
+        "import gc, sys\n"
+        "from apache_beam.runners.worker import sdk_worker_main\n"
+        "sdk_worker_main.main = lambda argv: print(gc.get_threshold())\n"
+        "from pipeline import local_worker\n"
+        "local_worker.main()\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == str(local_workers.GC_THRESHOLD)
 
 
 # --- what the workers' output looks like --------------------------------------------------------
