@@ -279,6 +279,9 @@ def explain(argv: list[str]) -> int:
         return args
     problems = range_problems(args)
     if args.input != "-":
+        from pipeline import local_files
+
+        local_files.install()  # before the input is matched
         problems += [p for p in [input_problem(args.input, args.input_format, format_by_file=True)] if p]
     if problems:
         print("\n".join(problems), file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Local runs: matching a file pattern without walking the directory tree below it.
+"""Local runs and explain: matching a file pattern without walking the directory tree below it.
 
 Beam's local file system matches ``dir/name-*`` by listing ``dir`` recursively, with the size
 and time of every file anywhere below it, and only then keeping the names that match. A run

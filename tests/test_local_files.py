@@ -87,3 +87,15 @@ def test_a_local_run_matches_this_way_in_its_own_process(tmp_path, monkeypatch):
     prepared = prepare_run(["--flow", str(flow), "--input", str(events), "--dead_letter", str(tmp_path / "dl")])
     assert not isinstance(prepared, int)
     assert LocalFileSystem.match is local_files._match
+
+
+def test_explain_matches_this_way_too(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main as cli_main
+
+    monkeypatch.setattr(LocalFileSystem, "match", local_files._beams_match)
+    (tmp_path / "part-1.jsonl").write_text('{"name": "page view", "id": "e1", "user": {"session": "s"}}\n')
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps(flow_document()))
+    assert cli_main(["explain", "--flow", str(flow), "--input", str(tmp_path / "part-*.jsonl")]) == 0
+    assert '"e1"' in capsys.readouterr().out
+    assert LocalFileSystem.match is local_files._match
