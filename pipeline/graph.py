@@ -66,9 +66,8 @@ def build_pipeline(
         # Decided on a second read of the input (files are re-readable; Pub/Sub is streaming
         # only): the shuffle then carries a small record per event, not the event.
         again = read.second_read() if isinstance(read, ReadEvents) else read
-        decisions = _chunks(
-            p | "ReadEventsToDecide" >> again, read, "ChunksToDecide"
-        ) | "DecideIdentity" >> DecideIdentity(spec)
+        to_decide = _chunks(p | "ReadEventsToDecide" >> again, again, "ChunksToDecide")
+        decisions = to_decide | "DecideIdentity" >> DecideIdentity(spec)
         deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming, decisions)
     elif destination.needs_identity_state:
         deliveries = planned.calls | "DeduplicateIdentity" >> DeduplicateIdentity(spec, streaming)

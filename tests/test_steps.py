@@ -12,7 +12,7 @@ from support import flow_document, make_spec
 
 from pipeline.explain import explain_payloads
 from pipeline.summary import counters
-from transforms.steps import ParseEvents, ParseEventsAtElementTime, compiled
+from transforms.steps import ParseEventsAtElementTime, PlanEvents, compiled
 
 
 def test_a_pubsub_event_without_timestamp_takes_its_element_time():
@@ -36,13 +36,18 @@ def test_a_pubsub_event_without_timestamp_takes_its_element_time():
 
 
 def test_without_an_element_time_a_pubsub_event_takes_its_publish_time():
-    # Batch runs parse with the plain ParseEvents, which does not ask Beam for the element time.
+    # Batch runs parse in PlanEvents, which does not ask Beam for the element time.
     import datetime as dt
 
     message = PubsubMessage(
-        b'{"name": "page view", "id": "c"}', {}, publish_time=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+        b'{"name": "page view", "id": "c", "user": {"session": "s"}}',
+        {},
+        publish_time=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     )
-    [event] = list(ParseEvents({}, "f").process(message))
+    plan = PlanEvents(make_spec(flow_document()))
+    plan.setup()
+    [[(_, calls)]] = list(plan.process([message]))
+    event = calls.event
     assert event["timestamp"] == 1_767_225_600_000
 
 

@@ -358,7 +358,7 @@ class _ApplyDecisions(beam.DoFn):
         if fired is not self._blob:  # a new bundle may hand the same cached bytes again
             self._blob, self._keys = fired, memoryview(fired).cast("B").cast("Q")
         keys = self._keys
-        suppressed = {_IDENTIFY: 0, _GROUP: 0}
+        identify_suppressed = group_suppressed = 0
         deliveries = Chunk()
         for key, calls in planned:
             fire_identify = fire_group = False
@@ -366,15 +366,15 @@ class _ApplyDecisions(beam.DoFn):
                 event = event_digest(key, calls.event.get("id"))
                 if calls.identify is not None:
                     fire_identify = _holds(keys, fire_key(event, signature_digest(calls.identify_signature), _IDENTIFY))
-                    suppressed[_IDENTIFY] += not fire_identify
+                    identify_suppressed += not fire_identify
                 if calls.group is not None:
                     fire_group = _holds(keys, fire_key(event, signature_digest(calls.group_signature), _GROUP))
-                    suppressed[_GROUP] += not fire_group
+                    group_suppressed += not fire_group
             deliveries.append(EventMessages(calls.event, calls.messages(identify=fire_identify, group=fire_group)))
-        if suppressed[_IDENTIFY]:
-            counter("identify_suppressed").inc(suppressed[_IDENTIFY])
-        if suppressed[_GROUP]:
-            counter("group_suppressed").inc(suppressed[_GROUP])
+        if identify_suppressed:
+            counter("identify_suppressed").inc(identify_suppressed)
+        if group_suppressed:
+            counter("group_suppressed").inc(group_suppressed)
         yield deliveries
 
 

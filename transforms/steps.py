@@ -45,20 +45,19 @@ class _DestinationStep(beam.DoFn):
         self.destination = compiled(self.spec)
 
 
-class ParseEvents(beam.DoFn):
-    """Raw input (bytes, text, decoded JSON, or a Pub/Sub message) → normalised events.
+class ParseEventsAtElementTime(beam.DoFn):
+    """Streaming: raw input (bytes, text, decoded JSON, or a Pub/Sub message) → normalised events.
 
     One input may hold many events (an envelope); each invalid part becomes its own dead letter.
+    A Pub/Sub message's element time (its publish time, or ``--timestamp_attribute``) stands in
+    for a missing event timestamp. (A batch run parses in :class:`PlanEvents`.)
     """
 
     def __init__(self, collector: dict, flow: str):
         self.collector = collector
         self.flow = flow
 
-    def process(self, element: Any):
-        return self._parse(element, None)
-
-    def _parse(self, element: Any, timestamp):
+    def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
         _count("inputs_read")
         payload, default_ts = _payload_and_time(element, timestamp)
         for item in parse_payload(payload, collector=self.collector, default_timestamp_ms=default_ts, flow=self.flow):
@@ -68,15 +67,6 @@ class ParseEvents(beam.DoFn):
             else:
                 _count("events_parsed")
                 yield item
-
-
-class ParseEventsAtElementTime(ParseEvents):
-    """ParseEvents for streaming: a Pub/Sub message's element time (its publish time, or
-    ``--timestamp_attribute``) stands in for a missing event timestamp. Batch runs use the plain
-    ParseEvents: asking Beam for the timestamp is a slower path of the Python SDK for every element."""
-
-    def process(self, element: Any, timestamp=beam.DoFn.TimestampParam):
-        return self._parse(element, timestamp)
 
 
 def _payload_and_time(element: Any, timestamp=None) -> tuple[Any, int | None]:
@@ -138,8 +128,8 @@ _DROPPED = {CONSENT_DENIED: "events_consent_denied", IGNORED: "events_ignored"}
 
 class PlanEvents(_DestinationStep):
     """Batch: chunks of payloads → chunks of ``(state key, EventCalls)`` (at most ``CHUNK`` a
-    chunk), as ParseEvents, GateConsent, MapEvents and AssignIdentity would give them one by one,
-    with the same counters; each dead letter leaves on its own."""
+    chunk), as ParseEventsAtElementTime, GateConsent, MapEvents and AssignIdentity would give
+    them one by one, with the same counters; each dead letter leaves on its own."""
 
     def process(self, payloads: list):
         destination = self.destination
@@ -147,8 +137,10 @@ class PlanEvents(_DestinationStep):
         tally: dict[str, int] = {"inputs_read": len(payloads)}
         planned = Chunk()
         for element in payloads:
-            payload, _ = _payload_and_time(element)
-            for item in parse_payload(payload, collector=collector, flow=flow):
+            # No element time here (asking Beam for it is a slower path for every element): a
+            # Pub/Sub message's publish time stands in for a missing event timestamp.
+            payload, default_ts = _payload_and_time(element)
+            for item in parse_payload(payload, collector=collector, default_timestamp_ms=default_ts, flow=flow):
                 if isinstance(item, DeadLetter):
                     dead = item
                 else:
