@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from decide.identity import Identity, Signature, canonical_json, state_key
+from decide.identity import Identity, Signature, canonical_json
 from decide.mapping import CompiledRule, CompiledValue, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
@@ -21,11 +20,13 @@ MESSAGE_ID_MAX = 100
 _LONGEST_CALL_TYPE = max(len(t) for t in CALL_ORDER)
 _NO_SETTINGS: dict = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+# Makes the same tuple as calling a NamedTuple class, without its Python-level __new__.
+_new_tuple = tuple.__new__
 
 
-@dataclass(slots=True)
-class EventCalls:
-    """One event's calls before identify/group deduplication; what AssignIdentity emits."""
+class EventCalls(NamedTuple):
+    """One event's calls before identify/group deduplication; what AssignIdentity emits.
+    A tuple: one is made for every event, and a tuple is made in C."""
 
     event: dict  # the normalised event (the dead-letter payload: it replays)
     key: str  # the per-user state key
@@ -34,7 +35,7 @@ class EventCalls:
     identify_signature: Signature | None = None
     group: dict | None = None
     group_signature: Signature | None = None
-    others: list[dict] = field(default_factory=list)  # page, screen, track in that order
+    others: list[dict] | tuple = ()  # page, screen, track in that order
 
     def messages(self, *, identify: bool, group: bool) -> list[dict]:
         """The event's messages in order, with its identify and group where they fire."""
@@ -55,10 +56,12 @@ def timestamp_datetime(timestamp_ms: int | float) -> _dt.datetime:
 _DAY_MS = 86_400_000
 _DATES: dict[int, str] = {}  # day since the epoch -> "YYYY-MM-DD"; events come from few days
 _DATES_MAX = 4096
-# second since the epoch -> "YYYY-MM-DDTHH:MM:SS."; events mostly arrive in time order, so
-# neighbours share their second and only the milliseconds are new.
-_SECONDS: dict[int, str] = {}
-_SECONDS_MAX = 4096
+# minute since the epoch -> "YYYY-MM-DDTHH:MM:". A backfill interleaves many users' events, so
+# the seconds of neighbouring events differ (100k events of a 6-hour day: 21,000 seconds), but
+# their minutes repeat (351): the second and the millisecond come from tables.
+_MINUTES: dict[int, str] = {}
+_MINUTES_MAX = 4096
+_SECOND_TEXT = tuple(f"{second:02d}." for second in range(60))
 _MILLIS_SUFFIX = tuple(f"{millis:03d}+00:00" for millis in range(1000))
 
 
@@ -66,30 +69,30 @@ def format_timestamp(timestamp_ms: int | float) -> str:
     """As the SDK writes it: ISO 8601, UTC offset, milliseconds.
 
     The same text as ``timestamp_datetime(ms).isoformat(timespec="milliseconds")`` (and the same
-    error for a date out of range), built without a datetime per call: the date of each day is
-    formatted once, the time of day by arithmetic. It runs once per event.
+    error for a date out of range), built without a datetime per call: the date and time of each
+    minute are formatted once, the rest taken from tables. It runs once per event.
     """
-    second, millis = divmod(int(timestamp_ms), 1000)
-    prefix = _SECONDS.get(second)
+    minute, millis_of_minute = divmod(int(timestamp_ms), 60_000)
+    prefix = _MINUTES.get(minute)
     if prefix is None:
-        prefix = _second_prefix(second)
-    return prefix + _MILLIS_SUFFIX[millis]
+        prefix = _minute_prefix(minute)
+    second, millis = divmod(millis_of_minute, 1000)
+    return prefix + _SECOND_TEXT[second] + _MILLIS_SUFFIX[millis]
 
 
-def _second_prefix(second: int) -> str:
-    day, rest = divmod(second, 86_400)
+def _minute_prefix(minute: int) -> str:
+    day, minute_of_day = divmod(minute, 1440)
     date = _DATES.get(day)
     if date is None:
         date = timestamp_datetime(day * _DAY_MS).date().isoformat()
         if len(_DATES) >= _DATES_MAX:
             _DATES.clear()
         _DATES[day] = date
-    minutes, second_of_minute = divmod(rest, 60)
-    hour, minute = divmod(minutes, 60)
-    prefix = f"{date}T{hour:02d}:{minute:02d}:{second_of_minute:02d}."
-    if len(_SECONDS) >= _SECONDS_MAX:
-        _SECONDS.clear()
-    _SECONDS[second] = prefix
+    hour, minute_of_hour = divmod(minute_of_day, 60)
+    prefix = f"{date}T{hour:02d}:{minute_of_hour:02d}:"
+    if len(_MINUTES) >= _MINUTES_MAX:
+        _MINUTES.clear()
+    _MINUTES[minute] = prefix
     return prefix
 
 
@@ -143,9 +146,11 @@ class CallBuilder:
         rule: CompiledRule | None,
         data: Any,
         identity: Identity,
-        preferences: dict | None,
+        consent_context: dict | None,
         context: dict,
     ) -> EventCalls:
+        """``consent_context``: the messages' ``context`` for the event's consent (shared,
+        read-only), or None."""
         identify_value, group_value, page_likes, track = self._plan_for(rule)
         timestamp_ms = int(event["timestamp"])
         user_id, anonymous_id = identity
@@ -157,8 +162,8 @@ class CallBuilder:
         if anonymous_id:
             common["anonymousId"] = anonymous_id
         common["timestamp"] = format_timestamp(timestamp_ms)
-        if preferences:
-            common["context"] = {"consent": {"categoryPreferences": preferences}}
+        if consent_context is not None:
+            common["context"] = consent_context
         if self._integrations:
             common["integrations"] = self._integrations
         event_id = event["id"]
@@ -205,15 +210,18 @@ class CallBuilder:
             message["properties"] = data if isinstance(data, dict) else {}
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
-        return EventCalls(
-            event,
-            state_key(user_id, anonymous_id),
-            timestamp_ms,
-            identify,
-            identify_signature,
-            group,
-            group_signature,
-            others,
+        return _new_tuple(
+            EventCalls,
+            (
+                event,
+                anonymous_id or user_id,  # the state key (identity.state_key)
+                timestamp_ms,
+                identify,
+                identify_signature,
+                group,
+                group_signature,
+                others,
+            ),
         )
 
     def signatures(

@@ -36,3 +36,35 @@ def category_preferences(consent_map: dict | None, state: dict) -> dict | None:
         if walker_key in state:
             prefs[segment_key] = state[walker_key] is True
     return prefs or None
+
+
+class ConsentContexts:
+    """The ``context`` of an event's messages for its consent state: ``{"consent":
+    {"categoryPreferences": ...}}``, or None when no mapped key is present.
+
+    Built once per distinct state and shared by every message that has it, read-only, as the
+    flow's ``integrations`` are (the wire form copies ``context`` to add the library). Events
+    carry a handful of consent states, and this runs for every event."""
+
+    _MAX = 1024
+
+    def __init__(self, consent_map: dict):
+        self._consent_map = consent_map
+        self._made: dict[tuple, dict | None] = {}
+
+    def __call__(self, state: dict) -> dict | None:
+        key = tuple(state.items())
+        try:
+            return self._made[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value: no such state passes validation, but be safe
+            return self._context(state)
+        if len(self._made) >= self._MAX:
+            self._made.clear()  # arbitrary states: keep the memory bounded
+        made = self._made[key] = self._context(state)
+        return made
+
+    def _context(self, state: dict) -> dict | None:
+        preferences = category_preferences(self._consent_map, state)
+        return {"consent": {"categoryPreferences": preferences}} if preferences else None

@@ -140,7 +140,7 @@ class Destination:
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
         self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
-        self._consent_map = settings.consent
+        self._consent_contexts = consent_rules.ConsentContexts(settings.consent) if settings.consent else None
         self._collector = spec.collector
         self.function_errors = FunctionErrors(quiet)
         # One set of functions for the whole destination: each worker thread compiles them
@@ -208,30 +208,35 @@ class Destination:
         data = result.data
         return _new_tuple(Mapped, (result.event, self._rule_index[result.rule], None if data is UNDEFINED else data))
 
-    def _planning(self, mapped: Mapped):
-        """``(event, rule, context, identity)`` as plan and decision_inputs both see them: the
-        event with its consent reduced to the granted keys (what the settings' mappings read,
-        as in walkerOS) and what user functions get as their context argument."""
-        event, index, _ = mapped
-        rule = None if index is None else self._rules[index]
-        # Always a new top level: the functions planning the calls get the event as mapped,
-        # never what a mapping function did to its own copy, so planning decides the same
-        # whether or not the data was mapped before it.
-        granted = _granted_only(event.get("consent") or {})
-        event = {**event, "consent": granted}
+    def _planning(self, event: dict, rule: CompiledRule | None, granted: Any = None, own: bool = False):
+        """``(event, context, identity)`` as plan and decision_inputs both see them: the event
+        with its consent reduced to the granted keys (what the settings' mappings read, as in
+        walkerOS) and what user functions get as their context argument. ``granted``: that
+        consent when the caller already has it; ``own``: the event is the caller's own copy
+        (the mapping's result), which nothing else holds."""
+        if granted is None:
+            granted = _granted_only(event.get("consent") or {})
+        # A new top level, unless the caller's event is its own and already holds the granted
+        # consent: the functions planning the calls get the event as mapped, never what a
+        # mapping function did to its own copy, so planning decides the same whether or not
+        # the data was mapped before it.
+        if not own or event.get("consent") is not granted:
+            event = {**event, "consent": granted}
         context = {
             "event": event,
             "mapping": rule.raw if rule else None,
             "collector": self._collector,
             "consent": granted,
         }
-        return event, rule, context, self.identity.resolve(event, context)
+        return event, context, self.identity.resolve(event, context)
 
     def decision_inputs(self, mapped: Mapped) -> DecisionInputs | None:
         """What deduplication decides on for one mapped event, as :meth:`plan` would give it,
         without building its calls; None where plan gives a dead letter (no identity)."""
-        event, rule, context, identity = self._planning(mapped)
-        key = identity.state_key
+        index = mapped[1]
+        rule = None if index is None else self._rules[index]
+        event, context, identity = self._planning(mapped[0], rule)
+        key = identity[1] or identity[0]
         if key is None:
             return None
         identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
@@ -241,9 +246,12 @@ class Destination:
 
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
-        original = mapped[0]
-        event, rule, context, identity = self._planning(mapped)
-        if identity.state_key is None:
+        index = mapped[1]
+        return self._plan(mapped[0], None if index is None else self._rules[index], mapped[2])
+
+    def _plan(self, original: dict, rule: CompiledRule | None, data: Any, granted: Any = None, own: bool = False):
+        event, context, identity = self._planning(original, rule, granted, own)
+        if not (identity[1] or identity[0]):
             return DeadLetter(
                 payload=payload_text(original),
                 stage=dl.IDENTITY,
@@ -255,12 +263,10 @@ class Destination:
                 event_id=event.get("id"),
             )
         # Segment's categoryPreferences carry true and false: from the event's whole consent.
-        preferences = (
-            consent_rules.category_preferences(self._consent_map, original.get("consent") or {})
-            if self._consent_map
-            else None
+        consent_context = (
+            self._consent_contexts(original.get("consent") or {}) if self._consent_contexts is not None else None
         )
-        return self.calls.build(event, rule, mapped[2], identity, preferences, context)
+        return self.calls.build(event, rule, data, identity, consent_context, context)
 
     def deduplicate(
         self, calls: EventCalls, state: IdentityState | None
@@ -291,12 +297,35 @@ class Destination:
 
     def before_deduplication(self, event: dict) -> Outcome | EventCalls:
         """One normalised event through every step up to identify/group deduplication: its
-        calls, or the outcome that stopped it."""
-        mapped = self.mapped_or_outcome(event)
-        if isinstance(mapped, Outcome):
-            return mapped
-        planned = self.plan(mapped)
-        if isinstance(planned, DeadLetter):
+        calls, or the outcome that stopped it. The steps of :meth:`mapped_or_outcome` and
+        :meth:`plan` in one go, for batch runs and explain: the granted consent is worked out
+        once, and nothing is packed into a :class:`Mapped` to be unpacked again."""
+        consent = event.get("consent") or {}
+        if not consent_rules.any_granted(self._required_keys, consent):
+            return Outcome(CONSENT_DENIED, "destination_consent")
+        granted = _granted_only(consent)
+        if granted is consent:
+            result = self.mapping.process(event, self._collector)
+        else:
+            result = self.mapping.process({**event, "consent": granted}, self._collector)
+        mapped_event = result.event
+        if mapped_event.get("consent") is granted:
+            if granted is not consent:
+                mapped_event["consent"] = consent
+        else:
+            granted = None  # a policy rewrote the consent: planning works it out again
+        if result.ignored:
+            return Outcome(IGNORED, "ignore_rule")
+        rule = result.rule
+        if (
+            rule is not None
+            and rule.consent
+            and not consent_rules.is_granted(rule.consent, mapped_event.get("consent") or {})
+        ):
+            return Outcome(CONSENT_DENIED, "rule_consent")
+        data = result.data
+        planned = self._plan(mapped_event, rule, None if data is UNDEFINED else data, granted, True)
+        if type(planned) is DeadLetter:
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         return planned
 

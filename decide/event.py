@@ -62,52 +62,77 @@ def parse_payload(
     collector: dict | None = None,
     default_timestamp_ms: int | None = None,
     flow: str = "",
-) -> Iterator[dict | DeadLetter]:
-    """Yield each event of an envelope, normalised, or a dead letter for each thing wrong.
+) -> list[dict | DeadLetter]:
+    """Each event of an envelope, normalised, or a dead letter for each thing wrong.
 
     ``payload`` is the raw bytes/text of one input record, or an already-decoded JSON value
     (from JSON or Avro files). ``default_timestamp_ms`` stands in for a missing event
     timestamp (the Pub/Sub publish time, say); failing that, the current time.
+
+    A list, not a generator: nearly every payload is one event, and this runs for each.
     """
+    if type(payload) is bytes:
+        # The usual input, a line of a file or a Pub/Sub message: one event, decoded here, so
+        # it is normalised in place (nobody else holds it).
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            return [_dead(payload, dl.NOT_JSON, f"not valid UTF-8 JSON: {exc}", flow)]
+        # Nesting needs containers: text with no more brackets than the limit cannot nest beyond
+        # it (brackets inside strings only make the count larger), and counting them is far
+        # cheaper than walking the decoded event.
+        check_depth = payload.count(b"{") + payload.count(b"[") > MAX_DEPTH
+        if type(document) is dict and ("batch" not in document or "name" in document):
+            try:
+                return [normalise(document, collector, default_timestamp_ms, check_depth, True)]
+            except InvalidEvent as exc:
+                return [_dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))]
+        return _parse_document(document, payload, True, check_depth, collector, default_timestamp_ms, flow)
     if isinstance(payload, RejectedInput):
         dead = _dead(payload.payload, payload.reason, payload.error, flow, event_id=payload.event_id)
         dead.payload_truncated_from = payload.payload_truncated_from
-        yield dead
-        return
-    check_depth = True
+        return [dead]
     if isinstance(payload, (bytes, bytearray, memoryview, str)):
         try:
             document = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            yield _dead(payload, dl.NOT_JSON, f"not valid UTF-8 JSON: {exc}", flow)
-            return
-        # Nesting needs containers: text with no more brackets than the limit cannot nest beyond
-        # it (brackets inside strings only make the count larger), and counting them is far
-        # cheaper than walking the decoded event.
-        check_depth = _brackets(payload) > MAX_DEPTH
-    else:
-        document = payload
+            return [_dead(payload, dl.NOT_JSON, f"not valid UTF-8 JSON: {exc}", flow)]
+        return _parse_document(
+            document, payload, True, _brackets(payload) > MAX_DEPTH, collector, default_timestamp_ms, flow
+        )
+    return _parse_document(payload, payload, False, True, collector, default_timestamp_ms, flow)
 
+
+def _parse_document(
+    document: Any,
+    payload: Any,
+    owned: bool,
+    check_depth: bool,
+    collector: dict | None,
+    default_timestamp_ms: int | None,
+    flow: str,
+) -> list[dict | DeadLetter]:
+    """parse_payload for a decoded ``document`` of ``payload``; ``owned``: decoded here, so
+    nobody else holds it."""
     if isinstance(document, dict) and not _is_batch_envelope(document):
         # One event, kept as received if it is invalid.
         try:
-            yield normalise(
-                document, collector=collector, default_timestamp_ms=default_timestamp_ms, check_depth=check_depth
-            )
+            return [normalise(document, collector, default_timestamp_ms, check_depth, owned)]
         except InvalidEvent as exc:
-            yield _dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))
-        return
+            return [_dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))]
 
+    out: list[dict | DeadLetter] = []
     for item in _envelope_items(document, payload, flow):
         if isinstance(item, DeadLetter):
-            yield item
+            out.append(item)
             continue
         try:
-            yield normalise(
-                item, collector=collector, default_timestamp_ms=default_timestamp_ms, check_depth=check_depth
+            out.append(
+                normalise(item, collector=collector, default_timestamp_ms=default_timestamp_ms, check_depth=check_depth)
             )
         except InvalidEvent as exc:
-            yield _dead(item, exc.reason, str(exc), flow, event_id=_given_id(item))
+            out.append(_dead(item, exc.reason, str(exc), flow, event_id=_given_id(item)))
+    return out
 
 
 def _is_batch_envelope(document: dict) -> bool:
@@ -136,9 +161,14 @@ def _envelope_items(document: Any, payload, flow: str) -> Iterator[Any]:
 
 
 def normalise(
-    event: dict, *, collector: dict | None = None, default_timestamp_ms: int | None = None, check_depth: bool = True
+    event: dict,
+    collector: dict | None = None,
+    default_timestamp_ms: int | None = None,
+    check_depth: bool = True,
+    in_place: bool = False,
 ) -> dict:
-    """Validate one event and return a normalised copy (the input is not changed).
+    """Validate one event and return it normalised: a copy, unless ``in_place`` (for an event
+    nobody else holds, such as one just decoded). Unchanged when it is invalid.
 
     Fills ``entity``/``action`` from ``name``, keeps ``id`` or derives one from the content,
     fills a missing ``timestamp``, and merges the collector's globals, user and consent under
@@ -147,38 +177,66 @@ def normalise(
     if check_depth and not _within_depth(event, MAX_DEPTH - 1):
         raise InvalidEvent(dl.TOO_DEEP, f"the event nests objects and lists deeper than {MAX_DEPTH} levels")
     entity, action = _validate(event)
-    out = dict(event)
-    if "entity" not in out:
-        out["entity"] = entity
-    if "action" not in out:
-        out["action"] = action
-    if "id" not in out:  # a present id was validated as a non-empty string
-        out["id"] = derive_id(event)
-    if not out.get("timestamp", 0):  # absent, or 0: walkerOS takes a falsy timestamp for "now"
+    timestamp = None
+    if not event.get("timestamp", 0):  # absent, or 0: walkerOS takes a falsy timestamp for "now"
         if default_timestamp_ms is None:
-            out["timestamp"] = int(time.time() * 1000)
+            timestamp = int(time.time() * 1000)
         elif MIN_TIMESTAMP_MS <= default_timestamp_ms <= MAX_TIMESTAMP_MS:
-            out["timestamp"] = default_timestamp_ms
+            timestamp = default_timestamp_ms
         else:
             raise InvalidEvent(
                 dl.INVALID_FIELD,
                 "no timestamp, and the record's own time (e.g. the Pub/Sub "
                 f"timestamp attribute) is out of range: {_timestamp_problem(default_timestamp_ms)}",
             )
-    for section in _DEFAULT_SECTIONS:
-        if section not in out:
-            out[section] = {}
+    # Valid from here on: nothing below raises, so an invalid event is never half changed.
+    event_id = None if "id" in event else derive_id(event)  # a present id is a non-empty string
+    out = event if in_place else dict(event)
+    if "entity" not in out:
+        out["entity"] = entity
+    if "action" not in out:
+        out["action"] = action
+    if event_id is not None:
+        out["id"] = event_id
+    if timestamp is not None:
+        out["timestamp"] = timestamp
+    # Written out, not a loop over the sections: this runs for every event.
+    if "data" not in out:
+        out["data"] = {}
+    if "globals" not in out:
+        out["globals"] = {}
+    if "custom" not in out:
+        out["custom"] = {}
+    if "user" not in out:
+        out["user"] = {}
+    if "context" not in out:
+        out["context"] = {}
+    if "consent" not in out:
+        out["consent"] = {}
     if "nested" not in out:
         out["nested"] = []
     if collector:
-        for section in _COLLECTOR_SECTIONS:
-            base = collector.get(section)
-            if base:
-                out[section] = {**base, **out[section]}
+        for section, base in _collector_bases(collector):
+            out[section] = {**base, **out[section]}
     return out
 
 
-_DEFAULT_SECTIONS = ("data", "globals", "custom", "user", "context", "consent")
+# The last collector seen and its bases: a run has one collector (its flow's configuration),
+# whose sections are looked up once, not for every event.
+_LAST_BASES: tuple[Any, tuple[tuple[str, dict], ...]] = (None, ())
+
+
+def _collector_bases(collector: dict) -> tuple[tuple[str, dict], ...]:
+    """The collector's non-empty globals, user and consent, which events are merged over.
+    A collector is configuration: which of its sections are set is read once per collector."""
+    global _LAST_BASES
+    held, bases = _LAST_BASES
+    if held is not collector:
+        bases = tuple((section, collector[section]) for section in _COLLECTOR_SECTIONS if collector.get(section))
+        _LAST_BASES = (collector, bases)
+    return bases
+
+
 _COLLECTOR_SECTIONS = ("globals", "user", "consent")
 
 

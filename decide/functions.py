@@ -665,10 +665,19 @@ class PythonDeadline:
                 cls._instance = cls()
             return cls._instance
 
+    # How often the watchdog looks while calls are being made, at most: a call past its limit
+    # is stopped within this much more.
+    _POLL_S = 0.05
+
     def __init__(self):
-        self._lock = threading.Condition()
-        self._calls: dict[int, list] = {}  # token → [thread id, deadline, fired, done]
+        # A plain lock (taken and released in C) guards the calls: a call costs two short holds
+        # of it and no notification. The watchdog polls while calls are being made and sleeps on
+        # `_wake` only once a whole poll went by without any call starting.
+        self._mutex = threading.Lock()
+        self._calls: dict[int, list] = {}  # token → [thread id, deadline, fired, done, token]
         self._next = 0
+        self._idle = True  # the watchdog sleeps (or is not started): the next call wakes it
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run(self, function: Callable, value: Any, context: dict, limit: float) -> Any:
@@ -684,19 +693,20 @@ class PythonDeadline:
 
     def _start(self, limit: float) -> list:
         slot = [threading.get_ident(), time.monotonic() + limit, False, False]
-        with self._lock:
+        with self._mutex:
             self._next += 1
             slot.append(self._next)
             self._calls[self._next] = slot
+            wake, self._idle = self._idle, False
+        if wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="py-function-deadline", daemon=True)
                 self._thread.start()
-            if len(self._calls) == 1:
-                self._lock.notify()
+            self._wake.set()
         return slot
 
     def _stop(self, slot: list) -> None:
-        with self._lock:
+        with self._mutex:
             # Popped first: should the fired exception land inside this block, the caller's
             # second _stop finishes the job, and the watchdog no longer sees the call.
             self._calls.pop(slot[4], None)
@@ -708,13 +718,19 @@ class PythonDeadline:
                 _clear_in_thread(slot[0], None)
 
     def _watch(self) -> None:
-        with self._lock:
-            while True:
-                if not self._calls:
-                    self._lock.wait()
+        seen = -1  # the last call started when the watchdog last looked
+        while True:
+            self._wake.wait()
+            soonest = None
+            with self._mutex:
+                if not self._calls and self._next == seen:
+                    # Nothing running, and nothing started since the last look: sleep until a
+                    # call wakes the watchdog (it sees _idle under the same lock).
+                    self._idle = True
+                    self._wake.clear()
                     continue
+                seen = self._next
                 now = time.monotonic()
-                soonest = None
                 for slot in self._calls.values():
                     if slot[2]:
                         continue
@@ -723,4 +739,4 @@ class PythonDeadline:
                         _raise_in_thread(slot[0], FunctionTimeout)
                     elif soonest is None or slot[1] < soonest:
                         soonest = slot[1]
-                self._lock.wait(0.05 if soonest is None else min(0.05, max(soonest - now, 0.001)))
+            time.sleep(self._POLL_S if soonest is None else min(self._POLL_S, max(soonest - now, 0.001)))

@@ -46,8 +46,28 @@ class IdentityResolver:
         # The usual settings ("user.id", "user.session") are plain paths: read them directly.
         self._read_user_id = _plain_path_reader(user_id_spec) or self._user_id
         self._read_anonymous_id = _plain_path_reader(anonymous_id_spec) or self._anonymous_id
+        # Both ids from one section ("user.id" and "user.session", the usual settings): read
+        # straight from it when it is an object, the same answer as the two readers give.
+        self._one_section = _one_section(user_id_spec, anonymous_id_spec)
 
     def resolve(self, event: dict, context: dict) -> Identity:
+        if self._one_section is not None:
+            section_key, user_key, anonymous_key = self._one_section
+            section = event.get(section_key) if type(event) is dict else None
+            if type(section) is dict:
+                user_id = section.get(user_key)
+                anonymous_id = section.get(anonymous_key)
+                # The plain readers pass exact strings only (a str subclass is no JSON value).
+                return _new_tuple(
+                    Identity,
+                    (
+                        user_id if type(user_id) is str and user_id else None,
+                        anonymous_id if type(anonymous_id) is str and anonymous_id else None,
+                    ),
+                )
+        return self._resolve(event, context)
+
+    def _resolve(self, event: dict, context: dict) -> Identity:
         user_id = self._read_user_id(event, context)
         anonymous_id = self._read_anonymous_id(event, context)
         # walkerOS uses an id only when it is a non-empty string: numbers are not ids.
@@ -73,6 +93,17 @@ def _plain_path_reader(spec: Any):
     if "*" in keys:
         return None
     return compile_checked_getter(keys, _never, UNDEFINED, UNDEFINED)
+
+
+def _one_section(user_id_spec: Any, anonymous_id_spec: Any) -> tuple[str, str, str] | None:
+    """(section, user id key, anonymous id key) when both settings are plain two-key paths
+    into the same section, else None."""
+    if not (_plain_path_reader(user_id_spec) and _plain_path_reader(anonymous_id_spec)):
+        return None
+    user_keys, anonymous_keys = split_path(user_id_spec), split_path(anonymous_id_spec)
+    if len(user_keys) != 2 or len(anonymous_keys) != 2 or user_keys[0] != anonymous_keys[0]:
+        return None
+    return user_keys[0], user_keys[1], anonymous_keys[1]
 
 
 def _never(_value: Any) -> bool:

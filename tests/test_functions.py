@@ -380,6 +380,26 @@ def test_a_python_function_that_never_returns_is_stopped_on_any_thread() -> None
     assert errors == ["did not return within 0.2 s"]
 
 
+def test_a_python_function_is_stopped_after_the_watchdog_went_to_sleep() -> None:
+    """The watchdog sleeps once a poll went by without a call; the next call must wake it."""
+    errors: list[str] = []
+    functions = Functions(PY)
+    quick = compile_value({"fn": "$py:lambda value, context: 1"}, "$.q", functions=functions)
+    endless = compile_value(
+        {"value": "fallback", "fn": "$py:lambda value, context: [0 for _ in iter(int, 1)]"},
+        "$.v",
+        on_error=lambda p, e: errors.append(str(e)),
+        functions=functions,
+    )
+    for pause in (0.0, 0.3, 1.0):
+        assert quick(EVENT) == 1
+        time.sleep(pause)  # long enough for the watchdog to go to sleep, from the second round
+        started = time.monotonic()
+        assert endless(EVENT) == "fallback"
+        assert time.monotonic() - started < 5
+    assert errors == ["did not return within 0.2 s"] * 3
+
+
 def test_a_fast_python_function_is_never_interrupted() -> None:
     value = compile_value({"fn": "$py:lambda value, context: sum(range(1000))"}, "$.v", functions=Functions(PY))
     assert all(value(EVENT) == 499500 for _ in range(3000))
