@@ -4,6 +4,7 @@ timestamp formatter vs datetime.isoformat."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from typing import Any
 
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 
 import decide.mapping as mapping_module
 from decide.calls import format_timestamp, timestamp_datetime
-from decide.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order
+from decide.consent import ConsentContexts, category_preferences
+from decide.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order, normalise
+from decide.identity import IdentityResolver
 from decide.mapping import UNDEFINED, compile_value
 
 SETTINGS = settings(
@@ -175,3 +178,54 @@ def test_timestamp_formatting_is_isoformat(ms: int | float) -> None:
 @pytest.mark.parametrize("ms", [0, 1, 999, 1000, -1, 1_700_000_000_123, 253402300799999, -62135596800000])
 def test_timestamp_formatting_corners(ms: int) -> None:
     assert format_timestamp(ms) == timestamp_datetime(ms).isoformat(timespec="milliseconds")
+
+
+# --- ids read from one section vs the two readers ---------------------------------------------------
+ID_VALUES = st.one_of(JSON, st.sampled_from(["", "u1", "s1"]))
+IDENTITY_EVENTS = st.one_of(
+    EVENTS,
+    st.fixed_dictionaries(
+        {}, optional={"user": st.one_of(JSON, st.dictionaries(st.sampled_from(["id", "session", "0"]), ID_VALUES))}
+    ),
+)
+
+
+@SETTINGS
+@given(
+    IDENTITY_EVENTS, st.sampled_from([("user.id", "user.session"), ("user.0", "user.session"), ("user.id", "user.id")])
+)
+def test_ids_read_from_one_section_are_what_the_two_readers_give(event: dict, specs: tuple[str, str]) -> None:
+    resolver = IdentityResolver(specs[0], specs[1], "$.settings")
+    assert resolver._one_section is not None
+    assert resolver.resolve(event, {}) == resolver._resolve(event, {})
+
+
+# --- consent contexts, made once per consent state, vs category_preferences ---------------------------
+CONSENT_MAP = {"analytics": "Analytics", "marketing": "Advertising", "personalization": "Personalization"}
+
+
+@SETTINGS
+@given(st.lists(st.dictionaries(st.sampled_from(["analytics", "marketing", "functional", "x"]), st.booleans())))
+def test_shared_consent_contexts_are_the_category_preferences(states: list[dict]) -> None:
+    contexts = ConsentContexts(CONSENT_MAP)
+    for state in states + states:  # the second time from what was made
+        preferences = category_preferences(CONSENT_MAP, state)
+        expected = {"consent": {"categoryPreferences": preferences}} if preferences else None
+        assert contexts(state) == expected
+
+
+# --- an event normalised in place (decoded here) vs a normalised copy ----------------------------------
+@SETTINGS
+@given(EVENTS, st.sampled_from([None, {"globals": {"env": "prod"}, "consent": {}, "user": {"id": "c"}}]))
+def test_normalising_in_place_gives_the_copy(event: dict, collector: dict | None) -> None:
+    def outcome(in_place: bool) -> Any:
+        given = copy.deepcopy(event)
+        try:
+            return normalise(given, collector, 1_700_000_000_000, True, in_place)
+        except InvalidEvent as exc:
+            assert given == event  # an invalid event is never half changed
+            return ("invalid", exc.reason)
+        except (OverflowError, ValueError, TypeError) as exc:
+            return ("raised", type(exc).__name__)
+
+    assert _same(outcome(True), outcome(False))
