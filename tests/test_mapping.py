@@ -117,6 +117,38 @@ def test_conformance(case: dict) -> None:
     assert event == untouched, "the input event must never be mutated"
 
 
+CONFIG_CASES = [case for case in CASES if "config" in case]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[f"{c['_file'][:-5]}: {c['name']}" for c in CONFIG_CASES])
+def test_the_short_way_for_simple_rules_gives_the_general_answer(case: dict) -> None:
+    """Rules with nothing but a name and data take a short way through process; with that way
+    closed, every config case gives the same result (and without data, the same fate)."""
+    short = DestinationMapping(case["config"], functions=case_functions(case))
+    general = DestinationMapping(case["config"], functions=case_functions(case))
+    general._simple_rules = frozenset()
+    for with_data in (True, False):
+        answers = [
+            mapping.process(build_event(case), case.get("collector", {}), with_data) for mapping in (short, general)
+        ]
+        (a, b) = answers
+        assert (a.rule and a.rule.key, a.ignored, a.event, a.data) == (
+            b.rule and b.rule.key,
+            b.ignored,
+            b.event,
+            b.data,
+        )
+
+
+def test_most_rules_of_a_plain_flow_take_the_short_way() -> None:
+    config = {
+        "mapping": {"page": {"view": {"name": "Viewed", "data": {"map": {"id": "data.id"}}}, "*": {"silent": True}}}
+    }
+    mapping = DestinationMapping(config)
+    assert len(mapping._simple_rules) == 2
+    assert not DestinationMapping({**config, "policy": {"x": "data.id"}})._simple_rules
+
+
 def test_the_suite_is_big_enough() -> None:
     assert len(CASES) >= 60
     assert len({case["name"] for case in CASES}) == len(CASES), "case names are unique"
