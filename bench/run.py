@@ -745,6 +745,9 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "python -m bench --full           # adds N = 1,000,000",
         "python -m bench --profile        # also cProfile reports (profile-*.txt beside the results)",
         "python -m bench --update-docs    # results in bench/results/, and this page rewritten from them",
+        "python -m bench.functions out/bench/events-10000.jsonl   # what three JavaScript functions add",
+        "python -m bench.instructions --flow out/bench/flow-py.json --allow-python-functions \\",
+        "    --events out/bench/events-10000.jsonl   # the transform's instructions a line (valgrind)",
         "```",
         "",
         f"Latest run ({meta['time']}, `{command}`): synthetic walkerOS events (fixed seed; many users and "
