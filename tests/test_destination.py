@@ -380,3 +380,62 @@ def test_batch_pipeline_equals_explain_when_a_users_events_share_a_millisecond(e
         (comparable(m) | {"messageId": m["messageId"]} for m in endpoint.accepted), key=lambda c: c["messageId"]
     )
     assert received == [comparable(c) | {"messageId": c["messageId"]} for c in explained]
+
+
+@pytest.mark.parametrize("python_functions", [False, True])
+def test_the_fused_steps_give_what_the_steps_one_by_one_give(tmp_path, python_functions: bool) -> None:
+    """Batch runs and explain take every step up to deduplication in one go
+    (``before_deduplication``); streaming takes them one by one as its named steps. On the
+    benchmark's flow and events (consent mixes, conditions, loops, identify and group, a few
+    invalid lines), with its functions in JavaScript and in Python, both give the same outcome,
+    calls and signatures for every event."""
+    import json
+
+    from bench.generate import write_events, write_flow
+    from decide.calls import EventCalls
+    from decide.dead_letter import DeadLetter
+    from decide.destination import CONSENT_DENIED, IGNORED, DestinationSpec
+    from decide.event import parse_payload
+    from decide.flow import flow_from_document
+    from decide.functions import FunctionPolicy
+
+    path = tmp_path / "events.jsonl"
+    write_events(path, 3_000, 13)
+    document = json.loads(write_flow(tmp_path / "flow.json", 500, python_functions=python_functions).read_text())
+    spec = DestinationSpec.from_flow(
+        flow_from_document(document, env={}),
+        functions=FunctionPolicy(allow_python=python_functions),
+    )
+    destination = compiled(spec)
+
+    def one_by_one(event: dict):
+        if not destination.consent_granted(event):
+            return (CONSENT_DENIED, "destination_consent")
+        result = destination.mapping_result(event)
+        if result.ignored:
+            return (IGNORED, "ignore_rule")
+        if not destination.rule_consent_granted(result):
+            return (CONSENT_DENIED, "rule_consent")
+        planned = destination.plan(destination.to_mapped(result))
+        return ("dead_letter", planned.reason, planned.payload) if isinstance(planned, DeadLetter) else planned
+
+    def fused(event: dict):
+        planned = destination.before_deduplication(event)
+        if isinstance(planned, EventCalls):
+            return planned
+        if planned.dead_letter is not None:
+            return ("dead_letter", planned.reason, planned.dead_letter.payload)
+        return (planned.outcome, planned.reason)
+
+    outcomes: dict[str, int] = {}
+    for line in path.read_bytes().splitlines():
+        for event in parse_payload(line, collector=spec.collector, flow=spec.flow_name):
+            if isinstance(event, DeadLetter):
+                continue
+            expected, got = one_by_one(json.loads(json.dumps(event))), fused(json.loads(json.dumps(event)))
+            assert got == expected
+            kind = "calls" if isinstance(got, EventCalls) else got[0]
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+    # the events reach every outcome the fused path can give
+    assert outcomes.get("calls", 0) > 2_000 and outcomes.get(CONSENT_DENIED, 0) > 100
+    assert outcomes.get(IGNORED, 0) > 0
