@@ -12,7 +12,7 @@ import datetime as _dt
 import hashlib
 from typing import Any, NamedTuple
 
-from decide.identity import Identity, Signature, canonical_json
+from decide.identity import Identity, Signature, canonical_json, state_key
 from decide.mapping import CompiledRule, CompiledValue, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
@@ -214,7 +214,7 @@ class CallBuilder:
             EventCalls,
             (
                 event,
-                anonymous_id or user_id,  # the state key (identity.state_key)
+                state_key(user_id, anonymous_id),
                 timestamp_ms,
                 identify,
                 identify_signature,

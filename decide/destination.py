@@ -151,9 +151,7 @@ class Destination:
         )
         # Compilation follows the config's key order, so these positions are the same in every
         # process that compiles the same flow.
-        self._rules: list[CompiledRule] = [
-            rule for actions in self.mapping.rules.values() for slot in actions.values() for rule in slot
-        ]
+        self._rules: list[CompiledRule] = self.mapping.all_rules()
         self._rule_index: dict[CompiledRule | None, int | None] = {rule: i for i, rule in enumerate(self._rules)}
         self._rule_index[None] = None  # no rule: no index
         self.identity = IdentityResolver(
@@ -189,14 +187,22 @@ class Destination:
         its consent reduced to the granted keys. The result's event keeps the full consent for
         Segment's categoryPreferences (true and false); policies that rewrote consent win.
         Without ``with_data``, the data is not mapped (see ``decisions_need_data``)."""
+        return self._mapping_and_granted(event, with_data)[0]
+
+    def _mapping_and_granted(self, event: dict, with_data: bool = True) -> tuple[MappingResult, Any]:
+        """:meth:`mapping_result`, and the granted consent the mapping saw: what planning
+        reads too, or None when a policy rewrote the consent (planning works it out again)."""
         consent = event.get("consent")
         granted = _granted_only(consent)
         if granted is consent:
-            return self.mapping.process(event, self._collector, with_data)
-        result = self.mapping.process({**event, "consent": granted}, self._collector, with_data)
-        if result.event.get("consent") is granted:
+            result = self.mapping.process(event, self._collector, with_data)
+        else:
+            result = self.mapping.process({**event, "consent": granted}, self._collector, with_data)
+        if result.event.get("consent") is not granted:
+            return result, None
+        if granted is not consent:
             result.event["consent"] = consent
-        return result
+        return result, granted
 
     def rule_consent_granted(self, result: MappingResult) -> bool:
         if result.rule is None or not result.rule.consent:
@@ -236,7 +242,7 @@ class Destination:
         index = mapped[1]
         rule = None if index is None else self._rules[index]
         event, context, identity = self._planning(mapped[0], rule)
-        key = identity[1] or identity[0]
+        key = identity.state_key
         if key is None:
             return None
         identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
@@ -251,7 +257,7 @@ class Destination:
 
     def _plan(self, original: dict, rule: CompiledRule | None, data: Any, granted: Any = None, own: bool = False):
         event, context, identity = self._planning(original, rule, granted, own)
-        if not (identity[1] or identity[0]):
+        if identity.state_key is None:
             return DeadLetter(
                 payload=payload_text(original),
                 stage=dl.IDENTITY,
@@ -300,31 +306,15 @@ class Destination:
         calls, or the outcome that stopped it. The steps of :meth:`mapped_or_outcome` and
         :meth:`plan` in one go, for batch runs and explain: the granted consent is worked out
         once, and nothing is packed into a :class:`Mapped` to be unpacked again."""
-        consent = event.get("consent") or {}
-        if not consent_rules.any_granted(self._required_keys, consent):
+        if not self.consent_granted(event):
             return Outcome(CONSENT_DENIED, "destination_consent")
-        granted = _granted_only(consent)
-        if granted is consent:
-            result = self.mapping.process(event, self._collector)
-        else:
-            result = self.mapping.process({**event, "consent": granted}, self._collector)
-        mapped_event = result.event
-        if mapped_event.get("consent") is granted:
-            if granted is not consent:
-                mapped_event["consent"] = consent
-        else:
-            granted = None  # a policy rewrote the consent: planning works it out again
+        result, granted = self._mapping_and_granted(event)
         if result.ignored:
             return Outcome(IGNORED, "ignore_rule")
-        rule = result.rule
-        if (
-            rule is not None
-            and rule.consent
-            and not consent_rules.is_granted(rule.consent, mapped_event.get("consent") or {})
-        ):
+        if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
         data = result.data
-        planned = self._plan(mapped_event, rule, None if data is UNDEFINED else data, granted, True)
+        planned = self._plan(result.event, result.rule, None if data is UNDEFINED else data, granted, True)
         if type(planned) is DeadLetter:
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         return planned

@@ -82,11 +82,6 @@ def parse_payload(
         # it (brackets inside strings only make the count larger), and counting them is far
         # cheaper than walking the decoded event.
         check_depth = payload.count(b"{") + payload.count(b"[") > MAX_DEPTH
-        if type(document) is dict and ("batch" not in document or "name" in document):
-            try:
-                return [normalise(document, collector, default_timestamp_ms, check_depth, True)]
-            except InvalidEvent as exc:
-                return [_dead(payload, exc.reason, str(exc), flow, event_id=_given_id(document))]
         return _parse_document(document, payload, True, check_depth, collector, default_timestamp_ms, flow)
     if isinstance(payload, RejectedInput):
         dead = _dead(payload.payload, payload.reason, payload.error, flow, event_id=payload.event_id)

@@ -1069,9 +1069,7 @@ class DestinationMapping:
         simple_config = simple_config and self._data_literal is UNDEFINED and not self._plain_event
         self._simple_rules = frozenset(
             rule
-            for actions in self.rules.values()
-            for slot in actions.values()
-            for rule in slot
+            for rule in self.all_rules()
             if simple_config
             and not rule._policy
             and rule._include is None
@@ -1114,11 +1112,15 @@ class DestinationMapping:
             compiled.append(CompiledRule(rule, key, rule_path, compiler))
         return tuple(compiled)
 
+    def all_rules(self) -> list[CompiledRule]:
+        """Every compiled rule, in the config's order (the same in every process)."""
+        return [rule for actions in self.rules.values() for slot in actions.values() for rule in slot]
+
     def _holes_possible(self) -> tuple[bool, dict[CompiledRule | None, bool]]:
         """Whether results can hold UNDEFINED holes and so need `to_plain` before output: for
         the event, and for the data by the rule that made it (None: no rule). Known at compile
         time, so plain configs and rules pay nothing per event."""
-        rules = [rule for actions in self.rules.values() for slot in actions.values() for rule in slot]
+        rules = self.all_rules()
         policies = list(self._policy) + [entry for rule in rules for entry in rule._policy]
         # A policy may write holes into the event (a `*` path, or an index past a list's end).
         event_holes = any(node.holes or any(_is_index(k) for k in keys) for keys, node in policies)
