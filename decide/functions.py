@@ -36,13 +36,17 @@ from typing import Any
 
 import orjson
 
-from decide.paths import UNDEFINED
+from decide.paths import UNDEFINED, js_truthy
 
 JS_PREFIX = "$code:"
 PY_PREFIX = "$py:"
 
 DEFAULT_TIME_LIMIT_S = 1.0
 DEFAULT_MEMORY_LIMIT_MB = 64
+
+
+# A compiled function: f(value, context), the context holding `event`, `collector`, `consent`.
+UserFunction = Callable[[Any, Any], Any]
 
 
 class FunctionSyntaxError(ValueError):
@@ -82,6 +86,7 @@ _PRELUDE = r"""
   const toTag = Function.prototype.call.bind(Object.prototype.toString);
   const ownKeys = Reflect.ownKeys, getDescriptor = Object.getOwnPropertyDescriptor;
   const getProto = Object.getPrototypeOf, freeze = Object.freeze, defineProperty = Object.defineProperty;
+  const hasOwn = Object.hasOwn, SetCtor = Set, RegExpCtor = RegExp;
   const isPromise = (v) => v instanceof Promise;
   const then = Function.prototype.call.bind(Promise.prototype.then);
   const FunctionCtor = Function;
@@ -111,7 +116,8 @@ _PRELUDE = r"""
   function kind(v, depth) {
     const t = typeof v;
     if (t === "string" || t === "boolean") return 1;
-    if (t === "number") return v === v ? 1 : 0;
+    // Not NaN nor ±Infinity: JSON writes those as null, which no walkerOS property holds.
+    if (t === "number") return v - v === 0 ? 1 : 0;
     if (v === undefined) return 2;
     if (v === null || t !== "object" || depth > 250) return 0;
     let result = 1;
@@ -147,18 +153,55 @@ _PRELUDE = r"""
     if (k === 0) return "x";
     return flat(k === 2 ? "h" + stringify(r, holes) : "j" + stringify(r));
   }
-  // The event, collector and consent the host handed over last (their text), kept between
-  // calls: the host sends a text only when it changed (null: "as before"). `eventSerial`
-  // changes with every event, so one event's functions share one event object, as walkerOS's
-  // functions share the event, and nothing they do to it reaches the next event.
+  // The event, collector and consent the host handed over last, kept between calls: the host
+  // sends only what the engine lacks (null: nothing). `eventSerial` changes with every event,
+  // so one event's functions share one event object, as walkerOS's functions share the event,
+  // and nothing they do to it reaches the next event.
+  // An object event crosses in one of two forms. "p…": the top-level keys that the functions
+  // called so far read (see keysRead), as JSON, added to one plain object as more functions
+  // need more: most functions read a key or two, and the host's JSON of a whole event costs
+  // more than the rest of a call. "o…": the whole event (see lazyObject), for a function that
+  // may read anything; a partial event then becomes whole (see completeEvent). Anything else
+  // crosses as decodeInput's text.
   let eventSerial = -1, eventText = "", eventObject, eventBuilt = false;
+  let eventKeys = null;  // the keys sent in "p" form while the event is partial, else null
   let collectorText = "", consentText = "";
   function take(serial, newEventText, newCollectorText, newConsentText) {
-    if (newEventText !== null && serial !== eventSerial) {
-      eventSerial = serial; eventText = newEventText; eventObject = undefined; eventBuilt = false;
+    if (serial !== eventSerial) {
+      eventSerial = serial; eventText = ""; eventObject = undefined; eventBuilt = false; eventKeys = null;
     }
+    if (newEventText !== null) takeEvent(newEventText);
     if (newCollectorText !== null) collectorText = newCollectorText;
     if (newConsentText !== null) consentText = newConsentText;
+  }
+  // Texts may come twice (the host sends again after a failed call): a key the event has
+  // already, or a form it has already, is not taken again.
+  function takeEvent(text) {
+    const whole = eventBuilt ? eventKeys === null : eventText !== "";
+    if (text[0] === "p") {
+      if (whole) return;
+      const part = parse(text.slice(1));
+      if (eventKeys === null) { eventObject = part; eventBuilt = true; eventKeys = new SetCtor(ownKeys(part)); return; }
+      for (const key of ownKeys(part)) {
+        if (!eventKeys.has(key)) { eventKeys.add(key); defineProperty(eventObject, key, getDescriptor(part, key)); }
+      }
+    } else if (!whole) {
+      if (eventKeys === null) eventText = text;
+      else completeEvent(text);
+    }
+  }
+  // The partial event becomes the whole one, in place (a function may hold it), in the
+  // event's own key order: the keys sent before stay as the functions left them (changed,
+  // deleted), and keys the functions added come last, as on the whole object.
+  function completeEvent(text) {
+    const event = eventObject, whole = parse(text.slice(1));
+    const moveToEnd = (key) => { const d = getDescriptor(event, key); delete event[key]; defineProperty(event, key, d); };
+    for (const key of ownKeys(whole)) {
+      if (!eventKeys.has(key)) defineProperty(event, key, getDescriptor(whole, key));
+      else if (hasOwn(event, key)) moveToEnd(key);
+    }
+    for (const key of ownKeys(event)) if (!hasOwn(whole, key)) moveToEnd(key);
+    eventKeys = null; eventText = text;
   }
   function currentEvent() {
     if (!eventBuilt) { eventObject = decodeEvent(eventText); eventBuilt = true; }
@@ -270,8 +313,33 @@ _PRELUDE = r"""
     const source = fnSource(fn);
     return !oneParameter.test(source) || mentionsArguments.test(source);
   }
+  // The top-level keys a one-parameter function reads or writes of its value, or null when it
+  // may touch more: it names its parameter other than as `parameter.key` (hands it on,
+  // enumerates it, spreads it, compares it), calls a method on it (which sees it whole as
+  // `this`), or names `eval`, `arguments` or an escaped identifier. Strings and comments are
+  // scanned as code: they can only add keys or make the answer null.
+  const parameterOf = /^(?:async\s+)?(?:\(\s*([A-Za-z_$][\w$]*)\s*\)|([A-Za-z_$][\w$]*))\s*=>|^(?:async\s+)?function\b\s*\*?\s*(?:[A-Za-z_$][\w$]*)?\s*\(\s*([A-Za-z_$][\w$]*)\s*\)\s*\{/;
+  const memberAfter = /^\s*\??\.\s*([A-Za-z_$][\w$]*)\s*(\(|`|\?\.\s*\()?/;
+  const escapes = /\\u/;
+  function keysRead(source) {
+    const head = parameterOf.exec(source);
+    if (head === null || mentionsArguments.test(source) || escapes.test(source)) return null;
+    const name = head[1] || head[2] || head[3], body = source.slice(head[0].length);
+    const names = new RegExpCtor("[A-Za-z_$\\u0080-\\uffff][\\w$\\u0080-\\uffff]*", "g");
+    const keys = new SetCtor();
+    for (let found = names.exec(body); found !== null; found = names.exec(body)) {
+      if (found[0] !== name) continue;
+      const before = body.slice(0, found.index).trimEnd();
+      if (before.endsWith(".") && !before.endsWith("...")) continue;  // another object's property
+      const member = memberAfter.exec(body.slice(found.index + name.length));
+      if (member === null || member[2] !== undefined) return null;
+      keys.add(member[1]);
+    }
+    return [...keys];
+  }
   const contextual = [];
-  // → 1 when the function is called with a context, 0 when with its value alone.
+  // → "c" when the function is called with a context, "k" + the JSON of the keys it reads of
+  // its value (keysRead), or "w" when it may read all of its value.
   function compile(i, source, mappingJson) {
     mappings[i] = deepFreeze(parse(mappingJson));
     let fn;
@@ -280,12 +348,18 @@ _PRELUDE = r"""
     } catch (error) {
       fns[i] = () => { throw error; };
       contextual[i] = false;
-      return 0;
+      return "k[]";
     }
-    fns[i] = typeof fn === "function" ? fn
-      : () => { throw new TypeError("the $code expression gave " + typeof fn + ", not a function"); };
-    contextual[i] = typeof fn === "function" && seesContext(fn);
-    return contextual[i] ? 1 : 0;
+    if (typeof fn !== "function") {
+      fns[i] = () => { throw new TypeError("the $code expression gave " + typeof fn + ", not a function"); };
+      contextual[i] = false;
+      return "k[]";
+    }
+    fns[i] = fn;
+    contextual[i] = seesContext(fn);
+    if (contextual[i]) return "c";
+    const keys = keysRead(fnSource(fn));
+    return keys === null ? "w" : flat("k" + stringify(keys));
   }
   function check(source) {
     try { FunctionCtor('"use strict";return (' + source + "\n);"); return ""; }
@@ -342,15 +416,8 @@ def _json(value: Any) -> str:
     return "j" + orjson.dumps(value, default=_undefined_as_null).decode()
 
 
-def _event_json(event: Any) -> str:
-    """The event as text for the sandbox: an object as "o" + JSON indented by two spaces (the
-    engine finds its top-level entries in it, see lazyObject), anything else as `_json`."""
-    if type(event) is dict:
-        return "o" + orjson.dumps(event, default=_undefined_as_null, option=orjson.OPT_INDENT_2).decode()
-    return _json(event)
-
-
 _NOTHING = object()  # no value handed over yet
+_WHOLE = object()  # the whole event was handed over
 
 
 def _undefined_as_null(value: Any) -> Any:
@@ -401,19 +468,20 @@ class _JsSandbox:
         self.settle_fn, self.check_fn = api("settle"), api("check")
         self.compiled = 0
         self.contextual: list[bool] = []  # by function: called with a context (else its value alone)
+        # By function: the top-level keys it reads of its value, or None when it may read all.
+        self.reads: list[frozenset[str] | None] = []
         self.error_type = _quickjs.JSException
         # What the engine holds (see `take` in the prelude): the event (kept, so its id cannot
         # be reused by another while it is here), its name (the one thing the mapping changes
-        # in place), its serial and text; the collector and consent. Each is sent again only
-        # when it changed.
-        self._event: tuple[Any, Any, int, str] = (_NOTHING, None, 0, "")
-        self._event_sent = False
+        # in place), its serial, and what of it was sent (None: nothing yet, a frozenset: those
+        # keys, _WHOLE: all of it); the collector and consent. Each is sent only when it changed.
+        self._event: tuple[Any, Any, int, Any] = (_NOTHING, None, 0, None)
         self._collector: Any = _NOTHING
         self._consent: Any = _NOTHING
 
     def call_with_context(self, index: int, flags: int, value: Any, event: Any, collector: Any, consent: Any) -> Any:
         """Calls function `index`, which sees a context (see `call` in the prelude)."""
-        serial, event_text = self.event_text(event)
+        serial, event_text = self.event_text(event, None)
         collector_text = None
         if collector is not self._collector:
             collector_text, self._collector = _json(collector), collector
@@ -424,19 +492,30 @@ class _JsSandbox:
             index, flags, "e" if value is event else _json(value), serial, event_text, collector_text, consent_text
         )
 
-    def event_text(self, event: Any) -> tuple[int, str | None]:
-        """(serial, text or None when the engine holds it): the serial is new with every event."""
-        held, name, serial, text = self._event
-        new_name = event.get("name") if type(event) is dict else None
+    def event_text(self, event: Any, keys: frozenset[str] | None) -> tuple[int, str | None]:
+        """(serial, text or None when the engine has what the call needs): the serial is new
+        with every event. `keys`: the top-level keys the function reads, None for all."""
+        held, name, serial, sent = self._event
+        if type(event) is not dict:
+            if held is event and sent is _WHOLE:
+                return serial, None
+            serial = (serial + 1) & 0x3FFFFFFF
+            self._event = (event, None, serial, _WHOLE)
+            return serial, _json(event)
+        new_name = event.get("name")
         if held is event and name == new_name:
-            if self._event_sent:
+            if sent is _WHOLE or (keys is not None and sent is not None and keys <= sent):
                 return serial, None
         else:
             serial = (serial + 1) & 0x3FFFFFFF
-            text = _event_json(event)
-            self._event = (event, new_name, serial, text)
-        self._event_sent = True
-        return serial, text
+            sent = None
+        if keys is None:
+            self._event = (event, new_name, serial, _WHOLE)
+            return serial, "o" + orjson.dumps(event, default=_undefined_as_null, option=orjson.OPT_INDENT_2).decode()
+        missing = keys if sent is None else keys - sent
+        self._event = (event, new_name, serial, keys if sent is None else sent | keys)
+        part = {key: event[key] for key in missing if key in event}
+        return serial, "p" + orjson.dumps(part, default=_undefined_as_null).decode()
 
     def check(self, source: str) -> str:
         return self.check_fn(source)
@@ -444,7 +523,9 @@ class _JsSandbox:
     def compile_up_to(self, functions: list[_JsSource]) -> None:
         while self.compiled < len(functions):
             item = functions[self.compiled]
-            self.contextual.append(bool(self.compile_fn(self.compiled, item.source, item.mapping_json)))
+            kind = self.compile_fn(self.compiled, item.source, item.mapping_json)
+            self.contextual.append(kind == "c")
+            self.reads.append(frozenset(orjson.loads(kind[1:])) if kind[0] == "k" else None)
             self.compiled += 1
 
     def decode(self, encoded: str) -> Any:
@@ -465,8 +546,10 @@ class _JsSandbox:
         if self.context.memory()["malloc_size"] > self.collect_above:
             self.context.gc()
         # Whether the engine took this call's texts is unknown: send them again. The event
-        # keeps its serial, so the engine keeps the event object it may already have built.
-        self._event_sent = False
+        # keeps its serial, so the engine keeps the event object it may already have built
+        # (and takes no text it has already).
+        held, name, serial, _sent = self._event
+        self._event = (held, name, serial, None)
         self._collector = self._consent = _NOTHING
 
 
@@ -501,19 +584,28 @@ class Functions:
         return (Functions, (self.policy,))
 
     def compile(
-        self, spec: str, path: str, mapping: Any, predicate: bool, awaited: bool = True
-    ) -> Callable[[Any, Any, Any, Any], Any]:
-        """A `$code:` or `$py:` string → a callable; raises FunctionSyntaxError or
-        FunctionNotAllowed. Nothing of the function runs here."""
+        self,
+        spec: str,
+        path: str,
+        mapping: Any,
+        predicate: bool,
+        awaited: bool = True,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> UserFunction:
+        """A `$code:` or `$py:` string → a callable ``f(value, context)``, where the context
+        holds the `event`, `collector` and `consent` of the call (attributes). A predicate's
+        callable gives a bool. A call that fails gives undefined (False for a predicate) and
+        is handed to `on_error`; with no `on_error` it raises. Compiling raises
+        FunctionSyntaxError or FunctionNotAllowed; nothing of the function runs here."""
         if spec.startswith(PY_PREFIX):
-            return self._python(spec[len(PY_PREFIX) :].strip(), path, mapping)
+            return self._python(spec[len(PY_PREFIX) :].strip(), path, mapping, predicate, on_error)
         source = spec[len(JS_PREFIX) :].strip()
         problem = check_javascript(source)
         if problem:
             raise FunctionSyntaxError(problem)
         index = len(self._sources)
         self._sources.append(_JsSource(source, path, orjson.dumps(mapping, default=repr).decode()))
-        return self._javascript(index, predicate, awaited)
+        return self._javascript(index, predicate, awaited, on_error)
 
     # -- JavaScript --
     def _sandbox(self) -> _JsSandbox:
@@ -524,39 +616,63 @@ class Functions:
             sandbox.compile_up_to(self._sources)
         return sandbox
 
-    def _javascript(self, index: int, predicate: bool, awaited: bool) -> Callable:
+    def _javascript(
+        self, index: int, predicate: bool, awaited: bool, on_error: Callable[[BaseException], None] | None
+    ) -> UserFunction:
         sandbox_for, local, sources = self._sandbox, self._local, self._sources
         flags = (1 if predicate else 0) | (2 if awaited else 0)
+        failed = False if predicate else UNDEFINED
 
-        def call_javascript(value: Any, event: Any, collector: Any, consent: Any) -> Any:
+        def call_javascript(value: Any, context: Any) -> Any:
             # Runs for every function on every event: the common paths are written out here.
             sandbox = getattr(local, "sandbox", None)
             if sandbox is None or sandbox.compiled < len(sources):
                 sandbox = sandbox_for()
             try:
-                if sandbox.contextual[index]:
-                    result = sandbox.call_with_context(index, flags, value, event, collector, consent)
-                elif value is event:
-                    result = sandbox.call_event_fn(index, flags, *sandbox.event_text(event))
-                elif type(value) is str and "\x00" not in value:
-                    result = sandbox.call_value_fn(index, flags, "s" + value)
-                else:
-                    result = sandbox.call_value_fn(index, flags, _json(value))
-                if result == -1 or result == _PROMISE_PREFIX:
+                try:
+                    if sandbox.contextual[index]:
+                        result = sandbox.call_with_context(
+                            index, flags, value, context.event, context.collector, context.consent
+                        )
+                    elif type(value) is str and "\x00" not in value:
+                        result = sandbox.call_value_fn(index, flags, "s" + value)
+                    elif value is context.event:
+                        result = sandbox.call_event_fn(index, flags, *sandbox.event_text(value, sandbox.reads[index]))
+                    else:
+                        result = sandbox.call_value_fn(index, flags, _json(value))
+                    if predicate:
+                        if result != -1:
+                            return result == 1
+                    elif result[0] == "s":
+                        return result[1:]
+                    elif result != _PROMISE_PREFIX:
+                        return sandbox.decode(result)
                     while sandbox.context.execute_pending_job():
                         pass
                     result = sandbox.settle_fn(predicate)
-            except sandbox.error_type as exc:
-                sandbox.after_failure()
-                raise FunctionError(_first_line(exc)) from None
-            if predicate:
-                return result == 1
-            return result[1:] if result[0] == "s" else sandbox.decode(result)
+                except sandbox.error_type as exc:
+                    sandbox.after_failure()
+                    raise FunctionError(_first_line(exc)) from None
+                if predicate:
+                    return result == 1
+                return result[1:] if result[0] == "s" else sandbox.decode(result)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                return failed
 
         return call_javascript
 
     # -- Python --
-    def _python(self, source: str, path: str, mapping: Any) -> Callable:
+    def _python(
+        self,
+        source: str,
+        path: str,
+        mapping: Any,
+        predicate: bool,
+        on_error: Callable[[BaseException], None] | None,
+    ) -> UserFunction:
         if not self.policy.allow_python:
             raise FunctionNotAllowed(
                 "a $py: function runs Python with the worker's full rights; run with "
@@ -574,23 +690,37 @@ class Functions:
             raise FunctionSyntaxError(f"failed to evaluate: {type(exc).__name__}: {exc}") from None
         if not callable(function):
             raise FunctionSyntaxError(f"must evaluate to a callable (value, context), got {type(function).__name__}")
-        return self.python_callable(function, mapping)
+        return self.python_callable(function, mapping, predicate, on_error)
 
-    def python_callable(self, function: Callable, mapping: Any) -> Callable:
+    def python_callable(
+        self,
+        function: Callable,
+        mapping: Any,
+        predicate: bool = False,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> UserFunction:
         """A Python function ``function(value, context)`` (from a `$py:` string, or handed in by
-        Python code) as a user function, with the policy's time limit."""
+        Python code) as a user function (see `compile`), with the policy's time limit."""
         deadline = PythonDeadline.shared()
         limit = self.policy.time_limit_s
         self.any_python = True
+        failed = False if predicate else UNDEFINED
 
-        def call_python(value: Any, event: Any, collector: Any, consent: Any) -> Any:
-            context = {
-                "event": event,
+        def call_python(value: Any, context: Any) -> Any:
+            given = {
+                "event": context.event,
                 "mapping": mapping,
-                "collector": collector,
-                "consent": None if consent is UNDEFINED else consent,
+                "collector": context.collector,
+                "consent": None if context.consent is UNDEFINED else context.consent,
             }
-            return deadline.run(function, value, context, limit)
+            try:
+                result = deadline.run(function, value, given, limit)
+                return js_truthy(result) if predicate else result
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                return failed
 
         return call_python
 

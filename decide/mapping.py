@@ -32,6 +32,7 @@ from decide.functions import (
     FunctionNotAllowed,
     Functions,
     FunctionSyntaxError,
+    UserFunction,
     describe_failure,
 )
 from decide.paths import (
@@ -186,34 +187,42 @@ class _ErrorLog:
 
 # --- $code functions ----------------------------------------------------------------------------
 
-# A compiled function is called as f(value, event, collector, consent); see decide.functions.
-UserFunction = Callable[[Any, Any, Any, Any], Any]
-
 
 def _compile_function(
-    spec: Any, path: str, functions: Functions, mapping: Any, predicate: bool, awaited: bool = True
+    spec: Any,
+    path: str,
+    functions: Functions,
+    mapping: Any,
+    predicate: bool,
+    awaited: bool = True,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> UserFunction | None:
-    """`fn`/`condition`/`validate` → a callable, or None when absent (JS-falsy, like "").
+    """`fn`/`condition`/`validate` → a callable ``f(value, ctx)`` (see Functions.compile), or
+    None when absent (JS-falsy, like "").
 
     `mapping` is what the function sees as `context.mapping`. A string without a function
     prefix stays a string in walkerOS and fails when called; it is kept as a function that
-    raises, so that value is undefined at run time. Nothing of the function runs here.
+    fails, so that value is undefined at run time. Nothing of the function runs here.
     """
     if spec is None or spec == "":
         return None
     if callable(spec):
-        return functions.python_callable(spec, mapping)
+        return functions.python_callable(spec, mapping, predicate, on_error)
     if not isinstance(spec, str):
         raise MappingConfigError(path, f'expected a function (a "$code:" string), got {type(spec).__name__}')
     if not spec.startswith((CODE_PREFIX, PY_PREFIX)):
         message = f'{spec!r} is not a function: function strings start with "{CODE_PREFIX}"'
+        failed = False if predicate else UNDEFINED
 
-        def not_a_function(*_args: Any) -> Any:
-            raise TypeError(message)
+        def not_a_function(_value: Any, _ctx: Any) -> Any:
+            if on_error is None:
+                raise TypeError(message)
+            on_error(TypeError(message))
+            return failed
 
         return not_a_function
     try:
-        return functions.compile(spec, path, mapping, predicate, awaited)
+        return functions.compile(spec, path, mapping, predicate, awaited, on_error)
     except FunctionSyntaxError as exc:
         language = "JavaScript" if spec.startswith(CODE_PREFIX) else "Python"
         prefix = CODE_PREFIX if spec.startswith(CODE_PREFIX) else PY_PREFIX
@@ -446,21 +455,19 @@ class _Compiler:
         )
 
     def function(self, spec: dict, name: str, path: str, predicate: bool, awaited: bool = True) -> Callable | None:
-        """A guarded user function: its exceptions are reported and turn into `failed`."""
+        """A guarded user function ``f(value, ctx)``: a failed call is reported and gives
+        undefined (False for a predicate, whose results are bools)."""
         place = _child_path(path, name)
-        function = _compile_function(spec.get(name), place, self.functions, spec, predicate, awaited)
-        if function is None:
-            return None
         log = self.log
-
-        def call(value: Any, ctx: _Ctx, failed: Any) -> Any:
-            try:
-                return function(value, ctx.event, ctx.collector, ctx.consent)
-            except Exception as exc:  # any error in user code makes the value undefined
-                log.report(place, exc)
-                return failed
-
-        return call
+        return _compile_function(
+            spec.get(name),
+            place,
+            self.functions,
+            spec,
+            predicate,
+            awaited,
+            lambda exc: log.report(place, exc),
+        )
 
     def config(self, spec: dict, path: str) -> _Node:
         unknown = sorted(set(spec) - VALUE_CONFIG_KEYS)
@@ -515,6 +522,9 @@ class _ConfigCompiler:
         self.static_valid = self.has_static and is_property(self.static)
         self.condition = compiler.function(spec, "condition", path, predicate=True)
         self.fn = compiler.function(spec, "fn", path, predicate=False)
+        # A JavaScript function's result is a property or undefined already (the sandbox checks).
+        fn_spec = spec.get("fn")
+        self.fn_checked = isinstance(fn_spec, str) and fn_spec.startswith(CODE_PREFIX)
         self.validate = compiler.function(spec, "validate", path, predicate=True)
         self.consent_keys = self._consent()
         self.keys = self._key()
@@ -594,7 +604,7 @@ class _ConfigCompiler:
         return None
 
     def _full_run(self) -> Run:
-        condition, fn, validate = self.condition, self.fn, self.validate
+        condition, fn, validate, fn_checked = self.condition, self.fn, self.validate, self.fn_checked
         consent_keys, getter = self.consent_keys, self.getter
         has_static, static, static_valid = self.has_static, self.static, self.static_valid
         static_result = self._static_result()
@@ -602,7 +612,7 @@ class _ConfigCompiler:
         container_checked = self.container is not None and self.container.checked
 
         def run(value: Any, ctx: _Ctx | None) -> Any:
-            if condition is not None and not js_truthy(condition(value, ctx, False)):
+            if condition is not None and not condition(value, ctx):
                 return UNDEFINED
             # (a config with consent is contextual: ctx is given)
             if consent_keys is not None and not _granted(consent_keys, ctx.consent):  # type: ignore[union-attr]
@@ -611,8 +621,8 @@ class _ConfigCompiler:
             result = static if has_static else value
             checked = static_valid
             if fn is not None:
-                result = fn(value, ctx, UNDEFINED)
-                checked = False
+                result = fn(value, ctx)
+                checked = fn_checked
             if getter is not None:
                 result = getter(value, static)  # the key reads the original input; wins over fn
                 checked = False
@@ -620,7 +630,7 @@ class _ConfigCompiler:
                 produced = container(value, ctx)
                 if produced is not _NOT_PRODUCED:
                     result, checked = produced, container_checked
-            if validate is not None and not js_truthy(validate(result, ctx, False)):
+            if validate is not None and not validate(result, ctx):
                 result = UNDEFINED
             if not checked and not _is_property_type(result):
                 result = UNDEFINED
@@ -922,7 +932,7 @@ class CompiledRule:
         is counted and does not match (walkerOS would let the whole push fail)."""
         if self._condition is None:
             return True
-        return js_truthy(self._condition(event, ctx, False))
+        return self._condition(event, ctx)
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.key!r}, name={self.name!r})"
@@ -1062,20 +1072,16 @@ class DestinationMapping:
         self._include = _compile_include(config.get("include"), _child_path(path, "include"))
         self.rules = self._compile_rules(compiler, config.get("mapping"), _child_path(path, "mapping"))
         self._plain_event, self._plain_data = self._holes_possible()
-        # Rules whose events need no more than the rule's own name and data: no policy, no
-        # include or remove, no config data, no holes to clear. Most rules are like this, and
-        # process takes a short way for them (the same steps, the ones that do nothing left out).
+        # Rules whose events need no more than the rule's own name and data (holes cleared,
+        # if it can have any): no policy, no include or remove, no config data. Most rules are
+        # like this, and process takes a short way for them (the same steps, the ones that do
+        # nothing left out).
         simple_config = not self._policy and not self._include and self._data_node is None
         simple_config = simple_config and self._data_literal is UNDEFINED and not self._plain_event
         self._simple_rules = frozenset(
             rule
             for rule in self.all_rules()
-            if simple_config
-            and not rule._policy
-            and rule._include is None
-            and not rule._remove
-            and not rule.ignore
-            and not self._plain_data[rule]
+            if simple_config and not rule._policy and rule._include is None and not rule._remove and not rule.ignore
         )
         # Rule lookup by event name: the rules getMappingEvent would try, in order, up to
         # the first that has no condition. Names repeat, so this is worked out once per name.
@@ -1200,7 +1206,10 @@ class DestinationMapping:
                 return MappingResult(event, rule, False, UNDEFINED)
             if node.contextual and ctx is None:
                 ctx = _event_context(event, collector)
-            return MappingResult(event, rule, False, node.run(event, ctx if node.contextual else None))
+            data = node.run(event, ctx if node.contextual else None)
+            if data is not UNDEFINED and self._plain_data[rule]:
+                data = to_plain(data)
+            return MappingResult(event, rule, False, data)
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
             ctx = None  # another event now

@@ -572,3 +572,86 @@ def _flow_file(tmp_path, settings: dict | None = None, mapping: dict | None = No
     path = tmp_path / "flow.json"
     path.write_text(json.dumps(flow_document(settings, mapping, **config)))
     return path
+
+
+# --- the keys a function reads: only those cross ------------------------------------------------
+# A one-parameter function that only reads `event.key` gets an object with just the keys it reads
+# (see keysRead in decide.functions); once a function may read more, the event becomes whole, in
+# its own key order, keeping what the functions before did to it. Each sequence below runs twice
+# on one event: as written, and with every function made to take the whole event (a bare use of
+# its parameter). The answers must be the same.
+
+READ_SEQUENCES = [
+    ["(e) => e.name", "(e) => e.data.id", "(e) => JSON.stringify(e)"],
+    ["(e) => { e.data.id = 'x'; e.added = 1; return e.added; }", "(e) => JSON.stringify(e)"],
+    ["(e) => { delete e.user; return e.name; }", "(e) => [Object.keys(e), 'user' in e]"],
+    ["(e) => { e.name = 'renamed'; return 1; }", "(e) => e.name", "(e) => JSON.stringify(Object.entries(e))"],
+    ["(e) => e.nope === undefined && e.toString === Object.prototype.toString", "(e) => JSON.stringify(e)"],
+    ["(e) => e?.data?.total", "(e) => `${e.name}!`", "(e) => ({...e}).name"],
+    ["(e) => e.hasOwnProperty('data')", "(e) => e.propertyIsEnumerable('user')", "(e) => e.valueOf() === e"],
+    ["(e) => { const f = (e) => e.length; return f(e.name); }", "(e) => Object.keys(e)"],
+    ["(event) => event.name.toUpperCase()", "(ev) => [ev.data, ev['user']]", "function (e) { return e.consent; }"],
+    ["(e) => 'e.data' + e.name // e.user", "(e) => [e.data.total, e.nope]", "(e) => Object.keys(e).length"],
+    ["(e) => { e.data = {replaced: true}; return e.data; }", "(e) => e", "(e) => JSON.stringify(e)"],
+    ["(e) => e.name", "(e) => { throw new Error(e.name); }", "(e) => { e.after = 2; return Object.keys(e); }"],
+]
+
+
+def _whole(source: str) -> str:
+    """The same function, taking the whole event: its parameter named once on its own."""
+    if source.startswith("function"):
+        return source.replace("{ ", "{ void e; ", 1)
+    parameter, _, body = source.partition("=>")
+    name, body = parameter.strip().strip("()").strip(), body.strip()
+    if body.startswith("{"):
+        return f"({name}) => {{ void {name}; {body[1:]}"
+    return f"({name}) => {{ void {name}; return ({body}\n); }}"
+
+
+@pytest.mark.parametrize("sequence", READ_SEQUENCES)
+def test_functions_reading_some_keys_answer_as_on_the_whole_event(sequence: list[str]) -> None:
+    def run(sources: list[str]) -> list:
+        functions = Functions(FAST)
+        errors: list[str] = []
+        values = [
+            compile_value(
+                {"fn": f"$code:{source}"},
+                f"$.v{i}",
+                on_error=lambda place, exc: errors.append(f"{place}: {exc}"),
+                functions=functions,
+            )
+            for i, source in enumerate(sources)
+        ]
+        event = json.loads(json.dumps({**EVENT, "list": [1, 2]}))
+        return [value(event) for value in values] + [errors]
+
+    assert run(sequence) == run([_whole(source) for source in sequence])
+
+
+@pytest.mark.parametrize(
+    ("source", "keys"),
+    [
+        ("(e) => e.name", ["name"]),
+        ("(event) => event.data.id + event.name.length", ["data", "name"]),
+        ("(e) => e?.user?.id", ["user"]),
+        ("(e) => { e.x = 1; delete e.y; return e.x; }", ["x", "y"]),
+        ("(e) => 'e' + e.name", None),  # a bare `e` in a string: taken as code, so all of it
+        ("(e) => e", None),
+        ("(e) => ({...e})", None),
+        ("(e) => Object.keys(e)", None),
+        ("(e) => e.hasOwnProperty('x')", None),  # a method sees the whole event as `this`
+        ("(e) => e.name`x`", None),
+        ("(e) => e.f?.()", None),
+        ("(e) => e['name']", None),
+        ("(e) => eval('e.name')", None),
+        ("(e) => \\u0065.name", None),
+        ("(e) => other.e + e.name", ["name"]),
+        ("function (e) { return arguments[0].name; }", None),
+        ("({name}) => name", None),
+    ],
+)
+def test_the_keys_a_function_reads_are_found_conservatively(source: str, keys: list | None) -> None:
+    functions = Functions(FAST)
+    functions.compile(f"$code:{source}", "$.v", {}, predicate=False)
+    sandbox = functions._sandbox()
+    assert sandbox.reads[0] == (None if keys is None else frozenset(keys))
