@@ -370,18 +370,31 @@ _PRELUDE = r"""
   // when they did not change since the last call (see take). Every argument costs a
   // conversion in the binding, so the host calls with as few as the function needs:
   // callValue for a function without a context on another value, callEvent for one on the
-  // event, call for one with a context.
+  // event, call for one with a context. callEvent and callValue only call functions without one.
   function call(i, flags, valueText, serial, newEventText, newCollectorText, newConsentText) {
     take(serial, newEventText, newCollectorText, newConsentText);
     return invoke(i, flags, valueText === "e" ? currentEvent() : decodeInput(valueText));
   }
+  // callEvent and callValue write out their common ends (a boolean for a predicate, a short
+  // string otherwise): QuickJS pays some hundreds of instructions for each function call.
   function callEvent(i, flags, serial, newEventText) {
-    take(serial, newEventText, null, null);
-    return invoke(i, flags, currentEvent());
+    if (serial !== eventSerial || newEventText !== null) take(serial, newEventText, null, null);
+    const r = fns[i](eventBuilt ? eventObject : currentEvent());
+    if ((flags & 1) === 1) { if (typeof r !== "object" || r === null) return r ? 1 : 0; }
+    else if (typeof r === "string" && r.length < 256 && r.indexOf("\0") === -1) return "s" + r;
+    return finish(flags, r);
   }
-  function callValue(i, flags, valueText) { return invoke(i, flags, decodeInput(valueText)); }
+  function callValue(i, flags, valueText) {
+    const r = fns[i](valueText === "" ? undefined : valueText[0] === "s" ? valueText.slice(1) : parse(valueText.slice(1)));
+    if ((flags & 1) === 1) { if (typeof r !== "object" || r === null) return r ? 1 : 0; }
+    else if (typeof r === "string" && r.length < 256 && r.indexOf("\0") === -1) return "s" + r;
+    return finish(flags, r);
+  }
   function invoke(i, flags, value) {
-    const r = contextual[i] ? fns[i](value, new Context(i)) : fns[i](value);
+    return finish(flags, contextual[i] ? fns[i](value, new Context(i)) : fns[i](value));
+  }
+  // A result as the host takes it (short strings are flat: no rope to flatten, see flat).
+  function finish(flags, r) {
     const predicate = (flags & 1) === 1;
     if ((flags & 2) === 2 && isPromise(r)) {
       settled = null;

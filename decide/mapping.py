@@ -577,6 +577,13 @@ class _ConfigCompiler:
 
     def _lean_run(self) -> Run | None:
         """A closure for configs made of `value`, `key` or one container only, or None."""
+        if (
+            self.fn is not None
+            and self.fn_checked
+            and not (self.condition or self.validate or self.has_static or self.keys or self.container)
+            and self.consent_keys is None
+        ):
+            return self.fn  # {"fn": JavaScript}: its result, a property or undefined, is the value
         if self.condition or self.fn or self.validate or self.consent_keys is not None:
             return None
         static_result = self._static_result()
@@ -1158,7 +1165,7 @@ class DestinationMapping:
                 return rule, ctx
             if ctx is None:
                 ctx = _event_context(event, collector)
-            if rule.matches(event, ctx):
+            if rule._condition(event, ctx):  # (what `matches` does, written out: per event)
                 return rule, ctx
         return None, ctx
 

@@ -411,8 +411,16 @@ def flatten_include(event: dict, sections: Iterable[str]) -> tuple[dict, bool]:
 def to_plain(value: Any) -> Any:
     """The JSON view of a mapped value (what `JSON.stringify` sends): holes in lists become
     None, undefined object values disappear. Returns a new structure where anything changed."""
+    # Scalars are taken as they are, without a call: most values of mapped data are.
     if isinstance(value, list):
-        return [None if item is UNDEFINED else to_plain(item) for item in value]
+        return [item if type(item) in _SCALARS else None if item is UNDEFINED else to_plain(item) for item in value]
     if isinstance(value, dict):
-        return {key: to_plain(item) for key, item in value.items() if item is not UNDEFINED}
+        return {
+            key: item if type(item) in _SCALARS else to_plain(item)
+            for key, item in value.items()
+            if item is not UNDEFINED
+        }
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})

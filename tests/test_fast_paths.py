@@ -1,6 +1,6 @@
 """Each fast path against the reference path it short-cuts, on generated input: the quick event
-check vs the ordered validation, the specialised (inlined) map vs the general map, and the
-timestamp formatter vs datetime.isoformat."""
+check vs the ordered validation, the specialised (inlined) map vs the general map, the
+timestamp formatter vs datetime.isoformat, and to_plain vs the plain recursion."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from decide.consent import ConsentContexts, category_preferences
 from decide.event import InvalidEvent, _plainly_valid, _validate, _validate_in_order, normalise
 from decide.identity import IdentityResolver
 from decide.mapping import UNDEFINED, compile_value
+from decide.paths import to_plain
 
 SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -229,3 +230,29 @@ def test_normalising_in_place_gives_the_copy(event: dict, collector: dict | None
             return ("raised", type(exc).__name__)
 
     assert _same(outcome(True), outcome(False))
+
+
+# --- to_plain: scalars taken without a call, against the plain recursion --------------------------
+
+
+def _to_plain_reference(value: Any) -> Any:
+    if isinstance(value, list):
+        return [None if item is UNDEFINED else _to_plain_reference(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_plain_reference(item) for key, item in value.items() if item is not UNDEFINED}
+    return value
+
+
+WITH_HOLES = st.recursive(
+    st.one_of(SCALARS, st.just(UNDEFINED)),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=3), c, max_size=3)),
+    max_leaves=8,
+)
+
+
+@SETTINGS
+@given(value=WITH_HOLES)
+def test_to_plain_matches_the_plain_recursion(value: Any) -> None:
+    expected = _to_plain_reference(value)
+    got = to_plain(value)
+    assert repr(got) == repr(expected)  # repr: NaN compares unequal to itself
