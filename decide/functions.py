@@ -488,7 +488,10 @@ class _JsSandbox:
         # be reused by another while it is here), its name (the one thing the mapping changes
         # in place), its serial, and what of it was sent (None: nothing yet, a frozenset: those
         # keys, _WHOLE: all of it); the collector and consent. Each is sent only when it changed.
-        self._event: tuple[Any, Any, int, Any] = (_NOTHING, None, 0, None)
+        self.held: Any = _NOTHING
+        self.held_name: Any = None
+        self.serial = 0
+        self.sent: Any = None
         self._collector: Any = _NOTHING
         self._consent: Any = _NOTHING
 
@@ -507,26 +510,27 @@ class _JsSandbox:
 
     def event_text(self, event: Any, keys: frozenset[str] | None) -> tuple[int, str | None]:
         """(serial, text or None when the engine has what the call needs): the serial is new
-        with every event. `keys`: the top-level keys the function reads, None for all."""
-        held, name, serial, sent = self._event
+        with every event. `keys`: the top-level keys the function reads, None for all.
+        (call_javascript writes out the first test: the engine has what it needs.)"""
+        serial, sent = self.serial, self.sent
         if type(event) is not dict:
-            if held is event and sent is _WHOLE:
+            if self.held is event and sent is _WHOLE:
                 return serial, None
-            serial = (serial + 1) & 0x3FFFFFFF
-            self._event = (event, None, serial, _WHOLE)
-            return serial, _json(event)
-        new_name = event.get("name")
-        if held is event and name == new_name:
+            self.held, self.held_name, self.serial, self.sent = event, None, (serial + 1) & 0x3FFFFFFF, _WHOLE
+            return self.serial, _json(event)
+        name = event.get("name")
+        if self.held is event and self.held_name == name:
             if sent is _WHOLE or (keys is not None and sent is not None and keys <= sent):
                 return serial, None
         else:
             serial = (serial + 1) & 0x3FFFFFFF
             sent = None
+            self.held, self.held_name, self.serial = event, name, serial
         if keys is None:
-            self._event = (event, new_name, serial, _WHOLE)
+            self.sent = _WHOLE
             return serial, "o" + orjson.dumps(event, default=_undefined_as_null, option=orjson.OPT_INDENT_2).decode()
         missing = keys if sent is None else keys - sent
-        self._event = (event, new_name, serial, keys if sent is None else sent | keys)
+        self.sent = keys if sent is None else sent | keys
         part = {key: event[key] for key in missing if key in event}
         return serial, "p" + orjson.dumps(part, default=_undefined_as_null).decode()
 
@@ -561,8 +565,7 @@ class _JsSandbox:
         # Whether the engine took this call's texts is unknown: send them again. The event
         # keeps its serial, so the engine keeps the event object it may already have built
         # (and takes no text it has already).
-        held, name, serial, _sent = self._event
-        self._event = (held, name, serial, None)
+        self.sent = None
         self._collector = self._consent = _NOTHING
 
 
@@ -650,7 +653,15 @@ class Functions:
                     elif type(value) is str and "\x00" not in value:
                         result = sandbox.call_value_fn(index, flags, "s" + value)
                     elif value is context.event:
-                        result = sandbox.call_event_fn(index, flags, *sandbox.event_text(value, sandbox.reads[index]))
+                        keys, sent = sandbox.reads[index], sandbox.sent
+                        if (
+                            value is sandbox.held
+                            and (sent is _WHOLE or (keys is not None and sent is not None and keys <= sent))
+                            and (type(value) is not dict or value.get("name") == sandbox.held_name)
+                        ):
+                            result = sandbox.call_event_fn(index, flags, sandbox.serial, None)
+                        else:
+                            result = sandbox.call_event_fn(index, flags, *sandbox.event_text(value, keys))
                     else:
                         result = sandbox.call_value_fn(index, flags, _json(value))
                     if predicate:

@@ -283,7 +283,7 @@ def _resolve_consent(value: Any, given: Any, collector: Any) -> Any:
     context's, else the collector's. The first truthy one wins whole; JS `{}` is truthy."""
     if isinstance(value, dict):
         own = value.get("consent")
-        if own is not None and js_truthy(own):
+        if own is not None and (type(own) is dict or js_truthy(own)):  # an object is truthy
             return own
     if given is not None and js_truthy(given):
         return given
