@@ -320,7 +320,7 @@ _PRELUDE = r"""
   // scanned as code: they can only add keys or make the answer null.
   const parameterOf = /^(?:async\s+)?(?:\(\s*([A-Za-z_$][\w$]*)\s*\)|([A-Za-z_$][\w$]*))\s*=>|^(?:async\s+)?function\b\s*\*?\s*(?:[A-Za-z_$][\w$]*)?\s*\(\s*([A-Za-z_$][\w$]*)\s*\)\s*\{/;
   const memberAfter = /^\s*\??\.\s*([A-Za-z_$][\w$]*)\s*(\(|`|\?\.\s*\()?/;
-  const escapes = /\\u/;
+  const escapes = /\\u/, numberBefore = /(?:^|[^\w$])\d[\w.]*$/;
   function keysRead(source) {
     const head = parameterOf.exec(source);
     if (head === null || mentionsArguments.test(source) || escapes.test(source)) return null;
@@ -330,7 +330,8 @@ _PRELUDE = r"""
     for (let found = names.exec(body); found !== null; found = names.exec(body)) {
       if (found[0] !== name) continue;
       const before = body.slice(0, found.index).trimEnd();
-      if (before.endsWith(".") && !before.endsWith("...")) continue;  // another object's property
+      // another object's property (but not after a spread, nor after a number such as `1.`)
+      if (before.endsWith(".") && !before.endsWith("...") && !numberBefore.test(before)) continue;
       const member = memberAfter.exec(body.slice(found.index + name.length));
       if (member === null || member[2] !== undefined) return null;
       keys.add(member[1]);

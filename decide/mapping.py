@@ -934,13 +934,6 @@ class CompiledRule:
         self._include = _compile_include(raw.get("include"), _child_path(path, "include"))
         self._remove = _compile_remove(raw.get("remove"), _child_path(path, "remove"))
 
-    def matches(self, event: dict, ctx: _Ctx) -> bool:
-        """The rule's `condition(event, context)`; no condition matches. A raising condition
-        is counted and does not match (walkerOS would let the whole push fail)."""
-        if self._condition is None:
-            return True
-        return self._condition(event, ctx)
-
     def __repr__(self) -> str:
         return f"CompiledRule({self.key!r}, name={self.name!r})"
 
@@ -1165,7 +1158,9 @@ class DestinationMapping:
                 return rule, ctx
             if ctx is None:
                 ctx = _event_context(event, collector)
-            if rule._condition(event, ctx):  # (what `matches` does, written out: per event)
+            # The rule's condition(event, context): a bool; one that raises is counted and does
+            # not match (walkerOS would let the whole push fail).
+            if rule._condition(event, ctx):
                 return rule, ctx
         return None, ctx
 

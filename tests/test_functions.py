@@ -646,6 +646,7 @@ def test_functions_reading_some_keys_answer_as_on_the_whole_event(sequence: list
         ("(e) => eval('e.name')", None),
         ("(e) => \\u0065.name", None),
         ("(e) => other.e + e.name", ["name"]),
+        ("(e) => { let x = 1.\ne.data; return x; }", ["data"]),  # `1.` is a number: `e` is ours
         ("function (e) { return arguments[0].name; }", None),
         ("({name}) => name", None),
     ],
