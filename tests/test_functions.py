@@ -608,24 +608,27 @@ def _whole(source: str) -> str:
     return f"({name}) => {{ void {name}; return ({body}\n); }}"
 
 
+def _on_one_event(sources: list[str], event: dict, words: bool = True) -> list:
+    """Each source's answer, the functions called in turn on (a copy of) one event, then the
+    errors by place: with their words, or (words=False) only their type."""
+    functions = Functions(FAST)
+    errors: list[str] = []
+
+    def record(place: str, exc: BaseException) -> None:
+        errors.append(f"{place}: {exc if words else str(exc).split(':')[0]}")
+
+    values = [
+        compile_value({"fn": f"$code:{source}"}, f"$.v{i}", on_error=record, functions=functions)
+        for i, source in enumerate(sources)
+    ]
+    copy = json.loads(json.dumps(event))
+    return [value(copy) for value in values] + [errors]
+
+
 @pytest.mark.parametrize("sequence", READ_SEQUENCES)
 def test_functions_reading_some_keys_answer_as_on_the_whole_event(sequence: list[str]) -> None:
-    def run(sources: list[str]) -> list:
-        functions = Functions(FAST)
-        errors: list[str] = []
-        values = [
-            compile_value(
-                {"fn": f"$code:{source}"},
-                f"$.v{i}",
-                on_error=lambda place, exc: errors.append(f"{place}: {exc}"),
-                functions=functions,
-            )
-            for i, source in enumerate(sources)
-        ]
-        event = json.loads(json.dumps({**EVENT, "list": [1, 2]}))
-        return [value(event) for value in values] + [errors]
-
-    assert run(sequence) == run([_whole(source) for source in sequence])
+    event = {**EVENT, "list": [1, 2]}
+    assert _on_one_event(sequence, event) == _on_one_event([_whole(source) for source in sequence], event)
 
 
 @pytest.mark.parametrize(
@@ -689,21 +692,7 @@ def test_any_sequence_of_key_reads_and_writes_answers_as_on_the_whole_event(even
     )
     sources = [source(step) for step in steps] + ["(e) => JSON.stringify([Object.keys(e), e])"]
 
-    def run(texts: list[str]) -> list:
-        functions = Functions(FAST)
-        errors: list[str] = []
-        values = [
-            compile_value(
-                {"fn": f"$code:{text}"},
-                f"$.v{i}",
-                # Where and which error, not its words: writing a name the frozen realm holds
-                # read-only (`e.constructor = …`) fails on both, worded by the Proxy or not.
-                on_error=lambda place, exc: errors.append(f"{place}: {str(exc).split(':')[0]}"),
-                functions=functions,
-            )
-            for i, text in enumerate(texts)
-        ]
-        copy = json.loads(json.dumps(event))
-        return [value(copy) for value in values] + [errors]
-
-    assert run(sources) == run([_whole(text) for text in sources])
+    # Where and which error, not its words: writing a name the frozen realm holds read-only
+    # (`e.constructor = …`) fails on both, worded by the Proxy or not.
+    whole = [_whole(text) for text in sources]
+    assert _on_one_event(sources, event, words=False) == _on_one_event(whole, event, words=False)
