@@ -638,7 +638,6 @@ class Functions:
     ) -> UserFunction:
         sandbox_for, local, sources = self._sandbox, self._local, self._sources
         flags = (1 if predicate else 0) | (2 if awaited else 0)
-        failed = False if predicate else UNDEFINED
 
         def call_javascript(value: Any, context: Any) -> Any:
             # Runs for every function on every event: the common paths are written out here.
@@ -682,10 +681,7 @@ class Functions:
                     return result == 1
                 return result[1:] if result[0] == "s" else sandbox.decode(result)
             except Exception as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                return failed
+                return failed_call(exc, on_error, predicate)
 
         return call_javascript
 
@@ -729,7 +725,6 @@ class Functions:
         deadline = PythonDeadline.shared()
         limit = self.policy.time_limit_s
         self.any_python = True
-        failed = False if predicate else UNDEFINED
 
         def call_python(value: Any, context: Any) -> Any:
             given = {
@@ -742,12 +737,18 @@ class Functions:
                 result = deadline.run(function, value, given, limit)
                 return js_truthy(result) if predicate else result
             except Exception as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                return failed
+                return failed_call(exc, on_error, predicate)
 
         return call_python
+
+
+def failed_call(exc: BaseException, on_error: Callable[[BaseException], None] | None, predicate: bool) -> Any:
+    """What a user function's failed call gives: undefined, or False for a predicate, once
+    `on_error` has the error; with no `on_error`, the error is raised."""
+    if on_error is None:
+        raise exc
+    on_error(exc)
+    return False if predicate else UNDEFINED
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -34,6 +34,7 @@ from decide.functions import (
     FunctionSyntaxError,
     UserFunction,
     describe_failure,
+    failed_call,
 )
 from decide.paths import (
     INCLUDE_SECTIONS,
@@ -212,13 +213,9 @@ def _compile_function(
         raise MappingConfigError(path, f'expected a function (a "$code:" string), got {type(spec).__name__}')
     if not spec.startswith((CODE_PREFIX, PY_PREFIX)):
         message = f'{spec!r} is not a function: function strings start with "{CODE_PREFIX}"'
-        failed = False if predicate else UNDEFINED
 
         def not_a_function(_value: Any, _ctx: Any) -> Any:
-            if on_error is None:
-                raise TypeError(message)
-            on_error(TypeError(message))
-            return failed
+            return failed_call(TypeError(message), on_error, predicate)
 
         return not_a_function
     try:
@@ -1205,13 +1202,10 @@ class DestinationMapping:
                 event["name"] = rule.name
             node = rule._data
             if node is None or not with_data:
-                return MappingResult(event, rule, False, UNDEFINED)
+                return self._result(event, rule, False, UNDEFINED)
             if node.contextual and ctx is None:
                 ctx = _event_context(event, collector)
-            data = node.run(event, ctx if node.contextual else None)
-            if data is not UNDEFINED and self._plain_data[rule]:
-                data = to_plain(data)
-            return MappingResult(event, rule, False, data)
+            return self._result(event, rule, False, node.run(event, ctx if node.contextual else None))
         if rule is not None and rule._policy:
             event = _apply_policy(rule._policy, event, collector)
             ctx = None  # another event now
