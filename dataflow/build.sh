@@ -14,11 +14,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 assemble() {  # the build context: only what the image needs, never .venv or tests
   local dir=$1
   mkdir -p "$dir/dataflow"
-  cp -R "$ROOT/setup.py" "$ROOT/constraints.txt" "$ROOT/LICENSE" "$ROOT/decide" "$ROOT/segment_api" "$ROOT/transforms" "$ROOT/pipeline" \
+  cp -R "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/LICENSE" "$ROOT/decide" "$ROOT/segment_api" "$ROOT/transforms" "$ROOT/pipeline" \
     "$ROOT/schemas" "$ROOT/local_segment" "$ROOT/examples" "$dir/"
   cp "$ROOT/dataflow/launch.py" "$ROOT/dataflow/requirements.lock" "$dir/dataflow/"
   cp "$ROOT/dataflow/Dockerfile" "$dir/Dockerfile"  # Cloud Build's --tag wants it at the root
   find "$dir" -name __pycache__ -prune -exec rm -rf {} +
+  # The checkout's compiled decide layer is for this machine: the image compiles its own.
+  rm -f "$dir"/decide/*.so "$dir"/decide/*.c "$dir/decide/compiled.json"
 }
 
 default_tag() {  # an image built from uncommitted changes must say so in its tag

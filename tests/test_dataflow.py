@@ -433,8 +433,9 @@ def test_the_lock_pins_every_runtime_dependency_with_a_hash_as_constraints_txt_d
         assert entries[lock.canonical(name)][0] == metadata.version(name)
     for _version, digest in entries.values():
         assert re.fullmatch(r"[0-9a-f]{64}", digest)
-    # The image builds the package with --no-build-isolation: what builds it is locked too.
-    assert "setuptools" in entries and "wheel" in entries
+    # The image builds the package with --no-build-isolation: what builds it (and compiles its
+    # decide layer) is locked too.
+    assert "setuptools" in entries and "wheel" in entries and "cython" in entries
     # A lock that drifts from constraints.txt is refused, offline.
     drifted = text.replace(f"orjson=={entries['orjson'][0]}", "orjson=0.0.1")
     assert lock.problems(drifted)

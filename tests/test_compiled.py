@@ -1,0 +1,123 @@
+"""The decide layer runs compiled (setup.py compiles it with Cython): every module of it, its
+answers the same as its plain Python source's, and an edited source is never shadowed by a
+compiled module built from an older one."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import decide
+import decide.event
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted(p.stem for p in (ROOT / "decide").glob("*.py") if p.stem != "__init__")
+HOSTILE_LINES = [
+    b'{"name": "page view", "timestamp": 1e300, "id": "far"}',  # a time out of range
+    b'{"name": "page view", "data": {"title": "\xff\xfe"}}',  # not UTF-8
+    b'{"name": "page view", "data": ' + b'{"a": ' * 80 + b"1" + b"}" * 80 + b"}",  # too deep
+    b"not json",
+    b'[{"name": "page view", "id": "a"}, 3, {"name": "nospace"}]',  # an envelope, partly bad
+    b'{"name": "page view", "id": "", "consent": {"analytics": "yes"}}',
+]
+
+
+def test_every_module_of_the_decide_layer_runs_compiled():
+    """What `make` builds and the tests run is what users run; a build that fell back to plain
+    Python (no compiler, no Cython) must not pass unnoticed."""
+    assert decide.STALE == []
+    assert decide.compiled_modules() == dict.fromkeys(SOURCES, True)
+    assert isinstance(decide.event.__loader__, importlib.machinery.ExtensionFileLoader)
+
+
+def test_the_compiled_layer_answers_as_its_source(tmp_path):
+    """explain over the benchmark's flow (17 rules, JavaScript functions, identify and group,
+    consent, loops) and 2,000 of its events plus hostile lines: byte for byte the same output
+    from the compiled modules and from their plain source."""
+    from bench.generate import write_events, write_flow
+
+    flow = write_flow(tmp_path / "flow.json", flush_at=500)
+    events = tmp_path / "events.jsonl"
+    write_events(events, 2000)
+    with events.open("ab") as f:
+        f.write(b"\n".join(HOSTILE_LINES) + b"\n")
+
+    plain = tmp_path / "plain"
+    shutil.copytree(ROOT / "decide", plain / "decide", ignore=shutil.ignore_patterns("*.so", "*.c", "compiled.json"))
+    outputs = {}
+    for name, path in (("compiled", ROOT), ("plain", plain)):
+        outputs[name] = _explain(flow, events, pythonpath=[path, ROOT])
+    assert outputs["plain"][1] == ["plain"]  # the copy really ran its source
+    assert outputs["compiled"][1] == ["compiled"]
+    assert outputs["compiled"][0] == outputs["plain"][0]
+    assert outputs["compiled"][0].count(b"\n") == 2000 + len(HOSTILE_LINES) + 2  # an envelope: 3 lines
+
+
+def _explain(flow: Path, events: Path, pythonpath: list[Path]) -> tuple[bytes, list[str]]:
+    script = (
+        "import sys, decide; from pipeline.cli import main; "
+        "print('compiled' if all(decide.compiled_modules().values()) else "
+        "'plain' if not any(decide.compiled_modules().values()) else 'mixed', file=sys.stderr); "
+        f"sys.exit(main(['explain', '--flow', {str(flow)!r}, '--input', {str(events)!r}, "
+        "'--max_dead_letter_ratio', '1']))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, cwd=flow.parent, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    kinds = [line for line in done.stderr.decode().splitlines() if line in ("compiled", "plain", "mixed")]
+    return done.stdout, kinds
+
+
+def test_an_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path):
+    """A checkout edited since `make` last compiled it: the edited module runs from its source,
+    with one warning naming it, and the others stay compiled."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide")
+    consent = tmp_path / "decide" / "consent.py"
+    consent.write_text(consent.read_text() + "\n\ndef edited():\n    return 'the edit runs'\n")
+    script = (
+        "import decide.consent, decide.calls; "
+        "print(decide.consent.edited(), [n for n, c in decide.compiled_modules().items() if not c])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "the edit runs ['consent']"
+    [warning] = [line for line in done.stderr.splitlines() if "StaleCompiledModule" in line]
+    assert "decide: consent.py changed since compiled; running the source" in warning
+
+
+@pytest.mark.parametrize("record", ["missing", "unreadable"])
+def test_compiled_modules_without_their_record_are_not_trusted(tmp_path, record):
+    """Compiled modules whose build did not finish (no compiled.json, or a damaged one) could be
+    from any source: each runs from its source instead."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide")
+    if record == "missing":
+        (tmp_path / "decide" / "compiled.json").unlink()
+    else:
+        (tmp_path / "decide" / "compiled.json").write_text("{not json")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import decide; print(decide.STALE == " + repr(SOURCES) + ", any(decide.compiled_modules().values()))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True False"
