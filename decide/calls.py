@@ -48,6 +48,15 @@ class EventCalls(NamedTuple):
         return out
 
 
+class _CallPlan(NamedTuple):
+    """What a rule's settings make of an event's calls."""
+
+    identify: Any  # the identify value's function, or None
+    group: Any  # the group value's function, or None
+    page_likes: tuple[tuple[str, Any], ...]  # (page or screen, True or its value's function)
+    track: bool  # whether the event's own track call is sent
+
+
 def timestamp_datetime(timestamp_ms: int | float) -> _dt.datetime:
     """Epoch milliseconds → aware UTC datetime, exact to the millisecond (no float drift)."""
     return _EPOCH + _dt.timedelta(milliseconds=int(timestamp_ms))
@@ -317,15 +326,6 @@ def _identify_signature(candidate: tuple) -> Signature:
 def _group_signature(candidate: tuple) -> Signature:
     """What group deduplication compares: the groupId and its traits."""
     return candidate[0], canonical_json(candidate[1])
-
-
-class _CallPlan(NamedTuple):
-    """What a rule's settings make of an event's calls."""
-
-    identify: Any  # the identify value's function, or None
-    group: Any  # the group value's function, or None
-    page_likes: tuple[tuple[str, Any], ...]  # (page or screen, True or its value's function)
-    track: bool  # whether the event's own track call is sent
 
 
 def _evaluator(value: Any) -> Any:

@@ -207,6 +207,109 @@ def _endpoint_errors(settings: dict, path: str) -> list[str]:
     return errors
 
 
+class _References:
+    """Resolves $env / $var / $secret in a JSON value, collecting every error with its path."""
+
+    def __init__(self, variables: dict, env: Mapping[str, str]):
+        self.variables = variables
+        self.env = env
+        self.errors: list[str] = []
+        self._visiting: list[str] = []  # variables being resolved, to catch cycles
+
+    def follow_variables(self, value: Any) -> Any:
+        """A whole-string ``$var.name`` followed to what it names, unresolved otherwise."""
+        seen = set()
+        while isinstance(value, str):
+            match = _VAR_WHOLE.match(value)
+            if not match or match.group(2) or match.group(1) in seen or match.group(1) not in self.variables:
+                break
+            seen.add(match.group(1))
+            value = self.variables[match.group(1)]
+        return value
+
+    def _variable_value(self, name: str, path: str) -> Any:
+        """A variable's value with its own references resolved (variables may use $env, $secret
+        and other variables, as in walkerOS), or None after recording a cycle."""
+        if name in self._visiting:
+            chain = " -> ".join(f"$var.{n}" for n in [*self._visiting, name])
+            self.errors.append(f"{path}: variables reference each other in a cycle: {chain}")
+            return None
+        self._visiting.append(name)
+        try:
+            return self.resolve(self.variables[name], path)
+        finally:
+            self._visiting.pop()
+
+    def resolve(self, value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: self.resolve(v, _child(path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and "$" in value and not value.startswith(_FUNCTION_PREFIXES):
+            return self._resolve_string(value, path)
+        return value
+
+    def _resolve_string(self, text: str, path: str) -> Any:
+        whole_var = _VAR_WHOLE.match(text)
+        if whole_var:
+            return self._variable(whole_var.group(1), whole_var.group(2), path)
+        whole_secret = _SECRET_WHOLE.match(text)
+        if whole_secret:
+            name = whole_secret.group(1)
+            if name not in self.env:
+                self.errors.append(f"{path}: $secret.{name} is not set (expected environment variable {name})")
+                return text
+            return self.env[name]
+        text = _ENV_REF.sub(lambda m: self._env(m, path), text)
+        return _VAR_INLINE.sub(lambda m: self._inline_variable(m, path), text)
+
+    def _env(self, match: re.Match, path: str) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in self.env:
+            return self.env[name]
+        if default is not None:
+            return default
+        self.errors.append(
+            f"{path}: environment variable {name} is not set and $env.{name} has no default "
+            f"(write $env.{name}:default to give one)"
+        )
+        return match.group(0)
+
+    def _variable(self, name: str, sub_path: str, path: str) -> Any:
+        if name not in self.variables:
+            known = ", ".join(sorted(self.variables)) or "none"
+            self.errors.append(f"{path}: variable $var.{name} is not defined (defined: {known})")
+            return None
+        value = self._variable_value(name, path)
+        for key in filter(None, sub_path.split(".")):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                self.errors.append(f"{path}: $var.{name}{sub_path} does not exist")
+                return None
+        return value
+
+    def _inline_variable(self, match: re.Match, path: str) -> str:
+        # Inside a longer string the path ends where the variable's keys end, so
+        # "https://$var.region.example.com" reads $var.region and keeps ".example.com".
+        name, keys = match.group(1), [k for k in match.group(2).split(".") if k]
+        if name not in self.variables:
+            return str(self._variable(name, "", path) or match.group(0))
+        value, used = self._variable_value(name, path), 0
+        for key in keys:
+            if isinstance(value, dict) and key in value:
+                value, used = value[key], used + 1
+            else:
+                break
+        if isinstance(value, (dict, list)):
+            self.errors.append(f"{path}: $var.{name} is an object or list and cannot sit inside a longer string")
+            return match.group(0)
+        rest = "".join(f".{k}" for k in keys[used:])
+        return (json.dumps(value) if isinstance(value, bool) or value is None else str(value)) + rest
+
+
 def _key_reference(step: dict, resolver: _References) -> Any:
     """The write key as written, with whole-string ``$var`` references followed (so that
     ``$var.wk`` whose value is ``"$env.SEGMENT_WRITE_KEY"`` is that reference, not its value)."""
@@ -333,109 +436,6 @@ def _is_segment_package(package: Any) -> bool:
     # "@scope/name@1.2.3" -> "@scope/name"
     base = package if package.count("@") <= 1 else package[: package.rindex("@")]
     return base == SEGMENT_PACKAGE
-
-
-class _References:
-    """Resolves $env / $var / $secret in a JSON value, collecting every error with its path."""
-
-    def __init__(self, variables: dict, env: Mapping[str, str]):
-        self.variables = variables
-        self.env = env
-        self.errors: list[str] = []
-        self._visiting: list[str] = []  # variables being resolved, to catch cycles
-
-    def follow_variables(self, value: Any) -> Any:
-        """A whole-string ``$var.name`` followed to what it names, unresolved otherwise."""
-        seen = set()
-        while isinstance(value, str):
-            match = _VAR_WHOLE.match(value)
-            if not match or match.group(2) or match.group(1) in seen or match.group(1) not in self.variables:
-                break
-            seen.add(match.group(1))
-            value = self.variables[match.group(1)]
-        return value
-
-    def _variable_value(self, name: str, path: str) -> Any:
-        """A variable's value with its own references resolved (variables may use $env, $secret
-        and other variables, as in walkerOS), or None after recording a cycle."""
-        if name in self._visiting:
-            chain = " -> ".join(f"$var.{n}" for n in [*self._visiting, name])
-            self.errors.append(f"{path}: variables reference each other in a cycle: {chain}")
-            return None
-        self._visiting.append(name)
-        try:
-            return self.resolve(self.variables[name], path)
-        finally:
-            self._visiting.pop()
-
-    def resolve(self, value: Any, path: str) -> Any:
-        if isinstance(value, dict):
-            return {k: self.resolve(v, _child(path, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.resolve(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, str) and "$" in value and not value.startswith(_FUNCTION_PREFIXES):
-            return self._resolve_string(value, path)
-        return value
-
-    def _resolve_string(self, text: str, path: str) -> Any:
-        whole_var = _VAR_WHOLE.match(text)
-        if whole_var:
-            return self._variable(whole_var.group(1), whole_var.group(2), path)
-        whole_secret = _SECRET_WHOLE.match(text)
-        if whole_secret:
-            name = whole_secret.group(1)
-            if name not in self.env:
-                self.errors.append(f"{path}: $secret.{name} is not set (expected environment variable {name})")
-                return text
-            return self.env[name]
-        text = _ENV_REF.sub(lambda m: self._env(m, path), text)
-        return _VAR_INLINE.sub(lambda m: self._inline_variable(m, path), text)
-
-    def _env(self, match: re.Match, path: str) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in self.env:
-            return self.env[name]
-        if default is not None:
-            return default
-        self.errors.append(
-            f"{path}: environment variable {name} is not set and $env.{name} has no default "
-            f"(write $env.{name}:default to give one)"
-        )
-        return match.group(0)
-
-    def _variable(self, name: str, sub_path: str, path: str) -> Any:
-        if name not in self.variables:
-            known = ", ".join(sorted(self.variables)) or "none"
-            self.errors.append(f"{path}: variable $var.{name} is not defined (defined: {known})")
-            return None
-        value = self._variable_value(name, path)
-        for key in filter(None, sub_path.split(".")):
-            if isinstance(value, dict) and key in value:
-                value = value[key]
-            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
-                value = value[int(key)]
-            else:
-                self.errors.append(f"{path}: $var.{name}{sub_path} does not exist")
-                return None
-        return value
-
-    def _inline_variable(self, match: re.Match, path: str) -> str:
-        # Inside a longer string the path ends where the variable's keys end, so
-        # "https://$var.region.example.com" reads $var.region and keeps ".example.com".
-        name, keys = match.group(1), [k for k in match.group(2).split(".") if k]
-        if name not in self.variables:
-            return str(self._variable(name, "", path) or match.group(0))
-        value, used = self._variable_value(name, path), 0
-        for key in keys:
-            if isinstance(value, dict) and key in value:
-                value, used = value[key], used + 1
-            else:
-                break
-        if isinstance(value, (dict, list)):
-            self.errors.append(f"{path}: $var.{name} is an object or list and cannot sit inside a longer string")
-            return match.group(0)
-        rest = "".join(f".{k}" for k in keys[used:])
-        return (json.dumps(value) if isinstance(value, bool) or value is None else str(value)) + rest
 
 
 def _child(path: str, key: str) -> str:
