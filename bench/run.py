@@ -551,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | ({1_000_000} if args.full else set()))
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     seed = generate.SEED if args.seed is None else args.seed
+    from pipeline.cli import decide_layer
+
+    layer = decide_layer()  # every variant imports the decide layer from the same place
+    if layer != "compiled":
+        print(f"bench: the decide layer runs {layer} here (make compiles it)", file=sys.stderr)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     results = PUBLISHED if args.update_docs else workdir / "results"
@@ -642,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "repeats_large": args.repeats_large,
         "machine": machine_facts(),
+        "decide_layer": layer,
         "bench_seconds": time.perf_counter() - started,
         "expected": {str(k): v for k, v in expected.items()},
     }
@@ -763,8 +769,8 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "sessions, page and product views, carts and orders with nested products, logins and sign-ups, "
         "B2B accounts, consent mixes with some denied, a few invalid lines) through a flow of "
         f"{meta['rules']} rules (identify and group, consent forwarding, loops over nested entities, a "
-        f"conditional rule), flushAt {meta['flush_at']}. Figures are medians of the repeats; events/s is "
-        "after start-up.",
+        f"conditional rule), flushAt {meta['flush_at']}, the decide layer "
+        f"{meta.get('decide_layer', 'plain Python')}. Figures are medians of the repeats; events/s is after start-up.",
         "",
         render_markdown(header, rows),
         "",
@@ -791,7 +797,7 @@ def write_docs(document: dict, header, rows, goal_rows, command: str) -> None:
         "",
         "What each row is:",
         "",
-        "1. **transform limit**: a plain Python loop over the file doing what the pipeline does per event "
+        "1. **transform limit**: a plain loop over the file doing what the pipeline does per event "
         "(parse, consent, map, identity, calls, identify/group dedup) with the project's own functions, "
         "no Beam, no network. *1b* is the same loop with the flow's three functions written in Python "
         "(`$py:`) instead of JavaScript: the flow as it was when the transform's 37 µs target was set.",

@@ -121,3 +121,10 @@ def test_compiled_modules_without_their_record_are_not_trusted(tmp_path, record)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True False"
+
+
+def test_the_version_says_how_the_decide_layer_runs(capsys):
+    from pipeline.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(decide layer: compiled)")
