@@ -730,62 +730,45 @@ class _ConfigCompiler:
 
 
 def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) -> Run:
-    """`general` (a map's run) as straight-line code, with the path reads of its values
-    written out inline. Maps are most of a mapping's work per event and their values mostly
-    plain reads ("data.id"); a call and a loop step per value cost more than the read itself.
+    """`general` (a map's run) with the path reads of its values done inline. Maps are most of a
+    mapping's work per event and their values mostly plain reads ("data.id"): a call per value
+    costs more than the read itself.
 
-    The generated function gives what `general` gives. It hands anything but an object input
-    to `general`. When every value is a read, each section (the first key of two) is read
-    once, and any section that is not an object also sends the input to `general`; otherwise
-    (other values run user code, which might replace a section) each read starts afresh, and
-    one that cannot be done inline is left to that value's own run. Names and keys go into
-    the source as literals (`repr` of a str is always one)."""
-    reads = [_inline_read(node) for _, node in entries]
-    all_reads = all(k0 is not None for k0, _, _ in reads)
-    namespace: dict[str, Any] = {"UNDEFINED": UNDEFINED, "accept": _is_property_type, "general": general}
-    lines = ["def run_map(value, ctx):", "    if type(value) is not dict:", "        return general(value, ctx)"]
-    sections: dict[str, str] = {}
-    if all_reads:
-        for k0, k1, _ in reads:
-            if k0 is not None and k1 is not None and k0 not in sections:
-                sections[k0] = name = f"section{len(sections)}"
-                lines.append(f"    {name} = value.get({k0!r}, UNDEFINED)")
-        if sections:
-            not_objects = " or ".join(f"type({name}) is not dict" for name in sections.values())
-            lines += [f"    if {not_objects}:", "        return general(value, ctx)"]
-    lines.append("    mapped = {}")
-    for i, ((key, node), (k0, k1, fallback)) in enumerate(zip(entries, reads)):
-        namespace[f"run{i}"] = node.run
-        if k0 is None:
-            lines += [
-                f"    found = run{i}(value, ctx)",
-                "    if found is not UNDEFINED:",
-                f"        mapped[{key!r}] = found",
-            ]
-            continue
-        if k1 is None:
-            lines.append(f"    found = value.get({k0!r}, UNDEFINED)")
-        elif all_reads:
-            lines.append(f"    found = {sections[k0]}.get({k1!r}, UNDEFINED)")
-        else:
-            # run's result is already checked: the check below leaves it as it is
-            lines += [
-                f"    found = value.get({k0!r}, UNDEFINED)",
-                f"    found = found.get({k1!r}, UNDEFINED) if type(found) is dict else run{i}(value, ctx)",
-            ]
-        # the property check of the read, its common cases first
-        lines += [
-            "    kind = type(found)",
-            "    if (kind is str or kind is int or kind is bool or (kind is float and found == found)",
-            "            or (found is not UNDEFINED and accept(found))):",
-            f"        mapped[{key!r}] = found",
-        ]
-        if fallback is not UNDEFINED:
-            namespace[f"fallback{i}"] = fallback
-            lines += ["    else:", f"        mapped[{key!r}] = fallback{i}"]
-    lines.append("    return mapped")
-    exec(compile("\n".join(lines), f"<map at {path}>", "exec"), namespace)
-    return namespace["run_map"]
+    Gives what `general` gives: anything but an object input goes to `general`; a value that is
+    not a read of one or two keys, or whose section is not an object, runs its own run (whose
+    result is already checked: the check below leaves it as it is). Each read starts afresh, as
+    other values may run user code that replaces a section. (This module is compiled, so a loop
+    over the values' steps costs less than the straight-line Python this once generated.)"""
+    steps = tuple((key, *_inline_read(node), node.run) for key, node in entries)
+
+    def run_map(value: Any, ctx: _Ctx | None) -> Any:
+        if type(value) is not dict:
+            return general(value, ctx)
+        mapped = {}
+        for key, first, second, fallback, run in steps:
+            if first is None:
+                found = run(value, ctx)
+                if found is not UNDEFINED:
+                    mapped[key] = found
+                continue
+            found = value.get(first, UNDEFINED)
+            if second is not None:
+                found = found.get(second, UNDEFINED) if type(found) is dict else run(value, ctx)
+            # the property check of the read, its common cases first
+            kind = type(found)
+            if (
+                kind is str
+                or kind is int
+                or kind is bool
+                or (kind is float and found == found)
+                or (found is not UNDEFINED and _is_property_type(found))
+            ):
+                mapped[key] = found
+            elif fallback is not UNDEFINED:
+                mapped[key] = fallback
+        return mapped
+
+    return run_map
 
 
 def _inline_read(node: _Node) -> tuple[str | None, str | None, Any]:
