@@ -5,7 +5,7 @@ runtime dependency is listed here, pinned, and nothing else is needed on a worke
 
 The decide layer (every event's parsing, mapping, identity and calls) is compiled with Cython
 when the package is built: the same Python source, run as C instead of through the
-interpreter's loop (README, "Speed"). Building it needs Cython (pyproject.toml's build
+interpreter's loop (README, "The two commands"). Building it needs Cython (pyproject.toml's build
 requirements bring it) and a C compiler; without either, or with WALKEROS_SEGMENT_PURE_PYTHON=1,
 the package installs as plain Python and says so. ``decide/compiled.json``, written beside the
 compiled modules, names the source each was compiled from (see decide/__init__.py).
@@ -83,6 +83,8 @@ class BuildCompiled(build_ext):
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure: install the plain source
+            for output in self.get_outputs():  # none of a half-finished build
+                Path(output).unlink(missing_ok=True)
             self._skip(f"compiling failed ({type(exc).__name__}: {exc})")
             return
         if self.extensions:

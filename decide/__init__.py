@@ -70,9 +70,14 @@ def compiled_modules() -> dict[str, bool]:
 STALE = _stale_modules()
 if STALE:
     sys.meta_path.insert(0, _FromSource(STALE))
+    _WHAT = (
+        f"{', '.join(f'{name}.py' for name in STALE)} changed since compiled"
+        if _compiled_digests()
+        else "compiled modules without the record of their source (compiled.json)"
+    )
     warnings.warn(
-        f"decide: {', '.join(f'{name}.py' for name in STALE)} changed since compiled; running the source "
-        "(slower) until the next build (make, or python setup.py build_ext --inplace)",
+        f"decide: {_WHAT}; running the source (slower) until the next build (make, or python setup.py "
+        "build_ext --inplace)",
         StaleCompiledModule,
         stacklevel=2,
     )

@@ -84,15 +84,7 @@ def test_an_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path):
         "import decide.consent, decide.calls; "
         "print(decide.consent.edited(), [n for n, c in decide.compiled_modules().items() if not c])"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _python_in(tmp_path, script)
     assert done.stdout.strip() == "the edit runs ['consent']"
     [warning] = [line for line in done.stderr.splitlines() if "StaleCompiledModule" in line]
     assert "decide: consent.py changed since compiled; running the source" in warning
@@ -107,20 +99,25 @@ def test_compiled_modules_without_their_record_are_not_trusted(tmp_path, record)
         (tmp_path / "decide" / "compiled.json").unlink()
     else:
         (tmp_path / "decide" / "compiled.json").write_text("{not json")
+    done = _python_in(
+        tmp_path, f"import decide; print(decide.STALE == {SOURCES!r}, any(decide.compiled_modules().values()))"
+    )
+    assert done.stdout.strip() == "True False"
+    assert "compiled modules without the record of their source (compiled.json); running the source" in done.stderr
+
+
+def _python_in(copy: Path, script: str) -> subprocess.CompletedProcess:
+    """``script`` run with the copy of the package in ``copy`` first on the path."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import decide; print(decide.STALE == " + repr(SOURCES) + ", any(decide.compiled_modules().values()))",
-        ],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        cwd=copy,
+        env={**os.environ, "PYTHONPATH": f"{copy}{os.pathsep}{ROOT}"},
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True False"
+    return done
 
 
 def test_the_version_says_how_the_decide_layer_runs(capsys):
