@@ -125,3 +125,46 @@ def test_the_version_says_how_the_decide_layer_runs(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip().endswith("(decide layer: compiled)")
+
+
+@pytest.mark.parametrize(
+    "without, why",
+    [
+        ("cython", "Cython is not installed"),
+        ("compiler", "compiling failed"),
+        ("asked", None),
+    ],
+)
+def test_a_build_that_cannot_compile_installs_plain_python_and_says_so(tmp_path, without, why):
+    """No Cython, no working C compiler, or WALKEROS_SEGMENT_PURE_PYTHON=1: the build still
+    succeeds, leaves no compiled module or record behind, says why in one line, and the package
+    runs its plain source."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide", ignore=shutil.ignore_patterns("*.so", "*.c", "compiled.json"))
+    shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
+    env = {k: v for k, v in os.environ.items() if k != "WALKEROS_SEGMENT_PURE_PYTHON"}
+    if without == "cython":  # an importable name that fails as a missing package does
+        (tmp_path / "no_cython" / "Cython").mkdir(parents=True)
+        (tmp_path / "no_cython" / "Cython" / "__init__.py").write_text("raise ImportError('no Cython here')\n")
+        env["PYTHONPATH"] = str(tmp_path / "no_cython")
+    elif without == "compiler":
+        env["CC"] = "false"
+    else:
+        env["WALKEROS_SEGMENT_PURE_PYTHON"] = "1"
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((tmp_path / "decide").glob("*.so")) and not (tmp_path / "decide" / "compiled.json").exists()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("walkeros-segment: ")]
+    if why is None:
+        assert lines == []
+    else:
+        [line] = lines
+        assert why in line and line.endswith("the decide layer installs as plain Python (slower)")
+    ran = _python_in(tmp_path, "import decide; print(any(decide.compiled_modules().values()), decide.STALE)")
+    assert ran.stdout.strip() == "False []"
