@@ -715,7 +715,7 @@ class _ConfigCompiler:
             return mapped
 
         children = [node for _, node in entries]
-        return _Container(_specialised_map(entries, run_map, path), children, any(n.holes for n in children), True)
+        return _Container(_specialised_map(entries, run_map), children, any(n.holes for n in children), True)
 
     def _set(self, items_spec: Any, path: str) -> _Container:
         if not isinstance(items_spec, list):
@@ -729,7 +729,7 @@ class _ConfigCompiler:
         return _Container(run_set, items, True, True)
 
 
-def _specialised_map(entries: list[tuple[str, _Node]], general: Run, path: str) -> Run:
+def _specialised_map(entries: list[tuple[str, _Node]], general: Run) -> Run:
     """`general` (a map's run) with the path reads of its values done inline. Maps are most of a
     mapping's work per event and their values mostly plain reads ("data.id"): a call per value
     costs more than the read itself.
