@@ -551,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | ({1_000_000} if args.full else set()))
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     seed = generate.SEED if args.seed is None else args.seed
-    from pipeline.cli import decide_layer
+    import decide
 
-    layer = decide_layer()  # every variant imports the decide layer from the same place
+    layer = decide.how_it_runs()  # every variant imports the decide layer from the same place
     if layer != "compiled":
         print(f"bench: the decide layer runs {layer} here (make compiles it)", file=sys.stderr)
     workdir = Path(args.workdir)

@@ -31,9 +31,8 @@ def _compiled_digests() -> dict[str, str]:
         return {}
 
 
-def _stale_modules() -> list[str]:
+def _stale_modules(digests: dict[str, str]) -> list[str]:
     """Modules with a compiled file beside their source that was not compiled from it."""
-    digests = _compiled_digests()
     stale = []
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for binary in _HERE.glob(f"*{suffix}"):
@@ -67,17 +66,32 @@ def compiled_modules() -> dict[str, bool]:
     return out
 
 
-STALE = _stale_modules()
-if STALE:
-    sys.meta_path.insert(0, _FromSource(STALE))
-    _WHAT = (
-        f"{', '.join(f'{name}.py' for name in STALE)} changed since compiled"
-        if _compiled_digests()
+def how_it_runs() -> str:
+    """The layer in a word or two: "compiled", "plain Python", or "partly compiled" (sources
+    edited since the last build). What `walkeros-segment --version` and the benchmark say."""
+    compiled = compiled_modules().values()
+    return "compiled" if all(compiled) else "plain Python" if not any(compiled) else "partly compiled"
+
+
+def _run_stale_from_source() -> list[str]:
+    """The stale modules, each set to load from its source, with one warning naming them."""
+    digests = _compiled_digests()
+    stale = _stale_modules(digests)
+    if not stale:
+        return stale
+    sys.meta_path.insert(0, _FromSource(stale))
+    what = (
+        f"{', '.join(f'{name}.py' for name in stale)} changed since compiled"
+        if digests
         else "compiled modules without the record of their source (compiled.json)"
     )
     warnings.warn(
-        f"decide: {_WHAT}; running the source (slower) until the next build (make, or python setup.py "
+        f"decide: {what}; running the source (slower) until the next build (make, or python setup.py "
         "build_ext --inplace)",
         StaleCompiledModule,
-        stacklevel=2,
+        stacklevel=3,
     )
+    return stale
+
+
+STALE = _run_stale_from_source()

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if argv[0] == "--version":
-        print(f"walkeros-segment {version()} (decide layer: {decide_layer()})")
+        import decide
+
+        print(f"walkeros-segment {version()} (decide layer: {decide.how_it_runs()})")
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"run": run, "explain": explain, "validate": validate, "local-segment": local_segment, "demo": demo}
@@ -53,15 +55,6 @@ def version() -> str:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return _declared_version(Path(__file__).resolve().parent.parent / "setup.py")
-
-
-def decide_layer() -> str:
-    """How this installation runs the decide layer: compiled (what setup.py builds where it has
-    Cython and a C compiler), plain Python, or partly compiled (sources edited since)."""
-    import decide
-
-    compiled = decide.compiled_modules().values()
-    return "compiled" if all(compiled) else "plain Python" if not any(compiled) else "partly compiled"
 
 
 def _declared_version(setup_py: Path) -> str:

@@ -53,7 +53,7 @@ def test_the_compiled_layer_answers_as_its_source(tmp_path):
     outputs = {}
     for name, path in (("compiled", ROOT), ("plain", plain)):
         outputs[name] = _explain(flow, events, pythonpath=[path, ROOT])
-    assert outputs["plain"][1] == ["plain"]  # the copy really ran its source
+    assert outputs["plain"][1] == ["plain Python"]  # the copy really ran its source
     assert outputs["compiled"][1] == ["compiled"]
     assert outputs["compiled"][0] == outputs["plain"][0]
     assert outputs["compiled"][0].count(b"\n") == 2000 + len(HOSTILE_LINES) + 2  # an envelope: 3 lines
@@ -62,15 +62,16 @@ def test_the_compiled_layer_answers_as_its_source(tmp_path):
 def _explain(flow: Path, events: Path, pythonpath: list[Path]) -> tuple[bytes, list[str]]:
     script = (
         "import sys, decide; from pipeline.cli import main; "
-        "print('compiled' if all(decide.compiled_modules().values()) else "
-        "'plain' if not any(decide.compiled_modules().values()) else 'mixed', file=sys.stderr); "
+        "print(decide.how_it_runs(), file=sys.stderr); "
         f"sys.exit(main(['explain', '--flow', {str(flow)!r}, '--input', {str(events)!r}, "
         "'--max_dead_letter_ratio', '1']))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, cwd=flow.parent, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    kinds = [line for line in done.stderr.decode().splitlines() if line in ("compiled", "plain", "mixed")]
+    kinds = [
+        line for line in done.stderr.decode().splitlines() if line in ("compiled", "plain Python", "partly compiled")
+    ]
     return done.stdout, kinds
 
 
