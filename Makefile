@@ -22,7 +22,7 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	WALKEROS_SEGMENT_PURE_PYTHON=1 $(PIP) install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-$(COMPILED): $(STAMP) $(filter-out decide/__init__.py,$(wildcard decide/*.py))
+$(COMPILED): $(STAMP) $(filter-out decide/__init__.py,$(wildcard decide/*.py)) $(wildcard decide/*.pxd)
 	$(PY) setup.py -q build_ext --inplace
 
 ## make run: the main job on the bundled example events, no credentials, no network.

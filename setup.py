@@ -75,6 +75,9 @@ class BuildCompiled(build_ext):
                         "annotation_typing": True,
                         # Functions stay introspectable as Python's are (signatures, pickling by name).
                         "binding": True,
+                        # An attribute of None typed as an extension type (decide/*.pxd) raises
+                        # as in Python, instead of reading memory that is not there.
+                        "nonecheck": True,
                     },
                 )
         super().finalize_options()
@@ -97,10 +100,18 @@ class BuildCompiled(build_ext):
     def _record(self) -> None:
         """decide/compiled.json: each compiled module's source digest, beside the modules."""
         target = Path(self.get_ext_fullpath("decide.event")).parent
-        digests = {
-            name: hashlib.sha256((HERE / "decide" / f"{name}.py").read_bytes()).hexdigest() for name in COMPILED_MODULES
-        }
+        digests = {name: _source_digest(HERE / "decide", name) for name in COMPILED_MODULES}
         (target / "compiled.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+
+
+def _source_digest(directory: Path, name: str) -> str:
+    """A module's .py and, if there is one, its .pxd: what decide.source_digest checks at import
+    (setup.py must not import the package it builds)."""
+    digest = hashlib.sha256((directory / f"{name}.py").read_bytes())
+    declarations = directory / f"{name}.pxd"
+    if declarations.exists():
+        digest.update(b"\0" + declarations.read_bytes())
+    return digest.hexdigest()
 
 
 setuptools.setup(
@@ -111,8 +122,9 @@ setuptools.setup(
     license_files=["LICENSE"],  # in the wheel and the image, beside the code it covers
     python_requires=">=3.10",
     packages=["decide", "segment_api", "transforms", "pipeline", "schemas", "local_segment"],
-    # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time.
-    package_data={"schemas": ["*.json", "*.avsc"]},
+    # The schemas ship inside the wheel: `validate` and the Avro reader need them at run time;
+    # so do decide's declarations (.pxd), part of what its stale check compares.
+    package_data={"schemas": ["*.json", "*.avsc"], "decide": ["*.pxd"]},
     # The bundled example flow and events, so `walkeros-segment demo` runs from an installed wheel.
     data_files=[("share/walkeros-segment/examples", ["examples/flow.json", "examples/events.jsonl"])],
     ext_modules=[]

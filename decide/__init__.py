@@ -1,9 +1,12 @@
 """The decide layer: walkerOS events in, Segment calls and decisions out, as plain data.
 
 Its modules are compiled with Cython when the package is built (setup.py), and ``compiled.json``
-beside them holds the digest of the source each was compiled from. A module whose source no
-longer matches (a checkout edited since its last build) is loaded from that source instead, with
-one warning, so an edit is never shadowed by a stale compiled module; ``make`` compiles again.
+beside them holds the digest of the source each was compiled from: its ``.py`` and the ``.pxd``
+beside it, which declares its hot classes as extension types. A module whose source no longer
+matches (a checkout edited since its last build) is loaded from that source instead, with one
+warning, so an edit is never shadowed by a stale compiled module; ``make`` compiles again. So are
+the modules compiled against its declarations (their ``.pxd`` cimports it): a compiled module
+checks at import that the types it was compiled against are the ones it finds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,16 +35,45 @@ def _compiled_digests() -> dict[str, str]:
         return {}
 
 
-def _stale_modules(digests: dict[str, str]) -> list[str]:
-    """Modules with a compiled file beside their source that was not compiled from it."""
-    stale = []
+def source_digest(directory: Path, name: str) -> str:
+    """What a compiled module was built from: its ``.py`` and, if there is one, its ``.pxd``.
+    setup.py records the same digest when it compiles (it cannot import this package)."""
+    digest = hashlib.sha256((directory / f"{name}.py").read_bytes())
+    declarations = directory / f"{name}.pxd"
+    if declarations.exists():
+        digest.update(b"\0" + declarations.read_bytes())
+    return digest.hexdigest()
+
+
+_CIMPORT = re.compile(rf"^\s*from\s+{__name__}\.(\w+)\s+cimport\b", re.MULTILINE)
+
+
+def _stale_modules(digests: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Modules with a compiled file beside their source that was not compiled from it, and
+    those compiled against the declarations of one of them (which would fail to import)."""
+    compiled = set()
+    stale = set()
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for binary in _HERE.glob(f"*{suffix}"):
             name = binary.name[: -len(suffix)]
-            source = _HERE / f"{name}.py"
-            if source.exists() and digests.get(name) != hashlib.sha256(source.read_bytes()).hexdigest():
-                stale.append(name)
-    return sorted(set(stale))
+            if (_HERE / f"{name}.py").exists():
+                compiled.add(name)
+                if digests.get(name) != source_digest(_HERE, name):
+                    stale.add(name)
+    cimports = {name: set(_CIMPORT.findall(_declarations(name))) for name in compiled}
+    dependent: set[str] = set()
+    while True:
+        more = {name for name in compiled - stale - dependent if cimports[name] & (stale | dependent)}
+        if not more:
+            return sorted(stale), sorted(dependent)
+        dependent |= more
+
+
+def _declarations(name: str) -> str:
+    try:
+        return (_HERE / f"{name}.pxd").read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 class _FromSource:
@@ -76,15 +109,17 @@ def how_it_runs() -> str:
 def _run_stale_from_source() -> list[str]:
     """The stale modules, each set to load from its source, with one warning naming them."""
     digests = _compiled_digests()
-    stale = _stale_modules(digests)
+    changed, dependent = _stale_modules(digests)
+    stale = sorted(changed + dependent)
     if not stale:
         return stale
     sys.meta_path.insert(0, _FromSource(stale))
-    what = (
-        f"{', '.join(f'{name}.py' for name in stale)} changed since compiled"
-        if digests
-        else "compiled modules without the record of their source (compiled.json)"
-    )
+    if not digests:
+        what = "compiled modules without the record of their source (compiled.json)"
+    else:
+        what = f"{', '.join(f'{name}.py' for name in changed)} changed since compiled"
+        if dependent:
+            what += f" (and {', '.join(dependent)} compiled against it)"
     warnings.warn(
         f"decide: {what}; running the source (slower) until the next build (make, or python setup.py "
         "build_ext --inplace)",

@@ -132,6 +132,7 @@ class CallBuilder:
         on_error=None,
         functions=None,
     ):
+        self._arguments = (identify_spec, group_spec, integrations, namespace, settings_path, on_error, functions)
         self._identify = (
             None
             if identify_spec is None
@@ -145,9 +146,10 @@ class CallBuilder:
         # What each rule's settings make of the calls, worked out on the rule's first event.
         self._plans: dict[CompiledRule | None, _CallPlan] = {}
 
-    def __getstate__(self) -> dict:
-        # Plans hold compiled closures and are only a cache: they are worked out again.
-        return {**self.__dict__, "_plans": {}}
+    def __reduce__(self) -> tuple:
+        # Compiled again where it is unpickled: compiled values hold closures, and the plans
+        # are only a cache.
+        return (CallBuilder, self._arguments)
 
     def build(
         self,

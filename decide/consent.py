@@ -8,7 +8,7 @@ def required_keys(required: dict | None) -> tuple[str, ...]:
     return tuple(key for key, needed in (required or {}).items() if needed)
 
 
-def any_granted(keys: tuple[str, ...], state: dict) -> bool:
+def any_granted(keys: tuple, state: dict) -> bool:
     """walkerOS semantics: no required key passes; otherwise any one granted passes."""
     if not keys:
         return True

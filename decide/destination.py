@@ -178,6 +178,10 @@ class Destination:
         # in place while mapping it (JavaScript functions work on a copy of their own).
         self.decisions_need_data = functions.any_python
 
+    def __reduce__(self) -> tuple:
+        # Compiled again from its spec where it is unpickled (compiled values hold closures).
+        return (Destination, (self.spec, self.function_errors.quiet))
+
     # -- the steps, in pipeline order -------------------------------------------------------
     def consent_granted(self, event: dict) -> bool:
         return consent_rules.any_granted(self._required_keys, event.get("consent") or {})

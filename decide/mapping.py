@@ -1013,12 +1013,20 @@ def _assign(target: dict, source: dict) -> dict:
 # --- public: a destination's whole mapping ---------------------------------------------------
 
 
-@dataclass(slots=True)
 class MappingResult:
-    event: dict  # the event as the destination sees it (policies, `name` applied)
-    rule: CompiledRule | None
-    ignored: bool
-    data: Any  # the produced data, or UNDEFINED
+    """What processEventMapping gives for one event. A plain class, not a dataclass: compiled,
+    it is an extension type (mapping.pxd), one made for every event."""
+
+    __slots__ = ("event", "rule", "ignored", "data")
+
+    def __init__(self, event: dict, rule: CompiledRule | None, ignored: bool, data: Any):
+        self.event = event  # the event as the destination sees it (policies, `name` applied)
+        self.rule = rule
+        self.ignored = ignored
+        self.data = data  # the produced data, or UNDEFINED
+
+    def __repr__(self) -> str:
+        return f"MappingResult(event={self.event!r}, rule={self.rule!r}, ignored={self.ignored!r}, data={self.data!r})"
 
 
 _RuleTable = dict[str, dict[str, tuple[CompiledRule, ...]]]

@@ -91,6 +91,38 @@ def test_an_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path):
     assert "decide: consent.py changed since compiled; running the source" in warning
 
 
+def test_modules_compiled_against_an_edited_one_run_from_source_too(tmp_path):
+    """calls and destination are compiled against mapping's extension types (their .pxd
+    cimports it): once mapping.py is edited, they run from source with it, and the warning says
+    why, instead of failing to import against the changed types."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide")
+    mapping = tmp_path / "decide" / "mapping.py"
+    mapping.write_text(mapping.read_text() + "\n\nEDITED = True\n")
+    script = (
+        f"import sys; sys.path.append({str(ROOT / 'tests')!r}); "
+        "import decide, decide.mapping; from decide.destination import Destination; "
+        "from decide.event import normalise; from support import flow_document, make_spec; "
+        "spec = make_spec(flow_document(mapping={'page': {'view': {'name': 'Viewed'}}})); "
+        "event = normalise({'name': 'page view', 'id': 'e1', 'timestamp': 1, 'user': {'id': 'u'}}); "
+        "outcome = Destination(spec).process(event, {}); "
+        "print(decide.mapping.EDITED, [m['event'] for m in outcome.calls], "
+        "[n for n, c in decide.compiled_modules().items() if not c])"
+    )
+    done = _python_in(tmp_path, script)
+    assert done.stdout.strip() == "True ['Viewed'] ['calls', 'destination', 'mapping']"
+    [warning] = [line for line in done.stderr.splitlines() if "StaleCompiledModule" in line]
+    assert "decide: mapping.py changed since compiled (and calls, destination compiled against it)" in warning
+
+
+def test_an_edited_declaration_file_makes_its_module_stale(tmp_path):
+    """The .pxd is part of a module's source: an edit to it alone is noticed too."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide")
+    declarations = tmp_path / "decide" / "identity.pxd"
+    declarations.write_text(declarations.read_text() + "\n# edited\n")
+    done = _python_in(tmp_path, "import decide; print(decide.STALE)")
+    assert done.stdout.strip() == "['calls', 'destination', 'identity']"
+
+
 @pytest.mark.parametrize("record", ["missing", "unreadable"])
 def test_compiled_modules_without_their_record_are_not_trusted(tmp_path, record):
     """Compiled modules whose build did not finish (no compiled.json, or a damaged one) could be

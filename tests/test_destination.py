@@ -439,3 +439,37 @@ def test_the_fused_steps_give_what_the_steps_one_by_one_give(tmp_path, python_fu
     # the events reach every outcome the fused path can give
     assert outcomes.get("calls", 0) > 2_000 and outcomes.get(CONSENT_DENIED, 0) > 100
     assert outcomes.get(IGNORED, 0) > 0
+
+
+def test_a_destination_and_its_call_builder_pickle_as_what_they_were_compiled_from():
+    """Compiled, they are extension types holding closures: a pickled copy is compiled again
+    from its spec (or the builder's settings) and answers as the original does."""
+    import pickle
+
+    from support import IDENTIFY
+
+    from decide.destination import Destination
+    from decide.event import normalise
+
+    spec = make_spec(flow_document({"identify": IDENTIFY}, {"product": {"view": {"name": "Viewed", "data": "data"}}}))
+    original = Destination(spec)
+    copy = pickle.loads(pickle.dumps(original))
+    assert type(copy) is Destination and copy is not original
+    copy.calls = pickle.loads(pickle.dumps(original.calls))  # the copy builds with a pickled builder
+    events = [
+        normalise(
+            {
+                "name": "product view",
+                "id": f"e{i}",
+                "timestamp": 1000 + i,
+                "data": {"n": i},
+                "user": {"id": f"u{i % 2}"},
+            }
+        )
+        for i in range(4)
+    ]
+    original_states: dict = {}
+    copy_states: dict = {}
+    for event in events:
+        assert copy.process(dict(event), copy_states).calls == original.process(dict(event), original_states).calls
+    assert [m["type"] for m in copy.process(dict(events[0]), {}).calls] == ["identify", "track"]
