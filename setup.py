@@ -14,7 +14,9 @@ compiled modules, names the source each was compiled from (see decide/__init__.p
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import setuptools
@@ -46,6 +48,13 @@ HERE = Path(__file__).resolve().parent
 # Every module of the decide layer but its __init__ (which checks the compiled ones, below).
 COMPILED_MODULES = sorted(p.stem for p in (HERE / "decide").glob("*.py") if p.stem != "__init__")
 PURE_PYTHON = os.environ.get("WALKEROS_SEGMENT_PURE_PYTHON", "") not in ("", "0")
+# Profile-guided optimisation (BuildCompiled._run_profile_guided): on unless set to 0, which
+# halves the build's time for a slower decide layer.
+PROFILE_GUIDED = os.environ.get("WALKEROS_SEGMENT_PROFILE_GUIDED", "1") != "0"
+# -O2 and no debug information compile in half the time of Python's own -O3 -g, for the same
+# speed (the time is in CPython's calls); -w: the warnings are about generated C and CPython's
+# headers, nothing to act on.
+OPTIMISE = ["-O2", "-g0", "-w"]
 
 
 class BuildCompiled(build_ext):
@@ -84,24 +93,91 @@ class BuildCompiled(build_ext):
 
     def run(self):
         try:
-            super().run()
+            if self.extensions and PROFILE_GUIDED:
+                self._run_profile_guided()
+            else:
+                super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure: install the plain source
             for output in self.get_outputs():  # none of a half-finished build
                 Path(output).unlink(missing_ok=True)
+            Path(self._package_dir(), "compiled.json").unlink(missing_ok=True)
             self._skip(f"compiling failed ({type(exc).__name__}: {exc})")
             return
         if self.extensions:
-            self._record()
+            self._record(profile_guided=self._trained)
+
+    _trained = False
+
+    def _run_profile_guided(self) -> None:
+        """Compile instrumented, run decide.workload on it, compile again with its profile (as
+        CPython's release builds are made). When the workload cannot run (its dependencies are
+        not installed where this builds, e.g. pip's isolated build environment), the second
+        build is a plain optimised one, and one line says so."""
+        compiler = self.compiler  # the first run replaces the name with the compiler it made
+        with tempfile.TemporaryDirectory(prefix="walkeros-segment-profile-") as profiles:
+            self._set_flags([f"-fprofile-generate={profiles}"], ["-fprofile-generate"])
+            self.force = True  # instrumented, even where a module is current
+            super().run()
+            self._record(profile_guided=False)  # the workload must find the modules current
+            problem = self._train(Path(profiles))
+            if problem is None:
+                self._set_flags([f"-fprofile-use={profiles}", "-fprofile-correction"], [])
+                self._trained = True
+            else:
+                self._set_flags([], [])
+                print(f"walkeros-segment: {problem}; compiling without profile-guided optimisation", file=sys.stderr)
+            self.compiler = compiler  # every module again, with the profile (or without the instrumentation)
+            super().run()
+
+    def _set_flags(self, compile_flags: list[str], link_flags: list[str]) -> None:
+        for extension in self.extensions:
+            extension.extra_compile_args = [*OPTIMISE, *compile_flags]
+            extension.extra_link_args = link_flags
+
+    def _train(self, profiles: Path) -> str | None:
+        """Runs the workload on the instrumented modules; None, or why it could not."""
+        root = Path(self._package_dir()).parent
+        try:
+            done = subprocess.run(
+                # Not `-m`: runpy cannot run a compiled module as __main__.
+                [sys.executable, "-c", "import decide.workload; decide.workload.main()"],
+                cwd=root,
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+                    # A stale-module warning would mean it trains on source, not on the build.
+                    "PYTHONWARNINGS": "error::RuntimeWarning",
+                },
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"the training workload did not run ({exc})"
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"the training workload failed ({last})"
+        # Each module wrote its profile at exit (named for its object file, the directories in
+        # the name or not), unless the workload ran other modules than these.
+        written = {path.name.rpartition("#")[2] for path in profiles.rglob("*.gcda")}
+        untrained = [e.name for e in self.extensions if f"{e.name.rpartition('.')[2]}.gcda" not in written]
+        if untrained:
+            return f"the training workload ran without these modules ({', '.join(untrained)})"
+        return None
+
+    def _package_dir(self) -> str:
+        return str(Path(self.get_ext_fullpath("decide.event")).parent)
 
     def _skip(self, why: str) -> None:
         print(f"walkeros-segment: {why}; the decide layer installs as plain Python (slower)", file=sys.stderr)
         self.distribution.ext_modules = self.extensions = []
 
-    def _record(self) -> None:
-        """decide/compiled.json: each compiled module's source digest, beside the modules."""
-        target = Path(self.get_ext_fullpath("decide.event")).parent
-        digests = {name: _source_digest(HERE / "decide", name) for name in COMPILED_MODULES}
-        (target / "compiled.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    def _record(self, profile_guided: bool) -> None:
+        """decide/compiled.json: each compiled module's source digest, beside the modules, and
+        whether they were compiled with a profile (a key no module name can be)."""
+        record: dict = {name: _source_digest(HERE / "decide", name) for name in COMPILED_MODULES}
+        record["profile-guided"] = profile_guided
+        (Path(self._package_dir()) / "compiled.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def _source_digest(directory: Path, name: str) -> str:
@@ -130,10 +206,7 @@ setuptools.setup(
     ext_modules=[]
     if PURE_PYTHON
     else [
-        # -O2 and no debug information compile in half the time of Python's own -O3 -g, for the
-        # same speed (the time is in CPython's calls); -w: the warnings are about generated C and
-        # CPython's headers, nothing to act on.
-        setuptools.Extension(f"decide.{name}", [f"decide/{name}.py"], extra_compile_args=["-O2", "-g0", "-w"])
+        setuptools.Extension(f"decide.{name}", [f"decide/{name}.py"], extra_compile_args=list(OPTIMISE))
         for name in COMPILED_MODULES
     ],
     cmdclass={"build_ext": BuildCompiled},

@@ -553,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = generate.SEED if args.seed is None else args.seed
     import decide
 
-    layer = decide.how_it_runs()  # every variant imports the decide layer from the same place
-    if layer != "compiled":
+    layer = decide.how_it_was_built()  # every variant imports the decide layer from the same place
+    if not layer.startswith("compiled"):
         print(f"bench: the decide layer runs {layer} here (make compiles it)", file=sys.stderr)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 
@@ -28,11 +29,13 @@ class StaleCompiledModule(RuntimeWarning):
     """A compiled module is older than its source; the source runs."""
 
 
-def _compiled_digests() -> dict[str, str]:
+def _compiled_record() -> dict[str, Any]:
+    """compiled.json: each module's source digest, and "profile-guided" (see setup.py)."""
     try:
-        return json.loads((_HERE / "compiled.json").read_text(encoding="utf-8"))
+        record = json.loads((_HERE / "compiled.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def source_digest(directory: Path, name: str) -> str:
@@ -48,7 +51,7 @@ def source_digest(directory: Path, name: str) -> str:
 _CIMPORT = re.compile(rf"^\s*from\s+{__name__}\.(\w+)\s+cimport\b", re.MULTILINE)
 
 
-def _stale_modules(digests: dict[str, str]) -> tuple[list[str], list[str]]:
+def _stale_modules(digests: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Modules with a compiled file beside their source that was not compiled from it, and
     those compiled against the declarations of one of them (which would fail to import)."""
     compiled = set()
@@ -106,9 +109,19 @@ def how_it_runs() -> str:
     return "compiled" if all(compiled) else "plain Python" if not any(compiled) else "partly compiled"
 
 
+def profile_guided() -> bool:
+    """Whether the compiled modules were built with the profile of decide.workload (setup.py)."""
+    return _RECORD.get("profile-guided") is True and not STALE
+
+
+def how_it_was_built() -> str:
+    """:func:`how_it_runs`, and ", profile-guided" when it was: what --version and the benchmark say."""
+    return how_it_runs() + (", profile-guided" if profile_guided() else "")
+
+
 def _run_stale_from_source() -> list[str]:
     """The stale modules, each set to load from its source, with one warning naming them."""
-    digests = _compiled_digests()
+    digests = _RECORD
     changed, dependent = _stale_modules(digests)
     stale = sorted(changed + dependent)
     if not stale:
@@ -129,4 +142,5 @@ def _run_stale_from_source() -> list[str]:
     return stale
 
 
+_RECORD = _compiled_record()
 STALE = _run_stale_from_source()

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         import decide
 
-        print(f"walkeros-segment {version()} (decide layer: {decide.how_it_runs()})")
+        print(f"walkeros-segment {version()} (decide layer: {decide.how_it_was_built()})")
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"run": run, "explain": explain, "validate": validate, "local-segment": local_segment, "demo": demo}

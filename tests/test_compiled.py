@@ -34,6 +34,7 @@ def test_every_module_of_the_decide_layer_runs_compiled():
     assert decide.STALE == []
     assert decide.compiled_modules() == dict.fromkeys(SOURCES, True)
     assert isinstance(decide.event.__loader__, importlib.machinery.ExtensionFileLoader)
+    assert decide.profile_guided()  # built as users build it: trained on decide.workload, then compiled
 
 
 def test_the_compiled_layer_answers_as_its_source(tmp_path):
@@ -157,7 +158,7 @@ def test_the_version_says_how_the_decide_layer_runs(capsys):
     from pipeline.cli import main
 
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip().endswith("(decide layer: compiled)")
+    assert capsys.readouterr().out.strip().endswith("(decide layer: compiled, profile-guided)")
 
 
 @pytest.mark.parametrize(
@@ -201,3 +202,48 @@ def test_a_build_that_cannot_compile_installs_plain_python_and_says_so(tmp_path,
         assert why in line and line.endswith("the decide layer installs as plain Python (slower)")
     ran = _python_in(tmp_path, "import decide; print(any(decide.compiled_modules().values()), decide.STALE)")
     assert ran.stdout.strip() == "False []"
+
+
+def test_a_build_whose_training_cannot_run_compiles_without_a_profile_and_says_so(tmp_path):
+    """Where decide.workload cannot run (as in pip's isolated build environment, which holds
+    none of its dependencies; here orjson fails to import), the modules are compiled again
+    without the instrumentation and without a profile, and one line says so. (A copy with one
+    module, to keep the two compiles short.)"""
+    (tmp_path / "decide").mkdir()
+    for name in ("__init__.py", "consent.py", "consent.pxd"):
+        shutil.copy(ROOT / "decide" / name, tmp_path / "decide" / name)
+    shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
+    (tmp_path / "no_orjson" / "orjson").mkdir(parents=True)
+    (tmp_path / "no_orjson" / "orjson" / "__init__.py").write_text("raise ImportError('no orjson here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALKEROS_SEGMENT_")}
+    env["PYTHONPATH"] = str(tmp_path / "no_orjson")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("walkeros-segment: ")]
+    assert line == (
+        "walkeros-segment: the training workload failed (ImportError: no orjson here); "
+        "compiling without profile-guided optimisation"
+    )
+    ran = _python_in(
+        tmp_path, "import decide, decide.consent; print(decide.compiled_modules(), decide.profile_guided())"
+    )
+    assert ran.stdout.strip() == "{'consent': True} False"
+    assert not list(tmp_path.rglob("*.gcda"))  # no instrumentation left to write profiles
+
+
+def test_the_training_workload_takes_every_path_an_event_takes():
+    """What the compiler learns from: events delivered (batch and streaming steps), denied by
+    consent, ignored and dead-lettered, every kind of call, then cut into requests."""
+    from decide.workload import run
+
+    tally = run(2000)
+    assert tally["delivered"] > 1500 and tally["batches"] > 0
+    assert tally["consent_denied"] > 0 and tally["ignored"] > 0 and tally["dead_letter"] == 1
+    assert all(tally[call] > 0 for call in ("identify", "group", "page", "track"))
