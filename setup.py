@@ -9,6 +9,11 @@ interpreter's loop (README, "The two commands"). Building it needs Cython (pypro
 requirements bring it) and a C compiler; without either, or with WALKEROS_SEGMENT_PURE_PYTHON=1,
 the package installs as plain Python and says so. ``decide/compiled.json``, written beside the
 compiled modules, names the source each was compiled from (see decide/__init__.py).
+
+The compile is profile-guided: instrumented first, then, after ``decide/workload.py`` ran on the
+instrumented modules, again with the profile it recorded. Where that workload cannot run (the
+package's dependencies are not installed where it builds, as in pip's isolated build environment)
+or with WALKEROS_SEGMENT_PROFILE_GUIDED=0, it compiles once without a profile.
 """
 
 import hashlib

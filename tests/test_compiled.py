@@ -79,26 +79,33 @@ def _explain(flow: Path, events: Path, pythonpath: list[Path]) -> tuple[bytes, l
 def test_an_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path):
     """A checkout edited since `make` last compiled it: the edited module runs from its source,
     with one warning naming it, and the others stay compiled."""
-    shutil.copytree(ROOT / "decide", tmp_path / "decide")
-    consent = tmp_path / "decide" / "consent.py"
-    consent.write_text(consent.read_text() + "\n\ndef edited():\n    return 'the edit runs'\n")
+    _edited_copy(tmp_path, "consent.py", "\n\ndef edited():\n    return 'the edit runs'\n")
     script = (
         "import decide.consent, decide.calls; "
         "print(decide.consent.edited(), [n for n, c in decide.compiled_modules().items() if not c])"
     )
     done = _python_in(tmp_path, script)
     assert done.stdout.strip() == "the edit runs ['consent']"
+    assert "decide: consent.py changed since compiled; running the source" in _stale_warning(done)
+
+
+def _edited_copy(tmp_path: Path, name: str, addition: str) -> None:
+    """A copy of the compiled package in ``tmp_path`` with ``addition`` appended to one file."""
+    shutil.copytree(ROOT / "decide", tmp_path / "decide")
+    edited = tmp_path / "decide" / name
+    edited.write_text(edited.read_text() + addition)
+
+
+def _stale_warning(done: subprocess.CompletedProcess) -> str:
     [warning] = [line for line in done.stderr.splitlines() if "StaleCompiledModule" in line]
-    assert "decide: consent.py changed since compiled; running the source" in warning
+    return warning
 
 
 def test_modules_compiled_against_an_edited_one_run_from_source_too(tmp_path):
     """calls and destination are compiled against mapping's extension types (their .pxd
     cimports it): once mapping.py is edited, they run from source with it, and the warning says
     why, instead of failing to import against the changed types."""
-    shutil.copytree(ROOT / "decide", tmp_path / "decide")
-    mapping = tmp_path / "decide" / "mapping.py"
-    mapping.write_text(mapping.read_text() + "\n\nEDITED = True\n")
+    _edited_copy(tmp_path, "mapping.py", "\n\nEDITED = True\n")
     script = (
         f"import sys; sys.path.append({str(ROOT / 'tests')!r}); "
         "import decide, decide.mapping; from decide.destination import Destination; "
@@ -111,15 +118,12 @@ def test_modules_compiled_against_an_edited_one_run_from_source_too(tmp_path):
     )
     done = _python_in(tmp_path, script)
     assert done.stdout.strip() == "True ['Viewed'] ['calls', 'destination', 'mapping']"
-    [warning] = [line for line in done.stderr.splitlines() if "StaleCompiledModule" in line]
-    assert "decide: mapping.py changed since compiled (and calls, destination compiled against it)" in warning
+    assert "mapping.py changed since compiled (and calls, destination compiled against it)" in _stale_warning(done)
 
 
 def test_an_edited_declaration_file_makes_its_module_stale(tmp_path):
     """The .pxd is part of a module's source: an edit to it alone is noticed too."""
-    shutil.copytree(ROOT / "decide", tmp_path / "decide")
-    declarations = tmp_path / "decide" / "identity.pxd"
-    declarations.write_text(declarations.read_text() + "\n# edited\n")
+    _edited_copy(tmp_path, "identity.pxd", "\n# edited\n")
     done = _python_in(tmp_path, "import decide; print(decide.STALE)")
     assert done.stdout.strip() == "['calls', 'destination', 'identity']"
 
@@ -184,17 +188,9 @@ def test_a_build_that_cannot_compile_installs_plain_python_and_says_so(tmp_path,
         env["CC"] = "false"
     else:
         env["WALKEROS_SEGMENT_PURE_PYTHON"] = "1"
-    done = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _build_in(tmp_path, env)
     assert not list((tmp_path / "decide").glob("*.so")) and not (tmp_path / "decide" / "compiled.json").exists()
-    lines = [line for line in done.stderr.splitlines() if line.startswith("walkeros-segment: ")]
+    lines = _build_lines(done)
     if why is None:
         assert lines == []
     else:
@@ -217,16 +213,8 @@ def test_a_build_whose_training_cannot_run_compiles_without_a_profile_and_says_s
     (tmp_path / "no_orjson" / "orjson" / "__init__.py").write_text("raise ImportError('no orjson here')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALKEROS_SEGMENT_")}
     env["PYTHONPATH"] = str(tmp_path / "no_orjson")
-    done = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [line for line in done.stderr.splitlines() if line.startswith("walkeros-segment: ")]
+    done = _build_in(tmp_path, env)
+    [line] = _build_lines(done)
     assert line == (
         "walkeros-segment: the training workload failed (ImportError: no orjson here); "
         "compiling without profile-guided optimisation"
@@ -247,3 +235,22 @@ def test_the_training_workload_takes_every_path_an_event_takes():
     assert tally["delivered"] > 1500 and tally["batches"] > 0
     assert tally["consent_denied"] > 0 and tally["ignored"] > 0 and tally["dead_letter"] == 1
     assert all(tally[call] > 0 for call in ("identify", "group", "page", "track"))
+
+
+def _build_in(copy: Path, env: dict) -> subprocess.CompletedProcess:
+    """`setup.py build_ext --inplace` in ``copy``, which must succeed whatever it cannot do."""
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        capture_output=True,
+        text=True,
+        cwd=copy,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _build_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """What the build said to the user."""
+    return [line for line in done.stderr.splitlines() if line.startswith("walkeros-segment: ")]
