@@ -98,8 +98,9 @@ class BuildCompiled(build_ext):
 
     def run(self):
         try:
+            trained = False
             if self.extensions and PROFILE_GUIDED:
-                self._run_profile_guided()
+                trained = self._run_profile_guided()
             else:
                 super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure: install the plain source
@@ -109,15 +110,13 @@ class BuildCompiled(build_ext):
             self._skip(f"compiling failed ({type(exc).__name__}: {exc})")
             return
         if self.extensions:
-            self._record(profile_guided=self._trained)
+            self._record(profile_guided=trained)
 
-    _trained = False
-
-    def _run_profile_guided(self) -> None:
+    def _run_profile_guided(self) -> bool:
         """Compile instrumented, run decide.workload on it, compile again with its profile (as
         CPython's release builds are made). When the workload cannot run (its dependencies are
         not installed where this builds, e.g. pip's isolated build environment), the second
-        build is a plain optimised one, and one line says so."""
+        build is a plain optimised one, and one line says so. Whether it was trained."""
         compiler = self.compiler  # the first run replaces the name with the compiler it made
         with tempfile.TemporaryDirectory(prefix="walkeros-segment-profile-") as profiles:
             self._set_flags([f"-fprofile-generate={profiles}"], ["-fprofile-generate"])
@@ -127,12 +126,12 @@ class BuildCompiled(build_ext):
             problem = self._train(Path(profiles))
             if problem is None:
                 self._set_flags([f"-fprofile-use={profiles}", "-fprofile-correction"], [])
-                self._trained = True
             else:
                 self._set_flags([], [])
                 print(f"walkeros-segment: {problem}; compiling without profile-guided optimisation", file=sys.stderr)
             self.compiler = compiler  # every module again, with the profile (or without the instrumentation)
             super().run()
+        return problem is None
 
     def _set_flags(self, compile_flags: list[str], link_flags: list[str]) -> None:
         for extension in self.extensions:
