@@ -24,14 +24,16 @@ import builtins
 import ctypes
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import re
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from threading import get_ident
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -809,6 +811,11 @@ class PythonDeadline:
     within the limit plus a few milliseconds; a single C call that never returns (a
     catastrophic regex, `sum(range(10**15))`, a blocking read) is only stopped when it
     returns. There is no memory limit for Python functions.
+
+    A call takes no lock and wakes nobody (calls are made for every event that reaches a
+    function): the watchdog sleeps until the soonest deadline of the calls it saw, and a call
+    wakes it only when the call is due before the watchdog's next look. Each step is one
+    operation under the GIL; the comments say in which order, and why that order.
     """
 
     _instance: PythonDeadline | None = None
@@ -821,18 +828,20 @@ class PythonDeadline:
                 cls._instance = cls()
             return cls._instance
 
-    # How often the watchdog looks while calls are being made, at most: a call past its limit
-    # is stopped within this much more.
-    _POLL_S = 0.05
+    # How long the watchdog sleeps while calls are being made and none was in progress when it
+    # looked: a call started meanwhile is due after the next look, or wakes it.
+    _IDLE_LOOK_S = 0.25
 
     def __init__(self):
-        # A plain lock (taken and released in C) guards the calls: a call costs two short holds
-        # of it and no notification. The watchdog polls while calls are being made and sleeps on
-        # `_wake` only once a whole poll went by without any call starting.
+        # Held by the watchdog while it looks, and by a call only to take back a timeout the
+        # watchdog may be raising into it at that moment.
         self._mutex = threading.Lock()
         self._calls: dict[int, list] = {}  # token → [thread id, deadline, fired, done, token]
-        self._next = 0
-        self._idle = True  # the watchdog sleeps (or is not started): the next call wakes it
+        self._tokens = itertools.count(1)
+        self._last = 0  # the token of the last call started
+        # When the watchdog looks next (monotonic seconds); a call due before it wakes it.
+        # Infinite while it looks, and while it sleeps until woken: every call wakes it then.
+        self._next_look = math.inf
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -848,51 +857,61 @@ class PythonDeadline:
             raise FunctionError(f"did not return within {limit:g} s") from None
 
     def _start(self, limit: float) -> list:
-        slot = [threading.get_ident(), time.monotonic() + limit, False, False]
-        with self._mutex:
-            self._next += 1
-            slot.append(self._next)
-            self._calls[self._next] = slot
-            wake, self._idle = self._idle, False
-        if wake:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="py-function-deadline", daemon=True)
-                self._thread.start()
-            self._wake.set()
+        token = next(self._tokens)
+        slot = [get_ident(), monotonic() + limit, False, False, token]
+        # Registered before the next look is read. A look whose snapshot missed this call has
+        # either not set its next look yet (this reads infinity and wakes the watchdog for
+        # another look) or has (this call is due after it, or wakes it).
+        self._calls[token] = slot
+        self._last = token
+        if slot[1] < self._next_look:
+            self._wake_watchdog()
         return slot
 
+    def _wake_watchdog(self) -> None:
+        if self._thread is None:
+            with self._mutex:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name="py-function-deadline", daemon=True)
+                    self._thread.start()
+        self._wake.set()
+
     def _stop(self, slot: list) -> None:
-        with self._mutex:
-            # Popped first: should the fired exception land inside this block, the caller's
-            # second _stop finishes the job, and the watchdog no longer sees the call.
-            self._calls.pop(slot[4], None)
-            if slot[3]:
-                return
-            slot[3] = True
-            if slot[2]:
-                # Fired but maybe not yet delivered: take it back before it lands elsewhere.
+        # Done first, then fired read; the watchdog sets fired first, then reads done. So
+        # either it sees done and raises nothing, or this sees fired and takes the timeout
+        # back, under the lock the watchdog holds while it raises. A second stop of the same
+        # call (after the timeout landed) only clears again, which is harmless.
+        slot[3] = True
+        self._calls.pop(slot[4], None)
+        if slot[2]:
+            with self._mutex:
                 _clear_in_thread(slot[0], None)
 
     def _watch(self) -> None:
-        seen = -1  # the last call started when the watchdog last looked
+        seen = 0  # the last call started when the watchdog last looked
         while True:
-            self._wake.wait()
-            soonest = None
+            self._wake.clear()  # before the look: a wake from here on is for a call it may miss
             with self._mutex:
-                if not self._calls and self._next == seen:
-                    # Nothing running, and nothing started since the last look: sleep until a
-                    # call wakes the watchdog (it sees _idle under the same lock).
-                    self._idle = True
-                    self._wake.clear()
-                    continue
-                seen = self._next
-                now = time.monotonic()
-                for slot in self._calls.values():
+                self._next_look = math.inf
+                now = monotonic()
+                soonest = None
+                for slot in list(self._calls.values()):  # a snapshot: calls come and go unlocked
                     if slot[2]:
                         continue
                     if slot[1] <= now:
                         slot[2] = True
-                        _raise_in_thread(slot[0], FunctionTimeout)
+                        if not slot[3]:
+                            _raise_in_thread(slot[0], FunctionTimeout)
                     elif soonest is None or slot[1] < soonest:
                         soonest = slot[1]
-            time.sleep(self._POLL_S if soonest is None else min(self._POLL_S, max(soonest - now, 0.001)))
+                wait: float | None
+                if soonest is not None:
+                    wait = max(soonest - now, 0.001)
+                elif self._last != seen:
+                    wait = self._IDLE_LOOK_S
+                else:
+                    wait = None  # nothing started since the last look: sleep until a call wakes it
+                seen = self._last
+                if wait is not None:
+                    self._next_look = now + wait
+            self._wake.wait(wait)

@@ -400,6 +400,38 @@ def test_a_python_function_is_stopped_after_the_watchdog_went_to_sleep() -> None
     assert errors == ["did not return within 0.2 s"] * 3
 
 
+def test_a_python_function_due_first_is_stopped_first_whatever_started_before_it() -> None:
+    """The watchdog sleeps until the soonest deadline it knows of: a call with a shorter limit,
+    started while a longer one runs, must wake it and be stopped at its own limit."""
+    errors: list[str] = []
+
+    def endless(limit: float):
+        return compile_value(
+            {"value": "fallback", "fn": "$py:lambda value, context: [0 for _ in iter(int, 1)]"},
+            "$.v",
+            on_error=lambda p, e: errors.append(str(e)),
+            functions=Functions(FunctionPolicy(allow_python=True, time_limit_s=limit)),
+        )
+
+    slow, quick = endless(3.0), endless(0.2)
+    took: dict[str, float] = {}
+
+    def work(name: str, value) -> None:
+        started = time.monotonic()
+        assert value(EVENT) == "fallback"
+        took[name] = time.monotonic() - started
+
+    long_call = threading.Thread(target=work, args=("slow", slow))
+    long_call.start()
+    time.sleep(0.3)  # the watchdog has looked and sleeps until the slow call is due
+    short_call = threading.Thread(target=work, args=("quick", quick))
+    short_call.start()
+    short_call.join(10)
+    long_call.join(10)
+    assert took["quick"] < 1.5 and took["slow"] >= 3.0
+    assert sorted(errors) == ["did not return within 0.2 s", "did not return within 3 s"]
+
+
 def test_a_fast_python_function_is_never_interrupted() -> None:
     value = compile_value({"fn": "$py:lambda value, context: sum(range(1000))"}, "$.v", functions=Functions(PY))
     assert all(value(EVENT) == 499500 for _ in range(3000))
