@@ -6,4 +6,6 @@ cpdef category_preferences(dict consent_map, dict state)
 
 cdef class ConsentContexts:
     cdef public dict _consent_map
+    cdef public tuple _keys
     cdef public dict _made
+    cpdef context_for(self, dict state)

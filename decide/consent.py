@@ -50,21 +50,28 @@ class ConsentContexts:
 
     def __init__(self, consent_map: dict):
         self._consent_map = consent_map
-        self._made: dict[tuple, dict | None] = {}
+        self._keys = tuple(consent_map)  # the only keys of a state the context depends on
+        self._made: dict[int, dict | None] = {}
 
-    def __call__(self, state: dict) -> dict | None:
-        key = tuple(state.items())
+    def context_for(self, state: dict) -> dict | None:
+        # A state is known by each mapped key being absent, true or anything else, numbered
+        # in base 3: no tuple of the state's items to build and hash for every event.
+        code = 0
+        for key in self._keys:
+            value = state.get(key, _ABSENT)
+            code = code * 3 + (0 if value is _ABSENT else 1 if value is True else 2)
         try:
-            return self._made[key]
+            return self._made[code]
         except KeyError:
             pass
-        except TypeError:  # an unhashable value: no such state passes validation, but be safe
-            return self._context(state)
         if len(self._made) >= self._MAX:
-            self._made.clear()  # arbitrary states: keep the memory bounded
-        made = self._made[key] = self._context(state)
+            self._made.clear()  # a map of many keys: keep the memory bounded
+        made = self._made[code] = self._context(state)
         return made
 
     def _context(self, state: dict) -> dict | None:
         preferences = category_preferences(self._consent_map, state)
         return {"consent": {"categoryPreferences": preferences}} if preferences else None
+
+
+_ABSENT = object()

@@ -3,10 +3,13 @@
 
 from decide.mapping cimport CompiledRule, DestinationMapping, MappingResult
 from decide.calls cimport CallBuilder
-from decide.identity cimport IdentityResolver
+from decide.identity cimport IdentityResolver, decide
+from decide.consent cimport ConsentContexts, any_granted, is_granted
 
 cdef class Destination:
-    cdef public object spec, _required_keys, _consent_contexts, _collector, function_errors
+    cdef public object spec, _collector, function_errors
+    cdef public tuple _required_keys
+    cdef public ConsentContexts _consent_contexts
     cdef public DestinationMapping mapping
     cdef public list _rules
     cdef public dict _rule_index

@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from decide import consent as consent_rules
 from decide import dead_letter as dl
 from decide.calls import CallBuilder, EventCalls
+from decide.consent import ConsentContexts, any_granted, is_granted, required_keys
 from decide.dead_letter import DeadLetter, payload_text
 from decide.functions import FunctionPolicy, Functions, describe_failure
 from decide.identity import IdentityResolver, IdentityState, decide
@@ -139,8 +139,8 @@ class Destination:
         self.spec = spec
         settings = spec.settings
         settings_path = f"{spec.config_path}.settings"
-        self._required_keys = consent_rules.required_keys(spec.config.get("consent"))
-        self._consent_contexts = consent_rules.ConsentContexts(settings.consent) if settings.consent else None
+        self._required_keys = required_keys(spec.config.get("consent"))
+        self._consent_contexts = ConsentContexts(settings.consent) if settings.consent else None
         self._collector = spec.collector
         self.function_errors = FunctionErrors(quiet)
         # One set of functions for the whole destination: each worker thread compiles them
@@ -184,7 +184,7 @@ class Destination:
 
     # -- the steps, in pipeline order -------------------------------------------------------
     def consent_granted(self, event: dict) -> bool:
-        return consent_rules.any_granted(self._required_keys, event.get("consent") or {})
+        return any_granted(self._required_keys, event.get("consent") or {})
 
     def mapping_result(self, event: dict, with_data: bool = True) -> MappingResult:
         """The flow's mapping, on the event as walkerOS's collector hands it to a destination:
@@ -211,7 +211,7 @@ class Destination:
     def rule_consent_granted(self, result: MappingResult) -> bool:
         if result.rule is None or not result.rule.consent:
             return True
-        return consent_rules.is_granted(result.rule.consent, result.event.get("consent") or {})
+        return is_granted(result.rule.consent, result.event.get("consent") or {})
 
     def to_mapped(self, result: MappingResult) -> Mapped:
         """The mapping's result as it travels between steps (plain data, the rule by position)."""
@@ -274,7 +274,9 @@ class Destination:
             )
         # Segment's categoryPreferences carry true and false: from the event's whole consent.
         consent_context = (
-            self._consent_contexts(original.get("consent") or {}) if self._consent_contexts is not None else None
+            self._consent_contexts.context_for(original.get("consent") or {})
+            if self._consent_contexts is not None
+            else None
         )
         return self.calls.build(event, rule, data, identity, consent_context, context)
 

@@ -8,3 +8,4 @@ cdef class IdentityResolver:
 
 cpdef state_key(user_id, anonymous_id)
 cpdef str canonical_json(value)
+cpdef tuple decide(state, timestamp_ms, identify, group, ttl_ms)

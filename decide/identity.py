@@ -114,8 +114,16 @@ def canonical_json(value: Any) -> str:
     """Traits compared by content, not key order: ``{a,b}`` and ``{b,a}`` are the same traits."""
     if value is None or value is UNDEFINED:
         return ""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return _dumps(value, option=_SORT_KEYS).decode()
 
+
+_dumps, _SORT_KEYS = orjson.dumps, orjson.OPT_SORT_KEYS  # looked up once, not per signature
+
+
+# Named ints, for the reader and for mypy; compiled, an argument annotated `int` would have to be
+# an exact int, which a .pxd cannot declare as a plain object.
+EpochMs = int  # milliseconds since 1970-01-01 UTC
+Millis = int  # a duration in milliseconds
 
 # A signature is what identify/group are compared on: (id or "", canonical traits or "").
 Signature = tuple[str, str]
@@ -132,10 +140,10 @@ class IdentityState(NamedTuple):
 
 def decide(
     state: IdentityState | None,
-    timestamp_ms: int,
+    timestamp_ms: EpochMs,
     identify: Signature | None,
     group: Signature | None,
-    ttl_ms: int | None,
+    ttl_ms: Millis | None,
 ) -> tuple[bool, bool, IdentityState]:
     """Whether identify and group fire for this event, and the state after it.
 
@@ -146,7 +154,8 @@ def decide(
     if state is None:
         sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
     else:
-        sent_identify, sent_group, last_seen_ms = state
+        # By position: a tuple subclass would be unpacked through an iterator.
+        sent_identify, sent_group, last_seen_ms = state[0], state[1], state[2]
         if ttl_ms is not None and last_seen_ms is not None and timestamp_ms - last_seen_ms > ttl_ms:
             sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
     fire_identify = identify is not None and identify != sent_identify

@@ -181,6 +181,14 @@ def test_timestamp_formatting_corners(ms: int) -> None:
     assert format_timestamp(ms) == timestamp_datetime(ms).isoformat(timespec="milliseconds")
 
 
+@pytest.mark.parametrize("ms", [253402300800000, -62135596800001, 1e20, -1e20, 2**70])
+def test_timestamp_formatting_out_of_range_raises_as_datetime(ms: int | float) -> None:
+    with pytest.raises(OverflowError):
+        timestamp_datetime(ms)
+    with pytest.raises(OverflowError):
+        format_timestamp(ms)
+
+
 # --- ids read from one section vs the two readers ---------------------------------------------------
 ID_VALUES = st.one_of(JSON, st.sampled_from(["", "u1", "s1"]))
 IDENTITY_EVENTS = st.one_of(
@@ -212,7 +220,7 @@ def test_shared_consent_contexts_are_the_category_preferences(states: list[dict]
     for state in states + states:  # the second time from what was made
         preferences = category_preferences(CONSENT_MAP, state)
         expected = {"consent": {"categoryPreferences": preferences}} if preferences else None
-        assert contexts(state) == expected
+        assert contexts.context_for(state) == expected
 
 
 # --- an event normalised in place (decoded here) vs a normalised copy ----------------------------------
