@@ -1,6 +1,8 @@
 # Compiled only (setup.py): CallBuilder as an extension type, its per-event methods and the
 # helpers build calls as C calls. calls.py stays the source of truth; see mapping.pxd.
 
+cimport cython
+
 from decide.mapping cimport CompiledRule
 from decide.identity cimport canonical_json, state_key
 
@@ -12,6 +14,8 @@ cdef class CallBuilder:
     cpdef _page_like(self, str call_type, setting, dict event, dict context, dict common)
     cpdef str _message_id(self, str event_id, str call_type)
 
+@cython.locals(ms=cython.longlong, minute=cython.longlong, millis_of_minute=cython.longlong,
+               second=cython.longlong, millis=cython.longlong)
 cpdef str format_timestamp(timestamp_ms)
 cpdef _identify_candidate(identify_value, dict event, dict context, str user_id)
 cpdef _group_candidate(group_value, dict event, dict context)

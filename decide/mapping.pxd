@@ -26,3 +26,5 @@ cdef class DestinationMapping:
     cpdef MappingResult _result(self, dict event, CompiledRule rule, bint ignored, data)
 
 cpdef _event_context(dict event, dict collector)
+cpdef dict _map_object(tuple steps, dict value, ctx)
+cpdef _get_or_undefined(dict section, str key)

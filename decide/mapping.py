@@ -744,31 +744,41 @@ def _specialised_map(entries: list[tuple[str, _Node]], general: Run) -> Run:
     def run_map(value: Any, ctx: _Ctx | None) -> Any:
         if type(value) is not dict:
             return general(value, ctx)
-        mapped = {}
-        for key, first, second, fallback, run in steps:
-            if first is None:
-                found = run(value, ctx)
-                if found is not UNDEFINED:
-                    mapped[key] = found
-                continue
-            found = value.get(first, UNDEFINED)
-            if second is not None:
-                found = found.get(second, UNDEFINED) if type(found) is dict else run(value, ctx)
-            # the property check of the read, its common cases first
-            kind = type(found)
-            if (
-                kind is str
-                or kind is int
-                or kind is bool
-                or (kind is float and found == found)
-                or (found is not UNDEFINED and _is_property_type(found))
-            ):
-                mapped[key] = found
-            elif fallback is not UNDEFINED:
-                mapped[key] = fallback
-        return mapped
+        return _map_object(steps, value, ctx)
 
     return run_map
+
+
+def _map_object(steps: tuple, value: dict, ctx: Any) -> dict:
+    """A specialised map's run on an object input (see `_specialised_map`). A function of its
+    own, not part of the closure: compiled, its arguments are typed, so the reads are C calls."""
+    mapped = {}
+    for key, first, second, fallback, run in steps:
+        if first is None:
+            found = run(value, ctx)
+            if found is not UNDEFINED:
+                mapped[key] = found
+            continue
+        found = value.get(first, UNDEFINED)
+        if second is not None:
+            found = _get_or_undefined(found, second) if type(found) is dict else run(value, ctx)
+        # the property check of the read, its common cases first
+        kind = type(found)
+        if (
+            kind is str
+            or kind is int
+            or kind is bool
+            or (kind is float and found == found)
+            or (found is not UNDEFINED and _is_property_type(found))
+        ):
+            mapped[key] = found
+        elif fallback is not UNDEFINED:
+            mapped[key] = fallback
+    return mapped
+
+
+def _get_or_undefined(section: dict, key: str) -> Any:
+    return section.get(key, UNDEFINED)
 
 
 def _inline_read(node: _Node) -> tuple[str | None, str | None, Any]:
