@@ -12,7 +12,7 @@ import datetime as _dt
 import hashlib
 from typing import Any, NamedTuple
 
-from decide.identity import Identity, Signature, canonical_json, state_key
+from decide.identity import EpochMs, Identity, Signature, canonical_json, state_key
 from decide.mapping import CompiledRule, CompiledValue, compile_value
 
 CALL_ORDER = ("identify", "group", "page", "screen", "track")
@@ -20,22 +20,43 @@ MESSAGE_ID_MAX = 100
 _LONGEST_CALL_TYPE = max(len(t) for t in CALL_ORDER)
 _NO_SETTINGS: dict = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
-# Makes the same tuple as calling a NamedTuple class, without its Python-level __new__.
-_new_tuple = tuple.__new__
 
 
-class EventCalls(NamedTuple):
+class EventCalls:
     """One event's calls before identify/group deduplication; what AssignIdentity emits.
-    A tuple: one is made for every event, and a tuple is made in C."""
+    A plain class, not a NamedTuple: compiled, it is an extension type (calls.pxd), one made for
+    every event."""
 
-    event: dict  # the normalised event (the dead-letter payload: it replays)
-    key: str  # the per-user state key
-    timestamp_ms: int
-    identify: dict | None = None  # candidate message
-    identify_signature: Signature | None = None
-    group: dict | None = None
-    group_signature: Signature | None = None
-    others: list[dict] | tuple = ()  # page, screen, track in that order
+    __slots__ = (
+        "event",
+        "key",
+        "timestamp_ms",
+        "identify",
+        "identify_signature",
+        "group",
+        "group_signature",
+        "others",
+    )
+
+    def __init__(
+        self,
+        event: dict,
+        key: str,
+        timestamp_ms: EpochMs,
+        identify: dict | None = None,
+        identify_signature: Signature | None = None,
+        group: dict | None = None,
+        group_signature: Signature | None = None,
+        others: list[dict] | tuple = (),
+    ):
+        self.event = event  # the normalised event (the dead-letter payload: it replays)
+        self.key = key  # the per-user state key
+        self.timestamp_ms = timestamp_ms
+        self.identify = identify  # candidate message
+        self.identify_signature = identify_signature
+        self.group = group
+        self.group_signature = group_signature
+        self.others = others  # page, screen, track in that order
 
     def messages(self, *, identify: bool, group: bool) -> list[dict]:
         """The event's messages in order, with its identify and group where they fire."""
@@ -46,6 +67,27 @@ class EventCalls(NamedTuple):
             out.append(self.group)
         out.extend(self.others)
         return out
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is EventCalls and _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return (
+            "EventCalls(" + ", ".join(f"{name}={value!r}" for name, value in zip(self.__slots__, _fields(self))) + ")"
+        )
+
+
+def _fields(calls: Any) -> tuple:
+    return (
+        calls.event,
+        calls.key,
+        calls.timestamp_ms,
+        calls.identify,
+        calls.identify_signature,
+        calls.group,
+        calls.group_signature,
+        calls.others,
+    )
 
 
 class _CallPlan(NamedTuple):
@@ -223,18 +265,15 @@ class CallBuilder:
             message["properties"] = data if isinstance(data, dict) else {}
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
-        return _new_tuple(
-            EventCalls,
-            (
-                event,
-                state_key(user_id, anonymous_id),
-                timestamp_ms,
-                identify,
-                identify_signature,
-                group,
-                group_signature,
-                others,
-            ),
+        return EventCalls(
+            event,
+            state_key(user_id, anonymous_id),
+            timestamp_ms,
+            identify,
+            identify_signature,
+            group,
+            group_signature,
+            others,
         )
 
     def signatures(
@@ -245,7 +284,7 @@ class CallBuilder:
         plan = self._plan_for(rule)
         identify_signature = group_signature = None
         if plan.identify is not None:
-            candidate = _identify_candidate(plan.identify, event, context, identity.user_id)
+            candidate = _identify_candidate(plan.identify, event, context, identity[0])
             if candidate is not None:
                 identify_signature = _identify_signature(candidate)
         if plan.group is not None:

@@ -3,7 +3,7 @@
 
 from decide.mapping cimport CompiledRule, DestinationMapping, MappingResult
 from decide.calls cimport CallBuilder
-from decide.identity cimport IdentityResolver, decide
+from decide.identity cimport IdentityResolver, decide, state_key
 from decide.consent cimport ConsentContexts, any_granted, is_granted
 
 cdef class Destination:

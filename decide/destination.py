@@ -20,7 +20,7 @@ from decide.calls import CallBuilder, EventCalls
 from decide.consent import ConsentContexts, any_granted, is_granted, required_keys
 from decide.dead_letter import DeadLetter, payload_text
 from decide.functions import FunctionPolicy, Functions, describe_failure
-from decide.identity import IdentityResolver, IdentityState, decide
+from decide.identity import IdentityResolver, IdentityState, decide, state_key
 from decide.mapping import UNDEFINED, CompiledRule, DestinationMapping, MappingResult
 from decide.settings import SegmentSettings
 
@@ -246,7 +246,7 @@ class Destination:
         index = mapped[1]
         rule = None if index is None else self._rules[index]
         event, context, identity = self._planning(mapped[0], rule)
-        key = identity.state_key
+        key = state_key(identity[0], identity[1])
         if key is None:
             return None
         identify_signature, group_signature = self.calls.signatures(event, rule, identity, context)
@@ -261,7 +261,7 @@ class Destination:
 
     def _plan(self, original: dict, rule: CompiledRule | None, data: Any, granted: Any = None, own: bool = False):
         event, context, identity = self._planning(original, rule, granted, own)
-        if identity.state_key is None:
+        if state_key(identity[0], identity[1]) is None:
             return DeadLetter(
                 payload=payload_text(original),
                 stage=dl.IDENTITY,

@@ -3,8 +3,8 @@
 
 cdef class IdentityResolver:
     cdef public object _user_id, _anonymous_id, _read_user_id, _read_anonymous_id, _one_section
-    cpdef resolve(self, dict event, dict context)
-    cpdef _resolve(self, dict event, dict context)
+    cpdef tuple resolve(self, dict event, dict context)
+    cpdef tuple _resolve(self, dict event, dict context)
 
 cpdef state_key(user_id, anonymous_id)
 cpdef str canonical_json(value)

@@ -7,16 +7,12 @@ The change detection is a pure function over a small state tuple, so the keyed s
 from __future__ import annotations
 
 from hashlib import blake2b
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from decide.mapping import UNDEFINED, compile_value
 from decide.paths import compile_checked_getter, split_path
-
-# Makes the same tuple as calling a NamedTuple class, without that class's Python-level
-# __new__: for the tuples made once per event.
-_new_tuple = tuple.__new__
 
 
 def state_key(user_id: Any, anonymous_id: Any) -> Any:
@@ -30,13 +26,9 @@ def state_key_of_messages(messages: list[dict]) -> Any:
     return state_key(first.get("userId"), first.get("anonymousId"))
 
 
-class Identity(NamedTuple):
-    user_id: str | None
-    anonymous_id: str | None
-
-    @property
-    def state_key(self) -> str | None:
-        return state_key(self.user_id, self.anonymous_id)
+# (userId, anonymousId), each a non-empty string or None. A plain tuple: one is made for every
+# event, and a tuple subclass costs several times as much to make and to read.
+Identity = tuple[str | None, str | None]
 
 
 class IdentityResolver:
@@ -58,12 +50,9 @@ class IdentityResolver:
                 user_id = section.get(user_key)
                 anonymous_id = section.get(anonymous_key)
                 # The plain readers pass exact strings only (a str subclass is no JSON value).
-                return _new_tuple(
-                    Identity,
-                    (
-                        user_id if type(user_id) is str and user_id else None,
-                        anonymous_id if type(anonymous_id) is str and anonymous_id else None,
-                    ),
+                return (
+                    user_id if type(user_id) is str and user_id else None,
+                    anonymous_id if type(anonymous_id) is str and anonymous_id else None,
                 )
         return self._resolve(event, context)
 
@@ -71,12 +60,9 @@ class IdentityResolver:
         user_id = self._read_user_id(event, context)
         anonymous_id = self._read_anonymous_id(event, context)
         # walkerOS uses an id only when it is a non-empty string: numbers are not ids.
-        return _new_tuple(
-            Identity,
-            (
-                user_id if isinstance(user_id, str) and user_id else None,
-                anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None,
-            ),
+        return (
+            user_id if isinstance(user_id, str) and user_id else None,
+            anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None,
         )
 
 
@@ -130,12 +116,9 @@ Signature = tuple[str, str]
 _NOTHING_SENT: Signature = ("", "")
 
 
-class IdentityState(NamedTuple):
-    """What was last sent for one key. ``last_seen_ms`` is the event time of its last event."""
-
-    identify: Signature = _NOTHING_SENT
-    group: Signature | None = None
-    last_seen_ms: int | None = None
+# What was last sent for one key: (identify signature, group signature or None, event time of
+# its last event or None). A plain tuple, made for every event, as Identity.
+IdentityState = tuple[Signature, Signature | None, int | None]
 
 
 def decide(
@@ -154,24 +137,16 @@ def decide(
     if state is None:
         sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
     else:
-        # By position: a tuple subclass would be unpacked through an iterator.
-        sent_identify, sent_group, last_seen_ms = state[0], state[1], state[2]
+        sent_identify, sent_group, last_seen_ms = state
         if ttl_ms is not None and last_seen_ms is not None and timestamp_ms - last_seen_ms > ttl_ms:
             sent_identify, sent_group, last_seen_ms = _NOTHING_SENT, None, None
-    fire_identify = identify is not None and identify != sent_identify
-    fire_group = group is not None and group != sent_group
-    return (
-        fire_identify,
-        fire_group,
-        _new_tuple(
-            IdentityState,
-            (
-                identify if fire_identify else sent_identify,
-                group if fire_group else sent_group,
-                timestamp_ms if last_seen_ms is None else max(last_seen_ms, timestamp_ms),
-            ),
-        ),
-    )
+    fire_identify = fire_group = False
+    if identify is not None and identify != sent_identify:
+        fire_identify, sent_identify = True, identify
+    if group is not None and group != sent_group:
+        fire_group, sent_group = True, group
+    last_seen_ms = timestamp_ms if last_seen_ms is None else max(last_seen_ms, timestamp_ms)
+    return fire_identify, fire_group, (sent_identify, sent_group, last_seen_ms)
 
 
 def digest64(text: str) -> int:
