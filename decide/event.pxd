@@ -2,3 +2,4 @@
 
 cpdef tuple _validate(dict event)
 cpdef bint _plainly_valid(dict event)
+cpdef tuple _collector_bases(dict collector)

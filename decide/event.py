@@ -227,7 +227,12 @@ def _collector_bases(collector: dict) -> tuple[tuple[str, dict], ...]:
     global _LAST_BASES
     held, bases = _LAST_BASES
     if held is not collector:
-        bases = tuple((section, collector[section]) for section in _COLLECTOR_SECTIONS if collector.get(section))
+        # A loop, not a generator: compiled, this is a C function, which cannot hold a closure.
+        found = []
+        for section in _COLLECTOR_SECTIONS:
+            if collector.get(section):
+                found.append((section, collector[section]))
+        bases = tuple(found)
         _LAST_BASES = (collector, bases)
     return bases
 

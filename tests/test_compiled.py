@@ -79,14 +79,14 @@ def _explain(flow: Path, events: Path, pythonpath: list[Path]) -> tuple[bytes, l
 def test_an_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path):
     """A checkout edited since `make` last compiled it: the edited module runs from its source,
     with one warning naming it, and the others stay compiled."""
-    _edited_copy(tmp_path, "consent.py", "\n\ndef edited():\n    return 'the edit runs'\n")
+    _edited_copy(tmp_path, "event.py", "\n\ndef edited():\n    return 'the edit runs'\n")
     script = (
-        "import decide.consent, decide.calls; "
-        "print(decide.consent.edited(), [n for n, c in decide.compiled_modules().items() if not c])"
+        "import decide.event, decide.calls; "
+        "print(decide.event.edited(), [n for n, c in decide.compiled_modules().items() if not c])"
     )
     done = _python_in(tmp_path, script)
-    assert done.stdout.strip() == "the edit runs ['consent']"
-    assert "decide: consent.py changed since compiled; running the source" in _stale_warning(done)
+    assert done.stdout.strip() == "the edit runs ['event']"  # no other module cimports event
+    assert "decide: event.py changed since compiled; running the source" in _stale_warning(done)
 
 
 def _edited_copy(tmp_path: Path, name: str, addition: str) -> None:
