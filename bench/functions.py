@@ -59,7 +59,7 @@ def _cpu_per_event(destination: Destination, events: list[dict]) -> float:
     mapped, plan, process = destination.to_mapped, destination.plan, destination.mapping_result
     started = time.process_time()
     for event in events:
-        plan(mapped(process(event)))
+        plan(mapped(process(event), event))
     return (time.process_time() - started) / len(events) * 1e6
 
 

@@ -13,7 +13,7 @@ cdef class EventCalls:
 cdef class CallBuilder:
     cdef public object _arguments, _identify, _group, _integrations, _namespace
     cdef public dict _plans
-    cpdef build(self, dict event, CompiledRule rule, data, tuple identity, dict consent_context, dict context)
+    cpdef build(self, dict event, CompiledRule rule, data, tuple identity, dict consent_context, dict context, dict received)
     cpdef _plan_for(self, CompiledRule rule)
     cpdef _page_like(self, str call_type, setting, dict event, dict context, dict common)
     cpdef str _message_id(self, str event_id, str call_type)

@@ -49,7 +49,7 @@ class EventCalls:
         group_signature: Signature | None = None,
         others: list[dict] | tuple = (),
     ):
-        self.event = event  # the normalised event (the dead-letter payload: it replays)
+        self.event = event  # the normalised event as received (the dead-letter payload: it replays)
         self.key = key  # the per-user state key
         self.timestamp_ms = timestamp_ms
         self.identify = identify  # candidate message
@@ -203,9 +203,11 @@ class CallBuilder:
         identity: Identity,
         consent_context: dict | None,
         context: dict,
+        received: dict,
     ) -> EventCalls:
         """``consent_context``: the messages' ``context`` for the event's consent (shared,
-        read-only), or None."""
+        read-only), or None; ``received``: the normalised event ``event`` was mapped from, which
+        the calls carry for dead letters."""
         identify_value, group_value, page_likes, track = self._plan_for(rule)
         timestamp_ms = int(event["timestamp"])
         user_id, anonymous_id = identity
@@ -266,7 +268,7 @@ class CallBuilder:
             message["messageId"] = self._message_id(event_id, "track") if long_ids else prefix + "track"
             others.append(message)
         return EventCalls(
-            event,
+            received,
             state_key(user_id, anonymous_id),
             timestamp_ms,
             identify,

@@ -20,7 +20,7 @@ cdef class Destination:
     cpdef tuple _mapping_and_granted(self, dict event, bint with_data=*)
     cpdef rule_consent_granted(self, MappingResult result)
     cpdef tuple _planning(self, dict event, CompiledRule rule, granted=*, bint own=*)
-    cpdef _plan(self, dict original, CompiledRule rule, data, granted=*, bint own=*)
+    cpdef _plan(self, dict received, dict mapped, CompiledRule rule, data, granted=*, bint own=*)
     cpdef tuple deduplicate(self, calls, state)
     cpdef before_deduplication(self, dict event)
 

@@ -80,9 +80,10 @@ class Mapped(NamedTuple):
     """A mapped event as it travels between pipeline steps: plain data only (compiled rules
     hold closures and cannot be encoded), the rule named by its position in the mapping."""
 
-    event: dict
+    event: dict  # as the mapping left it (rule name, policies)
     rule_index: int | None
     data: Any  # the mapped data; None when it resolved to nothing
+    received: dict  # the normalised event as received: the dead-letter payload, which replays
 
 
 class DecisionInputs(NamedTuple):
@@ -213,10 +214,13 @@ class Destination:
             return True
         return is_granted(result.rule.consent, result.event.get("consent") or {})
 
-    def to_mapped(self, result: MappingResult) -> Mapped:
-        """The mapping's result as it travels between steps (plain data, the rule by position)."""
+    def to_mapped(self, result: MappingResult, received: dict) -> Mapped:
+        """The mapping's result for the normalised event ``received``, as it travels between
+        steps (plain data, the rule by position)."""
         data = result.data
-        return _new_tuple(Mapped, (result.event, self._rule_index[result.rule], None if data is UNDEFINED else data))
+        return _new_tuple(
+            Mapped, (result.event, self._rule_index[result.rule], None if data is UNDEFINED else data, received)
+        )
 
     def _planning(self, event: dict, rule: CompiledRule | None, granted: Any = None, own: bool = False):
         """``(event, context, identity)`` as plan and decision_inputs both see them: the event
@@ -257,13 +261,24 @@ class Destination:
     def plan(self, mapped: Mapped) -> EventCalls | DeadLetter:
         """Identity and the calls of one mapped event, or a ``no_identity`` dead letter."""
         index = mapped[1]
-        return self._plan(mapped[0], None if index is None else self._rules[index], mapped[2])
+        return self._plan(mapped[3], mapped[0], None if index is None else self._rules[index], mapped[2])
 
-    def _plan(self, original: dict, rule: CompiledRule | None, data: Any, granted: Any = None, own: bool = False):
-        event, context, identity = self._planning(original, rule, granted, own)
+    def _plan(
+        self,
+        received: dict,
+        mapped: dict,
+        rule: CompiledRule | None,
+        data: Any,
+        granted: Any = None,
+        own: bool = False,
+    ):
+        """``received``: the normalised event, which dead letters carry (it replays as it came,
+        not as the mapping renamed it or planning reduced its consent); ``mapped``: the event as
+        the mapping left it, which the calls are made of."""
+        event, context, identity = self._planning(mapped, rule, granted, own)
         if state_key(identity[0], identity[1]) is None:
             return DeadLetter(
-                payload=payload_text(original),
+                payload=payload_text(received),
                 stage=dl.IDENTITY,
                 reason=dl.NO_IDENTITY,
                 error="neither userId nor anonymousId resolved to a non-empty string "
@@ -274,11 +289,11 @@ class Destination:
             )
         # Segment's categoryPreferences carry true and false: from the event's whole consent.
         consent_context = (
-            self._consent_contexts.context_for(original.get("consent") or {})
+            self._consent_contexts.context_for(mapped.get("consent") or {})
             if self._consent_contexts is not None
             else None
         )
-        return self.calls.build(event, rule, data, identity, consent_context, context)
+        return self.calls.build(event, rule, data, identity, consent_context, context, received)
 
     def deduplicate(
         self, calls: EventCalls, state: IdentityState | None
@@ -305,7 +320,7 @@ class Destination:
             return Outcome(IGNORED, "ignore_rule")
         if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
-        return self.to_mapped(result)
+        return self.to_mapped(result, event)
 
     def before_deduplication(self, event: dict) -> Outcome | EventCalls:
         """One normalised event through every step up to identify/group deduplication: its
@@ -320,7 +335,7 @@ class Destination:
         if not self.rule_consent_granted(result):
             return Outcome(CONSENT_DENIED, "rule_consent")
         data = result.data
-        planned = self._plan(result.event, result.rule, None if data is UNDEFINED else data, granted, True)
+        planned = self._plan(event, result.event, result.rule, None if data is UNDEFINED else data, granted, True)
         if type(planned) is DeadLetter:
             return Outcome(DEAD_LETTER, planned.reason, dead_letter=planned)
         return planned

@@ -252,7 +252,7 @@ def test_what_the_decision_reads_is_what_the_calls_carry_on_a_realistic_flow(tmp
             result = destination.mapping_result(event)
             if result.ignored or not destination.rule_consent_granted(result):
                 continue
-            mapped = destination.to_mapped(result)
+            mapped = destination.to_mapped(result, event)
             calls, inputs = destination.plan(mapped), destination.decision_inputs(mapped)
             assert destination.decision_inputs(destination.mapped_or_outcome(event, with_data=False)) == inputs
             if isinstance(calls, DeadLetter):

@@ -31,7 +31,7 @@ def planned(spec, event_id: int, user: str, email: str = "a@x"):
         "consent": {},
         "user": {"id": user, "session": f"s-{user}", "email": email},
     }
-    calls = destination.plan(destination.to_mapped(destination.mapping_result(event)))
+    calls = destination.plan(destination.to_mapped(destination.mapping_result(event), event))
     return calls.key, calls
 
 

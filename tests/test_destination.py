@@ -2,6 +2,7 @@
 and identify/group only on change, per user. Run through explain's functions; the pipeline is
 checked to agree on a multi-user scenario."""
 
+import json
 import random
 
 import pytest
@@ -416,7 +417,7 @@ def test_the_fused_steps_give_what_the_steps_one_by_one_give(tmp_path, python_fu
             return (IGNORED, "ignore_rule")
         if not destination.rule_consent_granted(result):
             return (CONSENT_DENIED, "rule_consent")
-        planned = destination.plan(destination.to_mapped(result))
+        planned = destination.plan(destination.to_mapped(result, event))
         return ("dead_letter", planned.reason, planned.payload) if isinstance(planned, DeadLetter) else planned
 
     def fused(event: dict):
@@ -473,3 +474,48 @@ def test_a_destination_and_its_call_builder_pickle_as_what_they_were_compiled_fr
     for event in events:
         assert copy.process(dict(event), copy_states).calls == original.process(dict(event), original_states).calls
     assert [m["type"] for m in copy.process(dict(events[0]), {}).calls] == ["identify", "track"]
+
+
+def test_the_calls_carry_the_event_as_received_so_their_dead_letters_replay_as_it_came() -> None:
+    """A delivery dead letter's payload is the event its calls carry; a no_identity one, the
+    event planning saw. Both must be the normalised event as received, not as the mapping
+    renamed it (a rule's ``name``, a policy) or as planning reduced its consent to the granted
+    keys: replayed, it must give the same messages, with the same categoryPreferences."""
+    import copy
+
+    from decide.calls import EventCalls
+    from decide.dead_letter import DeadLetter, payload_text
+    from decide.event import parse_payload
+
+    spec = make_spec(
+        flow_document(
+            settings={"consent": {"analytics": "Analytics", "marketing": "Advertising"}},
+            mapping={"product": {"view": {"name": "Product Viewed", "data": {"map": {"id": "data.id"}}}}},
+            policy={"data.source": {"value": "policy"}},
+        )
+    )
+    destination = compiled(spec)
+
+    def parsed(payload: dict) -> dict:
+        [normalised] = parse_payload(json.dumps(payload).encode(), collector=spec.collector, flow=spec.flow_name)
+        return normalised
+
+    received = parsed(event(data={"id": "p1"}, consent={"analytics": True, "marketing": False}))
+    as_received = copy.deepcopy(received)
+    fused = destination.before_deduplication(received)
+    stepwise = destination.plan(destination.to_mapped(destination.mapping_result(received), received))
+    assert isinstance(fused, EventCalls) and isinstance(stepwise, EventCalls)
+    assert fused.event == stepwise.event == received == as_received
+    [track] = fused.messages(identify=False, group=False)
+    assert track["event"] == "Product Viewed"
+    assert track["context"]["consent"]["categoryPreferences"] == {"Analytics": True, "Advertising": False}
+
+    replayed = destination.before_deduplication(parsed(json.loads(payload_text(fused.event))))
+    assert replayed.messages(identify=False, group=False) == [track]
+
+    anonymous = parsed(event(user={}, data={"id": "p1"}, consent={"analytics": True, "marketing": False}))
+    for dead in (
+        destination.before_deduplication(anonymous).dead_letter,
+        destination.plan(destination.to_mapped(destination.mapping_result(anonymous), anonymous)),
+    ):
+        assert isinstance(dead, DeadLetter) and json.loads(dead.payload) == anonymous

@@ -107,7 +107,7 @@ class MapEvents(_DestinationStep):
         if not self.destination.rule_consent_granted(result):
             _count("events_consent_denied")
             return
-        yield self.destination.to_mapped(result)
+        yield self.destination.to_mapped(result, event)
 
 
 class AssignIdentity(_DestinationStep):
